@@ -1,0 +1,11 @@
+"""DeepLIIF in plain PyTorch and NumPy: networks, model directories, tiling, postprocessing.
+
+This package imports no serving code; `engine`, `export` and `kernel.py` build on it.
+"""
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("deepliif")
+
+__all__ = ["logger"]

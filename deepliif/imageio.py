@@ -1,0 +1,95 @@
+"""Reading input images into RGB uint8 arrays, and writing results without half-written files.
+
+Conversions (documented in the README):
+- RGB: as is. Greyscale (`L`, `1`), palette (`P`), CMYK, YCbCr: converted to RGB.
+- With alpha (`RGBA`, `LA`, `PA`): composited over white, the colour of glass without tissue.
+- 16-bit greyscale (`I;16*`, `I`): scaled to 8 bits (value * 255 / 65535, rounded), then RGB.
+- Floating-point (`F`) images are refused: they carry no defined intensity range.
+- Images over `max_pixels` (default 100 megapixels) are refused before they are decoded.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import ImageError
+
+DEFAULT_MAX_PIXELS = 100_000_000
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def read_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> np.ndarray:
+    """Decode a file path or encoded bytes into an `[H, W, 3]` uint8 RGB array."""
+    label = name or (str(source) if not isinstance(source, bytes) else "image data")
+    if not isinstance(source, bytes) and not Path(source).is_file():
+        raise ImageError(f"{label}: no such file")
+    try:
+        with warnings.catch_warnings():
+            # Our own limit (checked before decoding) replaces PIL's warning threshold.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+                _check_size(image.size, max_pixels, label)
+                image.load()
+                return to_rgb_array(image, label)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{label}: image is too large to decode safely ({exc})") from exc
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
+        raise ImageError(f"{label}: not a readable image ({exc})") from exc
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, label: str) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"{label}: image has zero size ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(f"{label}: image has {width}x{height} = {width * height} pixels, over the "
+                         f"limit of {max_pixels} (raise it with --max-pixels if this is intended)")
+
+
+def to_rgb_array(image: Image.Image, label: str = "image") -> np.ndarray:
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image)
+    if mode == "F":
+        raise ImageError(f"{label}: floating-point images (mode F) are not supported; save as 8-bit RGB")
+    if mode in _SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        grey = np.clip(np.rint(values * 255.0 / 65535.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if "A" in mode or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    try:
+        return np.asarray(image.convert("RGB"))
+    except ValueError as exc:
+        raise ImageError(f"{label}: images of mode {mode} cannot be converted to RGB") from exc
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same directory, then rename: never a half-written file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def write_png(path: Path, image: np.ndarray) -> None:
+    write_atomically(path, encode_png(image))

@@ -1,0 +1,126 @@
+"""The fused pipeline: one module from uint8 IHC tiles to the five uint8 DeepLIIF images.
+
+Input `[B, 512, 512, 3]` uint8 (NHWC, as decoded images are); in-graph normalisation; G1-G4 translate;
+the five segmentation generators run on the IHC input and on each generated modality; Seg is their
+weighted average; every output is converted back to uint8 exactly as DeepLIIF does (`(y + 1) / 2 * 255`,
+truncated). This one graph is what every backend (torch, ONNX Runtime, TensorRT) serves.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import ArgumentError
+from .model_dir import MODALITIES, DeepLIIFModel
+from .networks import NormMode, set_norm_mode
+
+NETWORK_TILE = 512
+OUTPUT_NAMES = MODALITIES + ("Seg",)
+SEG_SOURCES = ("IHC",) + MODALITIES  # the input of each segmentation generator, in role order
+
+
+def check_seg_weights(seg_weights: Sequence[float] | None) -> tuple[float, ...]:
+    """Weights for (IHC, Hema, DAPI, Lap2, Marker) segmentations; DeepLIIF's default is 1/5 each."""
+    if seg_weights is None:
+        return (0.2,) * len(SEG_SOURCES)
+    weights = tuple(float(w) for w in seg_weights)
+    if len(weights) != len(SEG_SOURCES) or any(not np.isfinite(w) or w < 0 for w in weights):
+        raise ArgumentError(f"seg_weights must be {len(SEG_SOURCES)} finite non-negative numbers "
+                            f"for {', '.join(SEG_SOURCES)}; got {list(seg_weights)}")
+    return weights
+
+
+def to_network_input(tiles: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1], with DeepLIIF's operation order (ToTensor, Normalize)."""
+    x = tiles.permute(0, 3, 1, 2).float() / 255
+    return (x - 0.5) / 0.5
+
+
+def to_uint8_image(y: torch.Tensor) -> torch.Tensor:
+    """float NCHW in [-1, 1] -> uint8 NHWC, truncating like DeepLIIF's tensor2im."""
+    scaled = (y.float() + 1) / 2 * 255
+    return scaled.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+class FusedPipeline(nn.Module):
+    """Nine generators as one module, batch-safe because every norm layer is per-sample."""
+
+    def __init__(self, model: DeepLIIFModel, seg_weights: Sequence[float] | None = None) -> None:
+        super().__init__()
+        self.translators = nn.ModuleList(model.translators)
+        self.segmenters = nn.ModuleList(model.segmenters)
+        weights = check_seg_weights(seg_weights)
+        self.register_buffer("seg_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+
+    def forward(self, ihc: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = to_network_input(ihc)
+        modalities = [g(x) for g in self.translators]
+        ihc_seg, *modality_segs = self.segmenters
+        segs = [g(m) for g, m in zip(modality_segs, modalities)] + [ihc_seg(x)]
+        weights = torch.cat([self.seg_weights[1:], self.seg_weights[:1]])
+        # DeepLIIF sums the modality segmentations first and the IHC one last; the same order keeps the
+        # float rounding of the average identical.
+        seg = torch.stack([s.float() * w for s, w in zip(segs, weights)]).sum(dim=0)
+        return tuple(to_uint8_image(y) for y in modalities + [seg])
+
+
+class TileRunner:
+    """Runs uint8 NHWC tile batches through a FusedPipeline on one device; owns no other state."""
+
+    def __init__(self, pipeline: FusedPipeline, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.pipeline = pipeline.to(self.device).eval()
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        check_tile_batch(batch)
+        with torch.inference_mode():
+            outputs = self.pipeline(torch.from_numpy(_writable(batch)).to(self.device))
+        return {name: out.cpu().numpy() for name, out in zip(OUTPUT_NAMES, outputs)}
+
+
+def _writable(array: np.ndarray) -> np.ndarray:
+    """torch.from_numpy needs a writable, contiguous array; copy only when the input is not one."""
+    return np.require(array, requirements=("C", "W"))
+
+
+def check_tile_batch(batch: np.ndarray) -> None:
+    if not isinstance(batch, np.ndarray) or batch.dtype != np.uint8 or batch.ndim != 4 \
+            or batch.shape[1:] != (NETWORK_TILE, NETWORK_TILE, 3) or batch.shape[0] < 1:
+        shape = getattr(batch, "shape", None)
+        dtype = getattr(batch, "dtype", type(batch).__name__)
+        raise ArgumentError(f"expected a uint8 batch of shape [B, {NETWORK_TILE}, {NETWORK_TILE}, 3] "
+                            f"with B >= 1; got shape {shape} dtype {dtype}")
+
+
+class DeepLIIFWayRunner:
+    """The published way to run DeepLIIF, kept as the baseline and the reference for parity.
+
+    One tile at a time, the nine generators called one after another, fp32 eager, with the original
+    BatchNorm behaviour (statistics of the batch, which for one tile are the tile's own).
+    """
+
+    def __init__(self, model: DeepLIIFModel, seg_weights: Sequence[float] | None = None) -> None:
+        self.translators = [self._batch_mode_copy(g) for g in model.translators]
+        self.segmenters = [self._batch_mode_copy(g) for g in model.segmenters]
+        self.seg_weights = check_seg_weights(seg_weights)
+
+    @staticmethod
+    def _batch_mode_copy(module: nn.Module) -> nn.Module:
+        clone = copy.deepcopy(module).cpu().float().eval()
+        set_norm_mode(clone, NormMode.BATCH)
+        return clone
+
+    def run_tile(self, tile: np.ndarray) -> dict[str, np.ndarray]:
+        check_tile_batch(tile[None])
+        with torch.no_grad():
+            x = to_network_input(torch.from_numpy(_writable(tile))[None])
+            modalities = [g(x) for g in self.translators]
+            segs = {src: g(inp) for src, g, inp in zip(SEG_SOURCES, self.segmenters, [x] + modalities)}
+            order = list(MODALITIES) + ["IHC"]
+            weights = dict(zip(SEG_SOURCES, self.seg_weights))
+            seg = torch.stack([torch.mul(segs[k], weights[k]) for k in order]).sum(dim=0)
+        return {name: to_uint8_image(y)[0].numpy() for name, y in zip(OUTPUT_NAMES, modalities + [seg])}
