@@ -103,24 +103,25 @@ class DeepLIIFWayRunner:
     BatchNorm behaviour (statistics of the batch, which for one tile are the tile's own).
     """
 
-    def __init__(self, model: DeepLIIFModel, seg_weights: Sequence[float] | None = None) -> None:
+    def __init__(self, model: DeepLIIFModel, seg_weights: Sequence[float] | None = None,
+                 device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self.translators = [self._batch_mode_copy(g) for g in model.translators]
         self.segmenters = [self._batch_mode_copy(g) for g in model.segmenters]
         self.seg_weights = check_seg_weights(seg_weights)
 
-    @staticmethod
-    def _batch_mode_copy(module: nn.Module) -> nn.Module:
-        clone = copy.deepcopy(module).cpu().float().eval()
+    def _batch_mode_copy(self, module: nn.Module) -> nn.Module:
+        clone = copy.deepcopy(module).to(self.device).float().eval()
         set_norm_mode(clone, NormMode.BATCH)
         return clone
 
     def run_tile(self, tile: np.ndarray) -> dict[str, np.ndarray]:
         check_tile_batch(tile[None])
         with torch.no_grad():
-            x = to_network_input(torch.from_numpy(_writable(tile))[None])
+            x = to_network_input(torch.from_numpy(_writable(tile))[None].to(self.device))
             modalities = [g(x) for g in self.translators]
             segs = {src: g(inp) for src, g, inp in zip(SEG_SOURCES, self.segmenters, [x] + modalities)}
             order = list(MODALITIES) + ["IHC"]
             weights = dict(zip(SEG_SOURCES, self.seg_weights))
             seg = torch.stack([torch.mul(segs[k], weights[k]) for k in order]).sum(dim=0)
-        return {name: to_uint8_image(y)[0].numpy() for name, y in zip(OUTPUT_NAMES, modalities + [seg])}
+        return {name: to_uint8_image(y)[0].cpu().numpy() for name, y in zip(OUTPUT_NAMES, modalities + [seg])}

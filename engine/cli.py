@@ -1,0 +1,246 @@
+"""`deepliif-engine`: infer, postprocess, demo-model, demo, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from deepliif.demo import write_demo_model
+from deepliif.errors import ArgumentError, DeepLIIFError
+from deepliif.imageio import DEFAULT_MAX_PIXELS, read_image, write_atomically, write_png
+from deepliif.inference import InferenceOptions, OutputSet, infer_image, tile_count
+from deepliif.model_dir import Layout, load_model_dir
+from deepliif.pipeline import FusedPipeline, TileRunner
+from deepliif.postprocessing import DEFAULT_SEG_THRESH, PostprocessOptions, postprocess
+
+from . import logger
+from .bench import bench_deepliif_way_vs_batched, format_table
+from .samples import benchmark_tiles, sample_images, synthetic_ihc
+
+DEMO_MODEL_DIR = Path(".demo-model")
+
+
+def _threshold(value: str) -> int | str:
+    if value == "default":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'default', got {value!r}") from None
+
+
+def _add_postprocess_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seg-thresh", type=int, default=DEFAULT_SEG_THRESH)
+    parser.add_argument("--size-thresh", type=_threshold, default="default", help="N or 'default'")
+    parser.add_argument("--size-thresh-upper", type=int, default=None)
+    parser.add_argument("--marker-thresh", type=_threshold, default=None, help="N or 'default'")
+
+
+def _postprocess_options(args: argparse.Namespace) -> PostprocessOptions:
+    return PostprocessOptions(seg_thresh=args.seg_thresh, size_thresh=args.size_thresh,
+                              size_thresh_upper=args.size_thresh_upper, marker_thresh=args.marker_thresh)
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tile-size", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--outputs", choices=[o.value for o in OutputSet], default="all")
+    parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    _add_postprocess_args(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepliif-engine", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    infer = sub.add_parser("infer", help="run DeepLIIF on images")
+    infer.add_argument("--model-dir", type=Path, required=True)
+    infer.add_argument("--out", type=Path, required=True)
+    infer.add_argument("images", type=Path, nargs="+")
+    _add_run_args(infer)
+    infer.set_defaults(handler=cmd_infer)
+
+    post = sub.add_parser("postprocess", help="re-score existing Seg/Marker outputs without the model")
+    post.add_argument("--image", type=Path, required=True)
+    post.add_argument("--seg", type=Path, required=True)
+    post.add_argument("--marker", type=Path)
+    post.add_argument("--tile-size", type=int, default=512)
+    post.add_argument("--out", type=Path, required=True)
+    _add_postprocess_args(post)
+    post.set_defaults(handler=cmd_postprocess)
+
+    demo_model = sub.add_parser("demo-model", help="write a DeepLIIF directory with random weights")
+    demo_model.add_argument("--out", type=Path, required=True)
+    demo_model.add_argument("--layout", choices=[layout.value for layout in Layout], default="torchscript")
+    demo_model.add_argument("--ngf", type=int, default=64)
+    demo_model.add_argument("--seed", type=int, default=0)
+    demo_model.set_defaults(handler=cmd_demo_model)
+
+    demo = sub.add_parser("demo", help="infer on the sample tiles (or a generated image) end to end")
+    demo.add_argument("--model-dir", type=Path, help=f"default: a random-weight model in {DEMO_MODEL_DIR}/")
+    demo.add_argument("--out", type=Path, default=Path("demo-output"))
+    demo.add_argument("--ngf", type=int, default=64)
+    demo.set_defaults(handler=cmd_demo)
+
+    bench = sub.add_parser("bench", help="DeepLIIF way vs batched pipeline, tiles/s, same run")
+    bench.add_argument("--model-dir", type=Path, help="default: a full-size random-weight model")
+    bench.add_argument("--tiles", type=int, default=4)
+    bench.add_argument("--image", type=Path)
+    bench.add_argument("--batch-size", type=int, default=4)
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--json", type=Path)
+    bench.set_defaults(handler=cmd_bench)
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ArgumentError("--device cuda: no CUDA device is available to PyTorch here")
+    return torch.device(name)
+
+
+def _prepare_out(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArgumentError(f"cannot create output directory {out}: {exc}") from exc
+    return out
+
+
+def _write_record(path: Path, record: dict) -> None:
+    write_atomically(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
+
+
+def infer_files(model_dir: Path, images: list[Path], out: Path, options: InferenceOptions,
+                device: torch.device, max_pixels: int = DEFAULT_MAX_PIXELS, quiet: bool = False) -> list[Path]:
+    """Infer each image and write `OUT/<stem>_<Name>.png` and `OUT/<stem>.json`; returns the JSON paths."""
+    model = load_model_dir(model_dir)
+    runner = TileRunner(FusedPipeline(model), device)
+    _prepare_out(out)
+    written = []
+    for path in images:
+        start = time.perf_counter()
+        image = read_image(path, max_pixels=max_pixels)
+        decoded = time.perf_counter()
+        total = tile_count(image.shape[1], image.shape[0], options.tile_size)
+        with tqdm(total=total, unit="tile", desc=path.name, disable=quiet, file=sys.stderr) as bar:
+            result = infer_image(runner, image, options, progress=bar.update)
+        encode_start = time.perf_counter()
+        for name, array in result.images.items():
+            write_png(out / f"{path.stem}_{name}.png", array)
+        timings = {"decode_seconds": decoded - start, **result.timings,
+                   "encode_seconds": time.perf_counter() - encode_start}
+        record = {"image": str(path), "model": model.describe(), "device": str(device),
+                  "tile_size": options.tile_size, "batch_size": options.batch_size, "tiles": result.tiles,
+                  "empty_tiles": result.empty_tiles, "outputs": list(result.images), "scoring": result.scoring,
+                  "timings": timings}
+        _write_record(out / f"{path.stem}.json", record)
+        logger.info("%s: %s", path.name, json.dumps(result.scoring))
+        written.append(out / f"{path.stem}.json")
+    return written
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    options = InferenceOptions(tile_size=args.tile_size, batch_size=args.batch_size,
+                               outputs=OutputSet.parse(args.outputs), postprocess=_postprocess_options(args))
+    infer_files(args.model_dir, args.images, args.out, options, resolve_device(args.device), args.max_pixels,
+                args.quiet)
+    print(f"results in {args.out}/")
+    return 0
+
+
+def cmd_postprocess(args: argparse.Namespace) -> int:
+    image = read_image(args.image)
+    seg = read_image(args.seg)
+    marker = read_image(args.marker) if args.marker else None
+    start = time.perf_counter()
+    result = postprocess(image, seg, marker, args.tile_size, _postprocess_options(args))
+    out = _prepare_out(args.out)
+    stem = args.image.stem
+    write_png(out / f"{stem}_SegOverlaid.png", result.overlaid)
+    write_png(out / f"{stem}_SegRefined.png", result.refined)
+    _write_record(out / f"{stem}.json", {"image": str(args.image), "seg": str(args.seg),
+                                         "marker": str(args.marker) if args.marker else None,
+                                         "scoring": result.scoring,
+                                         "timings": {"postprocess_seconds": time.perf_counter() - start}})
+    print(json.dumps(result.scoring))
+    return 0
+
+
+def cmd_demo_model(args: argparse.Namespace) -> int:
+    path = write_demo_model(args.out, Layout(args.layout), ngf=args.ngf, seed=args.seed)
+    print(f"wrote a DeepLIIF model with RANDOM weights (ngf {args.ngf}, {args.layout} layout) to {path}/")
+    return 0
+
+
+def _demo_model(ngf: int) -> Path:
+    directory = DEMO_MODEL_DIR / f"ngf{ngf}"
+    if not directory.is_dir():
+        logger.warning("creating a demo model with RANDOM weights in %s (plumbing and speed only)", directory)
+        write_demo_model(directory, Layout.TORCHSCRIPT, ngf=ngf)
+    return directory
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    model_dir = args.model_dir or _demo_model(args.ngf)
+    images = sample_images()
+    if not images:
+        generated = args.out / "generated_ihc.png"
+        _prepare_out(args.out)
+        write_png(generated, synthetic_ihc(1024, 1024))
+        images = [generated]
+        logger.warning("no sample tiles found; using a generated image %s", generated)
+    records = infer_files(Path(model_dir), images, args.out, InferenceOptions(), torch.device("cpu"),
+                          quiet=args.quiet)
+    if args.model_dir is None:
+        print("NOTE: the demo model has RANDOM weights: images and counts are meaningless; this shows plumbing and speed.")
+    for record in records:
+        print(f"  {record}")
+    print(f"demo results in {args.out.resolve()}/ ({len(records)} images, PNGs and JSON per image)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    if args.tiles < 1 or args.batch_size < 1:
+        raise ArgumentError("--tiles and --batch-size must be at least 1")
+    with tempfile.TemporaryDirectory(prefix="deepliif-bench-") as scratch:
+        model_dir = args.model_dir
+        if model_dir is None:
+            logger.warning("benchmarking a full-size model with RANDOM weights (speed only)")
+            model_dir = write_demo_model(Path(scratch) / "model", Layout.TORCHSCRIPT, ngf=64)
+        model = load_model_dir(model_dir)
+        tiles, source = benchmark_tiles(args.tiles, args.image)
+        result = bench_deepliif_way_vs_batched(model, tiles, args.batch_size, device, args.warmup)
+    result.update({"model": model.describe(), "tiles_from": source})
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        _write_record(args.json, result)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except DeepLIIFError as exc:
+        print(f"deepliif-engine: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Inputs for demos and benchmarks: the shared sample IHC tiles when present, else a generated image."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from deepliif.imageio import read_image
+from deepliif.pipeline import NETWORK_TILE
+from deepliif.tiling import is_empty_tile
+
+SAMPLE_DIR_ENV = "DEEPLIIF_SAMPLE_DIR"
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
+
+
+def sample_dir() -> Path:
+    """`$DEEPLIIF_SAMPLE_DIR`, else `../shared/data/ihc` beside the project checkout."""
+    override = os.environ.get(SAMPLE_DIR_ENV)
+    if override:
+        return Path(override)
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ihc"
+
+
+def sample_images() -> list[Path]:
+    directory = sample_dir()
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+def synthetic_ihc(height: int = NETWORK_TILE, width: int = NETWORK_TILE, seed: int = 0) -> np.ndarray:
+    """A stand-in IHC image: pale background with brown (positive) and blue (negative) nuclei."""
+    rng = np.random.default_rng(seed)
+    image = np.empty((height, width, 3), dtype=np.float32)
+    image[:] = (228, 222, 230)
+    image += rng.normal(0, 6, size=image.shape)
+    yy, xx = np.mgrid[0:height, 0:width]
+    for _ in range(max(1, height * width // 2500)):
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        ry, rx = rng.uniform(4, 10, size=2)
+        colour = (150, 95, 60) if rng.random() < 0.3 else (95, 100, 165)
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        image[inside] = colour + rng.normal(0, 8, size=(int(inside.sum()), 3))
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def benchmark_tiles(count: int, image: Path | None = None) -> tuple[np.ndarray, str]:
+    """`count` non-empty 512x512 tiles (cycled when there are fewer) and a note saying where from."""
+    sources = [image] if image else sample_images()
+    tiles = []
+    for path in sources:
+        picture = read_image(path)
+        for y in range(0, picture.shape[0] - NETWORK_TILE + 1, NETWORK_TILE):
+            for x in range(0, picture.shape[1] - NETWORK_TILE + 1, NETWORK_TILE):
+                tile = picture[y: y + NETWORK_TILE, x: x + NETWORK_TILE]
+                if not is_empty_tile(tile):
+                    tiles.append(tile)
+    note = ", ".join(p.name for p in sources) if tiles else "a generated image"
+    if not tiles:
+        tiles = [synthetic_ihc(seed=i) for i in range(min(count, 4))]
+    return np.stack([tiles[i % len(tiles)] for i in range(count)]), note
