@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -87,6 +88,8 @@ def _save(module: torch.nn.Module, path: Path, layout: Layout) -> None:
     drop_running_stats(module)
     set_norm_mode(module, NormMode.BATCH)
     example = torch.zeros(1, 3, NETWORK_TILE, NETWORK_TILE)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # BatchNorm's batch-size check is Python control flow; tracing warns about it, harmlessly here.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         traced = torch.jit.trace(module, example, check_trace=False)
     traced.save(str(path))

@@ -38,7 +38,8 @@ def read_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
                 image.load()
                 return to_rgb_array(image, label)
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"{label}: image is too large to decode safely ({exc})") from exc
+        raise ImageError(f"{label}: image is over the limit of {max_pixels} pixels and too large to decode "
+                         f"safely ({exc})") from exc
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
         raise ImageError(f"{label}: not a readable image ({exc})") from exc
 

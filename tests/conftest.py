@@ -1,0 +1,51 @@
+"""Shared fixtures. `../shared` is not part of the project: tests that need it skip where it is absent
+(a user's fresh clone) and fail when CI=true (CI always has it)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepliif.demo import write_demo_model
+from deepliif.model_dir import Layout
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        message = f"{path} is absent (the project's ../shared fixtures)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + "; CI must have it")
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def deepliif_fixtures() -> Path:
+    return _require(SHARED / "fixtures" / "deepliif")
+
+
+@pytest.fixture(scope="session")
+def sample_dir() -> Path:
+    return _require(SHARED / "data" / "ihc")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(deepliif_fixtures: Path) -> dict[str, Path]:
+    return {p.name: p for p in sorted((deepliif_fixtures / "models").iterdir())}
+
+
+@pytest.fixture(scope="session")
+def generated_models(tmp_path_factory: pytest.TempPathFactory) -> dict[Layout, Path]:
+    """Small (ngf 2) random-weight models in both layouts, made by the project's own writer."""
+    root = tmp_path_factory.mktemp("generated-models")
+    return {layout: write_demo_model(root / layout.value, layout, ngf=2, seed=7) for layout in Layout}
+
+
+@pytest.fixture
+def ihc_tile() -> np.ndarray:
+    from engine.samples import synthetic_ihc
+    return synthetic_ihc(seed=3)
