@@ -27,7 +27,7 @@ def test_batched_equals_one_tile_at_a_time(generated_models: dict[Layout, Path],
         original = reference.run_tile(tile)
         for name in OUTPUT_NAMES:
             assert batched[name].shape == (3, 512, 512, 3) and batched[name].dtype == np.uint8
-            assert np.array_equal(batched[name][i], single[name][0]), name
+            assert np.abs(batched[name][i].astype(int) - single[name][0]).max() <= 1, name
             assert np.abs(batched[name][i].astype(int) - original[name]).max() <= 1, name
 
 

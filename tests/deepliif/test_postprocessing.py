@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from deepliif.errors import ArgumentError
+from deepliif.imageio import read_image
+from deepliif.postprocessing import (
+    PostprocessOptions, Resolution, default_marker_threshold, default_size_threshold, find_cells, postprocess,
+)
+
+ARGUMENT_SETS = {
+    "default": {},
+    "marker_thresh_default": {"marker_thresh": "default"},
+    "size_100_upper_2000": {"size_thresh": 100, "size_thresh_upper": 2000},
+}
+
+
+def _tiles(fixtures: Path) -> list[Path]:
+    tiles = sorted((fixtures / "postprocess").iterdir())
+    assert tiles, "no postprocess fixtures"
+    return tiles
+
+
+def _load(tile: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return read_image(tile / "IHC.png"), read_image(tile / "Seg.png"), read_image(tile / "Marker.png")
+
+
+@pytest.mark.parametrize("variant", sorted(ARGUMENT_SETS))
+def test_counts_and_thresholds_identical_to_deepliif(deepliif_fixtures: Path, variant: str) -> None:
+    for tile in _tiles(deepliif_fixtures):
+        expected = json.loads((tile / f"scoring_{variant}.json").read_text())
+        assert expected["resolution"] == Resolution.from_tile_size(512).value
+        result = postprocess(*_load(tile), 512, PostprocessOptions(**ARGUMENT_SETS[variant]))
+        assert result.scoring == expected["scoring"], tile.name
+
+
+def test_overlay_images_match_except_at_a_few_outline_pixels(deepliif_fixtures: Path) -> None:
+    for tile in _tiles(deepliif_fixtures):
+        result = postprocess(*_load(tile), 512)
+        for name, ours in (("SegOverlaid", result.overlaid), ("SegRefined", result.refined)):
+            theirs = read_image(tile / f"{name}.png")
+            differs = np.any(ours != theirs, axis=2)
+            assert differs.mean() < 0.002, (tile.name, name, int(differs.sum()))
+            outline = np.all(result.refined == (0, 255, 0), axis=2) | np.all(
+                read_image(tile / "SegRefined.png") == (0, 255, 0), axis=2)
+            assert not (differs & ~ndimage.binary_dilation(outline)).any(), "a difference away from outlines"
+
+
+def _seg_with(cells: list[tuple[slice, slice, tuple[int, int, int]]], size: int = 40) -> np.ndarray:
+    seg = np.zeros((size, size, 3), np.uint8)
+    for rows, cols, colour in cells:
+        seg[rows, cols] = colour
+    return seg
+
+
+def test_enclosed_unknown_pixels_belong_to_the_cell() -> None:
+    seg = _seg_with([(slice(5, 15), slice(5, 15), (200, 0, 0))])
+    seg[9:11, 9:11] = 0  # a hole: unknown, enclosed by the cell
+    cells = find_cells(seg, None, PostprocessOptions())
+    assert not cells.background[9:11, 9:11].any()
+    assert cells.sizes[1] == 100
+
+
+def test_classification_rules() -> None:
+    seg = _seg_with([
+        (slice(2, 8), slice(2, 8), (200, 0, 100)),  # R >= B: positive
+        (slice(2, 8), slice(20, 26), (60, 0, 200)),  # R < B: negative
+        (slice(20, 26), slice(2, 8), (200, 90, 0)),  # G > 80: not a cell pixel
+        (slice(20, 26), slice(20, 26), (60, 0, 60)),  # R + B = 120: not above the threshold
+        (slice(35, 37), slice(35, 37), (200, 0, 0)),  # 4 pixels: noise
+    ])
+    result = postprocess(np.full_like(seg, 255), seg, None, 512, PostprocessOptions(size_thresh=0))
+    assert (result.scoring["num_pos"], result.scoring["num_neg"]) == (1, 1)
+    assert result.scoring["marker_thresh"] is None
+    assert tuple(result.refined[5, 5]) == (255, 0, 0) and tuple(result.refined[5, 23]) == (0, 0, 255)
+    assert tuple(result.overlaid[1, 5]) == (255, 0, 0) and tuple(result.overlaid[1, 23]) == (0, 0, 255)
+
+
+def test_marker_threshold_makes_cells_positive() -> None:
+    seg = _seg_with([(slice(2, 8), slice(2, 8), (60, 0, 200))])
+    marker = np.zeros_like(seg)
+    marker[4, 4] = (0, 250, 0)  # grey value of Marker is the channel maximum
+    base = postprocess(np.full_like(seg, 255), seg, marker, 512, PostprocessOptions(size_thresh=0))
+    forced = postprocess(np.full_like(seg, 255), seg, marker, 512, PostprocessOptions(size_thresh=0, marker_thresh=200))
+    assert base.scoring["num_pos"] == 0 and forced.scoring["num_pos"] == 1
+
+
+def test_default_thresholds() -> None:
+    assert default_size_threshold(np.array([50]), Resolution.X40) == 0
+    sizes = np.array([5] * 30 + [120] * 30)
+    assert 16 <= default_size_threshold(sizes, Resolution.X40) <= 100
+    assert default_size_threshold(np.array([5, 6]), Resolution.X10) == 4  # below the min clamps to min
+    marker = np.zeros((10, 10, 3), np.uint8)
+    assert default_marker_threshold(marker) == 0
+    marker[0, :] = np.arange(10, 110, 10)[:, None]
+    assert default_marker_threshold(marker) == round((100 - 10) * 0.9) + 10
+
+
+def test_resolution_from_tile_size() -> None:
+    assert [Resolution.from_tile_size(s).value for s in (512, 385, 384, 193, 192)] == ["40x", "40x", "20x", "20x", "10x"]
+
+
+@pytest.mark.parametrize("options", [{"seg_thresh": -1}, {"seg_thresh": "120"}, {"size_thresh": "big"},
+                                     {"marker_thresh": 1.5}, {"size_thresh_upper": -3}])
+def test_bad_options_are_named(options: dict) -> None:
+    name = next(iter(options))
+    with pytest.raises(ArgumentError, match=name):
+        PostprocessOptions(**options)
+
+
+def test_marker_default_needs_a_marker_and_sizes_must_agree() -> None:
+    seg = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(ArgumentError, match="needs the Marker image"):
+        postprocess(seg, seg, None, 512, PostprocessOptions(marker_thresh="default"))
+    with pytest.raises(ArgumentError, match="image sizes differ"):
+        postprocess(seg, np.zeros((9, 8, 3), np.uint8), None, 512)
