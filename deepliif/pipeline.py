@@ -35,8 +35,12 @@ def check_seg_weights(seg_weights: Sequence[float] | None) -> tuple[float, ...]:
 
 
 def to_network_input(tiles: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1], with DeepLIIF's operation order (ToTensor, Normalize)."""
-    x = tiles.permute(0, 3, 1, 2).float() / 255
+    """uint8 NHWC -> float NCHW in [-1, 1], with DeepLIIF's operation order (ToTensor, Normalize).
+
+    The result is made NCHW-contiguous as ToTensor's is: a permuted (channels_last-strided) input makes
+    oneDNN keep channels_last, every norm layer copy back, and BatchNorm reduce in another order.
+    """
+    x = tiles.permute(0, 3, 1, 2).contiguous().float() / 255
     return (x - 0.5) / 0.5
 
 
@@ -69,14 +73,28 @@ class FusedPipeline(nn.Module):
 
 
 class TileRunner:
-    """Runs uint8 NHWC tile batches through a FusedPipeline on one device; owns no other state."""
+    """Runs uint8 NHWC tile batches through a FusedPipeline on one device; owns no other state.
 
-    def __init__(self, pipeline: FusedPipeline, device: torch.device | str = "cpu") -> None:
+    `micro_batch` is how many tiles go through the networks at once. On CPU it defaults to 1: there,
+    batching measured ~10% slower per tile (cache effects, docs/BENCHMARKS.md); results are the same.
+    On GPU the whole batch goes at once.
+    """
+
+    def __init__(self, pipeline: FusedPipeline, device: torch.device | str = "cpu",
+                 micro_batch: int | None = None) -> None:
         self.device = torch.device(device)
         self.pipeline = pipeline.to(self.device).eval()
+        if micro_batch is not None and micro_batch < 1:
+            raise ArgumentError(f"micro_batch must be at least 1; got {micro_batch}")
+        self.micro_batch = micro_batch or (1 if self.device.type == "cpu" else None)
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         check_tile_batch(batch)
+        step = self.micro_batch or len(batch)
+        parts = [self._run(batch[i: i + step]) for i in range(0, len(batch), step)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in OUTPUT_NAMES}
+
+    def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             outputs = self.pipeline(torch.from_numpy(_writable(batch)).to(self.device))
         return {name: out.cpu().numpy() for name, out in zip(OUTPUT_NAMES, outputs)}
