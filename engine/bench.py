@@ -40,35 +40,41 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_calls(name: str, calls: list, device: torch.device, tiles: int) -> Measurement:
-    durations = []
-    for call in calls:
-        _synchronize(device)
-        start = time.perf_counter()
-        call()
-        _synchronize(device)
-        durations.append(time.perf_counter() - start)
-    return Measurement(name, tiles, sum(durations), durations)
+def _timed(call, device: torch.device) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
+    call()
+    _synchronize(device)
+    return time.perf_counter() - start
 
 
 def bench_deepliif_way_vs_batched(model: DeepLIIFModel, tiles: np.ndarray, batch_size: int,
                                   device: torch.device, warmup: int = 1) -> dict:
-    """Tiles/s of both ways and their ratio; the warm-up calls are not counted."""
+    """Tiles/s of both ways and their ratio; the warm-up calls are not counted.
+
+    The two ways alternate batch by batch (the DeepLIIF way on a batch's tiles, then the pipeline on the
+    same batch), so drift in machine speed during the run affects both alike.
+    """
     baseline = DeepLIIFWayRunner(model, device=device)
     batched = TileRunner(FusedPipeline(model), device)
-    batches = [tiles[i: i + batch_size] for i in range(0, len(tiles), batch_size)]
     for _ in range(warmup):
         baseline.run_tile(tiles[0])
         batched.run(tiles[:1])
-    logger.info("timing the DeepLIIF way on %d tiles", len(tiles))
-    a = _time_calls("deepliif_way", [lambda t=t: baseline.run_tile(t) for t in tiles], device, len(tiles))
-    logger.info("timing the batched pipeline on %d tiles (batch %d)", len(tiles), batch_size)
-    b = _time_calls(f"batched_b{batch_size}", [lambda b=b: batched.run(b) for b in batches], device, len(tiles))
+    a_calls, b_calls = [], []
+    for start in range(0, len(tiles), batch_size):
+        batch = tiles[start: start + batch_size]
+        logger.info("tiles %d-%d: the DeepLIIF way, then the batched pipeline", start, start + len(batch) - 1)
+        a_calls += [_timed(lambda t=t: baseline.run_tile(t), device) for t in batch]
+        b_calls.append(_timed(lambda: batched.run(batch), device))
+    a = Measurement("deepliif_way", len(tiles), sum(a_calls), a_calls)
+    b = Measurement(f"batched_b{batch_size}", len(tiles), sum(b_calls), b_calls)
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "batch_size": batch_size,
+        "micro_batch": batched.micro_batch,
         "tiles": len(tiles),
         "deepliif_way": a.summary(),
         "batched": b.summary(),
