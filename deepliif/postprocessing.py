@@ -6,7 +6,7 @@ DeepLIIF does this with per-pixel flood fills under a JIT; here every step is a 
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -92,9 +92,6 @@ class PostprocessResult:
     overlaid: np.ndarray
     refined: np.ndarray
     scoring: dict
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def classify_pixels(seg: np.ndarray, seg_thresh: int) -> tuple[np.ndarray, np.ndarray]:

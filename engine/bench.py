@@ -65,7 +65,7 @@ def bench_deepliif_way_vs_batched(model: DeepLIIFModel, tiles: np.ndarray, batch
         batch = tiles[start: start + batch_size]
         logger.info("tiles %d-%d: the DeepLIIF way, then the batched pipeline", start, start + len(batch) - 1)
         a_calls += [_timed(lambda t=t: baseline.run_tile(t), device) for t in batch]
-        b_calls.append(_timed(lambda: batched.run(batch), device))
+        b_calls.append(_timed(lambda b=batch: batched.run(b), device))
     a = Measurement("deepliif_way", len(tiles), sum(a_calls), a_calls)
     b = Measurement(f"batched_b{batch_size}", len(tiles), sum(b_calls), b_calls)
     return {
