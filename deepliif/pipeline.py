@@ -50,6 +50,21 @@ def to_uint8_image(y: torch.Tensor) -> torch.Tensor:
     return scaled.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
 
 
+def run_generators(x: torch.Tensor, translators: Sequence[nn.Module], segmenters: Sequence[nn.Module],
+                   seg_weights: torch.Tensor) -> list[torch.Tensor]:
+    """The nine generators on a normalised batch: [Hema, DAPI, Lap2, Marker, Seg] as float tensors.
+
+    `segmenters` and `seg_weights` are in role order (IHC, Hema, DAPI, Lap2, Marker). DeepLIIF sums the
+    modality segmentations first and the IHC one last; the same order keeps the float rounding identical.
+    """
+    modalities = [g(x) for g in translators]
+    ihc_seg, *modality_segs = segmenters
+    segs = [g(m) for g, m in zip(modality_segs, modalities)] + [ihc_seg(x)]
+    weights = torch.cat([seg_weights[1:], seg_weights[:1]])
+    seg = torch.stack([s.float() * w for s, w in zip(segs, weights)]).sum(dim=0)
+    return modalities + [seg]
+
+
 class FusedPipeline(nn.Module):
     """Nine generators as one module, batch-safe because every norm layer is per-sample."""
 
@@ -61,15 +76,8 @@ class FusedPipeline(nn.Module):
         self.register_buffer("seg_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
 
     def forward(self, ihc: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        x = to_network_input(ihc)
-        modalities = [g(x) for g in self.translators]
-        ihc_seg, *modality_segs = self.segmenters
-        segs = [g(m) for g, m in zip(modality_segs, modalities)] + [ihc_seg(x)]
-        weights = torch.cat([self.seg_weights[1:], self.seg_weights[:1]])
-        # DeepLIIF sums the modality segmentations first and the IHC one last; the same order keeps the
-        # float rounding of the average identical.
-        seg = torch.stack([s.float() * w for s, w in zip(segs, weights)]).sum(dim=0)
-        return tuple(to_uint8_image(y) for y in modalities + [seg])
+        outputs = run_generators(to_network_input(ihc), self.translators, self.segmenters, self.seg_weights)
+        return tuple(to_uint8_image(y) for y in outputs)
 
 
 class TileRunner:
@@ -126,7 +134,7 @@ class DeepLIIFWayRunner:
         self.device = torch.device(device)
         self.translators = [self._batch_mode_copy(g) for g in model.translators]
         self.segmenters = [self._batch_mode_copy(g) for g in model.segmenters]
-        self.seg_weights = check_seg_weights(seg_weights)
+        self.seg_weights = torch.tensor(check_seg_weights(seg_weights), device=self.device)
 
     def _batch_mode_copy(self, module: nn.Module) -> nn.Module:
         clone = copy.deepcopy(module).to(self.device).float().eval()
@@ -137,9 +145,5 @@ class DeepLIIFWayRunner:
         check_tile_batch(tile[None])
         with torch.no_grad():
             x = to_network_input(torch.from_numpy(_writable(tile))[None].to(self.device))
-            modalities = [g(x) for g in self.translators]
-            segs = {src: g(inp) for src, g, inp in zip(SEG_SOURCES, self.segmenters, [x] + modalities)}
-            order = list(MODALITIES) + ["IHC"]
-            weights = dict(zip(SEG_SOURCES, self.seg_weights))
-            seg = torch.stack([torch.mul(segs[k], weights[k]) for k in order]).sum(dim=0)
-        return {name: to_uint8_image(y)[0].cpu().numpy() for name, y in zip(OUTPUT_NAMES, modalities + [seg])}
+            outputs = run_generators(x, self.translators, self.segmenters, self.seg_weights)
+        return {name: to_uint8_image(y)[0].cpu().numpy() for name, y in zip(OUTPUT_NAMES, outputs)}

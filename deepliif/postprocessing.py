@@ -177,15 +177,14 @@ def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def cell_borders(cells: CellTable, counted: np.ndarray, is_positive: np.ndarray,
-                 grow_steps: int = 2) -> tuple[np.ndarray, np.ndarray]:
+def cell_borders(cells: CellTable, counted: np.ndarray, is_positive: np.ndarray, in_counted: np.ndarray,
+                 positive_pixels: np.ndarray, grow_steps: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """Outlines of counted cells: background pixels 4-adjacent to a cell, grown `grow_steps` times
     (8-neighbourhood) into background; where outlines of two cells meet, the later in raster order wins.
     DeepLIIF also marks each cell's first pixel (its flood-fill seed) as outline; so does this.
+    `counted`/`is_positive` are per cell; `in_counted`/`positive_pixels` the same as pixel masks.
     Returns (outline, outline_is_positive).
     """
-    in_counted = counted[cells.labels]
-    positive_pixels = in_counted & is_positive[cells.labels]
     border, border_positive = _grow(in_counted, positive_pixels, cells.background,
                                     _RASTER_FOUR_NEIGHBOURS)
     border &= cells.background
@@ -227,9 +226,11 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     if options.size_thresh_upper is not None:
         counted &= cells.sizes < options.size_thresh_upper
     is_positive = cells.positive | (cells.marker > (255 if marker_thresh is None else marker_thresh))
-    border, border_positive = cell_borders(cells, counted, is_positive)
-    interior = counted[cells.labels] & ~border
-    interior_positive = interior & is_positive[cells.labels]
+    in_counted = counted[cells.labels]
+    positive_pixels = in_counted & is_positive[cells.labels]
+    border, border_positive = cell_borders(cells, counted, is_positive, in_counted, positive_pixels)
+    interior = in_counted & ~border
+    interior_positive = interior & positive_pixels
 
     overlaid = orig.copy()
     overlaid[border & border_positive] = (255, 0, 0)

@@ -16,6 +16,12 @@ def _copy(source: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(source, tmp_path / "model"))
 
 
+def _edit_state(path: Path, edit) -> None:
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
 def test_fixture_layouts_and_variants(tiny_models: dict[str, Path]) -> None:
     v1, v2 = load_model_dir(tiny_models["tiny-v1"]), load_model_dir(tiny_models["tiny-v2"])
     assert v1.layout is Layout.TORCHSCRIPT and v2.layout is Layout.CHECKPOINT
@@ -65,10 +71,8 @@ def test_no_weights_at_all(tmp_path: Path) -> None:
 
 def test_weights_of_the_wrong_shape(generated_models: dict[Layout, Path], tmp_path: Path) -> None:
     model_dir = _copy(generated_models[Layout.CHECKPOINT], tmp_path)
-    path = model_dir / "latest_net_G2.pth"
-    state = torch.load(path, weights_only=True)
-    state["model.4.weight"] = torch.zeros(5, 2, 3, 3)
-    torch.save(state, path)
+    wrong_shape = {"model.4.weight": torch.zeros(5, 2, 3, 3)}
+    _edit_state(model_dir / "latest_net_G2.pth", lambda state: state.update(wrong_shape))
     with pytest.raises(WeightsMismatchError, match=r"latest_net_G2.pth.*wrong shapes.*model.4.weight"):
         load_model_dir(model_dir)
 
@@ -82,11 +86,12 @@ def test_weights_of_the_wrong_variant(generated_models: dict[Layout, Path], tmp_
 
 def test_unexpected_and_missing_keys_are_all_reported(generated_models: dict[Layout, Path], tmp_path: Path) -> None:
     model_dir = _copy(generated_models[Layout.CHECKPOINT], tmp_path)
-    path = model_dir / "latest_net_G52.pth"
-    state = torch.load(path, weights_only=True)
-    state["model.extra.weight"] = torch.zeros(1)
-    del state["model.model.1.model.2.weight"]
-    torch.save(state, path)
+
+    def add_one_drop_one(state: dict) -> None:
+        state["model.extra.weight"] = torch.zeros(1)
+        del state["model.model.1.model.2.weight"]
+
+    _edit_state(model_dir / "latest_net_G52.pth", add_one_drop_one)
     with pytest.raises(WeightsMismatchError, match=r"missing keys \(1\).*unexpected keys \(1\): model.extra"):
         load_model_dir(model_dir)
 
