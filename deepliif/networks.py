@@ -42,9 +42,7 @@ class TileNorm(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x32 = x.float()
-        weight = None if self.weight is None else self.weight.float()
-        bias = None if self.bias is None else self.bias.float()
+        x32, weight, bias = (_as_fp32(t) for t in (x, self.weight, self.bias))
         if self.mode is NormMode.PER_SAMPLE:
             y = F.instance_norm(x32, weight=weight, bias=bias, eps=self.eps)
         elif self.mode is NormMode.BATCH:
@@ -54,7 +52,18 @@ class TileNorm(nn.BatchNorm2d):
                 raise RuntimeError("TileNorm in RUNNING mode has no running statistics")
             y = F.batch_norm(x32, self.running_mean.float(), self.running_var.float(), weight, bias,
                              False, 0.0, self.eps)
-        return y.to(dtype)
+        return _as_dtype(y, dtype)
+
+
+def _as_fp32(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """A cast only where one is needed, so an exported fp32 graph carries no no-op Cast nodes."""
+    return _as_dtype(tensor, torch.float32)
+
+
+def _as_dtype(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    if tensor is None or tensor.dtype == dtype:
+        return tensor
+    return tensor.to(dtype)
 
 
 def set_norm_mode(module: nn.Module, mode: NormMode) -> None:

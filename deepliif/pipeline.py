@@ -46,8 +46,13 @@ def to_network_input(tiles: torch.Tensor) -> torch.Tensor:
 
 def to_uint8_image(y: torch.Tensor) -> torch.Tensor:
     """float NCHW in [-1, 1] -> uint8 NHWC, truncating like DeepLIIF's tensor2im."""
-    scaled = (y.float() + 1) / 2 * 255
+    scaled = (_fp32(y) + 1) / 2 * 255
     return scaled.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def _fp32(y: torch.Tensor) -> torch.Tensor:
+    """fp32 without a no-op cast (which an exported graph would otherwise carry)."""
+    return y if y.dtype == torch.float32 else y.float()
 
 
 def run_generators(x: torch.Tensor, translators: Sequence[nn.Module], segmenters: Sequence[nn.Module],
@@ -61,22 +66,35 @@ def run_generators(x: torch.Tensor, translators: Sequence[nn.Module], segmenters
     ihc_seg, *modality_segs = segmenters
     segs = [g(m) for g, m in zip(modality_segs, modalities)] + [ihc_seg(x)]
     weights = torch.cat([seg_weights[1:], seg_weights[:1]])
-    seg = torch.stack([s.float() * w for s, w in zip(segs, weights)]).sum(dim=0)
+    seg = torch.stack([_fp32(s) * w for s, w in zip(segs, weights)]).sum(dim=0)
     return modalities + [seg]
 
 
 class FusedPipeline(nn.Module):
     """Nine generators as one module, batch-safe because every norm layer is per-sample."""
 
-    def __init__(self, model: DeepLIIFModel, seg_weights: Sequence[float] | None = None) -> None:
+    def __init__(self, model: DeepLIIFModel, seg_weights: Sequence[float] | None = None,
+                 compute_dtype: torch.dtype = torch.float32) -> None:
+        """`compute_dtype` float16/bfloat16 runs the convolutions in that type on copies of the weights;
+        normalisation statistics, the Seg average and the uint8 conversion stay fp32 (DESIGN.md §5)."""
         super().__init__()
-        self.translators = nn.ModuleList(model.translators)
-        self.segmenters = nn.ModuleList(model.segmenters)
+        if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ArgumentError(f"compute_dtype must be float32, float16 or bfloat16; got {compute_dtype}")
+        translators, segmenters = list(model.translators), list(model.segmenters)
+        if compute_dtype != torch.float32:
+            translators = [copy.deepcopy(g).to(compute_dtype) for g in translators]
+            segmenters = [copy.deepcopy(g).to(compute_dtype) for g in segmenters]
+        self.compute_dtype = compute_dtype
+        self.translators = nn.ModuleList(translators)
+        self.segmenters = nn.ModuleList(segmenters)
         weights = check_seg_weights(seg_weights)
         self.register_buffer("seg_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
 
     def forward(self, ihc: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = run_generators(to_network_input(ihc), self.translators, self.segmenters, self.seg_weights)
+        x = to_network_input(ihc)
+        if self.compute_dtype != torch.float32:
+            x = x.to(self.compute_dtype)
+        outputs = run_generators(x, self.translators, self.segmenters, self.seg_weights)
         return tuple(to_uint8_image(y) for y in outputs)
 
 

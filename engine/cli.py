@@ -20,6 +20,8 @@ from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import FusedPipeline, TileRunner
 from deepliif.postprocessing import DEFAULT_SEG_THRESH, PostprocessOptions, postprocess
 
+from export.cli import add_export_parser
+
 from . import logger
 from .bench import bench_deepliif_way_vs_batched, format_table
 from .samples import benchmark_tiles, sample_images, synthetic_ihc
@@ -90,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo-output"))
     demo.add_argument("--ngf", type=int, default=64)
     demo.set_defaults(handler=cmd_demo)
+
+    add_export_parser(sub)
 
     bench = sub.add_parser("bench", help="DeepLIIF way vs batched pipeline, tiles/s, same run")
     bench.add_argument("--model-dir", type=Path, help="default: a full-size random-weight model")

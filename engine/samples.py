@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -45,9 +46,14 @@ def synthetic_ihc(height: int = NETWORK_TILE, width: int = NETWORK_TILE, seed: i
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def benchmark_tiles(count: int, image: Path | None = None) -> tuple[np.ndarray, str]:
-    """`count` non-empty 512x512 tiles (cycled when there are fewer) and a note saying where from."""
-    sources = [image] if image else sample_images()
+def benchmark_tiles(count: int, images: Path | Sequence[Path] | None = None) -> tuple[np.ndarray, str]:
+    """`count` non-empty 512x512 tiles (cycled when there are fewer) and a note saying where from.
+
+    From `images` when given (one path or several), else from the shared sample tiles.
+    """
+    if isinstance(images, (str, Path)):
+        images = [Path(images)]
+    sources = list(images) if images else sample_images()
     tiles = []
     for path in sources:
         picture = read_image(path)

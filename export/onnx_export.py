@@ -1,0 +1,192 @@
+"""The fused pipeline (and, for debugging, each generator) written to ONNX and checked.
+
+The export goes to a temporary name beside the target and is renamed only after `onnx.checker` (full
+check, with shape inference) has accepted it, so a killed or failed export never leaves a file that looks
+complete. The per-sample normalisation exports as InstanceNormalization; a BatchNormalization node in the
+result would mean running statistics crept back in, and is refused.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import inspect
+import os
+import warnings
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from deepliif.errors import ArtifactError, ExportError
+from deepliif.model_dir import DeepLIIFModel
+from deepliif.pipeline import NETWORK_TILE, FusedPipeline
+
+from . import logger
+from .config import BATCH_AXIS, INPUT_NAME, OUTPUT_ONNX_NAMES, OnnxExportConfig, Precision
+from .fp16 import convert_to_fp16, generators_region, whole_graph
+
+FORBIDDEN_OPS = ("BatchNormalization",)
+GENERATOR_INPUT, GENERATOR_OUTPUT = "input", "output"
+
+
+@dataclass
+class OnnxSummary:
+    """What an ONNX file holds: its I/O signature, opset, operator counts and size."""
+
+    path: Path
+    opset: int
+    inputs: dict[str, tuple[str, list]]  # name -> (element type, shape with symbolic dims as names)
+    outputs: dict[str, tuple[str, list]]
+    op_counts: dict[str, int] = field(default_factory=dict)
+    size_bytes: int = 0
+    initializer_types: tuple[str, ...] = ()  # element types of the weights, e.g. ("float16", "float")
+
+    def as_dict(self) -> dict:
+        return {"path": str(self.path), "opset": self.opset, "size_bytes": self.size_bytes,
+                "inputs": self.inputs, "outputs": self.outputs, "op_counts": self.op_counts,
+                "initializer_types": list(self.initializer_types)}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_pipeline(model: DeepLIIFModel, path: Path, config: OnnxExportConfig) -> OnnxSummary:
+    """The fused graph: `ihc` uint8 [batch, 512, 512, 3] -> hema dapi lap2 marker seg, same shape."""
+    pipeline = FusedPipeline(model).eval()
+    sample = torch.zeros((1, NETWORK_TILE, NETWORK_TILE, 3), dtype=torch.uint8)
+    axes = {name: {0: BATCH_AXIS} for name in (INPUT_NAME, *OUTPUT_ONNX_NAMES)}
+    transforms = [_declare_output_shapes]
+    if config.precision is Precision.FP16:
+        transforms.append(lambda proto: convert_to_fp16(proto, generators_region))
+    return _export(pipeline, sample, Path(path), [INPUT_NAME], list(OUTPUT_ONNX_NAMES), axes, config.opset,
+                   transforms)
+
+
+def _declare_output_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The exporter's own shape inference mislabels the outputs' dims after reflect padding (e.g.
+    ['batch', 'batch', ...]); the contract is known, so state it: [batch, 512, 512, 3]."""
+    for output in proto.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        del dims[:]
+        dims.add().dim_param = BATCH_AXIS
+        for size in (NETWORK_TILE, NETWORK_TILE, 3):
+            dims.add().dim_value = size
+    return proto
+
+
+def export_generators(model: DeepLIIFModel, out_dir: Path, config: OnnxExportConfig) -> list[OnnxSummary]:
+    """One ONNX per generator (`G1.onnx`, `G51.onnx`, ...): float NCHW in [-1, 1] in and out."""
+    sample = torch.zeros((1, 3, NETWORK_TILE, NETWORK_TILE))
+    axes = {GENERATOR_INPUT: {0: BATCH_AXIS}, GENERATOR_OUTPUT: {0: BATCH_AXIS}}
+    transforms = []
+    if config.precision is Precision.FP16:
+        transforms.append(lambda proto: convert_to_fp16(proto, whole_graph))
+    return [_export(model.module(name).eval(), sample, Path(out_dir) / f"{name}.onnx", [GENERATOR_INPUT],
+                    [GENERATOR_OUTPUT], axes, config.opset, transforms)
+            for name in model.names.all]
+
+
+def _export(module: nn.Module, sample: torch.Tensor, path: Path, inputs: list[str], outputs: list[str],
+            axes: dict, opset: int, transforms: Sequence[Callable[[onnx.ModelProto], onnx.ModelProto]]
+            ) -> OnnxSummary:
+    """Trace to a temporary name, apply the graph transforms, check, then rename into place."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    logger.info("exporting %s (opset %d)", path.name, opset)
+    try:
+        with torch.no_grad(), _quiet_exporter():
+            torch.onnx.export(module, (sample,), str(partial), input_names=inputs, output_names=outputs,
+                              dynamic_axes=axes, opset_version=opset, do_constant_folding=True,
+                              **_legacy_exporter_flag())
+        if transforms:
+            proto = onnx.load(str(partial))
+            for transform in transforms:
+                proto = transform(proto)
+            onnx.save(proto, str(partial))
+        summary = check_onnx(partial)
+        os.replace(partial, path)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise ExportError(f"exporting {path.name} to ONNX failed: {exc}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    summary.path = path
+    return summary
+
+
+def _legacy_exporter_flag() -> dict:
+    """torch >= 2.9 defaults to the dynamo exporter, which needs onnxscript and renames the per-sample
+    normalisation; the TorchScript-based exporter maps it to InstanceNormalization on every torch we run."""
+    return {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter warns about instance_norm's training flag (expected: per-sample statistics are the
+    point) and about constant folding; neither is actionable for a user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def check_onnx(path: Path) -> OnnxSummary:
+    """Full `onnx.checker` pass with shape inference, and no BatchNormalization left."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: no such ONNX file")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own DecodeError, onnx may raise others
+        raise ArtifactError(f"{path} is not an ONNX model: {exc}") from exc
+    if not proto.graph.node:
+        raise ArtifactError(f"{path} is not an ONNX model: it has no graph nodes")
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ArtifactError(f"{path} fails the ONNX checker: {exc}") from exc
+    ops = Counter(node.op_type for node in proto.graph.node)
+    forbidden = sorted(op for op in FORBIDDEN_OPS if ops.get(op))
+    if forbidden:
+        raise ExportError(f"{path} contains {', '.join(forbidden)}: normalisation with running statistics "
+                          "is not DeepLIIF's per-tile inference")
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    types = tuple(sorted({_type_name(t.data_type) for t in proto.graph.initializer}))
+    return OnnxSummary(path, opset, _signature(proto.graph.input), _signature(proto.graph.output),
+                       dict(sorted(ops.items())), path.stat().st_size, types)
+
+
+def _type_name(elem_type: int) -> str:
+    return onnx.TensorProto.DataType.Name(elem_type).lower()
+
+
+def _signature(values) -> dict[str, tuple[str, list]]:
+    signature = {}
+    for value in values:
+        tensor = value.type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        signature[value.name] = (_type_name(tensor.elem_type), dims)
+    return signature
+
+
+def check_fused_signature(summary: OnnxSummary) -> None:
+    """Refuse an ONNX that is not the fused pipeline: other backends rely on its exact I/O contract."""
+    expected_shape = [None, NETWORK_TILE, NETWORK_TILE, 3]
+    problems = []
+    for group, names in (("input", [INPUT_NAME]), ("output", list(OUTPUT_ONNX_NAMES))):
+        actual = summary.inputs if group == "input" else summary.outputs
+        if sorted(actual) != sorted(names):
+            problems.append(f"{group}s are {sorted(actual)}, expected {names}")
+            continue
+        for name in names:
+            dtype, shape = actual[name]
+            if dtype != "uint8" or len(shape) != 4 or shape[1:] != expected_shape[1:]:
+                problems.append(f"{group} {name} is {dtype} {shape}, expected uint8 [batch, 512, 512, 3]")
+    if problems:
+        raise ArtifactError(f"{summary.path} is not a DeepLIIF fused-pipeline ONNX: {'; '.join(problems)}")

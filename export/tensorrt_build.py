@@ -1,0 +1,239 @@
+"""TensorRT plans from the fused ONNX, with an `engine.json` sidecar that says what the plan is for.
+
+TensorRT is imported lazily (`tensorrt_module()`), so this module imports and its metadata and settings
+logic is tested on machines without it. Networks are built strongly typed: required for reduced precision
+on TensorRT 10, always on (the flag accepted and ignored) on TensorRT 11, where the builder precision
+flags and INT8 calibrators are gone. Precision therefore comes from the ONNX itself: an fp16 export, or
+a Q/DQ INT8 graph from `calibrate`.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, ExportError, \
+    IncompatibleArtifactError
+from deepliif.imageio import write_atomically
+from deepliif.pipeline import NETWORK_TILE
+
+from . import logger
+from .config import INPUT_NAME, Precision
+from .onnx_export import OnnxSummary, check_fused_signature, check_onnx, file_sha256
+
+PLAN_FILE = "deepliif.plan"
+METADATA_FILE = "engine.json"
+TENSORRT_PIN = "tensorrt==11.4.0.106"
+INSTALL_HINT = (f"TensorRT is not installed: pip install '{TENSORRT_PIN}' (or the project's extra: "
+                "pip install -e '.[tensorrt]'); it needs an NVIDIA GPU and driver")
+
+
+def tensorrt_module():
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise BackendUnavailableError(f"{INSTALL_HINT} ({exc})") from exc
+    return tensorrt
+
+
+@dataclass(frozen=True)
+class TensorRTBuildConfig:
+    """Build settings; everything except the timing-cache location is part of the artifact identity."""
+
+    min_batch: int = 1
+    opt_batch: int = 8
+    max_batch: int = 16
+    workspace_gib: float = 8.0
+    version_compatible: bool = False
+    timing_cache: Path | None = None
+
+    def __post_init__(self) -> None:
+        batches = (self.min_batch, self.opt_batch, self.max_batch)
+        if not all(isinstance(b, int) and b >= 1 for b in batches) or not \
+                self.min_batch <= self.opt_batch <= self.max_batch:
+            raise ArgumentError(f"need integers 1 <= min-batch <= opt-batch <= max-batch; got {batches}")
+        if not self.workspace_gib > 0:
+            raise ArgumentError(f"workspace must be a positive number of GiB; got {self.workspace_gib}")
+
+    def profile(self) -> dict[str, list[int]]:
+        tile = [NETWORK_TILE, NETWORK_TILE, 3]
+        return {"min": [self.min_batch, *tile], "opt": [self.opt_batch, *tile], "max": [self.max_batch, *tile]}
+
+    def key(self) -> dict:
+        return {"profile": self.profile(), "workspace_gib": self.workspace_gib,
+                "version_compatible": self.version_compatible}
+
+
+@dataclass(frozen=True)
+class GpuInfo:
+    name: str
+    compute_capability: str  # "9.0"
+
+    @classmethod
+    def current(cls, device: int = 0) -> GpuInfo:
+        import torch
+        if not torch.cuda.is_available():
+            raise BackendUnavailableError("no CUDA GPU is visible to PyTorch here: TensorRT needs one")
+        major, minor = torch.cuda.get_device_capability(device)
+        return cls(torch.cuda.get_device_name(device), f"{major}.{minor}")
+
+
+@dataclass
+class EngineMetadata:
+    """The `engine.json` sidecar: which ONNX, TensorRT, GPU and settings a plan was built from."""
+
+    onnx_sha256: str
+    plan_sha256: str
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: str
+    profile: dict
+    workspace_gib: float
+    version_compatible: bool
+    build_seconds: float
+
+    def write(self, path: Path) -> None:
+        write_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
+
+    @classmethod
+    def read(cls, path: Path) -> EngineMetadata:
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**data)
+        except FileNotFoundError:
+            raise ArtifactError(f"{path}: no engine metadata; a plan is only used with the engine.json "
+                                "written beside it by `deepliif-engine export tensorrt`") from None
+        except (OSError, ValueError, TypeError) as exc:
+            raise ArtifactError(f"{path}: unreadable engine metadata: {exc}") from exc
+
+    def check_runtime(self, tensorrt_version: str, gpu: GpuInfo) -> None:
+        """Refuse a plan built for another GPU or TensorRT; say which, from the sidecar.
+
+        A version-compatible plan runs on later TensorRT of the same major version; any other plan
+        needs the exact version. Plans are specific to a compute capability in every case.
+        """
+        reasons = []
+        if self.compute_capability != gpu.compute_capability:
+            reasons.append(f"built for compute capability {self.compute_capability} ({self.gpu_name}), "
+                           f"this GPU is {gpu.compute_capability} ({gpu.name})")
+        if self.version_compatible:
+            if _major(tensorrt_version) != _major(self.tensorrt_version) or \
+                    _version_tuple(tensorrt_version) < _version_tuple(self.tensorrt_version):
+                reasons.append(f"version-compatible plan from TensorRT {self.tensorrt_version} cannot run "
+                               f"on TensorRT {tensorrt_version}")
+        elif tensorrt_version != self.tensorrt_version:
+            reasons.append(f"built with TensorRT {self.tensorrt_version}, this is TensorRT {tensorrt_version} "
+                           "(rebuild, or build with --version-compatible)")
+        if reasons:
+            raise IncompatibleArtifactError("TensorRT plan refused: " + "; ".join(reasons))
+
+    def check_plan_file(self, plan: Path) -> None:
+        if not Path(plan).is_file():
+            raise ArtifactError(f"{plan}: no such TensorRT plan")
+        if file_sha256(plan) != self.plan_sha256:
+            raise ArtifactError(f"{plan} does not match its engine.json (sha256 differs): a stale or "
+                                "corrupt plan; rebuild it")
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".") if p.isdigit())
+
+
+def _major(version: str) -> int:
+    return _version_tuple(version)[0] if _version_tuple(version) else -1
+
+
+def onnx_precision(summary: OnnxSummary) -> Precision:
+    """What a strongly typed build will run in, read from the graph: Q/DQ nodes mean INT8, fp16
+    weights mean FP16."""
+    if summary.op_counts.get("QuantizeLinear") or summary.op_counts.get("DequantizeLinear"):
+        return Precision.INT8
+    return Precision.FP16 if "float16" in summary.initializer_types else Precision.FP32
+
+
+def build_plan(onnx_path: Path, out_dir: Path, config: TensorRTBuildConfig) -> EngineMetadata:
+    """Parse, build with a batch profile, write `deepliif.plan` and `engine.json` (both atomically)."""
+    summary = check_onnx(onnx_path)
+    check_fused_signature(summary)
+    trt = tensorrt_module()
+    gpu = GpuInfo.current()
+    start = time.perf_counter()
+    trt_logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(trt_logger)
+    network = builder.create_network(_strongly_typed_flags(trt))
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT cannot parse {onnx_path}: {errors}")
+    builder_config = _builder_config(trt, builder, config)
+    logger.info("building a TensorRT %s plan for %s (profile %s); this takes minutes", trt.__version__,
+                gpu.name, config.profile())
+    plan = builder.build_serialized_network(network, builder_config)
+    if plan is None:
+        raise ExportError("TensorRT build failed (see the TensorRT messages above)")
+    out_dir = Path(out_dir)
+    write_atomically(out_dir / PLAN_FILE, bytes(plan))
+    if config.timing_cache:
+        write_atomically(Path(config.timing_cache), bytes(builder_config.get_timing_cache().serialize()))
+    metadata = EngineMetadata(
+        onnx_sha256=file_sha256(onnx_path), plan_sha256=file_sha256(out_dir / PLAN_FILE),
+        tensorrt_version=trt.__version__, gpu_name=gpu.name, compute_capability=gpu.compute_capability,
+        precision=onnx_precision(summary).value, profile=config.profile(), workspace_gib=config.workspace_gib,
+        version_compatible=config.version_compatible, build_seconds=round(time.perf_counter() - start, 2))
+    metadata.write(out_dir / METADATA_FILE)
+    return metadata
+
+
+def _strongly_typed_flags(trt) -> int:
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
+def _builder_config(trt, builder, config: TensorRTBuildConfig):
+    builder_config = builder.create_builder_config()
+    builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * (1 << 30)))
+    profile = builder.create_optimization_profile()
+    shapes = config.profile()
+    profile.set_shape(INPUT_NAME, shapes["min"], shapes["opt"], shapes["max"])
+    builder_config.add_optimization_profile(profile)
+    if config.version_compatible:
+        builder_config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    cache_bytes = b""
+    if config.timing_cache and Path(config.timing_cache).is_file():
+        cache_bytes = Path(config.timing_cache).read_bytes()
+    builder_config.set_timing_cache(builder_config.create_timing_cache(cache_bytes), False)
+    monitor = _progress_monitor(trt)
+    if monitor is not None:
+        builder_config.progress_monitor = monitor
+    return builder_config
+
+
+def _progress_monitor(trt):
+    """A tqdm bar per build phase, through TensorRT's IProgressMonitor (TensorRT >= 10)."""
+    base = getattr(trt, "IProgressMonitor", None)
+    if base is None:
+        return None
+    from tqdm import tqdm
+
+    class TqdmMonitor(base):
+        def __init__(self) -> None:
+            base.__init__(self)
+            self.bars: dict[str, tqdm] = {}
+
+        def phase_start(self, phase_name, parent_phase, num_steps):
+            self.bars[phase_name] = tqdm(total=num_steps, desc=phase_name, leave=False)
+
+        def step_complete(self, phase_name, step):
+            bar = self.bars.get(phase_name)
+            if bar is not None:
+                bar.update(step + 1 - bar.n)
+            return True  # False would cancel the build
+
+        def phase_finish(self, phase_name):
+            bar = self.bars.pop(phase_name, None)
+            if bar is not None:
+                bar.close()
+
+    return TqdmMonitor()

@@ -1,0 +1,213 @@
+"""A Triton Inference Server model repository serving the same fused artifact (ONNX or TensorRT plan).
+
+Layout: `REPO/<name>/config.pbtxt` and `REPO/<name>/1/model.onnx` (or `model.plan`). The config is
+generated, then parsed back with a small protobuf text-format reader and compared with what was meant,
+so a formatting slip cannot ship. The model directory is assembled under a temporary name and renamed
+into place.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from deepliif.errors import ArgumentError, ArtifactError, ExportError
+from deepliif.pipeline import NETWORK_TILE
+
+from . import logger
+from .config import INPUT_NAME, OUTPUT_ONNX_NAMES
+from .onnx_export import check_fused_signature, check_onnx
+from .tensorrt_build import METADATA_FILE, EngineMetadata
+
+_DIMS = [NETWORK_TILE, NETWORK_TILE, 3]
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    name: str = "deepliif"
+    max_batch_size: int = 16
+    preferred_batch_sizes: tuple[int, ...] = (4, 8)
+    max_queue_delay_us: int = 5000
+    instances: int = 1
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ArgumentError(f"Triton model name must be letters, digits, '_', '.', '-'; got {self.name!r}")
+        if self.max_batch_size < 1 or self.instances < 1 or self.max_queue_delay_us < 0:
+            raise ArgumentError("max_batch_size and instances must be >= 1, queue delay >= 0; got "
+                                f"{self.max_batch_size}, {self.instances}, {self.max_queue_delay_us}")
+        preferred = tuple(b for b in self.preferred_batch_sizes if b <= self.max_batch_size)
+        object.__setattr__(self, "preferred_batch_sizes", preferred or (self.max_batch_size,))
+
+
+def render_config(config: TritonConfig, platform: str) -> str:
+    """config.pbtxt text. The batch axis is implicit in Triton (max_batch_size > 0), so dims are HWC."""
+    def tensor(name: str) -> str:
+        return f'  {{ name: "{name}" data_type: TYPE_UINT8 dims: [ {", ".join(map(str, _DIMS))} ] }}'
+
+    outputs = ",\n".join(tensor(n) for n in OUTPUT_ONNX_NAMES)
+    preferred = ", ".join(map(str, config.preferred_batch_sizes))
+    return (f'name: "{config.name}"\n'
+            f'platform: "{platform}"\n'
+            f"max_batch_size: {config.max_batch_size}\n"
+            f"input [\n{tensor(INPUT_NAME)}\n]\n"
+            f"output [\n{outputs}\n]\n"
+            f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
+            f"  max_queue_delay_microseconds: {config.max_queue_delay_us}\n}}\n"
+            f"instance_group [ {{ kind: KIND_GPU count: {config.instances} }} ]\n")
+
+
+def write_repository(repo: Path, config: TritonConfig, onnx_path: Path | None = None,
+                     plan_path: Path | None = None) -> Path:
+    """Write `repo/<name>/` for the plan when given (capped by its profile), else for the ONNX."""
+    if (onnx_path is None) == (plan_path is None):
+        raise ArgumentError("give exactly one artifact: an ONNX file or a TensorRT plan")
+    if plan_path is not None:
+        metadata = EngineMetadata.read(Path(plan_path).with_name(METADATA_FILE))
+        metadata.check_plan_file(plan_path)
+        profile_max = metadata.profile["max"][0]
+        if config.max_batch_size > profile_max:
+            logger.info("max_batch_size %d capped at the plan's profile maximum %d", config.max_batch_size,
+                        profile_max)
+            config = TritonConfig(config.name, profile_max, config.preferred_batch_sizes,
+                                  config.max_queue_delay_us, config.instances)
+        platform, artifact, file_name = "tensorrt_plan", Path(plan_path), "model.plan"
+    else:
+        check_fused_signature(check_onnx(onnx_path))
+        platform, artifact, file_name = "onnxruntime_onnx", Path(onnx_path), "model.onnx"
+    text = render_config(config, platform)
+    check_config(parse_pbtxt(text), config, platform)
+    return _publish(Path(repo), config.name, text, artifact, file_name)
+
+
+def _publish(repo: Path, name: str, text: str, artifact: Path, file_name: str) -> Path:
+    try:
+        repo.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
+    except OSError as exc:
+        raise ArgumentError(f"cannot write the Triton repository {repo}: {exc}") from exc
+    try:
+        (staging / "1").mkdir()
+        shutil.copyfile(artifact, staging / "1" / file_name)
+        (staging / "config.pbtxt").write_text(text)
+        target = repo / name
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{name}.old.", dir=repo))
+            target.rename(old / name)
+            staging.rename(target)
+            shutil.rmtree(old)
+        else:
+            staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return repo / name
+
+
+def check_config(parsed: dict, config: TritonConfig, platform: str) -> None:
+    """The parsed config must say exactly what was meant; raise with every mismatch."""
+    problems = []
+
+    def expect(what: str, actual, wanted) -> None:
+        if actual != wanted:
+            problems.append(f"{what} is {actual!r}, expected {wanted!r}")
+
+    expect("name", parsed.get("name"), config.name)
+    expect("platform", parsed.get("platform"), platform)
+    expect("max_batch_size", parsed.get("max_batch_size"), config.max_batch_size)
+    tensors = {"input": [INPUT_NAME], "output": list(OUTPUT_ONNX_NAMES)}
+    for group, names in tensors.items():
+        entries = parsed.get(group, [])
+        expect(f"{group} names", [e.get("name") for e in entries], names)
+        for entry in entries:
+            expect(f"{entry.get('name')} type", entry.get("data_type"), "TYPE_UINT8")
+            expect(f"{entry.get('name')} dims", entry.get("dims"), _DIMS)
+    batching = parsed.get("dynamic_batching", {})
+    expect("preferred_batch_size", batching.get("preferred_batch_size"), list(config.preferred_batch_sizes))
+    if problems:
+        raise ExportError("generated Triton config is wrong: " + "; ".join(problems))
+
+
+_TOKEN = re.compile(r'\s*(?:(#[^\n]*)|("(?:[^"\\]|\\.)*")|([{}\[\]:,])|([^\s{}\[\]:,"#]+))')
+
+
+def parse_pbtxt(text: str) -> dict:
+    """Parse protobuf text format (the subset model configs use) into dicts and lists.
+
+    Repeated fields and `[a, b]` lists become lists; `input`/`output`/`instance_group` are lists even
+    with one entry, as in Triton's schema.
+    """
+    tokens = _tokenize(text)
+    parsed, position = _parse_fields(tokens, 0, closing=None)
+    if position != len(tokens):
+        raise ArtifactError(f"config.pbtxt: unexpected {tokens[position]!r}")
+    return parsed
+
+
+def _tokenize(text: str) -> list[str]:
+    tokens, position = [], 0
+    text = text.rstrip()
+    while position < len(text):
+        match = _TOKEN.match(text, position)
+        if not match or match.end() == position:
+            raise ArtifactError(f"config.pbtxt: cannot read from {text[position:position + 20]!r}")
+        position = match.end()
+        if not match.group(1):
+            tokens.append(match.group(2) or match.group(3) or match.group(4))
+    return tokens
+
+
+_ALWAYS_LISTS = {"input", "output", "instance_group", "preferred_batch_size", "dims"}
+
+
+def _parse_fields(tokens: list[str], position: int, closing: str | None) -> tuple[dict, int]:
+    fields: dict = {}
+    while position < len(tokens) and tokens[position] != closing:
+        key = tokens[position]
+        position += 1
+        if position < len(tokens) and tokens[position] == ":":
+            position += 1
+        value, position = _parse_value(tokens, position)
+        if key in _ALWAYS_LISTS:
+            fields.setdefault(key, []).extend(value if isinstance(value, list) else [value])
+        elif key in fields:
+            raise ArtifactError(f"config.pbtxt: field {key!r} given twice")
+        else:
+            fields[key] = value
+    if closing is not None:
+        if position >= len(tokens):
+            raise ArtifactError(f"config.pbtxt: missing {closing!r}")
+        position += 1
+    return fields, position
+
+
+def _parse_value(tokens: list[str], position: int):
+    if position >= len(tokens):
+        raise ArtifactError("config.pbtxt: a field has no value")
+    token = tokens[position]
+    if token == "{":
+        return _parse_fields(tokens, position + 1, "}")
+    if token == "[":
+        items, position = [], position + 1
+        while position < len(tokens) and tokens[position] != "]":
+            item, position = _parse_value(tokens, position)
+            items.append(item)
+            if position < len(tokens) and tokens[position] == ",":
+                position += 1
+        if position >= len(tokens):
+            raise ArtifactError("config.pbtxt: missing ']'")
+        return items, position + 1
+    return _scalar(token), position + 1
+
+
+def _scalar(token: str):
+    if token.startswith('"'):
+        return bytes(token[1:-1], "utf-8").decode("unicode_escape")
+    for kind in (int, float):
+        try:
+            return kind(token)
+        except ValueError:
+            pass
+    return token
