@@ -122,7 +122,9 @@ def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessO
     if marker is not None and count:
         grey = marker.max(axis=2) if marker.ndim == 3 else marker
         marker_values[1:] = ndimage.maximum(grey, labels, index=np.arange(1, count + 1))
-    _, first = np.unique(flat, return_index=True)  # labels are consecutive, so first[k] is label k's
+    present, first_index = np.unique(flat, return_index=True)
+    first = np.full(count + 1, -1, dtype=np.int64)  # -1 only for label 0 when nothing is background
+    first[present] = first_index
     kept = sizes > options.noise_thresh
     if options.large_noise_thresh is not None:
         kept &= sizes < options.large_noise_thresh

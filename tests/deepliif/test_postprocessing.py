@@ -119,3 +119,14 @@ def test_marker_default_needs_a_marker_and_sizes_must_agree() -> None:
         postprocess(seg, seg, None, 512, PostprocessOptions(marker_thresh="default"))
     with pytest.raises(ArgumentError, match="image sizes differ"):
         postprocess(seg, np.zeros((9, 8, 3), np.uint8), None, 512)
+
+
+def test_seg_without_any_background_pixel() -> None:
+    """No label-0 pixel at all (found by the export validation on synthetic outputs): cells are still
+    indexed by their own label."""
+    seg = np.zeros((64, 64, 3), np.uint8)
+    seg[:, :32] = (200, 0, 0)
+    seg[:, 32:] = (0, 0, 200)
+    result = postprocess(np.full_like(seg, 255), seg, None, 512, PostprocessOptions(size_thresh=0))
+    assert (result.scoring["num_pos"], result.scoring["num_neg"]) == (1, 0)  # one 8-connected cell, ties positive
+    assert result.refined.any()

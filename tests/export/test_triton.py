@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deepliif.errors import ArgumentError, ArtifactError, ExportError
+from export.onnx_export import file_sha256
+from export.tensorrt_build import METADATA_FILE, PLAN_FILE, TensorRTBuildConfig
+from export.triton import TritonConfig, check_config, parse_pbtxt, render_config, write_repository
+
+
+def test_onnx_repository_layout_and_config(fused_onnx: Path, tmp_path: Path) -> None:
+    model = write_repository(tmp_path / "repo", TritonConfig(max_batch_size=8), onnx_path=fused_onnx)
+    assert model == tmp_path / "repo" / "deepliif"
+    assert sorted(p.relative_to(model).as_posix() for p in model.rglob("*")) == \
+        ["1", "1/model.onnx", "config.pbtxt"]
+    assert file_sha256(model / "1" / "model.onnx") == file_sha256(fused_onnx)
+    config = parse_pbtxt((model / "config.pbtxt").read_text())
+    assert config["platform"] == "onnxruntime_onnx" and config["max_batch_size"] == 8
+    assert [t["name"] for t in config["output"]] == ["hema", "dapi", "lap2", "marker", "seg"]
+    assert config["input"] == [{"name": "ihc", "data_type": "TYPE_UINT8", "dims": [512, 512, 3]}]
+    assert config["dynamic_batching"]["preferred_batch_size"] == [4, 8]
+    assert config["instance_group"] == [{"kind": "KIND_GPU", "count": 1}]
+    again = write_repository(tmp_path / "repo", TritonConfig(max_batch_size=2), onnx_path=fused_onnx)
+    assert parse_pbtxt((again / "config.pbtxt").read_text())["max_batch_size"] == 2  # replaced whole
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["deepliif"]  # no staging left
+
+
+def test_plan_repository_is_capped_by_the_profile(tmp_path: Path, engine_metadata) -> None:
+    plan = tmp_path / "engine" / PLAN_FILE
+    plan.parent.mkdir()
+    plan.write_bytes(b"serialized plan")
+    profile = TensorRTBuildConfig(1, 2, 4).profile()
+    engine_metadata(plan_sha256=file_sha256(plan), profile=profile).write(plan.with_name(METADATA_FILE))
+    model = write_repository(tmp_path / "repo", TritonConfig(max_batch_size=16), plan_path=plan)
+    config = parse_pbtxt((model / "config.pbtxt").read_text())
+    assert config["platform"] == "tensorrt_plan" and config["max_batch_size"] == 4
+    assert config["dynamic_batching"]["preferred_batch_size"] == [4]
+    assert (model / "1" / "model.plan").read_bytes() == b"serialized plan"
+    plan.write_bytes(b"another plan")
+    with pytest.raises(ArtifactError, match="sha256 differs"):
+        write_repository(tmp_path / "repo2", TritonConfig(), plan_path=plan)
+
+
+def test_bad_arguments(fused_onnx: Path, tmp_path: Path) -> None:
+    with pytest.raises(ArgumentError, match="exactly one"):
+        write_repository(tmp_path, TritonConfig())
+    with pytest.raises(ArgumentError, match="model name"):
+        TritonConfig(name="../escape")
+    not_onnx = tmp_path / "x.onnx"
+    not_onnx.write_text("hello")
+    with pytest.raises(ArtifactError, match="not an ONNX model"):
+        write_repository(tmp_path / "repo", TritonConfig(), onnx_path=not_onnx)
+
+
+def test_check_config_names_every_mismatch() -> None:
+    parsed = parse_pbtxt(render_config(TritonConfig(), "onnxruntime_onnx"))
+    parsed["max_batch_size"] = 3
+    parsed["output"][0]["data_type"] = "TYPE_FP32"
+    with pytest.raises(ExportError, match=r"max_batch_size is 3.*hema type is 'TYPE_FP32'"):
+        check_config(parsed, TritonConfig(), "onnxruntime_onnx")
+
+
+@pytest.mark.parametrize("text", ['name: "x', "input [ { name: 1 }", "a { b: 1 } }", "key:"])
+def test_malformed_pbtxt(text: str) -> None:
+    with pytest.raises(ArtifactError):
+        parse_pbtxt(text)
+
+
+def test_pbtxt_comments_strings_and_numbers() -> None:
+    parsed = parse_pbtxt('# comment\nname: "a \\"q\\""\nrate: 0.5\nn: -3\nflag: true\n')
+    assert parsed == {"name": 'a "q"', "rate": 0.5, "n": -3, "flag": "true"}
