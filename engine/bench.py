@@ -1,95 +1,205 @@
-"""`deepliif-engine bench` (first version): the DeepLIIF way against the batched pipeline, same run.
+"""`deepliif-engine bench`: the DeepLIIF way against every backend x precision x batch size, one run.
 
-(a) the DeepLIIF way: one tile at a time, the nine generators called one after another, fp32 eager,
-    original BatchNorm behaviour; (b) the fused pipeline with per-sample normalisation, `batch_size` tiles
-    per call. Same weights, same tiles, same device, measured back to back in one process.
+The baseline is the published way (nine generators one after another, one tile at a time, fp32 eager).
+Each configuration is opened as an `engine.Session` on the same weights and tiles; the figures are
+tiles/s, per-call latency p50/p95, peak memory, speed-up over the baseline, and achieved GFLOP/s against
+a matrix-product peak measured in the same process (so "how close to the hardware" is a ratio, too).
 """
 from __future__ import annotations
 
+import copy
+import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from deepliif.errors import DeepLIIFError
 from deepliif.model_dir import DeepLIIFModel
-from deepliif.pipeline import DeepLIIFWayRunner, FusedPipeline, TileRunner
+from deepliif.pipeline import NETWORK_TILE, DeepLIIFWayRunner, FusedPipeline
+
+from export.config import Precision
 
 from . import logger
+from .backends import BackendKind
+from .session import Session
 
 
-@dataclass
-class Measurement:
-    name: str
-    tiles: int
-    seconds: float
-    call_seconds: list[float]
+@dataclass(frozen=True)
+class BenchCase:
+    backend: BackendKind
+    precision: Precision
+    batch_size: int
 
     @property
-    def tiles_per_second(self) -> float:
-        return self.tiles / self.seconds
-
-    def summary(self) -> dict:
-        return {**asdict(self), "tiles_per_second": self.tiles_per_second,
-                "median_call_seconds": statistics.median(self.call_seconds)}
+    def label(self) -> str:
+        return f"{self.backend.value}/{self.precision.value}/b{self.batch_size}"
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
-def _timed(call, device: torch.device) -> float:
-    _synchronize(device)
+def matmul_peak_gflops(device: str = "cpu", size: int = 2048, repeats: int = 5) -> float:
+    """fp32 matrix-product throughput: the practical ceiling for convolutions on this device."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b
+    _sync(device)
     start = time.perf_counter()
-    call()
-    _synchronize(device)
-    return time.perf_counter() - start
+    for _ in range(repeats):
+        a @ b
+    _sync(device)
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def bench_deepliif_way_vs_batched(model: DeepLIIFModel, tiles: np.ndarray, batch_size: int,
-                                  device: torch.device, warmup: int = 1) -> dict:
-    """Tiles/s of both ways and their ratio; the warm-up calls are not counted.
+def flops_per_tile(model: DeepLIIFModel) -> float:
+    """Multiply-adds x 2 of every convolution for one 512x512 tile, counted on shapes (meta tensors)."""
+    total = 0.0
 
-    The two ways alternate batch by batch (the DeepLIIF way on a batch's tiles, then the pipeline on the
-    same batch), so drift in machine speed during the run affects both alike.
-    """
-    baseline = DeepLIIFWayRunner(model, device=device)
-    batched = TileRunner(FusedPipeline(model), device)
-    for _ in range(warmup):
-        baseline.run_tile(tiles[0])
-        batched.run(tiles[:1])
-    a_calls, b_calls = [], []
-    for start in range(0, len(tiles), batch_size):
-        batch = tiles[start: start + batch_size]
-        logger.info("tiles %d-%d: the DeepLIIF way, then the batched pipeline", start, start + len(batch) - 1)
-        a_calls += [_timed(lambda t=t: baseline.run_tile(t), device) for t in batch]
-        b_calls.append(_timed(lambda b=batch: batched.run(b), device))
-    a = Measurement("deepliif_way", len(tiles), sum(a_calls), a_calls)
-    b = Measurement(f"batched_b{batch_size}", len(tiles), sum(b_calls), b_calls)
-    return {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "batch_size": batch_size,
-        "micro_batch": batched.micro_batch,
-        "tiles": len(tiles),
-        "deepliif_way": a.summary(),
-        "batched": b.summary(),
-        "speedup": b.tiles_per_second / a.tiles_per_second,
-    }
+    def count(module: nn.Module, inputs, output) -> None:
+        nonlocal total
+        weight = module.weight
+        if isinstance(module, nn.ConvTranspose2d):
+            spatial = inputs[0].shape[2] * inputs[0].shape[3]
+        else:
+            spatial = output.shape[2] * output.shape[3]
+        total += 2.0 * weight.numel() * spatial / module.groups
+
+    pipeline = copy.deepcopy(FusedPipeline(model)).to("meta")  # a copy: moving to meta drops weights
+    hooks = [m.register_forward_hook(count) for m in pipeline.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    try:
+        with torch.no_grad():
+            pipeline(torch.zeros((1, NETWORK_TILE, NETWORK_TILE, 3), dtype=torch.uint8, device="meta"))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return total
 
 
-def format_table(result: dict) -> str:
-    rows = [("way", "tiles", "seconds", "tiles/s", "median s/call")]
-    for key in ("deepliif_way", "batched"):
-        m = result[key]
-        rows.append((m["name"], str(m["tiles"]), f"{m['seconds']:.2f}", f"{m['tiles_per_second']:.3f}",
-                     f"{m['median_call_seconds']:.3f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
-    lines.append(f"speed-up batched / DeepLIIF way: {result['speedup']:.2f}x "
-                 f"({result['device_name']}, {result['torch_threads']} torch threads)")
+def _peak_host_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _summary(name: str, calls: list[float], tiles: int, flops: float, baseline_tps: float | None) -> dict:
+    seconds = sum(calls)
+    tps = tiles / seconds
+    return {"name": name, "tiles": tiles, "seconds": round(seconds, 3), "tiles_per_second": tps,
+            "p50_call_seconds": statistics.median(calls),
+            "p95_call_seconds": float(np.percentile(calls, 95)),
+            "gflops": flops * tps / 1e9, "speedup": tps / baseline_tps if baseline_tps else 1.0,
+            "peak_host_mib": round(_peak_host_mib(), 1)}
+
+
+def bench_baseline(model: DeepLIIFModel, tiles: np.ndarray, device: str, flops: float) -> dict:
+    runner = DeepLIIFWayRunner(model, device=device)
+    runner.run_tile(tiles[0])  # warm-up
+    calls = []
+    for tile in tiles:
+        _sync(device)
+        start = time.perf_counter()
+        runner.run_tile(tile)
+        _sync(device)
+        calls.append(time.perf_counter() - start)
+    return _summary("deepliif_way", calls, len(tiles), flops, None)
+
+
+def bench_case(model: DeepLIIFModel, case: BenchCase, tiles: np.ndarray, device: str, cache_dir: Path | None,
+               flops: float, baseline_tps: float, **options) -> dict:
+    with Session(model.directory, backend=case.backend, precision=case.precision.value, device=device,
+                 cache_dir=cache_dir, batch_size=case.batch_size, **options) as session:
+        if session.info.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        session.run(tiles[: case.batch_size])  # warm-up (and CUDA-graph capture) at this batch size
+        calls = []
+        for start in range(0, len(tiles) - case.batch_size + 1, case.batch_size):
+            _sync(session.info.device)
+            began = time.perf_counter()
+            session.run(tiles[start: start + case.batch_size])
+            _sync(session.info.device)
+            calls.append(time.perf_counter() - began)
+        result = _summary(case.label, calls, len(calls) * case.batch_size, flops, baseline_tps)
+        result.update(backend=session.info.as_dict(), batch_size=case.batch_size)
+        if session.info.device == "cuda":
+            result["peak_device_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return result
+
+
+def run_bench(model: DeepLIIFModel, tiles: np.ndarray, cases: list[BenchCase], device: str = "auto",
+              cache_dir: Path | None = None, **options) -> dict:
+    """Baseline, then every case; a case that cannot run here is recorded with its reason, not fatal."""
+    torch_device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+    flops = flops_per_tile(model)
+    peak = matmul_peak_gflops(torch_device)
+    logger.info("matmul peak %.0f GFLOP/s; %.3f TFLOP per tile", peak, flops / 1e12)
+    baseline = bench_baseline(model, tiles, torch_device, flops)
+    results, skipped = [], []
+    for case in cases:
+        logger.info("bench %s", case.label)
+        try:
+            results.append(bench_case(model, case, tiles, device, cache_dir, flops, baseline["tiles_per_second"],
+                                      **options))
+        except DeepLIIFError as exc:
+            skipped.append({"case": case.label, "reason": str(exc)})
+            logger.warning("bench %s skipped: %s", case.label, exc)
+    for entry in [baseline, *results]:
+        entry["share_of_matmul_peak"] = entry["gflops"] / peak
+    return {"device": torch_device,
+            "device_name": torch.cuda.get_device_name() if torch_device == "cuda" else "cpu",
+            "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "tiles": len(tiles), "tflop_per_tile": flops / 1e12, "matmul_peak_gflops": peak,
+            "baseline": baseline, "results": results, "skipped": skipped}
+
+
+def format_table(report: dict) -> str:
+    header = ("configuration", "tiles", "tiles/s", "p50 s/call", "p95 s/call", "GFLOP/s", "of peak", "speed-up")
+    rows = [header]
+    for m in [report["baseline"], *report["results"]]:
+        rows.append((m["name"], str(m["tiles"]), f"{m['tiles_per_second']:.3f}", f"{m['p50_call_seconds']:.3f}",
+                     f"{m['p95_call_seconds']:.3f}", f"{m['gflops']:.0f}", f"{m['share_of_matmul_peak']:.0%}",
+                     f"{m['speedup']:.2f}x"))
+    lines = format_rows(rows)
+    lines.append(f"{report['device_name']}, {report['torch_threads']} torch threads; matmul peak "
+                 f"{report['matmul_peak_gflops']:.0f} GFLOP/s; {report['tflop_per_tile']:.2f} TFLOP per tile")
+    lines += [f"skipped {s['case']}: {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines)
+
+
+def format_rows(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def plot(report: dict, path: Path) -> bool:
+    """tiles/s against batch size, one line per backend/precision; False when matplotlib is absent."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("no plot: matplotlib is not installed (pip install -e '.[bench]')")
+        return False
+    series: dict[str, list[tuple[int, float]]] = {}
+    for m in report["results"]:
+        label = m["name"].rsplit("/", 1)[0]
+        series.setdefault(label, []).append((m["batch_size"], m["tiles_per_second"]))
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for label, points in sorted(series.items()):
+        xs, ys = zip(*sorted(points))
+        axes.plot(xs, ys, marker="o", label=label)
+    axes.axhline(report["baseline"]["tiles_per_second"], color="grey", linestyle="--", label="DeepLIIF way")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("batch size (tiles per call)")
+    axes.set_ylabel("tiles / s")
+    axes.set_title(f"DeepLIIF tile throughput, {report['device_name']}")
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True

@@ -9,21 +9,23 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from deepliif.demo import write_demo_model
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import DEFAULT_MAX_PIXELS, read_image, write_atomically, write_png
-from deepliif.inference import InferenceOptions, OutputSet, infer_image, tile_count
+from deepliif.inference import InferenceOptions, OutputSet, tile_count
 from deepliif.model_dir import Layout, load_model_dir
-from deepliif.pipeline import FusedPipeline, TileRunner
 from deepliif.postprocessing import DEFAULT_SEG_THRESH, PostprocessOptions, postprocess
 
 from export.cli import add_export_parser
 
+from export.config import Precision
+
 from . import logger
-from .bench import bench_deepliif_way_vs_batched, format_table
+from .backends import BackendKind
+from .session import Session
+from .bench import BenchCase, format_table, plot, run_bench
 from .samples import benchmark_tiles, sample_images, synthetic_ihc
 
 DEMO_MODEL_DIR = Path(".demo-model")
@@ -50,10 +52,18 @@ def _postprocess_options(args: argparse.Namespace) -> PostprocessOptions:
                               size_thresh_upper=args.size_thresh_upper, marker_thresh=args.marker_thresh)
 
 
+def _add_backend_args(parser: argparse.ArgumentParser, default_backend: str = "auto") -> None:
+    parser.add_argument("--backend", choices=[k.value for k in BackendKind], default=default_backend)
+    parser.add_argument("--precision", choices=[p.value for p in Precision], default="fp32")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--cache-dir", type=Path, help="artifact cache (default: $REDHARE_MODEL_PATH/"
+                        ".engine-cache in WMLA, else the user cache dir)")
+    parser.add_argument("--batch-size", type=int, help="tiles per backend call (default: from free "
+                        "device memory on GPU, 4 on CPU)")
+
+
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-size", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--outputs", choices=[o.value for o in OutputSet], default="all")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     _add_postprocess_args(parser)
@@ -69,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--out", type=Path, required=True)
     infer.add_argument("images", type=Path, nargs="+")
     _add_run_args(infer)
+    _add_backend_args(infer)
     infer.set_defaults(handler=cmd_infer)
 
     post = sub.add_parser("postprocess", help="re-score existing Seg/Marker outputs without the model")
@@ -91,26 +102,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model-dir", type=Path, help=f"default: a random-weight model in {DEMO_MODEL_DIR}/")
     demo.add_argument("--out", type=Path, default=Path("demo-output"))
     demo.add_argument("--ngf", type=int, default=64)
+    _add_backend_args(demo, default_backend="torch")
     demo.set_defaults(handler=cmd_demo)
 
     add_export_parser(sub)
 
-    bench = sub.add_parser("bench", help="DeepLIIF way vs batched pipeline, tiles/s, same run")
+    bench = sub.add_parser("bench", help="DeepLIIF way vs backends x precisions x batch sizes, same run")
     bench.add_argument("--model-dir", type=Path, help="default: a full-size random-weight model")
+    bench.add_argument("--backends", default="torch,onnxruntime", help="comma list, or 'all'")
+    bench.add_argument("--precision", default="fp32", help="comma list of fp32,fp16,int8")
+    bench.add_argument("--batch-sizes", default="1,4", help="comma list")
     bench.add_argument("--tiles", type=int, default=4)
-    bench.add_argument("--image", type=Path)
-    bench.add_argument("--batch-size", type=int, default=4)
-    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    bench.add_argument("--warmup", type=int, default=1)
+    bench.add_argument("--image", type=Path, help="take tiles from this image instead of the sample tiles")
+    bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    bench.add_argument("--cache-dir", type=Path)
+    bench.add_argument("--channels-last", action="store_true", help="torch backend: channels_last layout")
+    bench.add_argument("--cuda-graphs", action="store_true", help="torch backend on CUDA: graph replay")
     bench.add_argument("--json", type=Path)
+    bench.add_argument("--plot", type=Path)
     bench.set_defaults(handler=cmd_bench)
     return parser
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ArgumentError("--device cuda: no CUDA device is available to PyTorch here")
-    return torch.device(name)
 
 
 def _prepare_out(out: Path) -> Path:
@@ -125,11 +136,9 @@ def _write_record(path: Path, record: dict) -> None:
     write_atomically(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
 
 
-def infer_files(model_dir: Path, images: list[Path], out: Path, options: InferenceOptions,
-                device: torch.device, max_pixels: int = DEFAULT_MAX_PIXELS, quiet: bool = False) -> list[Path]:
+def infer_files(session: Session, images: list[Path], out: Path, options: InferenceOptions,
+                max_pixels: int = DEFAULT_MAX_PIXELS, quiet: bool = False) -> list[Path]:
     """Infer each image and write `OUT/<stem>_<Name>.png` and `OUT/<stem>.json`; returns the JSON paths."""
-    model = load_model_dir(model_dir)
-    runner = TileRunner(FusedPipeline(model), device)
     _prepare_out(out)
     written = []
     for path in images:
@@ -138,13 +147,13 @@ def infer_files(model_dir: Path, images: list[Path], out: Path, options: Inferen
         decoded = time.perf_counter()
         total = tile_count(image.shape[1], image.shape[0], options.tile_size)
         with tqdm(total=total, unit="tile", desc=path.name, disable=quiet, file=sys.stderr) as bar:
-            result = infer_image(runner, image, options, progress=bar.update)
+            (result,) = session.infer_many([image], options, progress=bar.update)
         encode_start = time.perf_counter()
         for name, array in result.images.items():
             write_png(out / f"{path.stem}_{name}.png", array)
         timings = {"decode_seconds": decoded - start, **result.timings,
                    "encode_seconds": time.perf_counter() - encode_start}
-        record = {"image": str(path), "model": model.describe(), "device": str(device),
+        record = {"image": str(path), "model": session.model.describe(), "backend": session.info.as_dict(),
                   "tile_size": options.tile_size, "batch_size": options.batch_size, "tiles": result.tiles,
                   "empty_tiles": result.empty_tiles, "outputs": list(result.images), "scoring": result.scoring,
                   "timings": timings}
@@ -154,11 +163,16 @@ def infer_files(model_dir: Path, images: list[Path], out: Path, options: Inferen
     return written
 
 
+def _open_session(args: argparse.Namespace, model_dir: Path) -> Session:
+    return Session(model_dir, backend=args.backend, precision=args.precision, device=args.device,
+                   cache_dir=args.cache_dir, batch_size=args.batch_size)
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
-    options = InferenceOptions(tile_size=args.tile_size, batch_size=args.batch_size,
-                               outputs=OutputSet.parse(args.outputs), postprocess=_postprocess_options(args))
-    infer_files(args.model_dir, args.images, args.out, options, resolve_device(args.device), args.max_pixels,
-                args.quiet)
+    with _open_session(args, args.model_dir) as session:
+        options = InferenceOptions(tile_size=args.tile_size, batch_size=args.batch_size or session.batch_size,
+                                   outputs=OutputSet.parse(args.outputs), postprocess=_postprocess_options(args))
+        infer_files(session, args.images, args.out, options, args.max_pixels, args.quiet)
     print(f"results in {args.out}/")
     return 0
 
@@ -204,8 +218,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         write_png(generated, synthetic_ihc(1024, 1024))
         images = [generated]
         logger.warning("no sample tiles found; using a generated image %s", generated)
-    records = infer_files(Path(model_dir), images, args.out, InferenceOptions(), torch.device("cpu"),
-                          quiet=args.quiet)
+    with _open_session(args, Path(model_dir)) as session:
+        options = InferenceOptions(batch_size=args.batch_size or session.batch_size)
+        records = infer_files(session, images, args.out, options, quiet=args.quiet)
     if args.model_dir is None:
         print("NOTE: the demo model has RANDOM weights: images and counts are meaningless; this shows plumbing and speed.")
     for record in records:
@@ -214,10 +229,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(text: str, parse, what: str) -> list:
+    try:
+        return [parse(part.strip()) for part in text.split(",") if part.strip()]
+    except (ValueError, DeepLIIFError) as exc:
+        raise ArgumentError(f"--{what}: {exc}") from None
+
+
+def bench_cases(args: argparse.Namespace) -> list[BenchCase]:
+    kinds = [k for k in BackendKind if k is not BackendKind.AUTO] if args.backends == "all" else \
+        _csv(args.backends, BackendKind.parse, "backends")
+    precisions = _csv(args.precision, Precision.parse, "precision")
+    sizes = _csv(args.batch_sizes, int, "batch-sizes")
+    if not kinds or not precisions or not sizes or min(sizes) < 1 or args.tiles < max(sizes):
+        raise ArgumentError("need at least one backend, precision and batch size, batch sizes >= 1, and "
+                            f"--tiles ({args.tiles}) at least the largest batch size")
+    return [BenchCase(k, p, b) for k in kinds for p in precisions for b in sizes]
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    device = resolve_device(args.device)
-    if args.tiles < 1 or args.batch_size < 1:
-        raise ArgumentError("--tiles and --batch-size must be at least 1")
+    cases = bench_cases(args)
+    options = {}
+    if args.channels_last or args.cuda_graphs:
+        options = {"channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs}
+        cases = [c for c in cases if c.backend is BackendKind.TORCH]
     with tempfile.TemporaryDirectory(prefix="deepliif-bench-") as scratch:
         model_dir = args.model_dir
         if model_dir is None:
@@ -225,12 +260,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
             model_dir = write_demo_model(Path(scratch) / "model", Layout.TORCHSCRIPT, ngf=64)
         model = load_model_dir(model_dir)
         tiles, source = benchmark_tiles(args.tiles, args.image)
-        result = bench_deepliif_way_vs_batched(model, tiles, args.batch_size, device, args.warmup)
-    result.update({"model": model.describe(), "tiles_from": source})
-    print(format_table(result))
+        report = run_bench(model, tiles, cases, args.device, args.cache_dir or Path(scratch) / "cache", **options)
+    report.update({"model": model.describe(), "tiles_from": source})
+    print(format_table(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        _write_record(args.json, result)
+        _prepare_out(args.json.parent)
+        _write_record(args.json, report)
+    if args.plot and plot(report, args.plot):
+        print(f"plot: {args.plot}")
     return 0
 
 

@@ -1,0 +1,137 @@
+"""The artifact cache: build an exported ONNX or TensorRT plan once, however many kernels start at once.
+
+An entry is a directory named by the hash of everything the artifact depends on (model weights, export
+and build settings, device, library versions). It is built in a private staging directory under an
+exclusive `flock` on `<key>.lock`, given a manifest with the sha256 of each file, and published by one
+atomic rename. Other processes block on the lock, then find the published entry. A process killed
+mid-build leaves only a staging directory (never loaded; removed by the next builder) and its lock is
+released by the kernel. A published entry whose files no longer match the manifest, or that fails to
+load, is rebuilt.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from deepliif.errors import ArgumentError, ArtifactError
+from deepliif.imageio import write_atomically
+
+from . import logger
+
+MANIFEST = "artifact.json"
+MODEL_PATH_ENV = "REDHARE_MODEL_PATH"
+CACHE_DIR_ENV = "DEEPLIIF_CACHE_DIR"
+
+
+def default_cache_dir() -> Path:
+    """`$DEEPLIIF_CACHE_DIR`; inside WMLA `$REDHARE_MODEL_PATH/.engine-cache`; else the user cache dir."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return Path(os.environ[CACHE_DIR_ENV])
+    if os.environ.get(MODEL_PATH_ENV):
+        return Path(os.environ[MODEL_PATH_ENV]) / ".engine-cache"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "deepliif-engine"
+
+
+def cache_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ArtifactCache:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = Path(root) if root else default_cache_dir()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArgumentError(f"cannot create the artifact cache {self.root}: {exc}") from exc
+
+    def get(self, parts: dict, build: Callable[[Path], None],
+            check: Callable[[Path], None] = lambda entry: None) -> Path:
+        """The entry directory for `parts`, building it with `build(staging_dir)` if needed.
+
+        `check(entry)` raises (any DeepLIIFError) when the published files cannot be used, which makes
+        the entry count as corrupt and be rebuilt once.
+        """
+        key = cache_key(parts)
+        entry = self.root / key
+        if self._usable(entry, check):
+            logger.info("artifact cache hit %s", entry)
+            return entry
+        with self._lock(key):
+            if self._usable(entry, check):  # built by another process while this one waited
+                logger.info("artifact %s was built by another process", entry)
+                return entry
+            self._discard(entry, key)
+            self._build(entry, key, parts, build)
+        check(entry)
+        return entry
+
+    def _usable(self, entry: Path, check: Callable[[Path], None]) -> bool:
+        manifest = entry / MANIFEST
+        if not manifest.is_file():
+            return False
+        try:
+            recorded = json.loads(manifest.read_text())["files"]
+            for name, digest in recorded.items():
+                if _sha256(entry / name) != digest:
+                    raise ArtifactError(f"{entry / name}: sha256 differs from the manifest")
+            check(entry)
+        except (OSError, ValueError, KeyError, ArtifactError) as exc:
+            logger.warning("artifact %s is stale or corrupt (%s); rebuilding", entry, exc)
+            return False
+        except Exception as exc:  # a loader's own error type: still a corrupt artifact
+            logger.warning("artifact %s fails to load (%s); rebuilding", entry, exc)
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _lock(self, key: str) -> Iterator[None]:
+        with open(self.root / f"{key}.lock", "a+") as handle:
+            start = time.perf_counter()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            waited = time.perf_counter() - start
+            if waited > 1:
+                logger.info("waited %.1f s for another process building artifact %s", waited, key)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _discard(self, entry: Path, key: str) -> None:
+        """Under the lock: remove a bad entry and staging left by builders that died."""
+        if entry.exists():
+            shutil.rmtree(entry)
+        for leftover in self.root.glob(f".build-{key}-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    def _build(self, entry: Path, key: str, parts: dict, build: Callable[[Path], None]) -> None:
+        staging = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=self.root))
+        start = time.perf_counter()
+        try:
+            build(staging)
+            files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+            manifest = {"key": key, "parts": parts, "files": files,
+                        "build_seconds": round(time.perf_counter() - start, 2), "built_by_pid": os.getpid()}
+            write_atomically(staging / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+            os.chmod(staging, 0o755)
+            os.replace(staging, entry)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+        logger.info("built artifact %s in %.1f s", entry, time.perf_counter() - start)

@@ -1,0 +1,169 @@
+"""`engine.Session`: a model directory opened on the best backend available, with its artifacts cached.
+
+This is what the EDI kernel holds for its whole life: open once (export/build or load from the cache,
+warm up), then `infer` images or `run` tile batches. `auto` tries the backends fastest-first for the
+device and logs why each one it skipped could not be used.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from deepliif.errors import ArtifactError, BackendUnavailableError
+from deepliif.inference import InferenceOptions, InferenceResult
+from deepliif.model_dir import DeepLIIFModel, load_model_dir
+from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES, FusedPipeline, TileRunner
+
+from export.config import FUSED_ONNX, OnnxExportConfig, Precision, Tolerance
+from export.onnx_export import export_pipeline
+from export.tensorrt_build import PLAN_FILE, GpuInfo, TensorRTBuildConfig, build_plan, tensorrt_module
+from export.validate import validate
+
+from . import logger
+from .backends import Backend, BackendKind
+from .cache import ArtifactCache
+from .samples import synthetic_ihc
+from .tile_pipeline import infer_images
+
+# fastest first, per device class (docs/BENCHMARKS.md: onnxruntime beat eager torch on the CPU machine)
+GPU_ORDER = (BackendKind.TENSORRT, BackendKind.ONNXRUNTIME, BackendKind.TORCH)
+CPU_ORDER = (BackendKind.ONNXRUNTIME, BackendKind.TORCH)
+CPU_BATCH = 4
+GPU_BYTES_PER_TILE = {Precision.FP32: 3 << 30, Precision.FP16: 3 << 29, Precision.INT8: 3 << 28}
+
+
+def choose_batch_size(free_bytes: int | None, precision: Precision, cap: int | None) -> int:
+    """Tiles per backend call: what fits in 80% of free device memory (activation estimate per tile
+    for the nine full-size generators), at most `cap` (the backend's profile) and 32; CPU: 4."""
+    if free_bytes is None:
+        size = CPU_BATCH
+    else:
+        size = max(1, min(32, int(free_bytes * 0.8) // GPU_BYTES_PER_TILE[precision]))
+    return min(size, cap) if cap else size
+
+
+class Session:
+    def __init__(self, model_dir: Path | str, backend: str | BackendKind = "auto", precision: str = "fp32",
+                 device: str = "auto", cache_dir: Path | None = None, batch_size: int | None = None,
+                 **backend_options) -> None:
+        start = time.perf_counter()
+        self.model: DeepLIIFModel = load_model_dir(model_dir)
+        self.precision = Precision.parse(precision)
+        self.device = device
+        self.cache = ArtifactCache(cache_dir)
+        self.backend = self._open(BackendKind.parse(backend), backend_options)
+        self.info = self.backend.info
+        free = torch.cuda.mem_get_info()[0] if self.info.device == "cuda" else None
+        self.batch_size = batch_size or choose_batch_size(free, self.precision, self.info.max_batch)
+        self.start_seconds = time.perf_counter() - start
+        logger.info("session ready in %.1f s: %s %s on %s, batch %d (%s)", self.start_seconds, self.info.name,
+                    self.precision.value, self.info.device, self.batch_size, self.info.detail)
+
+    def _open(self, kind: BackendKind, options: dict) -> Backend:
+        if kind is not BackendKind.AUTO:
+            return self._open_kind(kind, options)
+        order = GPU_ORDER if torch.cuda.is_available() and self.device != "cpu" else CPU_ORDER
+        reasons = []
+        for candidate in order:
+            try:
+                backend = self._open_kind(candidate, options)
+            except BackendUnavailableError as exc:
+                reasons.append(f"{candidate.value}: {exc}")
+                logger.info("auto: skipping %s: %s", candidate.value, exc)
+                continue
+            logger.info("auto: chose %s%s", candidate.value,
+                        f" (skipped {'; '.join(reasons)})" if reasons else " (first choice)")
+            return backend
+        raise BackendUnavailableError("no backend can run here: " + "; ".join(reasons))
+
+    def _open_kind(self, kind: BackendKind, options: dict) -> Backend:
+        if kind is BackendKind.TORCH:
+            from .backends.torch_backend import TorchBackend
+            return TorchBackend(self.model, self.device, self.precision, **options)
+        if self.precision is Precision.INT8:
+            raise BackendUnavailableError(f"{kind.value}: int8 needs a calibrated Q/DQ ONNX "
+                                          "(`deepliif-engine calibrate`), which this model has not got")
+        if kind is BackendKind.ONNXRUNTIME:
+            from .backends.onnxruntime_backend import OnnxRuntimeBackend, available_providers
+            device = self.device if self.device != "auto" else "auto"
+            if not available_providers(device):
+                raise BackendUnavailableError(f"onnxruntime offers no provider for device {self.device!r}")
+            entry = self._onnx_entry()
+            return self._load(entry, lambda: OnnxRuntimeBackend(entry / FUSED_ONNX, device, self.precision))
+        from .backends.tensorrt_backend import TensorRTBackend
+        tensorrt_module()  # fail fast, with what to install, before exporting anything
+        entry = self._plan_entry(options.get("build", TensorRTBuildConfig()))
+        return self._load(entry, lambda: TensorRTBackend(entry / PLAN_FILE))
+
+    def _load(self, entry: Path, open_backend) -> Backend:
+        try:
+            return open_backend()
+        except ArtifactError as exc:
+            raise ArtifactError(f"cached artifact {entry} does not load ({exc}); delete it to rebuild") from exc
+
+    def _onnx_parts(self) -> dict:
+        return {"kind": "onnx", "model": self.model.weights_sha256(),
+                "export": OnnxExportConfig(precision=self.precision).key(), "torch": torch.__version__,
+                "onnx": onnx.__version__}
+
+    def _onnx_entry(self) -> Path:
+        config = OnnxExportConfig(precision=self.precision)
+
+        def build(staging: Path) -> None:
+            export_pipeline(self.model, staging / FUSED_ONNX, config)
+            quick_validation(self.model, staging / FUSED_ONNX, self.precision)
+
+        return self.cache.get(self._onnx_parts(), build)
+
+    def _plan_entry(self, build_config: TensorRTBuildConfig) -> Path:
+        import tensorrt
+        gpu = GpuInfo.current()
+        parts = {**self._onnx_parts(), "kind": "tensorrt", "build": build_config.key(),
+                 "gpu": [gpu.name, gpu.compute_capability], "tensorrt": tensorrt.__version__}
+        onnx_entry = self._onnx_entry()
+        timing = TensorRTBuildConfig(**{**build_config.__dict__, "timing_cache": self.cache.root / "timing.cache"})
+        return self.cache.get(parts, lambda staging: build_plan(onnx_entry / FUSED_ONNX, staging, timing))
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        """Any number of tiles; split to the backend's batch limit."""
+        step = self.info.max_batch or len(batch)
+        if len(batch) <= step:
+            return self.backend.run(batch)
+        parts = [self.backend.run(batch[i: i + step]) for i in range(0, len(batch), step)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in OUTPUT_NAMES}
+
+    def warmup(self) -> float:
+        start = time.perf_counter()
+        self.run(synthetic_ihc()[None])
+        return time.perf_counter() - start
+
+    def infer(self, image: np.ndarray, options: InferenceOptions | None = None) -> InferenceResult:
+        return self.infer_many([image], options)[0]
+
+    def infer_many(self, images: Sequence[np.ndarray], options: InferenceOptions | None = None,
+                   progress=None) -> list[InferenceResult]:
+        options = options or InferenceOptions(batch_size=self.batch_size)
+        return infer_images(self.run, images, options, progress)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def quick_validation(model: DeepLIIFModel, onnx_path: Path, precision: Precision) -> None:
+    """A freshly exported cache artifact is checked on one tile before it is published: cheap insurance
+    that the cache never serves a wrong graph (`export onnx` does the full validation)."""
+    from .backends.onnxruntime_backend import OnnxRuntimeBackend
+    tile = synthetic_ihc(NETWORK_TILE, NETWORK_TILE, seed=1)[None]
+    with OnnxRuntimeBackend(onnx_path, device="cpu", precision=precision) as candidate:
+        validate(TileRunner(FusedPipeline(model)).run, candidate.run, tile, (1,), Tolerance.for_precision(precision))

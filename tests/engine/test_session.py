@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepliif.errors import ArgumentError, BackendUnavailableError
+from deepliif.inference import InferenceOptions, infer_image
+from deepliif.model_dir import Layout, load_model_dir
+from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
+from engine.backends import BackendKind
+from engine.session import Session, choose_batch_size
+from engine.samples import synthetic_ihc
+from export.config import Precision
+
+ROOT = Path(__file__).resolve().parents[2]
+HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+@pytest.fixture(scope="module")
+def model_dir(generated_models: dict[Layout, Path]) -> Path:
+    return generated_models[Layout.CHECKPOINT]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> TileRunner:
+    return TileRunner(FusedPipeline(load_model_dir(model_dir)))
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_every_cpu_backend_matches_the_torch_pipeline(backend: str, model_dir: Path, reference: TileRunner,
+                                                      tmp_path: Path) -> None:
+    tiles = np.stack([synthetic_ihc(seed=s) for s in range(3)])
+    with Session(model_dir, backend=backend, device="cpu", cache_dir=tmp_path) as session:
+        assert session.info.name == backend and session.info.device == "cpu"
+        assert session.batch_size == 4
+        actual = session.run(tiles)
+    expected = reference.run(tiles)
+    for name in OUTPUT_NAMES:
+        assert np.abs(actual[name].astype(int) - expected[name]).max() <= 1, (backend, name)
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_backends_on_the_fixture_models(backend: str, tiny_models: dict[str, Path], sample_dir: Path,
+                                        tmp_path: Path) -> None:
+    from engine.samples import benchmark_tiles
+    tiles, _ = benchmark_tiles(2, sorted(sample_dir.iterdir())[:2])
+    for model_dir in tiny_models.values():
+        expected = TileRunner(FusedPipeline(load_model_dir(model_dir))).run(tiles)
+        with Session(model_dir, backend=backend, device="cpu", cache_dir=tmp_path) as session:
+            actual = session.run(tiles)
+        for name in OUTPUT_NAMES:
+            assert np.abs(actual[name].astype(int) - expected[name]).max() <= 1, (model_dir.name, name)
+
+
+def test_auto_prefers_onnxruntime_on_cpu_and_caches_the_export(model_dir: Path, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    with Session(model_dir, device="cpu", cache_dir=tmp_path) as session:
+        assert session.info.name == "onnxruntime"
+    assert "auto: chose onnxruntime" in caplog.text and "built artifact" in caplog.text
+    caplog.clear()
+    with Session(model_dir, device="cpu", cache_dir=tmp_path):
+        pass
+    assert "artifact cache hit" in caplog.text and "built artifact" not in caplog.text
+
+
+def test_whole_images_through_the_session_equal_the_foundation_pipeline(model_dir: Path, reference: TileRunner,
+                                                                        tmp_path: Path) -> None:
+    images = [synthetic_ihc(700, 1100, seed=5), synthetic_ihc(300, 200, seed=6)]
+    with Session(model_dir, backend="torch", device="cpu", cache_dir=tmp_path) as session:
+        results = session.infer_many(images, InferenceOptions(batch_size=3))
+    for image, result in zip(images, results):
+        expected = infer_image(reference, image, InferenceOptions(batch_size=3))
+        assert result.scoring == expected.scoring and result.tiles == expected.tiles
+        assert result.empty_tiles == expected.empty_tiles
+        for name, array in expected.images.items():
+            assert np.array_equal(result.images[name], array), name
+
+
+def test_explicit_backend_failures_are_one_line_and_say_what_to_do(model_dir: Path, tmp_path: Path) -> None:
+    if not HAS_TENSORRT:
+        with pytest.raises(BackendUnavailableError, match="pip install"):
+            Session(model_dir, backend="tensorrt", cache_dir=tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="no CUDA device"):
+            Session(model_dir, backend="torch", device="cuda", cache_dir=tmp_path)
+    with pytest.raises(BackendUnavailableError, match="fp16 needs a CUDA device"):
+        Session(model_dir, backend="torch", precision="fp16", device="cpu", cache_dir=tmp_path)
+    with pytest.raises(BackendUnavailableError, match="calibrate"):
+        Session(model_dir, backend="onnxruntime", precision="int8", device="cpu", cache_dir=tmp_path)
+    with pytest.raises(ArgumentError, match="backend must be one of"):
+        Session(model_dir, backend="tflite", cache_dir=tmp_path)
+
+
+def test_auto_falls_back_and_says_why(model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO")
+    # int8 is not available anywhere yet: auto tries each backend and reports every reason
+    with pytest.raises(BackendUnavailableError) as caught:
+        Session(model_dir, precision="int8", device="cpu", cache_dir=tmp_path)
+    assert "onnxruntime:" in str(caught.value) and "torch:" in str(caught.value)
+
+
+def test_batch_size_choice() -> None:
+    assert choose_batch_size(None, Precision.FP32, None) == 4
+    assert choose_batch_size(80 << 30, Precision.FP32, None) == 21
+    assert choose_batch_size(80 << 30, Precision.FP16, 16) == 16
+    assert choose_batch_size(1 << 30, Precision.FP32, 16) == 1
+
+
+def test_four_kernels_starting_together_export_once(model_dir: Path, tmp_path: Path) -> None:
+    code = ("import logging, sys\nlogging.basicConfig(level=logging.INFO)\n"
+            "from engine.session import Session\n"
+            f"s = Session({str(model_dir)!r}, backend='onnxruntime', device='cpu', cache_dir={str(tmp_path)!r})\n"
+            "print(s.backend.session._model_path if hasattr(s.backend.session, '_model_path') else 'ok')\n")
+    processes = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    assert all(p.returncode == 0 for p in processes), [o[1][-2000:] for o in outputs]
+    logs = "".join(o[1] for o in outputs)
+    assert logs.count("built artifact") == 1
+    assert len({o[0] for o in outputs}) == 1
+    entries = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert len(entries) == 1 and (entries[0] / "deepliif.onnx").is_file()
+
+
+def test_backend_kind_parsing() -> None:
+    assert BackendKind.parse("ONNXRuntime") is BackendKind.ONNXRUNTIME
