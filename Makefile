@@ -18,8 +18,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
-	$(VENV)/bin/deepliif-engine bench --json .bench/bench.json
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
+	touch $(BENCH_STAMP)
+
+# Micro-benchmarks (pytest-benchmark) of the tile pipeline and postprocessing, then the CPU backend bench.
+bench: $(BENCH_STAMP)
+	$(PY) -m pytest tests/bench --override-ini addopts= --benchmark-only -q
+	$(VENV)/bin/deepliif-engine bench --backends torch,onnxruntime --batch-sizes 1,4 --tiles 4 \
+		--json .bench/bench.json --plot .bench/bench.png
 
 clean:
 	rm -rf $(VENV) demo-output .demo-model .bench

@@ -203,3 +203,42 @@ def plot(report: dict, path: Path) -> bool:
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return True
+
+
+def mosaic(size: int, tiles: np.ndarray) -> np.ndarray:
+    """A size x size image made of the given 512 tiles in turn (e.g. 4096 x 4096 from the sample tiles)."""
+    cells = -(-size // NETWORK_TILE)
+    rows = [np.concatenate([tiles[(r * cells + c) % len(tiles)] for c in range(cells)], axis=1)
+            for r in range(cells)]
+    return np.ascontiguousarray(np.concatenate(rows, axis=0)[:size, :size])
+
+
+def bench_end_to_end(session: Session, image_path: Path) -> dict:
+    """One large image through every stage, as `infer` runs it: decode, tiling, inference, stitching,
+    postprocessing, PNG encoding. Tiling/stitching overlap inference, so stages can sum to more than
+    the wall time."""
+    from deepliif.imageio import encode_png, read_image
+    from deepliif.inference import InferenceOptions
+
+    start = time.perf_counter()
+    image = read_image(image_path)
+    decoded = time.perf_counter()
+    result = session.infer(image, InferenceOptions(batch_size=session.batch_size))
+    inferred = time.perf_counter()
+    for array in result.images.values():
+        encode_png(array)
+    done = time.perf_counter()
+    stages = {"decode": decoded - start, "tiling": result.timings["tiling_seconds"],
+              "inference": result.timings["inference_seconds"], "stitching": result.timings["stitching_seconds"],
+              "postprocess": result.timings["postprocess_seconds"], "encoding": done - inferred}
+    return {"image": str(image_path), "size": list(image.shape[:2]), "tiles": result.tiles,
+            "empty_tiles": result.empty_tiles, "backend": session.info.as_dict(), "batch_size": session.batch_size,
+            "stage_seconds": {k: round(v, 3) for k, v in stages.items()}, "wall_seconds": round(done - start, 3)}
+
+
+def format_end_to_end(report: dict) -> str:
+    rows = [("stage", "seconds")] + [(k, f"{v:.2f}") for k, v in report["stage_seconds"].items()]
+    rows.append(("wall", f"{report['wall_seconds']:.2f}"))
+    head = (f"end to end: {report['size'][1]}x{report['size'][0]} image, {report['tiles']} tiles "
+            f"({report['empty_tiles']} empty), {report['backend']['name']} batch {report['batch_size']}")
+    return "\n".join([head, *format_rows(rows)])

@@ -25,7 +25,7 @@ from export.config import Precision
 from . import logger
 from .backends import BackendKind
 from .session import Session
-from .bench import BenchCase, format_table, plot, run_bench
+from .bench import BenchCase, bench_end_to_end, format_end_to_end, format_table, mosaic, plot, run_bench
 from .samples import benchmark_tiles, sample_images, synthetic_ihc
 
 DEMO_MODEL_DIR = Path(".demo-model")
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cuda-graphs", action="store_true", help="torch backend on CUDA: graph replay")
     bench.add_argument("--json", type=Path)
     bench.add_argument("--plot", type=Path)
+    bench.add_argument("--end-to-end", type=int, metavar="SIZE", help="instead: one SIZE x SIZE mosaic of the "
+                       "tiles (or --image itself) through every stage, on the first backend and batch size")
     bench.set_defaults(handler=cmd_bench)
     return parser
 
@@ -247,6 +249,19 @@ def bench_cases(args: argparse.Namespace) -> list[BenchCase]:
     return [BenchCase(k, p, b) for k in kinds for p in precisions for b in sizes]
 
 
+def _bench_end_to_end(args: argparse.Namespace, case: BenchCase, model_dir: Path, cache_dir: Path, scratch: Path,
+                      options: dict) -> dict:
+    image = args.image
+    if image is None:
+        tiles, _ = benchmark_tiles(8)
+        image = scratch / f"mosaic-{args.end_to_end}.png"
+        write_png(image, mosaic(args.end_to_end, tiles))
+    with Session(model_dir, backend=case.backend, precision=case.precision.value, device=args.device,
+                 cache_dir=cache_dir, batch_size=case.batch_size, **options) as session:
+        session.warmup()
+        return bench_end_to_end(session, image)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     cases = bench_cases(args)
     options = {}
@@ -258,11 +273,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if model_dir is None:
             logger.warning("benchmarking a full-size model with RANDOM weights (speed only)")
             model_dir = write_demo_model(Path(scratch) / "model", Layout.TORCHSCRIPT, ngf=64)
-        model = load_model_dir(model_dir)
-        tiles, source = benchmark_tiles(args.tiles, args.image)
-        report = run_bench(model, tiles, cases, args.device, args.cache_dir or Path(scratch) / "cache", **options)
-    report.update({"model": model.describe(), "tiles_from": source})
-    print(format_table(report))
+        cache_dir = args.cache_dir or Path(scratch) / "cache"
+        if args.end_to_end:
+            report = _bench_end_to_end(args, cases[0], Path(model_dir), cache_dir, Path(scratch), options)
+            print(format_end_to_end(report))
+        else:
+            model = load_model_dir(model_dir)
+            tiles, source = benchmark_tiles(args.tiles, args.image)
+            report = run_bench(model, tiles, cases, args.device, cache_dir, **options)
+            report.update({"model": model.describe(), "tiles_from": source})
+            print(format_table(report))
     if args.json:
         _prepare_out(args.json.parent)
         _write_record(args.json, report)

@@ -90,8 +90,9 @@ def infer_images(run: Run, images: Sequence[np.ndarray], options: InferenceOptio
             stitch(pending, _run_batch(run, pending, times))
         for future in futures:
             future.result()  # re-raises a stitching error here
-    for state in states:
-        state.result.timings.update({f"{stage}_seconds_all_images": s for stage, s in times.seconds.items()})
+    stages = {f"{stage}_seconds": s for stage, s in times.seconds.items() if stage != "postprocess"}
+    for state in states:  # stage sums of the whole call: one image's own figures when called with one
+        state.result.timings.update(stages)
     return [state.result for state in states]
 
 

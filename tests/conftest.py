@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,11 @@ from deepliif.demo import write_demo_model
 from deepliif.model_dir import Layout
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests never write to the user's artifact cache: sessions without a cache_dir use a temporary one."""
+    os.environ["DEEPLIIF_CACHE_DIR"] = tempfile.mkdtemp(prefix="deepliif-test-cache-")
 
 
 def _require(path: Path) -> Path:

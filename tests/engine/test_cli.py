@@ -66,12 +66,28 @@ def test_bench_command(generated_models: dict[Layout, Path], tmp_path: Path,
                        capsys: pytest.CaptureFixture[str]) -> None:
     report = tmp_path / "bench.json"
     assert main(["-q", "bench", "--model-dir", str(generated_models[Layout.CHECKPOINT]), "--tiles", "2",
-                 "--batch-size", "2", "--warmup", "0", "--json", str(report)]) == 0
+                 "--backends", "torch,onnxruntime,tensorrt", "--batch-sizes", "1,2", "--device", "cpu",
+                 "--json", str(report)]) == 0
     result = json.loads(report.read_text())
-    assert result["tiles"] == 2 and result["deepliif_way"]["tiles"] == 2
-    assert result["speedup"] == pytest.approx(
-        result["batched"]["tiles_per_second"] / result["deepliif_way"]["tiles_per_second"])
-    assert "speed-up batched / DeepLIIF way" in capsys.readouterr().out
+    assert result["tiles"] == 2 and result["baseline"]["tiles"] == 2
+    assert [r["name"] for r in result["results"]] == ["torch/fp32/b1", "torch/fp32/b2", "onnxruntime/fp32/b1",
+                                                      "onnxruntime/fp32/b2"]
+    assert [s["case"] for s in result["skipped"]] == ["tensorrt/fp32/b1", "tensorrt/fp32/b2"]
+    for entry in result["results"]:
+        assert entry["speedup"] == pytest.approx(entry["tiles_per_second"] /
+                                                 result["baseline"]["tiles_per_second"])
+        assert entry["p95_call_seconds"] >= entry["p50_call_seconds"] > 0
+        assert entry["gflops"] == pytest.approx(result["tflop_per_tile"] * 1e3 * entry["tiles_per_second"])
+    out = capsys.readouterr().out
+    assert "onnxruntime/fp32/b2" in out and "skipped tensorrt/fp32/b1" in out
+
+
+def test_bench_rejects_bad_lists(generated_models: dict[Layout, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    model = str(generated_models[Layout.CHECKPOINT])
+    assert main(["bench", "--model-dir", model, "--backends", "torch,tflite"]) == 2
+    assert "backend must be one of" in capsys.readouterr().err
+    assert main(["bench", "--model-dir", model, "--batch-sizes", "8", "--tiles", "2"]) == 2
+    assert "at least the largest batch size" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -95,3 +111,16 @@ def test_errors_are_one_line_with_exit_code_2(generated_models: dict[Layout, Pat
     assert main(["-q", *filled]) == 2
     err = capsys.readouterr().err
     assert err.startswith("deepliif-engine: error:") and message in err and "Traceback" not in err
+
+
+def test_bench_end_to_end(generated_models: dict[Layout, Path], tmp_path: Path,
+                          capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "e2e.json"
+    assert main(["-q", "bench", "--model-dir", str(generated_models[Layout.CHECKPOINT]), "--end-to-end", "1024",
+                 "--backends", "torch", "--batch-sizes", "2", "--tiles", "2", "--device", "cpu",
+                 "--json", str(report)]) == 0
+    result = json.loads(report.read_text())
+    assert result["size"] == [1024, 1024] and result["tiles"] == 4
+    assert set(result["stage_seconds"]) == {"decode", "tiling", "inference", "stitching", "postprocess", "encoding"}
+    assert all(v >= 0 for v in result["stage_seconds"].values()) and result["wall_seconds"] > 0
+    assert "end to end: 1024x1024" in capsys.readouterr().out

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepliif.errors import ArgumentError
+from deepliif.inference import InferenceOptions, OutputSet, infer_image
+from deepliif.model_dir import Layout, load_model_dir
+from deepliif.pipeline import FusedPipeline, TileRunner
+from engine.samples import synthetic_ihc
+from engine.tile_pipeline import infer_images
+
+
+@pytest.fixture(scope="module")
+def runner(generated_models: dict[Layout, Path]) -> TileRunner:
+    return TileRunner(FusedPipeline(load_model_dir(generated_models[Layout.TORCHSCRIPT])))
+
+
+def test_batches_across_images_and_equals_the_one_image_path(runner: TileRunner) -> None:
+    glass = np.full((512, 900, 3), 236, np.uint8)
+    glass[:, :300] = synthetic_ihc(512, 300, seed=9)
+    images = [synthetic_ihc(600, 530, seed=1), glass, synthetic_ihc(100, 80, seed=2)]
+    calls = []
+
+    def counting_run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(len(batch))
+        return runner.run(batch)
+
+    options = InferenceOptions(batch_size=3, outputs=OutputSet.ALL)
+    results = infer_images(counting_run, images, options)
+    expected = [infer_image(runner, image, options) for image in images]
+    non_empty = sum(r.tiles - r.empty_tiles for r in expected)
+    assert sum(calls) == non_empty and max(calls) == 3 and len(calls) == -(-non_empty // 3)  # mixed batches
+    for got, want in zip(results, expected):
+        assert (got.tiles, got.empty_tiles, got.scoring) == (want.tiles, want.empty_tiles, want.scoring)
+        for name, array in want.images.items():
+            assert np.array_equal(got.images[name], array), name
+        assert {"tiling_seconds", "inference_seconds", "stitching_seconds", "postprocess_seconds"} <= set(got.timings)
+
+
+def test_a_backend_error_reaches_the_caller(runner: TileRunner) -> None:
+    def broken(batch: np.ndarray) -> dict[str, np.ndarray]:
+        raise RuntimeError("device lost")
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        infer_images(broken, [synthetic_ihc(1100, 1100, seed=3)], InferenceOptions(batch_size=1))
+
+
+@pytest.mark.parametrize("image", [np.zeros((0, 5, 3), np.uint8), np.zeros((5, 5), np.uint8),
+                                   np.zeros((5, 5, 3), np.float32), "not an array"])
+def test_bad_images_are_named(runner: TileRunner, image) -> None:
+    with pytest.raises(ArgumentError, match="RGB uint8 image"):
+        infer_images(runner.run, [synthetic_ihc(seed=1), image], InferenceOptions())
