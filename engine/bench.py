@@ -7,6 +7,7 @@ a matrix-product peak measured in the same process (so "how close to the hardwar
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import resource
 import statistics
@@ -96,64 +97,74 @@ def _summary(name: str, calls: list[float], tiles: int, flops: float, baseline_t
             "peak_host_mib": round(_peak_host_mib(), 1)}
 
 
-def bench_baseline(model: DeepLIIFModel, tiles: np.ndarray, device: str, flops: float) -> dict:
-    runner = DeepLIIFWayRunner(model, device=device)
-    runner.run_tile(tiles[0])  # warm-up
-    calls = []
-    for tile in tiles:
-        _sync(device)
-        start = time.perf_counter()
-        runner.run_tile(tile)
-        _sync(device)
-        calls.append(time.perf_counter() - start)
-    return _summary("deepliif_way", calls, len(tiles), flops, None)
+def _timed(call, device: str) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    call()
+    _sync(device)
+    return time.perf_counter() - start
 
 
-def bench_case(model: DeepLIIFModel, case: BenchCase, tiles: np.ndarray, device: str, cache_dir: Path | None,
-               flops: float, baseline_tps: float, **options) -> dict:
-    with Session(model.directory, backend=case.backend, precision=case.precision.value, device=device,
-                 cache_dir=cache_dir, batch_size=case.batch_size, **options) as session:
-        if session.info.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        session.run(tiles[: case.batch_size])  # warm-up (and CUDA-graph capture) at this batch size
-        calls = []
-        for start in range(0, len(tiles) - case.batch_size + 1, case.batch_size):
-            _sync(session.info.device)
-            began = time.perf_counter()
-            session.run(tiles[start: start + case.batch_size])
-            _sync(session.info.device)
-            calls.append(time.perf_counter() - began)
-        result = _summary(case.label, calls, len(calls) * case.batch_size, flops, baseline_tps)
-        result.update(backend=session.info.as_dict(), batch_size=case.batch_size)
-        if session.info.device == "cuda":
-            result["peak_device_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return result
+def _open_cases(model: DeepLIIFModel, cases: list[BenchCase], device: str, cache_dir: Path | None,
+                options: dict, stack: contextlib.ExitStack) -> tuple[list, list[dict]]:
+    """Open every case's Session (warm, at its batch size); a case that cannot run here is recorded."""
+    opened, skipped = [], []
+    for case in cases:
+        try:
+            session = stack.enter_context(Session(model.directory, backend=case.backend,
+                                                  precision=case.precision.value, device=device,
+                                                  cache_dir=cache_dir, batch_size=case.batch_size, **options))
+        except DeepLIIFError as exc:
+            skipped.append({"case": case.label, "reason": str(exc)})
+            logger.warning("bench %s skipped: %s", case.label, exc)
+            continue
+        opened.append((case, session))
+    return opened, skipped
 
 
 def run_bench(model: DeepLIIFModel, tiles: np.ndarray, cases: list[BenchCase], device: str = "auto",
               cache_dir: Path | None = None, **options) -> dict:
-    """Baseline, then every case; a case that cannot run here is recorded with its reason, not fatal."""
+    """Baseline and every case, interleaved: for each group of tiles, the DeepLIIF way runs them one by
+    one, then each configuration runs them in its batch size, so drift in machine speed during the run
+    hits every configuration alike (this shared 2-core VM drifts by 15% between runs)."""
     torch_device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
     flops = flops_per_tile(model)
     peak = matmul_peak_gflops(torch_device)
     logger.info("matmul peak %.0f GFLOP/s; %.3f TFLOP per tile", peak, flops / 1e12)
-    baseline = bench_baseline(model, tiles, torch_device, flops)
-    results, skipped = [], []
-    for case in cases:
-        logger.info("bench %s", case.label)
-        try:
-            results.append(bench_case(model, case, tiles, device, cache_dir, flops, baseline["tiles_per_second"],
-                                      **options))
-        except DeepLIIFError as exc:
-            skipped.append({"case": case.label, "reason": str(exc)})
-            logger.warning("bench %s skipped: %s", case.label, exc)
-    for entry in [baseline, *results]:
+    baseline = DeepLIIFWayRunner(model, device=torch_device)
+    with contextlib.ExitStack() as stack:
+        opened, skipped = _open_cases(model, cases, device, cache_dir, options, stack)
+        baseline.run_tile(tiles[0])
+        for case, session in opened:  # warm-up at the batch size (and CUDA-graph capture)
+            session.run(tiles[: case.batch_size])
+            if session.info.device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+        group = max([c.batch_size for c, _ in opened], default=1)
+        base_calls, case_calls = [], {case.label: [] for case, _ in opened}
+        for start in range(0, len(tiles) - group + 1, group):
+            chunk = tiles[start: start + group]
+            logger.info("tiles %d-%d: baseline, then %d configurations", start, start + group - 1, len(opened))
+            base_calls += [_timed(lambda t=t: baseline.run_tile(t), torch_device) for t in chunk]
+            for case, session in opened:
+                for i in range(0, group, case.batch_size):
+                    batch = chunk[i: i + case.batch_size]
+                    case_calls[case.label].append(_timed(lambda b=batch, s=session: s.run(b), session.info.device))
+        base = _summary("deepliif_way", base_calls, len(base_calls), flops, None)
+        results = []
+        for case, session in opened:
+            calls = case_calls[case.label]
+            entry = _summary(case.label, calls, len(calls) * case.batch_size, flops, base["tiles_per_second"])
+            entry.update(backend=session.info.as_dict(), batch_size=case.batch_size)
+            if session.info.device == "cuda":
+                entry["peak_device_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            results.append(entry)
+    for entry in [base, *results]:
         entry["share_of_matmul_peak"] = entry["gflops"] / peak
     return {"device": torch_device,
             "device_name": torch.cuda.get_device_name() if torch_device == "cuda" else "cpu",
             "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "tiles": len(tiles), "tflop_per_tile": flops / 1e12, "matmul_peak_gflops": peak,
-            "baseline": baseline, "results": results, "skipped": skipped}
+            "tiles": len(base_calls), "tflop_per_tile": flops / 1e12, "matmul_peak_gflops": peak,
+            "baseline": base, "results": results, "skipped": skipped}
 
 
 def format_table(report: dict) -> str:
