@@ -35,10 +35,12 @@ class BenchCase:
     backend: BackendKind
     precision: Precision
     batch_size: int
+    options: tuple[tuple[str, bool], ...] = ()  # torch backend switches, e.g. (("channels_last", True),)
 
     @property
     def label(self) -> str:
-        return f"{self.backend.value}/{self.precision.value}/b{self.batch_size}"
+        switches = "".join(f"+{name}" for name, on in self.options if on)
+        return f"{self.backend.value}{switches}/{self.precision.value}/b{self.batch_size}"
 
 
 def _sync(device: str) -> None:
@@ -106,14 +108,15 @@ def _timed(call, device: str) -> float:
 
 
 def _open_cases(model: DeepLIIFModel, cases: list[BenchCase], device: str, cache_dir: Path | None,
-                options: dict, stack: contextlib.ExitStack) -> tuple[list, list[dict]]:
+                stack: contextlib.ExitStack) -> tuple[list, list[dict]]:
     """Open every case's Session (warm, at its batch size); a case that cannot run here is recorded."""
     opened, skipped = [], []
     for case in cases:
         try:
             session = stack.enter_context(Session(model.directory, backend=case.backend,
                                                   precision=case.precision.value, device=device,
-                                                  cache_dir=cache_dir, batch_size=case.batch_size, **options))
+                                                  cache_dir=cache_dir, batch_size=case.batch_size,
+                                                  **dict(case.options)))
         except DeepLIIFError as exc:
             skipped.append({"case": case.label, "reason": str(exc)})
             logger.warning("bench %s skipped: %s", case.label, exc)
@@ -123,7 +126,7 @@ def _open_cases(model: DeepLIIFModel, cases: list[BenchCase], device: str, cache
 
 
 def run_bench(model: DeepLIIFModel, tiles: np.ndarray, cases: list[BenchCase], device: str = "auto",
-              cache_dir: Path | None = None, **options) -> dict:
+              cache_dir: Path | None = None) -> dict:
     """Baseline and every case, interleaved: for each group of tiles, the DeepLIIF way runs them one by
     one, then each configuration runs them in its batch size, so drift in machine speed during the run
     hits every configuration alike (this shared 2-core VM drifts by 15% between runs)."""
@@ -133,7 +136,7 @@ def run_bench(model: DeepLIIFModel, tiles: np.ndarray, cases: list[BenchCase], d
     logger.info("matmul peak %.0f GFLOP/s; %.3f TFLOP per tile", peak, flops / 1e12)
     baseline = DeepLIIFWayRunner(model, device=torch_device)
     with contextlib.ExitStack() as stack:
-        opened, skipped = _open_cases(model, cases, device, cache_dir, options, stack)
+        opened, skipped = _open_cases(model, cases, device, cache_dir, stack)
         baseline.run_tile(tiles[0])
         for case, session in opened:  # warm-up at the batch size (and CUDA-graph capture)
             session.run(tiles[: case.batch_size])

@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image", type=Path, help="take tiles from this image instead of the sample tiles")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--cache-dir", type=Path)
-    bench.add_argument("--channels-last", action="store_true", help="torch backend: channels_last layout")
-    bench.add_argument("--cuda-graphs", action="store_true", help="torch backend on CUDA: graph replay")
+    bench.add_argument("--channels-last", action="store_true", help="torch cases: channels_last layout")
+    bench.add_argument("--cuda-graphs", action="store_true", help="torch cases on CUDA: graph replay")
     bench.add_argument("--json", type=Path)
     bench.add_argument("--plot", type=Path)
     bench.add_argument("--end-to-end", type=int, metavar="SIZE", help="instead: one SIZE x SIZE mosaic of the "
@@ -246,28 +246,27 @@ def bench_cases(args: argparse.Namespace) -> list[BenchCase]:
     if not kinds or not precisions or not sizes or min(sizes) < 1 or args.tiles < max(sizes):
         raise ArgumentError("need at least one backend, precision and batch size, batch sizes >= 1, and "
                             f"--tiles ({args.tiles}) at least the largest batch size")
-    return [BenchCase(k, p, b) for k in kinds for p in precisions for b in sizes]
+    switches = (("channels_last", args.channels_last), ("cuda_graphs", args.cuda_graphs))
+    torch_options = tuple(item for item in switches if item[1])
+    return [BenchCase(k, p, b, torch_options if k is BackendKind.TORCH else ())
+            for k in kinds for p in precisions for b in sizes]
 
 
-def _bench_end_to_end(args: argparse.Namespace, case: BenchCase, model_dir: Path, cache_dir: Path, scratch: Path,
-                      options: dict) -> dict:
+def _bench_end_to_end(args: argparse.Namespace, case: BenchCase, model_dir: Path, cache_dir: Path,
+                      scratch: Path) -> dict:
     image = args.image
     if image is None:
         tiles, _ = benchmark_tiles(8)
         image = scratch / f"mosaic-{args.end_to_end}.png"
         write_png(image, mosaic(args.end_to_end, tiles))
     with Session(model_dir, backend=case.backend, precision=case.precision.value, device=args.device,
-                 cache_dir=cache_dir, batch_size=case.batch_size, **options) as session:
+                 cache_dir=cache_dir, batch_size=case.batch_size, **dict(case.options)) as session:
         session.warmup()
         return bench_end_to_end(session, image)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     cases = bench_cases(args)
-    options = {}
-    if args.channels_last or args.cuda_graphs:
-        options = {"channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs}
-        cases = [c for c in cases if c.backend is BackendKind.TORCH]
     with tempfile.TemporaryDirectory(prefix="deepliif-bench-") as scratch:
         model_dir = args.model_dir
         if model_dir is None:
@@ -275,12 +274,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
             model_dir = write_demo_model(Path(scratch) / "model", Layout.TORCHSCRIPT, ngf=64)
         cache_dir = args.cache_dir or Path(scratch) / "cache"
         if args.end_to_end:
-            report = _bench_end_to_end(args, cases[0], Path(model_dir), cache_dir, Path(scratch), options)
+            report = _bench_end_to_end(args, cases[0], Path(model_dir), cache_dir, Path(scratch))
             print(format_end_to_end(report))
         else:
             model = load_model_dir(model_dir)
             tiles, source = benchmark_tiles(args.tiles, args.image)
-            report = run_bench(model, tiles, cases, args.device, cache_dir, **options)
+            report = run_bench(model, tiles, cases, args.device, cache_dir)
             report.update({"model": model.describe(), "tiles_from": source})
             print(format_table(report))
     if args.json:

@@ -108,6 +108,7 @@ def test_not_onnx_and_missing_files_are_refused(tmp_path: Path) -> None:
         check_onnx(tmp_path / "absent.onnx")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_a_graph_with_batch_normalization_is_refused(tmp_path: Path) -> None:
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Tanh()).eval()
     path = tmp_path / "bn.onnx"
