@@ -58,3 +58,15 @@ class IncompatibleArtifactError(ArtifactError):
 
 class BackendUnavailableError(DeepLIIFError):
     """A backend cannot run here (library missing, no GPU); the message says what to install or use."""
+
+
+def parse_enum(cls, value: object, what: str):
+    """`cls(value)` for an enum of lower-case string values (members pass through), or an
+    ArgumentError naming `what`, the choices and the value received."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).lower())
+    except ValueError:
+        choices = ", ".join(member.value for member in cls)
+        raise ArgumentError(f"{what} must be one of {choices}; got {value!r}") from None

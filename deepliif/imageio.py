@@ -9,7 +9,9 @@ Conversions (documented in the README):
 """
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import tempfile
 import warnings
@@ -18,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ImageError
+from .errors import ArgumentError, ImageError
 
 DEFAULT_MAX_PIXELS = 100_000_000
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -85,6 +87,34 @@ def write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, record: dict) -> None:
+    write_atomically(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create an output directory, or say why it cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArgumentError(f"cannot create output directory {out}: {exc}") from exc
+    if not os.access(out, os.W_OK):
+        raise ArgumentError(f"output directory {out} is not writable")
+    return out
+
+
+def update_digest(digest, path: Path) -> None:
+    """Feed a file to a hashlib digest in chunks (artifacts reach 1.5 GB)."""
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    update_digest(digest, path)
+    return digest.hexdigest()
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -13,7 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import ArgumentError
+from .errors import ArgumentError, parse_enum
 from .model_dir import MODALITIES
 from .pipeline import NETWORK_TILE, OUTPUT_NAMES
 from .postprocessing import PostprocessOptions, postprocess
@@ -39,10 +39,7 @@ class OutputSet(enum.Enum):
 
     @classmethod
     def parse(cls, value: object) -> OutputSet:
-        try:
-            return cls(value)
-        except ValueError:
-            raise ArgumentError(f"outputs must be one of {[m.value for m in cls]}; got {value!r}") from None
+        return parse_enum(cls, value, "outputs")
 
 
 class TileBatchRunner(Protocol):
@@ -72,7 +69,7 @@ class InferenceResult:
     empty_tiles: int
 
 
-class _OrderedPaster:
+class OrderedPaster:
     """Pastes tile results strictly in tile order, however batches complete; DeepLIIF's overwrite order."""
 
     def __init__(self, stitcher: Stitcher, progress: Callable[[int], None] | None) -> None:
@@ -96,11 +93,7 @@ class _OrderedPaster:
 def run_tiles(runner: TileBatchRunner, image: np.ndarray, tile_size: int, batch_size: int,
               progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], int, int]:
     """The five stitched network images for one RGB image, plus (tile count, empty tile count)."""
-    height, width = image.shape[:2]
-    extended = extend_by_mirroring(image, tile_size)
-    grid = TileGrid(extended.shape[1], extended.shape[0], tile_size)
-    stitcher = Stitcher(grid, OUTPUT_NAMES, (width, height))
-    paster = _OrderedPaster(stitcher, progress)
+    extended, grid, paster = start_image(image, tile_size, progress)
     pending: list[tuple[Tile, np.ndarray]] = []
     empty = 0
 
@@ -122,24 +115,46 @@ def run_tiles(runner: TileBatchRunner, image: np.ndarray, tile_size: int, batch_
         if len(pending) == batch_size:
             flush()
     flush()
-    return stitcher.results(), len(grid), empty
+    return paster.stitcher.results(), len(grid), empty
+
+
+def check_image_array(image: np.ndarray) -> None:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 \
+            or 0 in image.shape:
+        raise ArgumentError(f"expected a non-empty RGB uint8 image [H, W, 3]; got "
+                            f"{getattr(image, 'shape', None)} {getattr(image, 'dtype', type(image).__name__)}")
+
+
+def start_image(image: np.ndarray, tile_size: int, progress: Callable[[int], None] | None
+                ) -> tuple[np.ndarray, TileGrid, OrderedPaster]:
+    """The mirror-extended image, its tile grid, and the paster that stitches results to the original size."""
+    height, width = image.shape[:2]
+    extended = extend_by_mirroring(image, tile_size)
+    grid = TileGrid(extended.shape[1], extended.shape[0], tile_size)
+    return extended, grid, OrderedPaster(Stitcher(grid, OUTPUT_NAMES, (width, height)), progress)
+
+
+def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
+                 options: InferenceOptions) -> tuple[dict[str, np.ndarray], dict]:
+    """Postprocess stitched network images: the selected output images and the scoring."""
+    post = postprocess(image, network_images["Seg"], network_images["Marker"], options.tile_size,
+                       options.postprocess)
+    everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
+    return {name: everything[name] for name in options.outputs.names}, post.scoring
 
 
 def infer_image(runner: TileBatchRunner, image: np.ndarray, options: InferenceOptions = InferenceOptions(),
                 progress: Callable[[int], None] | None = None) -> InferenceResult:
     """DeepLIIF's `infer_modalities` for one RGB uint8 image: images, scoring and timings."""
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
-        raise ArgumentError(f"expected a non-empty RGB uint8 image [H, W, 3]; got {image.shape} {image.dtype}")
+    check_image_array(image)
     start = time.perf_counter()
     network_images, tiles, empty = run_tiles(runner, image, options.tile_size, options.batch_size, progress)
     inferred = time.perf_counter()
-    post = postprocess(image, network_images["Seg"], network_images["Marker"], options.tile_size,
-                       options.postprocess)
+    images, scoring = finish_image(image, network_images, options)
     done = time.perf_counter()
-    everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
     return InferenceResult(
-        images={name: everything[name] for name in options.outputs.names},
-        scoring=post.scoring,
+        images=images,
+        scoring=scoring,
         timings={"inference_seconds": inferred - start, "postprocess_seconds": done - inferred,
                  "total_seconds": done - start},
         tiles=tiles,

@@ -19,6 +19,7 @@ import torch
 
 from . import logger
 from .errors import ModelDirError, UnsupportedModelError, WeightsMismatchError
+from .imageio import update_digest
 from .networks import (
     Generator, GeneratorSpec, NormMode, Padding, ResnetSpec, UnetSpec, build_generator, set_norm_mode,
 )
@@ -120,9 +121,7 @@ class DeepLIIFModel:
         paths = [self.directory / OPTION_FILE] + [self.generators[n].path for n in self.names.all]
         for path in paths:
             digest.update(path.name.encode())
-            with path.open("rb") as handle:
-                for chunk in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(chunk)
+            update_digest(digest, path)
         return digest.hexdigest()
 
     def to(self, device: torch.device | str) -> DeepLIIFModel:

@@ -8,7 +8,7 @@ truncated). This one graph is what every backend (torch, ONNX Runtime, TensorRT)
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -116,14 +116,27 @@ class TileRunner:
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         check_tile_batch(batch)
-        step = self.micro_batch or len(batch)
-        parts = [self._run(batch[i: i + step]) for i in range(0, len(batch), step)]
-        return {name: np.concatenate([p[name] for p in parts]) for name in OUTPUT_NAMES}
+        return run_in_chunks(self._run, batch, self.micro_batch)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             outputs = self.pipeline(torch.from_numpy(_writable(batch)).to(self.device))
         return {name: out.cpu().numpy() for name, out in zip(OUTPUT_NAMES, outputs)}
+
+
+def run_in_chunks(run: Callable[[np.ndarray], dict[str, np.ndarray]], batch: np.ndarray, step: int | None,
+                  progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """`run` on `step` tiles at a time (None: all at once), outputs joined in tile order."""
+    step = step or len(batch)
+    parts = []
+    for start in range(0, len(batch), step):
+        chunk = batch[start: start + step]
+        parts.append(run(chunk))
+        if progress:
+            progress(len(chunk))
+    if len(parts) == 1:
+        return parts[0]
+    return {name: np.concatenate([p[name] for p in parts]) for name in OUTPUT_NAMES}
 
 
 def _writable(array: np.ndarray) -> np.ndarray:

@@ -20,8 +20,11 @@ import torch
 from torch import nn
 
 from deepliif.errors import DeepLIIFError
+from deepliif.imageio import encode_png, read_image
+from deepliif.inference import InferenceOptions
 from deepliif.model_dir import DeepLIIFModel
 from deepliif.pipeline import NETWORK_TILE, DeepLIIFWayRunner, FusedPipeline
+from deepliif.tables import format_rows
 
 from export.config import Precision
 
@@ -184,11 +187,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def format_rows(rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-
-
 def plot(report: dict, path: Path) -> bool:
     """tiles/s against batch size, one line per backend/precision; False when matplotlib is absent."""
     try:
@@ -231,9 +229,6 @@ def bench_end_to_end(session: Session, image_path: Path) -> dict:
     """One large image through every stage, as `infer` runs it: decode, tiling, inference, stitching,
     postprocessing, PNG encoding. Tiling/stitching overlap inference, so stages can sum to more than
     the wall time."""
-    from deepliif.imageio import encode_png, read_image
-    from deepliif.inference import InferenceOptions
-
     start = time.perf_counter()
     image = read_image(image_path)
     decoded = time.perf_counter()

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from deepliif.errors import ArgumentError, ArtifactError
-from deepliif.imageio import write_atomically
+from deepliif.imageio import file_sha256, write_json
 
 from . import logger
 
@@ -45,14 +45,6 @@ def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class ArtifactCache:
     def __init__(self, root: Path | None = None) -> None:
         self.root = Path(root) if root else default_cache_dir()
@@ -62,19 +54,19 @@ class ArtifactCache:
             raise ArgumentError(f"cannot create the artifact cache {self.root}: {exc}") from exc
 
     def get(self, parts: dict, build: Callable[[Path], None],
-            check: Callable[[Path], None] = lambda entry: None) -> Path:
+            check: Callable[[Path], None] = lambda entry: None, rebuild: bool = False) -> Path:
         """The entry directory for `parts`, building it with `build(staging_dir)` if needed.
 
-        `check(entry)` raises (any DeepLIIFError) when the published files cannot be used, which makes
-        the entry count as corrupt and be rebuilt once.
+        `check(entry)` raises when the published files cannot be used, which makes the entry count as
+        corrupt and be rebuilt. `rebuild` replaces the entry whatever it holds (its user failed to load it).
         """
         key = cache_key(parts)
         entry = self.root / key
-        if self._usable(entry, check):
+        if not rebuild and self._usable(entry, check):
             logger.info("artifact cache hit %s", entry)
             return entry
         with self._lock(key):
-            if self._usable(entry, check):  # built by another process while this one waited
+            if not rebuild and self._usable(entry, check):  # built by another process while this one waited
                 logger.info("artifact %s was built by another process", entry)
                 return entry
             self._discard(entry, key)
@@ -89,7 +81,7 @@ class ArtifactCache:
         try:
             recorded = json.loads(manifest.read_text())["files"]
             for name, digest in recorded.items():
-                if _sha256(entry / name) != digest:
+                if file_sha256(entry / name) != digest:
                     raise ArtifactError(f"{entry / name}: sha256 differs from the manifest")
             check(entry)
         except (OSError, ValueError, KeyError, ArtifactError) as exc:
@@ -125,10 +117,10 @@ class ArtifactCache:
         start = time.perf_counter()
         try:
             build(staging)
-            files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+            files = {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
             manifest = {"key": key, "parts": parts, "files": files,
                         "build_seconds": round(time.perf_counter() - start, 2), "built_by_pid": os.getpid()}
-            write_atomically(staging / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+            write_json(staging / MANIFEST, manifest)
             os.chmod(staging, 0o755)
             os.replace(staging, entry)
         finally:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from deepliif.demo import write_demo_model
 from deepliif.errors import ArgumentError, DeepLIIFError
-from deepliif.imageio import DEFAULT_MAX_PIXELS, read_image, write_atomically, write_png
+from deepliif.imageio import DEFAULT_MAX_PIXELS, prepare_out_dir, read_image, write_json, write_png
 from deepliif.inference import InferenceOptions, OutputSet, tile_count
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.postprocessing import DEFAULT_SEG_THRESH, PostprocessOptions, postprocess
@@ -126,22 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prepare_out(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ArgumentError(f"cannot create output directory {out}: {exc}") from exc
-    return out
-
-
-def _write_record(path: Path, record: dict) -> None:
-    write_atomically(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
-
-
 def infer_files(session: Session, images: list[Path], out: Path, options: InferenceOptions,
                 max_pixels: int = DEFAULT_MAX_PIXELS, quiet: bool = False) -> list[Path]:
     """Infer each image and write `OUT/<stem>_<Name>.png` and `OUT/<stem>.json`; returns the JSON paths."""
-    _prepare_out(out)
+    prepare_out_dir(out)
     written = []
     for path in images:
         start = time.perf_counter()
@@ -159,7 +147,7 @@ def infer_files(session: Session, images: list[Path], out: Path, options: Infere
                   "tile_size": options.tile_size, "batch_size": options.batch_size, "tiles": result.tiles,
                   "empty_tiles": result.empty_tiles, "outputs": list(result.images), "scoring": result.scoring,
                   "timings": timings}
-        _write_record(out / f"{path.stem}.json", record)
+        write_json(out / f"{path.stem}.json", record)
         logger.info("%s: %s", path.name, json.dumps(result.scoring))
         written.append(out / f"{path.stem}.json")
     return written
@@ -185,11 +173,11 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
     marker = read_image(args.marker) if args.marker else None
     start = time.perf_counter()
     result = postprocess(image, seg, marker, args.tile_size, _postprocess_options(args))
-    out = _prepare_out(args.out)
+    out = prepare_out_dir(args.out)
     stem = args.image.stem
     write_png(out / f"{stem}_SegOverlaid.png", result.overlaid)
     write_png(out / f"{stem}_SegRefined.png", result.refined)
-    _write_record(out / f"{stem}.json", {"image": str(args.image), "seg": str(args.seg),
+    write_json(out / f"{stem}.json", {"image": str(args.image), "seg": str(args.seg),
                                          "marker": str(args.marker) if args.marker else None,
                                          "scoring": result.scoring,
                                          "timings": {"postprocess_seconds": time.perf_counter() - start}})
@@ -216,7 +204,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     images = sample_images()
     if not images:
         generated = args.out / "generated_ihc.png"
-        _prepare_out(args.out)
+        prepare_out_dir(args.out)
         write_png(generated, synthetic_ihc(1024, 1024))
         images = [generated]
         logger.warning("no sample tiles found; using a generated image %s", generated)
@@ -283,8 +271,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             report.update({"model": model.describe(), "tiles_from": source})
             print(format_table(report))
     if args.json:
-        _prepare_out(args.json.parent)
-        _write_record(args.json, report)
+        prepare_out_dir(args.json.parent)
+        write_json(args.json, report)
     if args.plot and plot(report, args.plot):
         print(f"plot: {args.plot}")
     return 0

@@ -6,8 +6,9 @@ device and logs why each one it skipped could not be used.
 """
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import torch
 from deepliif.errors import ArtifactError, BackendUnavailableError
 from deepliif.inference import InferenceOptions, InferenceResult
 from deepliif.model_dir import DeepLIIFModel, load_model_dir
-from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES, FusedPipeline, TileRunner
+from deepliif.pipeline import NETWORK_TILE, FusedPipeline, TileRunner, run_in_chunks
 
 from export.config import FUSED_ONNX, OnnxExportConfig, Precision, Tolerance
 from export.onnx_export import export_pipeline
@@ -90,52 +91,56 @@ class Session:
                                           "(`deepliif-engine calibrate`), which this model has not got")
         if kind is BackendKind.ONNXRUNTIME:
             from .backends.onnxruntime_backend import OnnxRuntimeBackend, available_providers
-            device = self.device if self.device != "auto" else "auto"
-            if not available_providers(device):
+            if not available_providers(self.device):
                 raise BackendUnavailableError(f"onnxruntime offers no provider for device {self.device!r}")
-            entry = self._onnx_entry()
-            return self._load(entry, lambda: OnnxRuntimeBackend(entry / FUSED_ONNX, device, self.precision))
+            return self._open_cached(self._onnx_entry, lambda entry: OnnxRuntimeBackend(
+                entry / FUSED_ONNX, self.device, self.precision))
         from .backends.tensorrt_backend import TensorRTBackend
         tensorrt_module()  # fail fast, with what to install, before exporting anything
-        entry = self._plan_entry(options.get("build", TensorRTBuildConfig()))
-        return self._load(entry, lambda: TensorRTBackend(entry / PLAN_FILE))
+        build_config = options.get("build", TensorRTBuildConfig())
+        return self._open_cached(lambda rebuild: self._plan_entry(build_config, rebuild),
+                                 lambda entry: TensorRTBackend(entry / PLAN_FILE))
 
-    def _load(self, entry: Path, open_backend) -> Backend:
+    def _open_cached(self, get_entry: Callable[[bool], Path], open_backend: Callable[[Path], Backend]) -> Backend:
+        """Open the backend on its cached artifact; an artifact that fails to load is rebuilt once."""
+        entry = get_entry(False)
         try:
-            return open_backend()
+            return open_backend(entry)
         except ArtifactError as exc:
-            raise ArtifactError(f"cached artifact {entry} does not load ({exc}); delete it to rebuild") from exc
+            logger.warning("cached artifact %s does not load (%s); rebuilding it", entry, exc)
+        return open_backend(get_entry(True))
+
+    @functools.cached_property
+    def _model_sha256(self) -> str:
+        return self.model.weights_sha256()  # hashes every weight file: once per session
 
     def _onnx_parts(self) -> dict:
-        return {"kind": "onnx", "model": self.model.weights_sha256(),
+        return {"kind": "onnx", "model": self._model_sha256,
                 "export": OnnxExportConfig(precision=self.precision).key(), "torch": torch.__version__,
                 "onnx": onnx.__version__}
 
-    def _onnx_entry(self) -> Path:
+    def _onnx_entry(self, rebuild: bool = False) -> Path:
         config = OnnxExportConfig(precision=self.precision)
 
         def build(staging: Path) -> None:
             export_pipeline(self.model, staging / FUSED_ONNX, config)
             quick_validation(self.model, staging / FUSED_ONNX, self.precision)
 
-        return self.cache.get(self._onnx_parts(), build)
+        return self.cache.get(self._onnx_parts(), build, rebuild=rebuild)
 
-    def _plan_entry(self, build_config: TensorRTBuildConfig) -> Path:
+    def _plan_entry(self, build_config: TensorRTBuildConfig, rebuild: bool = False) -> Path:
         import tensorrt
         gpu = GpuInfo.current()
         parts = {**self._onnx_parts(), "kind": "tensorrt", "build": build_config.key(),
                  "gpu": [gpu.name, gpu.compute_capability], "tensorrt": tensorrt.__version__}
         onnx_entry = self._onnx_entry()
         timing = TensorRTBuildConfig(**{**build_config.__dict__, "timing_cache": self.cache.root / "timing.cache"})
-        return self.cache.get(parts, lambda staging: build_plan(onnx_entry / FUSED_ONNX, staging, timing))
+        return self.cache.get(parts, lambda staging: build_plan(onnx_entry / FUSED_ONNX, staging, timing),
+                              rebuild=rebuild)
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Any number of tiles; split to the backend's batch limit."""
-        step = self.info.max_batch or len(batch)
-        if len(batch) <= step:
-            return self.backend.run(batch)
-        parts = [self.backend.run(batch[i: i + step]) for i in range(0, len(batch), step)]
-        return {name: np.concatenate([p[name] for p in parts]) for name in OUTPUT_NAMES}
+        return run_in_chunks(self.backend.run, batch, self.info.max_batch)
 
     def warmup(self) -> float:
         start = time.perf_counter()

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from deepliif.errors import ArgumentError
-from deepliif.inference import InferenceOptions, InferenceResult, _OrderedPaster
+from deepliif.inference import (InferenceOptions, InferenceResult, OrderedPaster, check_image_array, finish_image,
+                                start_image)
 from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES
-from deepliif.postprocessing import postprocess
-from deepliif.tiling import Stitcher, Tile, TileGrid, extend_by_mirroring, is_empty_tile, resize_tile
+from deepliif.tiling import Tile, TileGrid, is_empty_tile, resize_tile
 
 Run = Callable[[np.ndarray], dict[str, np.ndarray]]
 _DONE = object()
@@ -32,7 +31,7 @@ class _ImageState:
     original: np.ndarray
     extended: np.ndarray
     grid: TileGrid
-    paster: _OrderedPaster
+    paster: OrderedPaster
     remaining: int
     start: float
     empty: int = 0
@@ -53,17 +52,10 @@ class StageTimes:
             self.seconds[stage] += time.perf_counter() - since
 
 
-def _check_image(image: np.ndarray) -> None:
-    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 \
-            or 0 in image.shape:
-        raise ArgumentError(f"expected a non-empty RGB uint8 image [H, W, 3]; got "
-                            f"{getattr(image, 'shape', None)} {getattr(image, 'dtype', type(image).__name__)}")
-
-
 def infer_images(run: Run, images: Sequence[np.ndarray], options: InferenceOptions,
                  progress: Callable[[int], None] | None = None) -> list[InferenceResult]:
     for image in images:
-        _check_image(image)
+        check_image_array(image)
     times = StageTimes()
     states = [_new_state(image, options.tile_size, progress) for image in images]
     tiles: queue.Queue = queue.Queue(maxsize=4 * options.batch_size)
@@ -97,10 +89,7 @@ def infer_images(run: Run, images: Sequence[np.ndarray], options: InferenceOptio
 
 
 def _new_state(image: np.ndarray, tile_size: int, progress) -> _ImageState:
-    height, width = image.shape[:2]
-    extended = extend_by_mirroring(image, tile_size)
-    grid = TileGrid(extended.shape[1], extended.shape[0], tile_size)
-    paster = _OrderedPaster(Stitcher(grid, OUTPUT_NAMES, (width, height)), progress)
+    extended, grid, paster = start_image(image, tile_size, progress)
     return _ImageState(image, extended, grid, paster, len(grid), time.perf_counter())
 
 
@@ -142,13 +131,10 @@ def _stitch(states: list[_ImageState], items: list[tuple[int, Tile, np.ndarray |
 
 def _finish(state: _ImageState, options: InferenceOptions, times: StageTimes) -> None:
     start = time.perf_counter()
-    network_images = state.paster.stitcher.results()
-    post = postprocess(state.original, network_images["Seg"], network_images["Marker"], options.tile_size,
-                       options.postprocess)
+    images, scoring = finish_image(state.original, state.paster.stitcher.results(), options)
     times.add("postprocess", start)
-    everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
     state.result = InferenceResult(
-        images={name: everything[name] for name in options.outputs.names}, scoring=post.scoring,
+        images=images, scoring=scoring,
         timings={"total_seconds": time.perf_counter() - state.start,
                  "postprocess_seconds": time.perf_counter() - start},
         tiles=len(state.grid), empty_tiles=state.empty)

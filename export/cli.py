@@ -7,14 +7,13 @@ import time
 from pathlib import Path
 
 from deepliif.errors import ValidationError
+from deepliif.imageio import prepare_out_dir
 
 from .config import OnnxExportConfig, Precision, Tolerance
-from .onnx_export import check_fused_signature, check_onnx
 from .tensorrt_build import METADATA_FILE, PLAN_FILE, TensorRTBuildConfig, build_plan
 from .triton import TritonConfig, write_repository
 from .validate import format_report
-from .workflow import (ValidationPlan, export_onnx, parse_batch_sizes, prepare_out_dir, tiles_for_validation,
-                       tolerance_from_args)
+from .workflow import ValidationPlan, export_onnx, parse_batch_sizes, tiles_for_validation, tolerance_from_args
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
@@ -81,7 +80,6 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 def cmd_export_tensorrt(args: argparse.Namespace) -> int:
     config = TensorRTBuildConfig(args.min_batch, args.opt_batch, args.max_batch, args.workspace_gib,
                                  args.version_compatible, args.timing_cache)
-    check_fused_signature(check_onnx(args.onnx))
     out = prepare_out_dir(args.out)
     metadata = build_plan(args.onnx, out, config)
     print(json.dumps(metadata.__dict__, indent=2))

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from deepliif.errors import ArgumentError
+from deepliif.errors import ArgumentError, parse_enum
 from deepliif.pipeline import OUTPUT_NAMES
 
 INPUT_NAME = "ihc"
@@ -25,13 +25,7 @@ class Precision(enum.Enum):
 
     @classmethod
     def parse(cls, value: str | Precision) -> Precision:
-        if isinstance(value, Precision):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise ArgumentError(f"precision must be one of {', '.join(p.value for p in cls)}; "
-                                f"got {value!r}") from None
+        return parse_enum(cls, value, "precision")
 
     @property
     def torch_dtype(self) -> torch.dtype:

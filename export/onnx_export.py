@@ -8,7 +8,6 @@ result would mean running statistics crept back in, and is refused.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
 import os
 import warnings
@@ -49,14 +48,6 @@ class OnnxSummary:
         return {"path": str(self.path), "opset": self.opset, "size_bytes": self.size_bytes,
                 "inputs": self.inputs, "outputs": self.outputs, "op_counts": self.op_counts,
                 "initializer_types": list(self.initializer_types)}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def export_pipeline(model: DeepLIIFModel, path: Path, config: OnnxExportConfig) -> OnnxSummary:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, ExportError, \
     IncompatibleArtifactError
-from deepliif.imageio import write_atomically
+from deepliif.imageio import file_sha256, write_atomically, write_json
 from deepliif.pipeline import NETWORK_TILE
 
 from . import logger
 from .config import INPUT_NAME, Precision
-from .onnx_export import OnnxSummary, check_fused_signature, check_onnx, file_sha256
+from .onnx_export import OnnxSummary, check_fused_signature, check_onnx
 
 PLAN_FILE = "deepliif.plan"
 METADATA_FILE = "engine.json"
@@ -95,7 +95,7 @@ class EngineMetadata:
     build_seconds: float
 
     def write(self, path: Path) -> None:
-        write_atomically(path, (json.dumps(asdict(self), indent=2) + "\n").encode())
+        write_json(path, asdict(self))
 
     @classmethod
     def read(cls, path: Path) -> EngineMetadata:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from deepliif.errors import ArgumentError, ValidationError
-from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES
+from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES, run_in_chunks
 from deepliif.postprocessing import postprocess
+from deepliif.tables import format_rows
 
 from . import logger
 from .config import Tolerance
@@ -39,17 +40,6 @@ class ImageStats:
     def as_dict(self) -> dict:
         return {"max_abs": self.max_abs, "mean_abs": round(self.mean_abs, 6),
                 "psnr_db": None if math.isinf(self.psnr_db) else round(self.psnr_db, 2)}
-
-
-def run_in_batches(run: Runner, tiles: np.ndarray, batch_size: int,
-                   progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
-    parts = []
-    for start in range(0, len(tiles), batch_size):
-        chunk = tiles[start: start + batch_size]
-        parts.append(run(chunk))
-        if progress:
-            progress(len(chunk))
-    return {name: np.concatenate([p[name] for p in parts]) for name in OUTPUT_NAMES}
 
 
 def cell_counts(tiles: np.ndarray, outputs: dict[str, np.ndarray]) -> list[dict]:
@@ -90,12 +80,12 @@ def validate(reference: Runner, candidate: Runner, tiles: np.ndarray, batch_size
     cell-count changes after postprocessing.
     """
     sizes = check_batch_sizes(batch_sizes, len(tiles))
-    expected = run_in_batches(reference, tiles, 1, progress)
+    expected = run_in_chunks(reference, tiles, 1, progress)
     expected_counts = cell_counts(tiles, expected)
     report: dict = {"tiles": len(tiles), "tolerance": tolerance.__dict__, "batches": {}}
     failures = []
     for size in sizes:
-        actual = run_in_batches(candidate, tiles, size, progress)
+        actual = run_in_chunks(candidate, tiles, size, progress)
         stats = {name: ImageStats.between(expected[name], actual[name]) for name in OUTPUT_NAMES}
         counts = compare_counts(expected_counts, cell_counts(tiles, actual))
         report["batches"][str(size)] = {"outputs": {n: s.as_dict() for n, s in stats.items()},
@@ -129,8 +119,7 @@ def format_report(report: dict) -> str:
         for name, s in entry["outputs"].items():
             psnr = "inf" if s["psnr_db"] is None else f"{s['psnr_db']:.2f}"
             rows.append((size, name, str(s["max_abs"]), f"{s['mean_abs']:.5f}", psnr))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines = format_rows(rows)
     for size, entry in report["batches"].items():
         c = entry["cell_counts"]
         lines.append(f"batch {size} cell counts: max |d num_pos| {c['max_num_pos_delta']}, max |d num_neg| "

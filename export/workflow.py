@@ -6,7 +6,6 @@ inspection, so nothing that failed ever sits under the name the engine loads.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from deepliif.errors import ArgumentError, ValidationError
-from deepliif.imageio import write_atomically
+from deepliif.imageio import file_sha256, prepare_out_dir, write_json
 from deepliif.model_dir import DeepLIIFModel, load_model_dir
 from deepliif.pipeline import FusedPipeline, TileRunner, to_network_input, to_uint8_image
 
@@ -29,7 +28,7 @@ from engine.samples import benchmark_tiles
 
 from . import logger
 from .config import FUSED_ONNX, OnnxExportConfig, Tolerance
-from .onnx_export import GENERATOR_INPUT, export_generators, export_pipeline, file_sha256
+from .onnx_export import GENERATOR_INPUT, export_generators, export_pipeline
 from .validate import ImageStats, check_batch_sizes, validate
 
 VALIDATION_FILE = "validation.json"
@@ -44,16 +43,6 @@ class ValidationPlan:
     tiles_from: str
     batch_sizes: tuple[int, ...] = (1, 4)
     tolerance: Tolerance | None = None  # None: the default for the export's precision
-
-
-def prepare_out_dir(out: Path) -> Path:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ArgumentError(f"cannot create output directory {out}: {exc}") from exc
-    if not os.access(out, os.W_OK):
-        raise ArgumentError(f"output directory {out} is not writable")
-    return out
 
 
 def export_onnx(model_dir: Path, out: Path, config: OnnxExportConfig, plan: ValidationPlan,
@@ -79,7 +68,7 @@ def export_onnx(model_dir: Path, out: Path, config: OnnxExportConfig, plan: Vali
                 "onnx": summary.as_dict(), "onnx_sha256": file_sha256(final),
                 "generators": [g.as_dict() for g in generators], "torch_version": torch.__version__,
                 "timings": timings}
-    _write_json(out / MANIFEST_FILE, manifest)
+    write_json(out / MANIFEST_FILE, manifest)
     return {**manifest, "validation": report}
 
 
@@ -102,11 +91,11 @@ def _validate(model: DeepLIIFModel, staged: Path, out: Path, config: OnnxExportC
             report["generators"] = validate_generators(model, out / "generators",
                                                        plan.tiles[:max(plan.batch_sizes)], tolerance)
     except ValidationError as exc:
-        _write_json(out / VALIDATION_FILE, _with_source(exc.report, plan, config))
+        write_json(out / VALIDATION_FILE, _with_source(exc.report, plan, config))
         os.replace(staged, out / f"{FUSED_ONNX}.failed-validation")
         raise
     report = _with_source(report, plan, config)
-    _write_json(out / VALIDATION_FILE, report)
+    write_json(out / VALIDATION_FILE, report)
     return report
 
 
@@ -133,10 +122,6 @@ def validate_generators(model: DeepLIIFModel, directory: Path, tiles: np.ndarray
         raise ValidationError("; ".join(failures), failures, {"generators": results, "passed": False,
                                                              "failures": failures})
     return results
-
-
-def _write_json(path: Path, record: dict) -> None:
-    write_atomically(path, (json.dumps(record, indent=2, default=str) + "\n").encode())
 
 
 def tolerance_from_args(max_abs: int | None, min_psnr: float | None, max_percent_pos_delta: float | None,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 
-from deepliif.errors import ArgumentError
+from deepliif.errors import parse_enum
 
 from .base import Backend, BackendInfo
 
@@ -18,9 +18,4 @@ class BackendKind(enum.Enum):
 
     @classmethod
     def parse(cls, value: str | BackendKind) -> BackendKind:
-        if isinstance(value, BackendKind):
-            return value
-        try:
-            return cls(str(value).lower())
-        except ValueError:
-            raise ArgumentError(f"backend must be one of {', '.join(k.value for k in cls)}; got {value!r}") from None
+        return parse_enum(cls, value, "backend")

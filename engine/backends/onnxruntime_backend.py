@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError
-from deepliif.pipeline import OUTPUT_NAMES
+from deepliif.pipeline import OUTPUT_NAMES, run_in_chunks
 
 from export.config import INPUT_NAME, OUTPUT_ONNX_NAMES, Precision
 
@@ -83,9 +83,7 @@ class OnnxRuntimeBackend(Backend):
                                 f"outputs {outputs}")
 
     def run_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        step = self.micro_batch or len(batch)
-        parts = [self._run(batch[i: i + step]) for i in range(0, len(batch), step)]
-        return {name: np.concatenate([p[name] for p in parts]) for name in OUTPUT_NAMES}
+        return run_in_chunks(self._run, batch, self.micro_batch)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         batch = np.ascontiguousarray(batch)

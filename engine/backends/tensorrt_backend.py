@@ -52,7 +52,7 @@ class TensorRTBackend(Backend):
             padded = np.concatenate([batch, np.repeat(batch[-1:], self.min_batch - size, axis=0)])
         shape = (len(padded), NETWORK_TILE, NETWORK_TILE, 3)
         with torch.cuda.stream(self.stream):
-            tiles = torch.from_numpy(np.ascontiguousarray(padded)).pin_memory().to(self.device, non_blocking=True)
+            tiles = torch.from_numpy(np.ascontiguousarray(padded)).to(self.device)
             outputs = {name: torch.empty(shape, dtype=torch.uint8, device=self.device) for name in OUTPUT_NAMES}
             self.context.set_input_shape(INPUT_NAME, shape)
             self.context.set_tensor_address(INPUT_NAME, tiles.data_ptr())

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import torch
 
 from deepliif.errors import ArgumentError, BackendUnavailableError
+from deepliif.imageio import file_sha256
 from deepliif.inference import InferenceOptions, infer_image
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
@@ -132,3 +134,20 @@ def test_four_kernels_starting_together_export_once(model_dir: Path, tmp_path: P
 
 def test_backend_kind_parsing() -> None:
     assert BackendKind.parse("ONNXRuntime") is BackendKind.ONNXRUNTIME
+
+
+def test_a_cached_onnx_that_does_not_load_is_rebuilt(model_dir: Path, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    with Session(model_dir, backend="onnxruntime", device="cpu", cache_dir=tmp_path):
+        pass
+    (entry,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    onnx_file = entry / "deepliif.onnx"
+    onnx_file.write_bytes(b"truncated")  # and a manifest that agrees, so only loading can tell
+    manifest = json.loads((entry / "artifact.json").read_text())
+    manifest["files"]["deepliif.onnx"] = file_sha256(onnx_file)
+    (entry / "artifact.json").write_text(json.dumps(manifest))
+    caplog.set_level("INFO")
+    with Session(model_dir, backend="onnxruntime", device="cpu", cache_dir=tmp_path) as session:
+        assert session.info.name == "onnxruntime"
+    assert "does not load" in caplog.text and "built artifact" in caplog.text
+    assert onnx_file.stat().st_size > 1000

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from deepliif.errors import ArgumentError, ArtifactError, ExportError
-from export.onnx_export import file_sha256
+from deepliif.imageio import file_sha256
 from export.tensorrt_build import METADATA_FILE, PLAN_FILE, TensorRTBuildConfig
 from export.triton import TritonConfig, check_config, parse_pbtxt, render_config, write_repository
 
