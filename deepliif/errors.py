@@ -48,6 +48,10 @@ class ValidationError(ExportError):
         self.report = report
 
 
+class AccuracyGateError(ValidationError):
+    """A reduced-precision (INT8/FP16) graph failed its accuracy gate, or has no passed report to show."""
+
+
 class ArtifactError(DeepLIIFError):
     """An artifact (ONNX file, TensorRT plan, metadata sidecar) is missing, corrupt or not what it claims."""
 

@@ -38,11 +38,11 @@ class BenchCase:
     backend: BackendKind
     precision: Precision
     batch_size: int
-    options: tuple[tuple[str, bool], ...] = ()  # torch backend switches, e.g. (("channels_last", True),)
+    options: tuple[tuple[str, object], ...] = ()  # Session keywords, e.g. (("channels_last", True),)
 
     @property
     def label(self) -> str:
-        switches = "".join(f"+{name}" for name, on in self.options if on)
+        switches = "".join(f"+{name}" for name, on in self.options if on is True)
         return f"{self.backend.value}{switches}/{self.precision.value}/b{self.batch_size}"
 
 
@@ -161,6 +161,8 @@ def run_bench(model: DeepLIIFModel, tiles: np.ndarray, cases: list[BenchCase], d
             calls = case_calls[case.label]
             entry = _summary(case.label, calls, len(calls) * case.batch_size, flops, base["tiles_per_second"])
             entry.update(backend=session.info.as_dict(), batch_size=case.batch_size)
+            if session.accuracy:
+                entry["accuracy"] = accuracy_line(session.accuracy)
             if session.info.device == "cuda":
                 entry["peak_device_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
             results.append(entry)
@@ -183,8 +185,24 @@ def format_table(report: dict) -> str:
     lines = format_rows(rows)
     lines.append(f"{report['device_name']}, {report['torch_threads']} torch threads; matmul peak "
                  f"{report['matmul_peak_gflops']:.0f} GFLOP/s; {report['tflop_per_tile']:.2f} TFLOP per tile")
+    lines += [f"accuracy of {m['name']} vs fp32: {m['accuracy']}" for m in report["results"] if "accuracy" in m]
     lines += [f"skipped {s['case']}: {s['reason']}" for s in report["skipped"]]
     return "\n".join(lines)
+
+
+def accuracy_line(report: dict) -> str:
+    """One line of a gate report, printed beside the speed of the graph it judged."""
+    if "pooled_percent_pos" not in report:  # the engine's own one-tile check of a cached fp16 export
+        batch = next(iter(report.get("batches", {}).values()), {})
+        psnr = min((s["psnr_db"] for s in batch.get("outputs", {}).values() if s["psnr_db"] is not None),
+                   default=None)
+        return f"one-tile check {'passed' if report.get('passed') else 'failed'}, min PSNR {psnr} dB"
+    pooled = report["pooled_percent_pos"]
+    psnr = report["worst_psnr_db"]
+    return (f"gate {'passed' if report['passed'] else 'FAILED'} on {len(report['images'])} held-out images: "
+            f"pooled % positive {pooled['reference']} -> {pooled['candidate']} (|d| {pooled['delta']}), "
+            f"worst |d % pos| per image {max(e['delta']['percent_pos'] for e in report['images'])}, "
+            f"worst PSNR Seg {psnr['Seg']} dB, modalities {min(v for k, v in psnr.items() if k != 'Seg' and v)} dB")
 
 
 def plot(report: dict, path: Path) -> bool:

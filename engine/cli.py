@@ -18,8 +18,8 @@ from deepliif.inference import InferenceOptions, OutputSet, tile_count
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.postprocessing import DEFAULT_SEG_THRESH, PostprocessOptions, postprocess
 
+from calibration.cli import add_calibrate_parser
 from export.cli import add_export_parser
-
 from export.config import Precision
 
 from . import logger
@@ -60,6 +60,10 @@ def _add_backend_args(parser: argparse.ArgumentParser, default_backend: str = "a
                         ".engine-cache in WMLA, else the user cache dir)")
     parser.add_argument("--batch-size", type=int, help="tiles per backend call (default: from free "
                         "device memory on GPU, 4 on CPU)")
+    parser.add_argument("--onnx", type=Path, help="serve this fused ONNX (from `calibrate` or `export onnx`) "
+                        "instead of exporting one; int8 needs one")
+    parser.add_argument("--force-ungated", action="store_true",
+                        help="serve an int8/fp16 graph whose accuracy gate is missing or failed (not advised)")
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     add_export_parser(sub)
+    add_calibrate_parser(sub)
 
     bench = sub.add_parser("bench", help="DeepLIIF way vs backends x precisions x batch sizes, same run")
     bench.add_argument("--model-dir", type=Path, help="default: a full-size random-weight model")
@@ -116,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--image", type=Path, help="take tiles from this image instead of the sample tiles")
     bench.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     bench.add_argument("--cache-dir", type=Path)
+    bench.add_argument("--int8-onnx", type=Path, help="the gated Q/DQ ONNX from `calibrate` for int8 cases")
     bench.add_argument("--channels-last", action="store_true", help="torch cases: channels_last layout")
     bench.add_argument("--cuda-graphs", action="store_true", help="torch cases on CUDA: graph replay")
     bench.add_argument("--json", type=Path)
@@ -155,7 +161,8 @@ def infer_files(session: Session, images: list[Path], out: Path, options: Infere
 
 def _open_session(args: argparse.Namespace, model_dir: Path) -> Session:
     return Session(model_dir, backend=args.backend, precision=args.precision, device=args.device,
-                   cache_dir=args.cache_dir, batch_size=args.batch_size)
+                   cache_dir=args.cache_dir, batch_size=args.batch_size, onnx=args.onnx,
+                   force_ungated=args.force_ungated)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -236,8 +243,15 @@ def bench_cases(args: argparse.Namespace) -> list[BenchCase]:
                             f"--tiles ({args.tiles}) at least the largest batch size")
     switches = (("channels_last", args.channels_last), ("cuda_graphs", args.cuda_graphs))
     torch_options = tuple(item for item in switches if item[1])
-    return [BenchCase(k, p, b, torch_options if k is BackendKind.TORCH else ())
-            for k in kinds for p in precisions for b in sizes]
+    if Precision.INT8 in precisions and args.int8_onnx is None:
+        raise ArgumentError("int8 cases need --int8-onnx OUT/deepliif.onnx (from `deepliif-engine calibrate`)")
+
+    def options(kind: BackendKind, precision: Precision) -> tuple:
+        if precision is Precision.INT8:
+            return (("onnx", args.int8_onnx),)
+        return torch_options if kind is BackendKind.TORCH else ()
+
+    return [BenchCase(k, p, b, options(k, p)) for k in kinds for p in precisions for b in sizes]
 
 
 def _bench_end_to_end(args: argparse.Namespace, case: BenchCase, model_dir: Path, cache_dir: Path,

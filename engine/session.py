@@ -15,14 +15,16 @@ import numpy as np
 import onnx
 import torch
 
-from deepliif.errors import ArtifactError, BackendUnavailableError
+from deepliif.errors import AccuracyGateError, ArgumentError, ArtifactError, BackendUnavailableError
+from deepliif.imageio import file_sha256, write_json
 from deepliif.inference import InferenceOptions, InferenceResult
 from deepliif.model_dir import DeepLIIFModel, load_model_dir
 from deepliif.pipeline import NETWORK_TILE, FusedPipeline, TileRunner, run_in_chunks
 
+from calibration.gate import ACCURACY_FILE, require_passed
 from export.config import FUSED_ONNX, OnnxExportConfig, Precision, Tolerance
-from export.onnx_export import export_pipeline
-from export.tensorrt_build import PLAN_FILE, GpuInfo, TensorRTBuildConfig, build_plan, tensorrt_module
+from export.onnx_export import check_fused_signature, check_onnx, export_pipeline
+from export.tensorrt_build import PLAN_FILE, GpuInfo, TensorRTBuildConfig, build_plan, onnx_precision, tensorrt_module
 from export.validate import validate
 
 from . import logger
@@ -49,14 +51,21 @@ def choose_batch_size(free_bytes: int | None, precision: Precision, cap: int | N
 
 
 class Session:
+    """`onnx`: serve this fused graph (from `calibrate` or `export onnx`) instead of exporting one into
+    the cache; INT8 needs one. A reduced-precision graph must have passed its accuracy gate, checked
+    here and again for every cached FP16 export, unless `force_ungated`."""
+
     def __init__(self, model_dir: Path | str, backend: str | BackendKind = "auto", precision: str = "fp32",
                  device: str = "auto", cache_dir: Path | None = None, batch_size: int | None = None,
-                 **backend_options) -> None:
+                 onnx: Path | None = None, force_ungated: bool = False, **backend_options) -> None:
         start = time.perf_counter()
         self.model: DeepLIIFModel = load_model_dir(model_dir)
         self.precision = Precision.parse(precision)
         self.device = device
         self.cache = ArtifactCache(cache_dir)
+        self.force_ungated = force_ungated
+        self.accuracy: dict | None = None  # the gate report of the reduced-precision graph being served
+        self.onnx = None if onnx is None else self._check_given_onnx(Path(onnx))
         self.backend = self._open(BackendKind.parse(backend), backend_options)
         self.info = self.backend.info
         free = torch.cuda.mem_get_info()[0] if self.info.device == "cuda" else None
@@ -86,15 +95,17 @@ class Session:
         if kind is BackendKind.TORCH:
             from .backends.torch_backend import TorchBackend
             return TorchBackend(self.model, self.device, self.precision, **options)
-        if self.precision is Precision.INT8:
-            raise BackendUnavailableError(f"{kind.value}: int8 needs a calibrated Q/DQ ONNX "
-                                          "(`deepliif-engine calibrate`), which this model has not got")
+        if self.precision is Precision.INT8 and self.onnx is None:
+            raise BackendUnavailableError(f"{kind.value}: int8 runs a calibrated, gated Q/DQ ONNX: make one "
+                                          "with `deepliif-engine calibrate` and pass it (--onnx OUT/deepliif.onnx)")
         if kind is BackendKind.ONNXRUNTIME:
             from .backends.onnxruntime_backend import OnnxRuntimeBackend, available_providers
             if not available_providers(self.device):
                 raise BackendUnavailableError(f"onnxruntime offers no provider for device {self.device!r}")
+            if self.onnx is not None:
+                return OnnxRuntimeBackend(self.onnx, self.device, self.precision)
             return self._open_cached(self._onnx_entry, lambda entry: OnnxRuntimeBackend(
-                entry / FUSED_ONNX, self.device, self.precision))
+                self._gated(entry / FUSED_ONNX), self.device, self.precision))
         from .backends.tensorrt_backend import TensorRTBackend
         tensorrt_module()  # fail fast, with what to install, before exporting anything
         build_config = options.get("build", TensorRTBuildConfig())
@@ -106,9 +117,29 @@ class Session:
         entry = get_entry(False)
         try:
             return open_backend(entry)
-        except ArtifactError as exc:
+        except (ArtifactError, AccuracyGateError) as exc:
             logger.warning("cached artifact %s does not load (%s); rebuilding it", entry, exc)
         return open_backend(get_entry(True))
+
+    def _check_given_onnx(self, path: Path) -> Path:
+        """A given graph must be the fused pipeline, in the precision asked for, gated if reduced, and
+        (when its gate report says) made from this very model."""
+        summary = check_onnx(path)
+        check_fused_signature(summary)
+        graph_precision = onnx_precision(summary)
+        if graph_precision is not self.precision:
+            raise ArgumentError(f"{path} is a {graph_precision.value} graph; precision {self.precision.value} "
+                                "was asked for")
+        report = self._gated(path)
+        if report and report.get("model_sha256") not in (None, self._model_sha256):
+            raise ArtifactError(f"{path} was made from another model than {self.model.directory} "
+                                "(weights sha256 differs)")
+        return path
+
+    def _gated(self, path: Path) -> dict | None:
+        if self.precision is not Precision.FP32:
+            self.accuracy = require_passed(path, self.force_ungated)
+        return self.accuracy
 
     @functools.cached_property
     def _model_sha256(self) -> str:
@@ -124,7 +155,10 @@ class Session:
 
         def build(staging: Path) -> None:
             export_pipeline(self.model, staging / FUSED_ONNX, config)
-            quick_validation(self.model, staging / FUSED_ONNX, self.precision)
+            report = quick_validation(self.model, staging / FUSED_ONNX, self.precision)
+            write_json(staging / ACCURACY_FILE, {**report, "precision": self.precision.value,
+                                                 "model_sha256": self._model_sha256,
+                                                 "onnx_sha256": file_sha256(staging / FUSED_ONNX)})
 
         return self.cache.get(self._onnx_parts(), build, rebuild=rebuild)
 
@@ -133,10 +167,21 @@ class Session:
         gpu = GpuInfo.current()
         parts = {**self._onnx_parts(), "kind": "tensorrt", "build": build_config.key(),
                  "gpu": [gpu.name, gpu.compute_capability], "tensorrt": tensorrt.__version__}
-        onnx_entry = self._onnx_entry()
+        if self.onnx is not None:
+            source = self.onnx
+            parts["onnx_sha256"] = file_sha256(source)
+        else:
+            source = self._gated_cached_onnx()
         timing = TensorRTBuildConfig(**{**build_config.__dict__, "timing_cache": self.cache.root / "timing.cache"})
-        return self.cache.get(parts, lambda staging: build_plan(onnx_entry / FUSED_ONNX, staging, timing),
-                              rebuild=rebuild)
+        return self.cache.get(parts, lambda staging: build_plan(source, staging, timing), rebuild=rebuild)
+
+    def _gated_cached_onnx(self) -> Path:
+        path = self._onnx_entry() / FUSED_ONNX
+        try:
+            self._gated(path)
+        except AccuracyGateError:
+            path = self._onnx_entry(rebuild=True) / FUSED_ONNX
+        return path
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Any number of tiles; split to the backend's batch limit."""
@@ -165,10 +210,10 @@ class Session:
         self.close()
 
 
-def quick_validation(model: DeepLIIFModel, onnx_path: Path, precision: Precision) -> None:
+def quick_validation(model: DeepLIIFModel, onnx_path: Path, precision: Precision) -> dict:
     """A freshly exported cache artifact is checked on one tile before it is published: cheap insurance
-    that the cache never serves a wrong graph (`export onnx` does the full validation)."""
+    that the cache never serves a wrong graph (`export onnx` and `calibrate` do the full checks)."""
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
     tile = synthetic_ihc(NETWORK_TILE, NETWORK_TILE, seed=1)[None]
     with OnnxRuntimeBackend(onnx_path, device="cpu", precision=precision) as candidate:
-        validate(TileRunner(FusedPipeline(model)).run, candidate.run, tile, (1,), Tolerance.for_precision(precision))
+        return validate(TileRunner(FusedPipeline(model)).run, candidate.run, tile, (1,), Tolerance.for_precision(precision))

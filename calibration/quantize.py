@@ -1,0 +1,159 @@
+"""INT8 Q/DQ ONNX of the fused pipeline, in the form TensorRT's explicit quantization wants.
+
+TensorRT ≥ 10 (and 11 only) takes INT8 from QuantizeLinear/DequantizeLinear pairs in the graph: symmetric
+scales (zero point 0), per-channel weight scales, Q/DQ in front of the layers that should run in INT8.
+ONNX Runtime's static quantizer writes exactly that and runs the same graph on CPU, so what the accuracy
+gate measures here is what a plan built from the file computes (up to kernel rounding).
+
+What stays in floating point, and why (recorded in `quantization.json`):
+- InstanceNormalization (DeepLIIF's per-tile BatchNorm statistics): a reduction whose output feeds every
+  later layer; INT8 there would quantize the statistics themselves.
+- Everything but Conv/ConvTranspose: Tanh, LeakyReLU, Add, Concat, the in-graph pre/post-processing and
+  the Seg average are cheap; the convolutions are ~90% of the time (docs/BENCHMARKS.md profile).
+- Optionally (`keep_edge_layers`) each generator's first and last convolution: the image goes in and comes
+  out there, so their error is not averaged away by later layers.
+"""
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from deepliif.errors import ArgumentError, ExportError, parse_enum
+
+from export.config import INPUT_NAME
+
+from . import logger
+
+QUANTIZED_OPS = ("Conv", "ConvTranspose")
+FLOAT_OPS_NOTE = "InstanceNormalization and all non-convolution ops stay float32"
+
+
+class CalibrationMethod(enum.Enum):
+    """How activation ranges are chosen from the calibration tiles."""
+
+    MINMAX = "minmax"          # the observed range: no clipping, coarser steps
+    ENTROPY = "entropy"        # KL-optimal clipping of the histogram (TensorRT's classic choice)
+    PERCENTILE = "percentile"  # clip at the 99.999th percentile of |x|
+
+    @classmethod
+    def parse(cls, value: str | CalibrationMethod) -> CalibrationMethod:
+        return parse_enum(cls, value, "calibration method")
+
+    def onnxruntime_method(self):
+        from onnxruntime.quantization import CalibrationMethod as OrtMethod
+        return {"minmax": OrtMethod.MinMax, "entropy": OrtMethod.Entropy,
+                "percentile": OrtMethod.Percentile}[self.value]
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    method: CalibrationMethod = CalibrationMethod.ENTROPY
+    keep_edge_layers: bool = True  # first and last convolution of every generator stay float32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
+        if not isinstance(self.keep_edge_layers, bool):
+            raise ArgumentError(f"keep_edge_layers must be true or false; got {self.keep_edge_layers!r}")
+
+    def describe(self) -> dict:
+        return {"method": self.method.value, "format": "QDQ", "activations": "int8 symmetric per-tensor",
+                "weights": "int8 symmetric per-channel", "bias": "float32 (not quantized)",
+                "quantized_ops": list(QUANTIZED_OPS), "float_ops": FLOAT_OPS_NOTE,
+                "keep_edge_layers": self.keep_edge_layers}
+
+
+class _TileReader:
+    """Feeds the calibration tiles to the quantizer (the fused graph takes uint8 NHWC), one range of
+    tiles per pass: with a stride of 1 the calibrator holds one tile's activations at a time (several
+    GB for the full-size model) instead of every tile's."""
+
+    def __init__(self, tiles: np.ndarray) -> None:
+        self.tiles = tiles
+        self._items: Iterator[np.ndarray] = iter(())
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._items = iter(self.tiles[start_index:end_index])
+
+    def get_next(self) -> dict | None:
+        tile = next(self._items, None)
+        return None if tile is None else {INPUT_NAME: tile[None]}
+
+
+def edge_convolutions(model: onnx.ModelProto) -> list[str]:
+    """Names of the convolutions nearest each generator's image input and output.
+
+    First layers: walking up from the convolution through non-convolution ops reaches the graph input
+    or a Tanh (a generated image feeding a segmentation generator). Last layers: walking down reaches a
+    Tanh before any other convolution.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    graph_inputs = {i.name for i in model.graph.input}
+
+    def reaches(start: list[str], step, is_target) -> bool:
+        seen, stack = set(), list(start)
+        while stack:
+            tensor = stack.pop()
+            if tensor in seen:
+                continue
+            seen.add(tensor)
+            for node, names in step(tensor):
+                if is_target(node, tensor):
+                    return True
+                if node is not None and node.op_type not in QUANTIZED_OPS:
+                    stack.extend(names)
+        return False
+
+    def up(tensor: str):
+        node = producers.get(tensor)
+        return [(node, list(node.input) if node else [])]
+
+    def down(tensor: str):
+        return [(node, list(node.output)) for node in consumers.get(tensor, [])]
+
+    def is_source(node, tensor) -> bool:
+        return (node is None and tensor in graph_inputs) or (node is not None and node.op_type == "Tanh")
+
+    edges = []
+    for node in model.graph.node:
+        if node.op_type not in QUANTIZED_OPS:
+            continue
+        if reaches(node.input[:1], up, is_source) or \
+                reaches(list(node.output), down, lambda n, _: n is not None and n.op_type == "Tanh"):
+            edges.append(node.name)
+    return edges
+
+
+def quantize_int8(fp32_onnx: Path, out_path: Path, tiles: np.ndarray, config: QuantizationConfig) -> dict:
+    """Write the Q/DQ INT8 graph to `out_path`; returns what was quantized and what was kept in float."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    if tiles.ndim != 4 or len(tiles) == 0:
+        raise ArgumentError(f"calibration needs a non-empty [N, 512, 512, 3] batch; got shape {tiles.shape}")
+    model = onnx.load(str(fp32_onnx), load_external_data=False)
+    excluded = edge_convolutions(model) if config.keep_edge_layers else []
+    convolutions = [n.name for n in model.graph.node if n.op_type in QUANTIZED_OPS]
+    del model
+    logger.info("quantizing %d of %d convolutions to INT8 (%s calibration on %d tiles)",
+                len(convolutions) - len(excluded), len(convolutions), config.method.value, len(tiles))
+    options = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False,
+               "CalibStridedMinMax": 1}  # one tile per calibration pass, whatever the method
+    try:
+        quantize_static(str(fp32_onnx), str(out_path), _TileReader(tiles), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANTIZED_OPS), per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                        calibrate_method=config.method.onnxruntime_method(), extra_options=options)
+    except (ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+        raise ExportError(f"INT8 quantization of {fp32_onnx} failed: {exc}") from exc
+    return {**config.describe(), "convolutions": len(convolutions),
+            "int8_convolutions": len(convolutions) - len(excluded), "float_convolutions": excluded}
