@@ -104,8 +104,11 @@ class Session:
                 raise BackendUnavailableError(f"onnxruntime offers no provider for device {self.device!r}")
             if self.onnx is not None:
                 return OnnxRuntimeBackend(self.onnx, self.device, self.precision)
-            return self._open_cached(self._onnx_entry, lambda entry: OnnxRuntimeBackend(
-                self._gated(entry / FUSED_ONNX), self.device, self.precision))
+            def open_entry(entry: Path) -> Backend:
+                self._gated(entry / FUSED_ONNX)
+                return OnnxRuntimeBackend(entry / FUSED_ONNX, self.device, self.precision)
+
+            return self._open_cached(self._onnx_entry, open_entry)
         from .backends.tensorrt_backend import TensorRTBackend
         tensorrt_module()  # fail fast, with what to install, before exporting anything
         build_config = options.get("build", TensorRTBuildConfig())
