@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from calibration.gate import require_passed
 from deepliif.errors import ValidationError
 from deepliif.imageio import prepare_out_dir
 
@@ -44,6 +45,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     trt.add_argument("--workspace-gib", type=float, default=8.0)
     trt.add_argument("--timing-cache", type=Path)
     trt.add_argument("--version-compatible", action="store_true")
+    trt.add_argument("--force-ungated", action="store_true", help="build from an int8/fp16 ONNX whose "
+                     "accuracy gate (accuracy.json beside it, from `calibrate`) is missing or failed")
     trt.set_defaults(handler=cmd_export_tensorrt)
 
     triton = kinds.add_parser("triton", help="a Triton model repository serving the ONNX or the plan")
@@ -81,7 +84,12 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
     config = TensorRTBuildConfig(args.min_batch, args.opt_batch, args.max_batch, args.workspace_gib,
                                  args.version_compatible, args.timing_cache)
     out = prepare_out_dir(args.out)
-    metadata = build_plan(args.onnx, out, config)
+
+    def gate(path: Path, precision: Precision) -> None:
+        if precision is not Precision.FP32:
+            require_passed(path, args.force_ungated)
+
+    metadata = build_plan(args.onnx, out, config, gate)
     print(json.dumps(metadata.__dict__, indent=2))
     print(f"wrote {out / PLAN_FILE} and {out / METADATA_FILE} in {metadata.build_seconds:.1f} s")
     return 0

@@ -8,6 +8,8 @@ a Q/DQ INT8 graph from `calibrate`.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -153,10 +155,17 @@ def onnx_precision(summary: OnnxSummary) -> Precision:
     return Precision.FP16 if "float16" in summary.initializer_types else Precision.FP32
 
 
-def build_plan(onnx_path: Path, out_dir: Path, config: TensorRTBuildConfig) -> EngineMetadata:
-    """Parse, build with a batch profile, write `deepliif.plan` and `engine.json` (both atomically)."""
+def build_plan(onnx_path: Path, out_dir: Path, config: TensorRTBuildConfig,
+               gate: Callable[[Path, Precision], object] | None = None) -> EngineMetadata:
+    """Parse, build with a batch profile, write `deepliif.plan` and `engine.json` (both atomically).
+
+    `gate(onnx_path, precision)` raises to refuse the graph before any TensorRT work (the accuracy gate
+    of an INT8/FP16 graph); it runs even where TensorRT is absent.
+    """
     summary = check_onnx(onnx_path)
     check_fused_signature(summary)
+    if gate is not None:
+        gate(Path(onnx_path), onnx_precision(summary))
     trt = tensorrt_module()
     gpu = GpuInfo.current()
     start = time.perf_counter()

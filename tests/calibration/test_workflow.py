@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from dataclasses import replace
@@ -172,3 +173,16 @@ def test_the_command_exits_non_zero_naming_the_worst_image(model_dir: Path, ihc_
     assert "FAILED" in captured.out and "worst image ihc" in captured.err
     assert main(args) == 0
     assert "gate passed" in capsys.readouterr().out and (tmp_path / "deepliif.onnx").is_file()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_export_tensorrt_builds_only_from_a_gated_reduced_precision_graph(calibrated: dict, plan: CalibrationPlan,
+                                                                          tmp_path: Path, capsys) -> None:
+    ungated = tmp_path / "ungated.onnx"
+    shutil.copy(plan.out / "deepliif.onnx", ungated)
+    assert main(["export", "tensorrt", "--onnx", str(ungated), "--out", str(tmp_path / "a")]) == 2
+    assert "no accuracy report" in capsys.readouterr().err
+    # the gated graph gets past the gate and stops only at the missing TensorRT
+    assert main(["export", "tensorrt", "--onnx", str(plan.out / "deepliif.onnx"), "--out", str(tmp_path / "b")]) == 2
+    error = capsys.readouterr().err
+    assert "tensorrt" in error.lower() and "accuracy" not in error
