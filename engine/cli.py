@@ -1,4 +1,4 @@
-"""`deepliif-engine`: infer, postprocess, demo-model, demo, bench."""
+"""`deepliif-engine`: infer, postprocess, demo-model, demo, export, calibrate, bench, serve, package."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,7 @@ from export.config import Precision
 
 from . import logger
 from .backends import BackendKind
+from .edi.cli import add_edi_parsers
 from .session import Session
 from .bench import BenchCase, bench_end_to_end, format_end_to_end, format_table, mosaic, plot, run_bench
 from .samples import benchmark_tiles, sample_images, synthetic_ihc
@@ -111,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_export_parser(sub)
     add_calibrate_parser(sub)
+    add_edi_parsers(sub)
 
     bench = sub.add_parser("bench", help="DeepLIIF way vs backends x precisions x batch sizes, same run")
     bench.add_argument("--model-dir", type=Path, help="default: a full-size random-weight model")

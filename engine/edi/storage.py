@@ -11,6 +11,7 @@ import abc
 import json
 import os
 import posixpath
+import shutil
 import threading
 import time
 import urllib.error
@@ -65,6 +66,13 @@ class Volume(abc.ABC):
     def describe(self, path: str) -> str:
         return path
 
+    def begin_dir(self, final: str) -> str:
+        """Where to write a set of files that must appear together under `final`."""
+        return final
+
+    def publish_dir(self, staging: str, final: str) -> None:
+        """Make the set written under `staging` appear as `final` (replacing an older one)."""
+
 
 class MountedVolume(Volume):
     """A directory mounted into the pod (a PVC), or any local directory."""
@@ -111,6 +119,23 @@ class MountedVolume(Volume):
 
     def describe(self, path: str) -> str:
         return str(self.resolve(path))
+
+    def begin_dir(self, final: str) -> str:
+        parent, name = posixpath.split(clean_relative_path(final))
+        staging = posixpath.join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
+        self.resolve(staging).mkdir(parents=True)
+        return staging
+
+    def publish_dir(self, staging: str, final: str) -> None:
+        """One rename: the whole set appears at once. An older set is moved aside first, then removed."""
+        source, target = self.resolve(staging), self.resolve(final)
+        old = None
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
+            os.replace(target, old)
+        os.replace(source, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -271,7 +296,3 @@ def open_volume(root: str | None, cpd: CpdSettings | None) -> Volume | None:
         return CpdVolume(cpd)
     return MountedVolume(root) if root else None
 
-
-def ensure_dir(volume: Volume, path: str) -> None:
-    if isinstance(volume, MountedVolume):
-        os.makedirs(volume.resolve(path), exist_ok=True)

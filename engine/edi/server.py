@@ -1,0 +1,163 @@
+"""A local EDI endpoint: `POST /dlim/v1/inference/<name>` in front of one kernel, as WMLA would put it.
+
+Any number of clients may connect; their requests queue onto the one kernel (EDI's exclusive GPU mode),
+and up to `task_batch_size` waiting requests are handed to it as one call, chained through `next()`, so
+the kernel can batch their tiles. Every answer is JSON. Requests the kernel sees are answered with HTTP
+200 whatever happened (the EDI contract); a body over the size limit is refused before it is read.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import queue
+import threading
+from concurrent.futures import Future
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from .. import logger
+from .runtime import Kernel, chain_tasks, start_kernel
+
+API_PREFIX = "/dlim/v1/inference/"
+DEFAULT_MAX_BODY = 256 << 20
+
+
+class KernelDispatcher:
+    """Feeds queued request bodies to the kernel, up to `task_batch_size` per call, one call at a time."""
+
+    def __init__(self, kernel: Kernel, task_batch_size: int = 4) -> None:
+        self.kernel = kernel
+        self.task_batch_size = max(1, task_batch_size)
+        self._pending: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="edi-dispatcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, body: bytes) -> Future:
+        future: Future = Future()
+        self._pending.put((body, future))
+        return future
+
+    def close(self) -> None:
+        self._pending.put(None)
+        self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        while (first := self._pending.get()) is not None:
+            batch = [first]
+            while len(batch) < self.task_batch_size:
+                try:
+                    item = self._pending.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._pending.put(None)
+                    break
+                batch.append(item)
+            self._invoke(batch)
+
+    def _invoke(self, batch: list[tuple[bytes, Future]]) -> None:
+        tasks = chain_tasks([body for body, _ in batch])
+        try:
+            self.kernel.on_task_invoke(tasks[0])
+        except Exception as exc:  # noqa: BLE001 - a kernel bug answers these requests, not the server
+            logger.exception("on_task_invoke raised")
+            for task in tasks:
+                task.output = task.output or error_body(f"kernel failed: {type(exc).__name__}: {exc}")
+        for task, (_, future) in zip(tasks, batch):
+            future.set_result(task.output if task.output is not None else error_body("kernel set no output"))
+
+
+def error_body(msg: str, request_id: str | None = None) -> str:
+    return json.dumps({"request_id": request_id, "status": "error", "msg": msg, "log": [msg]})
+
+
+class EdiHandler(BaseHTTPRequestHandler):
+    server: EdiHttpServer
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:  # noqa: N802 - the http.server API
+        if self.path.rstrip("/") != self.server.endpoint:
+            return self._reply(HTTPStatus.NOT_FOUND, error_body(f"no such endpoint {self.path}; use "
+                                                                 f"POST {self.server.endpoint}"))
+        length = self.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            return self._reply(HTTPStatus.LENGTH_REQUIRED, error_body("Content-Length is required"))
+        if int(length) > self.server.max_body:
+            self.close_connection = True
+            return self._reply(HTTPStatus.OK, error_body(f"request body is {length} bytes, over the limit of "
+                                                          f"{self.server.max_body}; send a path on the volume "
+                                                          "(img_path_on_pvc) for large images"))
+        body = self.rfile.read(int(length))
+        self._reply(HTTPStatus.OK, self.server.dispatcher.submit(body).result())
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.rstrip("/") != self.server.endpoint:
+            return self._reply(HTTPStatus.NOT_FOUND, error_body(f"no such endpoint {self.path}"))
+        self._reply(HTTPStatus.OK, json.dumps({"name": self.server.name, "status": "ready"}))
+
+    def _reply(self, status: HTTPStatus, body: str) -> None:
+        data = body.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the http.server API
+        logger.debug("http %s", format % args)
+
+
+class EdiHttpServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], dispatcher: KernelDispatcher, name: str,
+                 max_body: int = DEFAULT_MAX_BODY) -> None:
+        super().__init__(address, EdiHandler)
+        self.dispatcher = dispatcher
+        self.name = name
+        self.endpoint = API_PREFIX + name
+        self.max_body = max_body
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}{self.endpoint}"
+
+
+def load_kernel(path: Path) -> Kernel:
+    """Import a kernel file (kernel.py) and instantiate its Kernel subclass, as EDI does."""
+    spec = importlib.util.spec_from_file_location("edi_kernel", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"cannot import kernel file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Kernel) and v is not Kernel]
+    if len(classes) != 1:
+        raise TypeError(f"{path} must define exactly one Kernel subclass; found {[c.__name__ for c in classes]}")
+    return classes[0]()
+
+
+def serve_kernel(kernel: Kernel, model_description: str, host: str = "127.0.0.1", port: int = 8000,
+                 name: str | None = None, max_body: int = DEFAULT_MAX_BODY, task_batch_size: int = 4,
+                 ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
+    """Start the kernel, serve until `stop` is set (or Ctrl-C), then shut the kernel down."""
+    record = json.loads(model_description or "{}")
+    start_kernel(kernel, model_description)
+    dispatcher = KernelDispatcher(kernel, task_batch_size)
+    server = EdiHttpServer((host, port), dispatcher, name or record.get("name", "deepliif"), max_body)
+    logger.info("EDI endpoint ready: POST %s", server.url)
+    thread = threading.Thread(target=server.serve_forever, name="edi-http", daemon=True)
+    thread.start()
+    if ready is not None:
+        ready.server = server  # type: ignore[attr-defined]
+        ready.set()
+    try:
+        (stop or threading.Event()).wait()
+    except KeyboardInterrupt:
+        logger.info("interrupted")
+    finally:
+        server.shutdown()
+        server.server_close()
+        dispatcher.close()
+        kernel.on_kernel_shutdown()

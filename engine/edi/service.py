@@ -1,0 +1,288 @@
+"""What kernel.py delegates to: one engine Session for the kernel's life, and the EDI contract around it.
+
+`handle(bodies)` answers every task of one EDI call: status requests from the shared volume, inference
+requests decoded and checked first, then the synchronous ones run together (their tiles batched through
+one engine) and the long or `"async": true` ones queued to a background worker that records their status
+on the volume. Every failure of one request becomes that request's `status: error`; nothing a request
+does can stop the kernel.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import queue
+import time
+import traceback
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from deepliif.errors import DeepLIIFError
+from deepliif.imageio import encode_png, read_image
+from deepliif.inference import InferenceOptions, InferenceResult, tile_count
+
+from .. import logger
+from ..session import Session
+from .layout import DeploymentLayout, StatusStore, now
+from .requests import InferenceRequest, RequestError, StatusRequest, check_request_id, parse_request
+from .settings import KernelSettings
+from .storage import MountedVolume, StorageError, Volume, open_volume
+
+LOCAL_STEM = "local"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+UNFINISHED = ("submitted", "running")
+
+
+@dataclass
+class LoadedImage:
+    array: np.ndarray
+    data: bytes   # the file as received
+    name: str     # input file name (for input_dir)
+    stem: str     # output names: <stem>_<Name>.png
+    decode_seconds: float = 0.0
+
+
+class EdiService:
+    def __init__(self, settings: KernelSettings, log=None) -> None:
+        start = time.perf_counter()
+        self.settings = settings
+        self.log = log
+        self.volume: Volume | None = open_volume(settings.volume_root, settings.cpd)
+        state = self.volume or MountedVolume(_make_dir(settings.state_root))
+        self.layout = DeploymentLayout(settings.deployment, settings.pod)
+        self.status = StatusStore(state, self.layout)
+        self.state = state
+        self.session = Session(settings.model_dir, backend=settings.backend, precision=settings.precision,
+                               device=settings.device, cache_dir=settings.cache_dir,
+                               batch_size=settings.batch_size, onnx=settings.onnx)
+        self.session.warmup()  # the first call pays one-off costs (allocation, kernel selection)
+        self.seconds_per_tile = max(self.session.warmup(), 1e-3)
+        self._engine = threading.Lock()  # one engine call at a time: the GPU is this kernel's alone
+        self._jobs: queue.Queue = queue.Queue()
+        self._worker = threading.Thread(target=self._work, name="edi-async", daemon=True)
+        self._worker.start()
+        self.startup_seconds = time.perf_counter() - start
+        self._info(f"kernel ready in {self.startup_seconds:.1f} s: {self.session.info.name} "
+                   f"{self.session.precision.value} on {self.session.info.device}, batch {self.session.batch_size}, "
+                   f"{self.seconds_per_tile:.3f} s per tile; volume "
+                   f"{type(self.volume).__name__ if self.volume else 'none'}; sync budget {settings.sync_budget_s} s")
+
+    # ---- the call ----------------------------------------------------------------------------------
+    def handle(self, bodies: Sequence[str | bytes]) -> list[str]:
+        """One JSON response per body, in order."""
+        responses: list[dict | None] = [None] * len(bodies)
+        sync: list[tuple[int, InferenceRequest, LoadedImage, float]] = []
+        for index, body in enumerate(bodies):
+            try:
+                request = parse_request(body)
+                if isinstance(request, StatusRequest):
+                    responses[index] = self._status(request.request_id)
+                    continue
+                started = time.perf_counter()
+                image = self._load(request)
+                estimate = self._estimate(request, image)
+                if request.run_async or (request.run_async is None and estimate > self.settings.sync_budget_s):
+                    responses[index] = self._submit(request, image, estimate)
+                else:
+                    sync.append((index, request, image, started))
+            except Exception as exc:  # noqa: BLE001 - every failure is this request's error response
+                responses[index] = self._error(body, exc)
+        for index, response in self._run_sync(sync):
+            responses[index] = response
+        return [json.dumps(response) for response in responses]
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._worker.join(timeout=600)
+        self.session.close()
+
+    # ---- requests ----------------------------------------------------------------------------------
+    def _load(self, request: InferenceRequest) -> LoadedImage:
+        start = time.perf_counter()
+        self._refuse_if_unfinished(request.request_id)
+        limit = self.settings.max_request_bytes
+        if request.image_path is not None:
+            if self.volume is None:
+                raise RequestError("img_path_on_pvc needs a storage volume, and this deployment has none "
+                                   "(set DEEPLIIF_VOLUME_ROOT or the DEEPLIIF_CPD_* variables)")
+            data = self.volume.read_bytes(request.image_path, limit)
+            name = PurePosixPath(request.image_path).name
+            stem = PurePosixPath(name).stem or "image"
+        else:
+            data, name, stem = request.decode_image_bytes(), f"{LOCAL_STEM}.png", LOCAL_STEM
+        array = read_image(data, max_pixels=self.settings.max_pixels, name=request.image_path or "local_input_image")
+        return LoadedImage(array, data, name, stem, time.perf_counter() - start)
+
+    def _estimate(self, request: InferenceRequest, image: LoadedImage) -> float:
+        height, width = image.array.shape[:2]
+        return tile_count(width, height, request.tile_size) * self.seconds_per_tile
+
+    def _refuse_if_unfinished(self, request_id: str) -> None:
+        record = self.status.read(request_id)
+        if record and record.get("status") in UNFINISHED:
+            raise RequestError(f"request {request_id} is still {record['status']}; ask for its status or use "
+                               "another request_id")
+
+    def _options(self, request: InferenceRequest) -> InferenceOptions:
+        return InferenceOptions(tile_size=request.tile_size, batch_size=self.session.batch_size,
+                                outputs=request.outputs, postprocess=request.postprocess)
+
+    def _infer(self, images: list[np.ndarray], options: InferenceOptions) -> list[InferenceResult]:
+        with self._engine:
+            return self.session.infer_many(images, options)
+
+    def _run_sync(self, jobs: list[tuple[int, InferenceRequest, LoadedImage, float]]):
+        """Requests with the same options run as one tile stream (batched across requests)."""
+        groups: dict[tuple, list] = {}
+        for job in jobs:
+            groups.setdefault(repr(self._options(job[1])), []).append(job)
+        for group in groups.values():
+            options = self._options(group[0][1])
+            try:
+                results = self._infer([job[2].array for job in group], options)
+            except Exception as exc:  # noqa: BLE001
+                for index, request, _, _ in group:
+                    yield index, self._error_for(request.request_id, exc)
+                continue
+            for (index, request, image, started), result in zip(group, results):
+                try:
+                    yield index, self._finish(request, image, result, started, write_local=False)
+                except Exception as exc:  # noqa: BLE001
+                    yield index, self._error_for(request.request_id, exc)
+
+    def _finish(self, request: InferenceRequest, image: LoadedImage, result: InferenceResult, started: float,
+                write_local: bool) -> dict:
+        """The response: images inline (base64 input) or written to the volume (path input, async)."""
+        io_start = time.perf_counter()
+        response = {"request_id": request.request_id, "status": "finished", "scoring": result.scoring,
+                    "log": [*request.warnings, f"{result.tiles} tiles ({result.empty_tiles} empty) on "
+                            f"{self.session.info.name} {self.session.precision.value} {self.session.info.device}"]}
+        if request.image_path is not None or write_local:
+            location = self._write_outputs(request, image, result)
+            response.update(output_dir=location, output_location=self.status.volume.describe(location))
+        else:
+            response["images"] = self._inline_images(image, result)
+        total = time.perf_counter() - started
+        inference = result.timings.get("total_seconds", 0.0)
+        response["timings"] = {"read_decode_seconds": round(image.decode_seconds, 4),
+                               "inference_seconds": round(inference, 4),
+                               "write_seconds": round(time.perf_counter() - io_start, 4),
+                               "total_seconds": round(total, 4), "overhead_seconds": round(total - inference, 4)}
+        response["msg"] = (f"finished: {result.scoring['num_total']} cells, {result.scoring['percent_pos']}% "
+                           f"positive, {total:.2f} s")
+        self._record(request.request_id, "finished", response["msg"])
+        return response
+
+    def _inline_images(self, image: LoadedImage, result: InferenceResult) -> dict[str, str]:
+        original = image.data if image.data.startswith(PNG_MAGIC) else encode_png(image.array)
+        images = {f"{LOCAL_STEM}.png": original}
+        images.update({f"{LOCAL_STEM}_{name}.png": encode_png(array) for name, array in result.images.items()})
+        return {name: base64.b64encode(data).decode("ascii") for name, data in images.items()}
+
+    def _write_outputs(self, request: InferenceRequest, image: LoadedImage, result: InferenceResult) -> str:
+        """All outputs appear together (one rename on a mounted volume); the input is kept beside them."""
+        volume = self.status.volume
+        final = self.layout.output_dir(request.request_id)
+        staging = volume.begin_dir(final)
+        for name, array in result.images.items():
+            volume.write_bytes(f"{staging}/{image.stem}_{name}.png", encode_png(array))
+        volume.write_bytes(f"{staging}/{image.stem}_scoring.json", json.dumps(result.scoring, indent=1).encode())
+        volume.write_bytes(f"{self.layout.input_dir(request.request_id)}/{image.name}", image.data)
+        volume.publish_dir(staging, final)
+        return final
+
+    # ---- async -------------------------------------------------------------------------------------
+    def _submit(self, request: InferenceRequest, image: LoadedImage, estimate: float) -> dict:
+        reason = "asked for" if request.run_async else f"estimated {estimate:.0f} s > {self.settings.sync_budget_s:.0f} s"
+        record = {"status": "submitted", "msg": f"submitted ({reason}); ask {{\"type\": \"status\", "
+                  f"\"request_id\": \"{request.request_id}\"}}", "log": list(request.warnings),
+                  "submitted_at": now(), "estimated_seconds": round(estimate, 1),
+                  "local_input": request.image_path is None}
+        self.status.write(request.request_id, record)
+        self._jobs.put((request, image))
+        self._record(request.request_id, "submitted", record["msg"])
+        return {"request_id": request.request_id, **record}
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            request, image = job
+            started = time.perf_counter()
+            base = self.status.read(request.request_id) or {}
+            try:
+                self.status.write(request.request_id, {**base, "status": "running", "started_at": now(),
+                                                       "msg": "running"})
+                (result,) = self._infer([image.array], self._options(request))
+                response = self._finish(request, image, result, started, write_local=True)
+                self.status.write(request.request_id, {**base, **response, "finished_at": now()})
+            except Exception as exc:  # noqa: BLE001 - the worker outlives every job
+                failure = self._error_for(request.request_id, exc)
+                try:
+                    self.status.write(request.request_id, {**base, **failure, "finished_at": now()})
+                except Exception:  # noqa: BLE001
+                    logger.exception("cannot record the failure of %s", request.request_id)
+
+    def _status(self, request_id: str) -> dict:
+        record = self.status.read(request_id)
+        if record is None:
+            raise RequestError(f"no request {request_id} is known to deployment {self.settings.deployment}")
+        if record.get("status") == "finished" and record.get("local_input") and record.get("output_dir"):
+            record["images"] = self._read_back_images(record["output_dir"])
+        return record
+
+    def _read_back_images(self, output_dir: str) -> dict[str, str]:
+        volume = self.status.volume
+        return {name: base64.b64encode(volume.read_bytes(f"{output_dir}/{name}", 1 << 31)).decode("ascii")
+                for name in volume.list(output_dir) if name.endswith(".png")}
+
+    # ---- errors and logs ---------------------------------------------------------------------------
+    def _error(self, body: str | bytes, exc: Exception) -> dict:
+        return self._error_for(_request_id_of(body) or str(uuid.uuid4()), exc)
+
+    def _error_for(self, request_id: str | None, exc: Exception) -> dict:
+        if isinstance(exc, (DeepLIIFError, StorageError)):
+            msg = str(exc)
+            detail = [msg]
+        else:
+            msg = f"internal error ({type(exc).__name__}: {exc}); the kernel keeps serving"
+            detail = traceback.format_exception_only(type(exc), exc)
+            logger.exception("request %s failed unexpectedly", request_id)
+        self._record(request_id, "error", msg)
+        return {"request_id": request_id, "status": "error", "msg": msg, "log": detail}
+
+    def _record(self, request_id: str | None, status: str, msg: str) -> None:
+        line = f"{now()} {self.settings.pod} {request_id} {status}: {msg}"
+        (self._error_log if status == "error" else self._info)(line)
+        try:
+            self.state.append_text(self.layout.log_file, line + "\n")
+        except Exception as exc:  # noqa: BLE001 - a log that cannot be written must not fail the request
+            logger.warning("cannot append to %s: %s", self.layout.log_file, exc)
+
+    def _info(self, text: str) -> None:
+        logger.info("%s", text)
+        if self.log is not None:
+            self.log.log_info(text)
+
+    def _error_log(self, text: str) -> None:
+        logger.warning("%s", text)
+        if self.log is not None:
+            self.log.log_error(text)
+
+
+def _request_id_of(body: str | bytes) -> str | None:
+    """The request's own id for an error response, when it has a valid one."""
+    try:
+        record = json.loads(body)
+        return check_request_id(record["request_id"]) if isinstance(record, dict) else None
+    except Exception:  # noqa: BLE001 - an unparsable body simply has no id to echo
+        return None
+
+
+def _make_dir(path: Path | None) -> Path:
+    if path is None:
+        raise StorageError("no place for request status: set DEEPLIIF_VOLUME_ROOT or REDHARE_MODEL_PATH")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
