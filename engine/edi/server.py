@@ -3,7 +3,7 @@
 Any number of clients may connect; their requests queue onto the one kernel (EDI's exclusive GPU mode),
 and up to `task_batch_size` waiting requests are handed to it as one call, chained through `next()`, so
 the kernel can batch their tiles. Every answer is JSON. Requests the kernel sees are answered with HTTP
-200 whatever happened (the EDI contract); a body over the size limit is refused before it is read.
+200 whatever happened (the EDI contract); a body over the size limit is refused without being kept.
 """
 from __future__ import annotations
 
@@ -84,12 +84,20 @@ class EdiHandler(BaseHTTPRequestHandler):
         if length is None or not length.isdigit():
             return self._reply(HTTPStatus.LENGTH_REQUIRED, error_body("Content-Length is required"))
         if int(length) > self.server.max_body:
+            self._discard(int(length))  # not kept: read in chunks so the client can hear the answer
             self.close_connection = True
             return self._reply(HTTPStatus.OK, error_body(f"request body is {length} bytes, over the limit of "
                                                           f"{self.server.max_body}; send a path on the volume "
                                                           "(img_path_on_pvc) for large images"))
         body = self.rfile.read(int(length))
         self._reply(HTTPStatus.OK, self.server.dispatcher.submit(body).result())
+
+    def _discard(self, length: int, chunk: int = 1 << 20) -> None:
+        while length > 0:
+            read = self.rfile.read(min(chunk, length))
+            if not read:
+                return
+            length -= len(read)
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path.rstrip("/") != self.server.endpoint:
