@@ -36,13 +36,15 @@ def synthetic_ihc(height: int = NETWORK_TILE, width: int = NETWORK_TILE, seed: i
     image = np.empty((height, width, 3), dtype=np.float32)
     image[:] = (228, 222, 230)
     image += rng.normal(0, 6, size=image.shape)
-    yy, xx = np.mgrid[0:height, 0:width]
     for _ in range(max(1, height * width // 2500)):
         cy, cx = rng.uniform(0, height), rng.uniform(0, width)
         ry, rx = rng.uniform(4, 10, size=2)
         colour = (150, 95, 60) if rng.random() < 0.3 else (95, 100, 165)
+        top, left = max(0, int(cy - ry) - 1), max(0, int(cx - rx) - 1)  # the nucleus's bounding box
+        yy, xx = np.mgrid[top:min(height, int(cy + ry) + 2), left:min(width, int(cx + rx) + 2)]
         inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
-        image[inside] = colour + rng.normal(0, 8, size=(int(inside.sum()), 3))
+        window = image[top:top + inside.shape[0], left:left + inside.shape[1]]
+        window[inside] = colour + rng.normal(0, 8, size=(int(inside.sum()), 3))
     return np.clip(image, 0, 255).astype(np.uint8)
 
 

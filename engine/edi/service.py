@@ -9,6 +9,7 @@ does can stop the kernel.
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import threading
 import queue
@@ -35,6 +36,7 @@ from .storage import MountedVolume, StorageError, Volume, open_volume
 LOCAL_STEM = "local"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 UNFINISHED = ("submitted", "running")
+STALE_AFTER_S = 900.0  # an unfinished record not updated for this long (or 3x its estimate) is lost
 
 
 @dataclass
@@ -122,7 +124,7 @@ class EdiService:
         return tile_count(width, height, request.tile_size) * self.seconds_per_tile
 
     def _refuse_if_unfinished(self, request_id: str) -> None:
-        record = self.status.read(request_id)
+        record = self._current(request_id)
         if record and record.get("status") in UNFINISHED:
             raise RequestError(f"request {request_id} is still {record['status']}; ask for its status or use "
                                "another request_id")
@@ -225,8 +227,18 @@ class EdiService:
                 except Exception:  # noqa: BLE001
                     logger.exception("cannot record the failure of %s", request.request_id)
 
-    def _status(self, request_id: str) -> dict:
+    def _current(self, request_id: str) -> dict | None:
+        """The status record, with an unfinished one whose kernel evidently died reported as an error."""
         record = self.status.read(request_id)
+        if record and record.get("status") in UNFINISHED:
+            age = time.time() - datetime.datetime.fromisoformat(record["updated_at"]).timestamp()
+            if age > max(STALE_AFTER_S, 3 * record.get("estimated_seconds", 0)):
+                record.update(status="error", msg=f"lost: {record['status']} for {age:.0f} s without an update; "
+                              "the kernel running it stopped; submit it again")
+        return record
+
+    def _status(self, request_id: str) -> dict:
+        record = self._current(request_id)
         if record is None:
             raise RequestError(f"no request {request_id} is known to deployment {self.settings.deployment}")
         if record.get("status") == "finished" and record.get("local_input") and record.get("output_dir"):
