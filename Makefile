@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/deepliif-engine demo --out demo-output
+	$(VENV)/bin/deepliif-engine demo --out demo-output --edi
 
 test: $(STAMP)
 	$(PY) -m pytest -q

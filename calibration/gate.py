@@ -94,7 +94,8 @@ def _severity(entry: dict) -> tuple:
     return (entry["delta"]["percent_pos"], -(math.inf if seg is None else seg))
 
 
-def evaluate(reference: TileBatchRunner, candidate: TileBatchRunner, images: Sequence[tuple[str, np.ndarray]], limits: GateThresholds,
+def evaluate(reference: TileBatchRunner, candidate: TileBatchRunner, images: Sequence[tuple[str, np.ndarray]],
+             limits: GateThresholds,
              batch_size: int = 4, progress: Callable[[str], None] | None = None) -> dict:
     """Run both on every image and judge the candidate; returns the report (never raises on a failed gate)."""
     if not images:

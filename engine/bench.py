@@ -78,7 +78,8 @@ def flops_per_tile(model: DeepLIIFModel) -> float:
         total += 2.0 * weight.numel() * spatial / module.groups
 
     pipeline = copy.deepcopy(FusedPipeline(model)).to("meta")  # a copy: moving to meta drops weights
-    hooks = [m.register_forward_hook(count) for m in pipeline.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    convolutions = [m for m in pipeline.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    hooks = [m.register_forward_hook(count) for m in convolutions]
     try:
         with torch.no_grad():
             pipeline(torch.zeros((1, NETWORK_TILE, NETWORK_TILE, 3), dtype=torch.uint8, device="meta"))

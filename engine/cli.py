@@ -107,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model-dir", type=Path, help=f"default: a random-weight model in {DEMO_MODEL_DIR}/")
     demo.add_argument("--out", type=Path, default=Path("demo-output"))
     demo.add_argument("--ngf", type=int, default=64)
+    demo.add_argument("--edi", action="store_true", help="then a request/response round trip through kernel.py "
+                      "behind the local EDI endpoint")
     _add_backend_args(demo, default_backend="torch")
     demo.set_defaults(handler=cmd_demo)
 
@@ -221,10 +223,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
         options = InferenceOptions(batch_size=args.batch_size or session.batch_size)
         records = infer_files(session, images, args.out, options, quiet=args.quiet)
     if args.model_dir is None:
-        print("NOTE: the demo model has RANDOM weights: images and counts are meaningless; this shows plumbing and speed.")
+        print("NOTE: the demo model has RANDOM weights: images and counts are meaningless; "
+              "this shows plumbing and speed.")
     for record in records:
         print(f"  {record}")
     print(f"demo results in {args.out.resolve()}/ ({len(records)} images, PNGs and JSON per image)")
+    if args.edi:
+        from .edi.demo import round_trip
+        for line in round_trip(Path(model_dir), images[0], args.cache_dir, args.backend, args.device):
+            print(line)
     return 0
 
 

@@ -219,4 +219,5 @@ def quick_validation(model: DeepLIIFModel, onnx_path: Path, precision: Precision
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
     tile = synthetic_ihc(NETWORK_TILE, NETWORK_TILE, seed=1)[None]
     with OnnxRuntimeBackend(onnx_path, device="cpu", precision=precision) as candidate:
-        return validate(TileRunner(FusedPipeline(model)).run, candidate.run, tile, (1,), Tolerance.for_precision(precision))
+        return validate(TileRunner(FusedPipeline(model)).run, candidate.run, tile, (1,),
+                        Tolerance.for_precision(precision))

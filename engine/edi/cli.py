@@ -25,6 +25,15 @@ def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_BODY >> 20)
     serve.set_defaults(handler=cmd_serve)
 
+    overhead = sub.add_parser("edi-bench", help="the EDI kernel's overhead on top of inference, per request")
+    overhead.add_argument("--model-dir", type=Path, required=True)
+    overhead.add_argument("--images", type=Path, nargs="+", help="default: the sample tiles")
+    overhead.add_argument("--repeats", type=int, default=3)
+    overhead.add_argument("--backend", default="auto")
+    overhead.add_argument("--device", default="auto")
+    overhead.add_argument("--cache-dir", type=Path)
+    overhead.set_defaults(handler=cmd_edi_bench)
+
     pack = sub.add_parser("package", help="assemble the folder for `dlim model deploy -p`")
     pack.add_argument("--out", type=Path, required=True)
     pack.add_argument("--model-dir", type=Path)
@@ -56,4 +65,27 @@ def cmd_package(args: argparse.Namespace) -> int:
     print("then run:")
     for command in contents["commands"]:
         print(f"  {command}")
+    return 0
+
+
+def cmd_edi_bench(args: argparse.Namespace) -> int:
+    import statistics
+
+    from deepliif.tables import format_rows
+
+    from ..samples import sample_images
+    from .demo import measure_overhead
+    images = args.images or sample_images()
+    rows = measure_overhead(args.model_dir, images, args.cache_dir, args.backend, args.device, args.repeats)
+    table = [("mode", "requests", "inference s (median)", "read+decode s", "write s", "overhead s (median / max)",
+              "HTTP+JSON s (median)")]
+    for mode in ("base64", "path"):
+        mine = [r for r in rows if r["mode"] == mode]
+        table.append((mode, str(len(mine)), f"{statistics.median(r['inference_seconds'] for r in mine):.3f}",
+                      f"{statistics.median(r['read_decode_seconds'] for r in mine):.3f}",
+                      f"{statistics.median(r['write_seconds'] for r in mine):.3f}",
+                      f"{statistics.median(r['overhead_seconds'] for r in mine):.3f} / "
+                      f"{max(r['overhead_seconds'] for r in mine):.3f}",
+                      f"{statistics.median(r['transport_seconds'] for r in mine):.3f}"))
+    print("\n".join(format_rows(table)))
     return 0

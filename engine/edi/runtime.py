@@ -76,7 +76,8 @@ class Kernel:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         model_json = Path(os.environ.get("DEEPLIIF_MODEL_JSON", Path(__file__).resolve().parents[2] / "model.json"))
         serve_kernel(self, model_json.read_text() if model_json.is_file() else "{}",
-                     host=os.environ.get("DEEPLIIF_HOST", "127.0.0.1"), port=int(os.environ.get("DEEPLIIF_PORT", "8000")))
+                     host=os.environ.get("DEEPLIIF_HOST", "127.0.0.1"),
+                     port=int(os.environ.get("DEEPLIIF_PORT", "8000")))
 
 
 def start_kernel(kernel: Kernel, model_description: str) -> None:

@@ -199,7 +199,8 @@ class EdiService:
 
     # ---- async -------------------------------------------------------------------------------------
     def _submit(self, request: InferenceRequest, image: LoadedImage, estimate: float) -> dict:
-        reason = "asked for" if request.run_async else f"estimated {estimate:.0f} s > {self.settings.sync_budget_s:.0f} s"
+        budget = self.settings.sync_budget_s
+        reason = "asked for" if request.run_async else f"estimated {estimate:.0f} s > {budget:.0f} s"
         record = {"status": "submitted", "msg": f"submitted ({reason}); ask {{\"type\": \"status\", "
                   f"\"request_id\": \"{request.request_id}\"}}", "log": list(request.warnings),
                   "submitted_at": now(), "estimated_seconds": round(estimate, 1),

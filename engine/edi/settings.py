@@ -112,7 +112,8 @@ def _cpd(env: Mapping[str, str]) -> CpdSettings | None:
         return None
     if len(given) != len(names):
         missing = sorted(set(names) - set(given))
-        raise ArgumentError(f"a Cloud Pak for Data volume needs all of {', '.join(names)}; missing {', '.join(missing)}")
+        raise ArgumentError(f"a Cloud Pak for Data volume needs all of {', '.join(names)}; "
+                            f"missing {', '.join(missing)}")
     return CpdSettings(*(env[name] for name in names),
                        verify_tls=env.get("DEEPLIIF_CPD_VERIFY_TLS", "1") not in ("0", "false", "no"))
 

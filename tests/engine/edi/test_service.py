@@ -7,7 +7,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -102,7 +101,7 @@ def test_two_kernels_share_one_volume_and_cache_without_corrupting_each_other(ed
     finally:
         for kernel in kernels:
             kernel.close()
-    for pod, responses in results.items():
+    for responses in results.values():
         assert [r["status"] for r in responses] == ["finished"] * 4, responses
     base = volume / "edi_deployments/deepliif"
     for pod in ("pod-a", "pod-b"):
@@ -127,7 +126,8 @@ def test_a_kernel_killed_mid_request_leaves_nothing_that_looks_complete(edi_mode
               "from engine.edi.runtime import start_kernel, TaskContext\n"
               "k = kernel.DeepLIIFKernel(); start_kernel(k, open('model.json').read())\n"
               "print('ready', flush=True)\n"
-              "t = TaskContext(json.dumps({'img_path_on_pvc': 'slides/big.png', 'tile_size': 64, 'request_id': 'doomed', 'async': False}))\n"
+              "t = TaskContext(json.dumps({'img_path_on_pvc': 'slides/big.png', 'tile_size': 64,\n"
+              "                            'request_id': 'doomed', 'async': False}))\n"
               "k.on_task_invoke(t)\nprint('finished', flush=True)\n")
     process = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)

@@ -25,7 +25,8 @@ def test_model_json_has_the_edi_fields_and_its_environment_applies() -> None:
             "mk_environments"} <= set(record)
     assert (ROOT / record["kernel_path"]).is_file() and (ROOT / record["readme"]).is_file()
     profile = json.loads((ROOT / "model-profile.json").read_text())
-    assert profile["kernel"]["gpu"] == "exclusive" and "ncpus_limit=" in profile["resource_allocation"]["kernel"]["resources"]
+    assert profile["kernel"]["gpu"] == "exclusive"
+    assert "ncpus_limit=" in profile["resource_allocation"]["kernel"]["resources"]
     assert {"task_execution_timeout", "task_batch_size"} <= set(profile["policy"])
     settings = KernelSettings.from_environment({"REDHARE_MODEL_PATH": "/sub", "DEEPLIIF_PRECISION": "fp16",
                                                 "MSD_POD_NAME": "p1"}, MODEL_JSON)
