@@ -283,14 +283,17 @@ class EdiService:
             logger.warning("cannot append to %s: %s", self.layout.log_file, exc)
 
     def _info(self, text: str) -> None:
-        logger.info("%s", text)
+        """To the kernel's log (the WMLA console) when there is one, else to the package logger."""
         if self.log is not None:
             self.log.log_info(text)
+        else:
+            logger.info("%s", text)
 
     def _error_log(self, text: str) -> None:
-        logger.warning("%s", text)
         if self.log is not None:
             self.log.log_error(text)
+        else:
+            logger.warning("%s", text)
 
 
 def _request_id_of(body: str | bytes) -> str | None:
