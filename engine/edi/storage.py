@@ -169,6 +169,7 @@ class CpdVolume(Volume):
         self._token_time = 0.0
         self._token_lock = threading.Lock()
         self._append_lock = threading.Lock()
+        self._appended: dict[str, bytes] = {}
 
     @staticmethod
     def _default_opener(verify_tls: bool) -> urllib.request.OpenerDirector:
@@ -271,16 +272,19 @@ class CpdVolume(Volume):
         return sorted(e if isinstance(e, str) else str(e.get("name", "")) for e in entries)
 
     def append_text(self, path: str, text: str) -> None:
-        """No append in the API: read, add, write back (under a lock, so lines of this kernel never
-        interleave; each kernel writes its own per-pod log file)."""
+        """No append in the API: the file is read once, kept, and written back whole with each addition
+        (under a lock; each kernel appends only to its own per-pod log, so the kept copy stays current)."""
         with self._append_lock:
-            try:
-                old = self.read_bytes(path, 1 << 30)
-            except StorageError as exc:
-                if "(404)" not in str(exc):
-                    raise
-                old = b""
-            self.write_bytes(path, old + text.encode())
+            if path not in self._appended:
+                try:
+                    self._appended[path] = self.read_bytes(path, 1 << 30)
+                except StorageError as exc:
+                    if "(404)" not in str(exc):
+                        raise
+                    self._appended[path] = b""
+            content = self._appended[path] + text.encode()
+            self.write_bytes(path, content)
+            self._appended[path] = content
 
     def describe(self, path: str) -> str:
         return f"cpd://{self.settings.volume}/{clean_relative_path(path)}"
