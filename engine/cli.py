@@ -230,7 +230,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo results in {args.out.resolve()}/ ({len(records)} images, PNGs and JSON per image)")
     if args.edi:
         from .edi.demo import round_trip
-        for line in round_trip(Path(model_dir), images[0], args.cache_dir, args.backend, args.device):
+        for line in round_trip(Path(model_dir), images[0], args.out / "edi", args.cache_dir, args.backend,
+                               args.device):
             print(line)
     return 0
 

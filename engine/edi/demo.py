@@ -62,22 +62,25 @@ def local_endpoint(model_dir: Path, volume: Path, cache_dir: Path | None, backen
                 os.environ[name] = value
 
 
-def _volume_with(scratch: str, images: list[Path]) -> Path:
-    volume = Path(scratch) / "volume"
+def _volume_with(root: str | Path, images: list[Path]) -> Path:
+    volume = Path(root) / "volume"
+    if volume.exists():
+        shutil.rmtree(volume)
     (volume / "slides").mkdir(parents=True)
     for image in images:
         shutil.copy(image, volume / "slides" / image.name)
     return volume
 
 
-def round_trip(model_dir: Path, image: Path, cache_dir: Path | None, backend: str, device: str) -> list[str]:
-    with tempfile.TemporaryDirectory(prefix="deepliif-edi-demo-") as scratch:
-        with local_endpoint(model_dir, _volume_with(scratch, [image]), cache_dir, backend, device) as url:
-            local = _post(url, {"local_input_image": base64.b64encode(image.read_bytes()).decode(),
-                                "request_id": "demo-local"})
-            path = _post(url, {"img_path_on_pvc": f"slides/{image.name}", "request_id": "demo-path",
-                               "images_to_return": "seg_masks"})
-            bad = _post(url, {"img_path_on_pvc": "../outside.png"})
+def round_trip(model_dir: Path, image: Path, out: Path, cache_dir: Path | None, backend: str, device: str
+               ) -> list[str]:
+    """Two good requests and a bad one; the volume (inputs, outputs, status, logs) is kept under `out`."""
+    with local_endpoint(model_dir, _volume_with(out, [image]), cache_dir, backend, device) as url:
+        local = _post(url, {"local_input_image": base64.b64encode(image.read_bytes()).decode(),
+                            "request_id": "demo-local"})
+        path = _post(url, {"img_path_on_pvc": f"slides/{image.name}", "request_id": "demo-path",
+                           "images_to_return": "seg_masks"})
+        bad = _post(url, {"img_path_on_pvc": "../outside.png"})
     return [f"EDI round trip on {url}:", _summary("base64 request", local), _summary("path request", path),
             f"  bad request: HTTP 200, status {bad['status']}, msg {bad['msg']!r}"]
 

@@ -63,6 +63,19 @@ def test_demo_on_a_generated_image(generated_models: dict[Layout, Path], tmp_pat
     assert f"demo results in {out.resolve()}/" in capsys.readouterr().out
 
 
+def test_demo_ends_with_an_edi_round_trip(generated_models: dict[Layout, Path], tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("DEEPLIIF_SAMPLE_DIR", str(tmp_path / "no-samples"))
+    out = tmp_path / "demo"
+    assert main(["-q", "demo", "--model-dir", str(generated_models[Layout.CHECKPOINT]), "--out", str(out),
+                 "--backend", "onnxruntime", "--cache-dir", str(tmp_path / "cache"), "--edi"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("HTTP 200, status finished") == 2 and "HTTP 200, status error" in printed
+    outputs = out / "edi/volume/edi_deployments/deepliif/demo-path/output_dir"
+    assert sorted(p.name for p in outputs.glob("*.png")) == [
+        "generated_ihc_Seg.png", "generated_ihc_SegOverlaid.png", "generated_ihc_SegRefined.png"]
+
+
 def test_bench_command(generated_models: dict[Layout, Path], tmp_path: Path,
                        capsys: pytest.CaptureFixture[str]) -> None:
     report = tmp_path / "bench.json"
