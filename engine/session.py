@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import torch
 
-from deepliif.errors import AccuracyGateError, ArgumentError, ArtifactError, BackendUnavailableError
+from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError
 from deepliif.imageio import file_sha256, write_json
 from deepliif.inference import InferenceOptions, InferenceResult
 from deepliif.model_dir import DeepLIIFModel, load_model_dir
@@ -104,11 +104,8 @@ class Session:
                 raise BackendUnavailableError(f"onnxruntime offers no provider for device {self.device!r}")
             if self.onnx is not None:
                 return OnnxRuntimeBackend(self.onnx, self.device, self.precision)
-            def open_entry(entry: Path) -> Backend:
-                self._gated(entry / FUSED_ONNX)
-                return OnnxRuntimeBackend(entry / FUSED_ONNX, self.device, self.precision)
-
-            return self._open_cached(self._onnx_entry, open_entry)
+            return self._open_cached(self._onnx_entry, lambda entry: OnnxRuntimeBackend(
+                entry / FUSED_ONNX, self.device, self.precision))
         from .backends.tensorrt_backend import TensorRTBackend
         tensorrt_module()  # fail fast, with what to install, before exporting anything
         build_config = options.get("build", TensorRTBuildConfig())
@@ -120,7 +117,7 @@ class Session:
         entry = get_entry(False)
         try:
             return open_backend(entry)
-        except (ArtifactError, AccuracyGateError) as exc:
+        except ArtifactError as exc:
             logger.warning("cached artifact %s does not load (%s); rebuilding it", entry, exc)
         return open_backend(get_entry(True))
 
@@ -163,7 +160,9 @@ class Session:
                                                  "model_sha256": self._model_sha256,
                                                  "onnx_sha256": file_sha256(staging / FUSED_ONNX)})
 
-        return self.cache.get(self._onnx_parts(), build, rebuild=rebuild)
+        # the cache's own check: an entry whose accuracy report is missing or failed is rebuilt, not served
+        return self.cache.get(self._onnx_parts(), build, check=lambda entry: self._gated(entry / FUSED_ONNX),
+                              rebuild=rebuild)
 
     def _plan_entry(self, build_config: TensorRTBuildConfig, rebuild: bool = False) -> Path:
         import tensorrt
@@ -174,17 +173,9 @@ class Session:
             source = self.onnx
             parts["onnx_sha256"] = file_sha256(source)
         else:
-            source = self._gated_cached_onnx()
+            source = self._onnx_entry() / FUSED_ONNX
         timing = TensorRTBuildConfig(**{**build_config.__dict__, "timing_cache": self.cache.root / "timing.cache"})
         return self.cache.get(parts, lambda staging: build_plan(source, staging, timing), rebuild=rebuild)
-
-    def _gated_cached_onnx(self) -> Path:
-        path = self._onnx_entry() / FUSED_ONNX
-        try:
-            self._gated(path)
-        except AccuracyGateError:
-            path = self._onnx_entry(rebuild=True) / FUSED_ONNX
-        return path
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Any number of tiles; split to the backend's batch limit."""

@@ -16,7 +16,7 @@ import re
 
 from deepliif.errors import ArgumentError
 
-from .storage import StorageError, Volume
+from .storage import NotFoundError, StorageError, Volume
 
 ROOT = "edi_deployments"
 STATUS_FILE = "status.json"
@@ -60,11 +60,10 @@ class StatusStore:
         self.layout = layout
 
     def read(self, request_id: str) -> dict | None:
-        path = self.layout.status_file(request_id)
-        if not self.volume.exists(path):
+        try:  # one read, not an existence check and then a read (two requests on a CPD volume)
+            return json.loads(self.volume.read_bytes(self.layout.status_file(request_id), 16 << 20))
+        except NotFoundError:
             return None
-        try:
-            return json.loads(self.volume.read_bytes(path, 16 << 20))
         except ValueError as exc:
             raise StorageError(f"status of {request_id} is unreadable ({exc})") from exc
 

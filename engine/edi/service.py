@@ -58,8 +58,8 @@ class EdiService:
         self.volume: Volume | None = open_volume(settings.volume_root, settings.cpd)
         state = self.volume or MountedVolume(_make_dir(settings.state_root))
         self.layout = DeploymentLayout(settings.deployment, settings.pod)
+        self.state = state  # async status, outputs of async requests and the per-pod log live here
         self.status = StatusStore(state, self.layout)
-        self.state = state
         self.session = Session(settings.model_dir, backend=settings.backend, precision=settings.precision,
                                device=settings.device, cache_dir=settings.cache_dir,
                                batch_size=settings.batch_size, onnx=settings.onnx)
@@ -143,11 +143,10 @@ class EdiService:
 
     def _run_sync(self, jobs: list[tuple[int, InferenceRequest, LoadedImage, float]]):
         """Requests with the same options run as one tile stream (batched across requests)."""
-        groups: dict[tuple, list] = {}
+        groups: dict[InferenceOptions, list] = {}
         for job in jobs:
-            groups.setdefault(repr(self._options(job[1])), []).append(job)
-        for group in groups.values():
-            options = self._options(group[0][1])
+            groups.setdefault(self._options(job[1]), []).append(job)
+        for options, group in groups.items():
             try:
                 results = self._infer([job[2].array for job in group], options)
             except Exception as exc:  # noqa: BLE001
@@ -169,7 +168,7 @@ class EdiService:
                             f"{self.session.info.name} {self.session.precision.value} {self.session.info.device}"]}
         if request.image_path is not None or write_local:
             location = self._write_outputs(request, image, result)
-            response.update(output_dir=location, output_location=self.status.volume.describe(location))
+            response.update(output_dir=location, output_location=self.state.describe(location))
         else:
             response["images"] = self._inline_images(image, result)
         total = time.perf_counter() - started
@@ -195,7 +194,7 @@ class EdiService:
 
     def _write_outputs(self, request: InferenceRequest, image: LoadedImage, result: InferenceResult) -> str:
         """All outputs appear together (one rename on a mounted volume); the input is kept beside them."""
-        volume = self.status.volume
+        volume = self.state
         final = self.layout.output_dir(request.request_id)
         staging = volume.begin_dir(final)
         for name, data in self._encode(result.images).items():
@@ -255,7 +254,7 @@ class EdiService:
         return record
 
     def _read_back_images(self, output_dir: str) -> dict[str, str]:
-        volume = self.status.volume
+        volume = self.state
         return {name: base64.b64encode(volume.read_bytes(f"{output_dir}/{name}", 1 << 31)).decode("ascii")
                 for name in volume.list(output_dir) if name.endswith(".png")}
 

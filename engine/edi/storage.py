@@ -31,6 +31,10 @@ class StorageError(DeepLIIFError):
     """A volume path is unsafe or missing, or the volume cannot be read or written."""
 
 
+class NotFoundError(StorageError):
+    """The path names no file on the volume."""
+
+
 def clean_relative_path(path: object, what: str = "path") -> str:
     """A request's path as a normalised relative POSIX path, or StorageError saying what is wrong."""
     if not isinstance(path, str) or not path.strip():
@@ -93,7 +97,7 @@ class MountedVolume(Volume):
     def read_bytes(self, path: str, max_bytes: int) -> bytes:
         target = self.resolve(path)
         if not target.is_file():
-            raise StorageError(f"{path!r}: no such file on the volume")
+            raise NotFoundError(f"{path!r}: no such file on the volume")
         size = target.stat().st_size
         if size > max_bytes:
             raise StorageError(f"{path!r} is {size} bytes, over the limit of {max_bytes}")
@@ -222,7 +226,7 @@ class CpdVolume(Volume):
                 if exc.code == 401 and authorize:
                     raise _Unauthorized() from None
                 if exc.code == 404:
-                    raise StorageError(f"{request.get_method()} {request.full_url}: not found (404)") from None
+                    raise NotFoundError(f"{request.get_method()} {request.full_url}: not found (404)") from None
                 transient = exc.code == 429 or exc.code >= 500
                 problem = f"HTTP {exc.code} {exc.reason}"
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
@@ -251,10 +255,8 @@ class CpdVolume(Volume):
     def exists(self, path: str) -> bool:
         try:
             self._call("GET", self._file_url(path))
-        except StorageError as exc:
-            if "(404)" in str(exc):
-                return False
-            raise
+        except NotFoundError:
+            return False
         return True
 
     def list(self, directory: str) -> list[str]:
@@ -262,10 +264,8 @@ class CpdVolume(Volume):
         list and `{"responseObject": {"directoryContents": [...]}}` are understood."""
         try:
             reply = json.loads(self._call("GET", self._file_url(directory)))
-        except StorageError as exc:
-            if "(404)" in str(exc):
-                return []
-            raise
+        except NotFoundError:
+            return []
         except ValueError as exc:
             raise StorageError(f"{directory!r} is not a directory listing ({exc})") from exc
         entries = reply.get("responseObject", {}).get("directoryContents", []) if isinstance(reply, dict) else reply
@@ -278,9 +278,7 @@ class CpdVolume(Volume):
             if path not in self._appended:
                 try:
                     self._appended[path] = self.read_bytes(path, 1 << 30)
-                except StorageError as exc:
-                    if "(404)" not in str(exc):
-                        raise
+                except NotFoundError:
                     self._appended[path] = b""
             content = self._appended[path] + text.encode()
             self.write_bytes(path, content)
