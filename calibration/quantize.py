@@ -26,6 +26,7 @@ import onnx
 from deepliif.errors import ArgumentError, ExportError, parse_enum
 
 from export.config import INPUT_NAME
+from export.parser_rules import check_tensorrt_rules
 
 from . import logger
 
@@ -155,5 +156,6 @@ def quantize_int8(fp32_onnx: Path, out_path: Path, tiles: np.ndarray, config: Qu
                         calibrate_method=config.method.onnxruntime_method(), extra_options=options)
     except (ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
         raise ExportError(f"INT8 quantization of {fp32_onnx} failed: {exc}") from exc
+    check_tensorrt_rules(out_path)  # Q/DQ placement and the uint8 boundary, before any gate time is spent
     return {**config.describe(), "convolutions": len(convolutions),
             "int8_convolutions": len(convolutions) - len(excluded), "float_convolutions": excluded}

@@ -35,6 +35,14 @@ class ExportError(DeepLIIFError):
     """An export step (ONNX, TensorRT, Triton) failed or produced an invalid artifact."""
 
 
+class TensorRTCompatibilityError(ExportError):
+    """A graph breaks a documented constraint of TensorRT's ONNX parser; `problems` lists each, with nodes."""
+
+    def __init__(self, message: str, problems: list[str]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
 class ValidationError(ExportError):
     """An exported artifact differs from the PyTorch pipeline by more than the tolerance.
 

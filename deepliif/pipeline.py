@@ -37,17 +37,24 @@ def check_seg_weights(seg_weights: Sequence[float] | None) -> tuple[float, ...]:
 def to_network_input(tiles: torch.Tensor) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1], with DeepLIIF's operation order (ToTensor, Normalize).
 
+    The cast comes first: TensorRT's ONNX parser takes uint8 only at the graph boundary, where the input
+    must feed a Cast directly (onnx-tensorrt ModelImporter: "TensorRT does not support UINT8 types for
+    intermediate tensors"), so the transpose runs on floats. Same values either way: the cast is exact.
     The result is made NCHW-contiguous as ToTensor's is: a permuted (channels_last-strided) input makes
     oneDNN keep channels_last, every norm layer copy back, and BatchNorm reduce in another order.
     """
-    x = tiles.permute(0, 3, 1, 2).contiguous().float() / 255
+    x = tiles.float().permute(0, 3, 1, 2).contiguous() / 255
     return (x - 0.5) / 0.5
 
 
 def to_uint8_image(y: torch.Tensor) -> torch.Tensor:
-    """float NCHW in [-1, 1] -> uint8 NHWC, truncating like DeepLIIF's tensor2im."""
+    """float NCHW in [-1, 1] -> uint8 NHWC, truncating like DeepLIIF's tensor2im.
+
+    The cast to uint8 is the last operation, so each graph output comes straight from a Cast (the
+    TensorRT boundary rule of `to_network_input`); transposing before or after the cast gives the same bytes.
+    """
     scaled = (_fp32(y) + 1) / 2 * 255
-    return scaled.clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return scaled.clamp(0, 255).permute(0, 2, 3, 1).contiguous().to(torch.uint8)
 
 
 def _fp32(y: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import torch
 
-from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError
+from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, DeepLIIFError
 from deepliif.imageio import file_sha256, write_json
 from deepliif.inference import InferenceOptions, InferenceResult
 from deepliif.model_dir import DeepLIIFModel, load_model_dir
@@ -24,7 +24,8 @@ from deepliif.pipeline import NETWORK_TILE, FusedPipeline, TileRunner, run_in_ch
 from calibration.gate import ACCURACY_FILE, require_passed
 from export.config import FUSED_ONNX, OnnxExportConfig, Precision, Tolerance
 from export.onnx_export import check_fused_signature, check_onnx, export_pipeline
-from export.tensorrt_build import PLAN_FILE, GpuInfo, TensorRTBuildConfig, build_plan, onnx_precision, tensorrt_module
+from export.tensorrt_build import PLAN_FILE, GpuInfo, TensorRTBuildConfig, build_plan, onnx_precision, \
+    tensorrt_module, timing_cache_path
 from export.validate import validate
 
 from . import logger
@@ -65,31 +66,45 @@ class Session:
         self.cache = ArtifactCache(cache_dir)
         self.force_ungated = force_ungated
         self.accuracy: dict | None = None  # the gate report of the reduced-precision graph being served
+        self.skipped: list[str] = []  # with backend auto: why each backend tried before the chosen one failed
         self.onnx = None if onnx is None else self._check_given_onnx(Path(onnx))
         self.backend = self._open(BackendKind.parse(backend), backend_options)
         self.info = self.backend.info
-        free = torch.cuda.mem_get_info()[0] if self.info.device == "cuda" else None
-        self.batch_size = batch_size or choose_batch_size(free, self.precision, self.info.max_batch)
+        if batch_size is None:
+            free = torch.cuda.mem_get_info()[0] if self.info.device == "cuda" else None
+            batch_size = choose_batch_size(free, self.precision, self.info.max_batch)
+        self.batch_size = batch_size
         self.start_seconds = time.perf_counter() - start
         logger.info("session ready in %.1f s: %s %s on %s, batch %d (%s)", self.start_seconds, self.info.name,
                     self.precision.value, self.info.device, self.batch_size, self.info.detail)
 
     def _open(self, kind: BackendKind, options: dict) -> Backend:
+        """The backend asked for, or with `auto` the first in order that opens and, on a GPU, runs one
+        tile. Any failure of a candidate (library missing, export or plan build error, a plan that does
+        not deserialise, an execution-provider error) moves on to the next; only argument errors, which
+        every candidate would meet, stop the search. `self.skipped` says why each earlier one was not used."""
         if kind is not BackendKind.AUTO:
             return self._open_kind(kind, options)
         order = GPU_ORDER if torch.cuda.is_available() and self.device != "cpu" else CPU_ORDER
-        reasons = []
         for candidate in order:
+            backend = None
             try:
                 backend = self._open_kind(candidate, options)
-            except BackendUnavailableError as exc:
-                reasons.append(f"{candidate.value}: {exc}")
-                logger.info("auto: skipping %s: %s", candidate.value, exc)
+                _probe(backend)
+            except ArgumentError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure of one backend is a reason to try the next
+                if backend is not None:
+                    backend.close()
+                reason = f"{type(exc).__name__}: {exc}" if not isinstance(exc, DeepLIIFError) else str(exc)
+                self.skipped.append(f"{candidate.value}: {reason}")
+                log = logger.info if isinstance(exc, BackendUnavailableError) else logger.warning
+                log("auto: %s cannot serve here: %s", candidate.value, reason)
                 continue
             logger.info("auto: chose %s%s", candidate.value,
-                        f" (skipped {'; '.join(reasons)})" if reasons else " (first choice)")
+                        f" (not {'; '.join(self.skipped)})" if self.skipped else " (first choice)")
             return backend
-        raise BackendUnavailableError("no backend can run here: " + "; ".join(reasons))
+        raise BackendUnavailableError("no backend can run here: " + "; ".join(self.skipped))
 
     def _open_kind(self, kind: BackendKind, options: dict) -> Backend:
         if kind is BackendKind.TORCH:
@@ -100,12 +115,13 @@ class Session:
                                           "with `deepliif-engine calibrate` and pass it (--onnx OUT/deepliif.onnx)")
         if kind is BackendKind.ONNXRUNTIME:
             from .backends.onnxruntime_backend import OnnxRuntimeBackend, available_providers
-            if not available_providers(self.device):
+            if not available_providers(self.device, self.precision):
                 raise BackendUnavailableError(f"onnxruntime offers no provider for device {self.device!r}")
+            engines = self.cache.root / "onnxruntime-tensorrt"  # the TensorRT EP's engine and timing caches
             if self.onnx is not None:
-                return OnnxRuntimeBackend(self.onnx, self.device, self.precision)
+                return OnnxRuntimeBackend(self.onnx, self.device, self.precision, cache_dir=engines)
             return self._open_cached(self._onnx_entry, lambda entry: OnnxRuntimeBackend(
-                entry / FUSED_ONNX, self.device, self.precision))
+                entry / FUSED_ONNX, self.device, self.precision, cache_dir=engines))
         from .backends.tensorrt_backend import TensorRTBackend
         tensorrt_module()  # fail fast, with what to install, before exporting anything
         build_config = options.get("build", TensorRTBuildConfig())
@@ -165,7 +181,7 @@ class Session:
                               rebuild=rebuild)
 
     def _plan_entry(self, build_config: TensorRTBuildConfig, rebuild: bool = False) -> Path:
-        import tensorrt
+        tensorrt = tensorrt_module()
         gpu = GpuInfo.current()
         parts = {**self._onnx_parts(), "kind": "tensorrt", "build": build_config.key(),
                  "gpu": [gpu.name, gpu.compute_capability], "tensorrt": tensorrt.__version__}
@@ -174,7 +190,8 @@ class Session:
             parts["onnx_sha256"] = file_sha256(source)
         else:
             source = self._onnx_entry() / FUSED_ONNX
-        timing = TensorRTBuildConfig(**{**build_config.__dict__, "timing_cache": self.cache.root / "timing.cache"})
+        timing_cache = timing_cache_path(self.cache.root, tensorrt.__version__, gpu)
+        timing = TensorRTBuildConfig(**{**build_config.__dict__, "timing_cache": timing_cache})
         return self.cache.get(parts, lambda staging: build_plan(source, staging, timing), rebuild=rebuild)
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -202,6 +219,13 @@ class Session:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _probe(backend: Backend) -> None:
+    """On a GPU, one tile before committing: execution-provider and plan errors show at the first run,
+    and a kernel that finds them at its first request has already started on a backend that cannot serve."""
+    if backend.info.device == "cuda":
+        backend.run(synthetic_ihc()[None])
 
 
 def quick_validation(model: DeepLIIFModel, onnx_path: Path, precision: Precision) -> dict:

@@ -27,6 +27,7 @@ from deepliif.pipeline import NETWORK_TILE, FusedPipeline
 from . import logger
 from .config import BATCH_AXIS, INPUT_NAME, OUTPUT_ONNX_NAMES, OnnxExportConfig, Precision
 from .fp16 import convert_to_fp16, generators_region, whole_graph
+from .parser_rules import check_tensorrt_rules
 
 FORBIDDEN_OPS = ("BatchNormalization",)
 GENERATOR_INPUT, GENERATOR_OUTPUT = "input", "output"
@@ -103,6 +104,7 @@ def _export(module: nn.Module, sample: torch.Tensor, path: Path, inputs: list[st
                 proto = transform(proto)
             onnx.save(proto, str(partial))
         summary = check_onnx(partial)
+        check_tensorrt_rules(partial)  # every exported graph must be one TensorRT can parse
         os.replace(partial, path)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ExportError(f"exporting {path.name} to ONNX failed: {exc}") from exc

@@ -23,6 +23,7 @@ from deepliif.pipeline import NETWORK_TILE
 from . import logger
 from .config import INPUT_NAME, Precision
 from .onnx_export import OnnxSummary, check_fused_signature, check_onnx
+from .parser_rules import check_tensorrt_rules
 
 PLAN_FILE = "deepliif.plan"
 METADATA_FILE = "engine.json"
@@ -95,6 +96,7 @@ class EngineMetadata:
     workspace_gib: float
     version_compatible: bool
     build_seconds: float
+    tf32: bool = False  # whether fp32 layers may round inputs to TF32 (never for an fp32 plan)
 
     def write(self, path: Path) -> None:
         write_json(path, asdict(self))
@@ -113,16 +115,17 @@ class EngineMetadata:
     def check_runtime(self, tensorrt_version: str, gpu: GpuInfo) -> None:
         """Refuse a plan built for another GPU or TensorRT; say which, from the sidecar.
 
-        A version-compatible plan runs on later TensorRT of the same major version; any other plan
-        needs the exact version. Plans are specific to a compute capability in every case.
+        Plans are specific to a compute capability in every case. Any other plan needs the exact TensorRT
+        version; a version-compatible plan runs on the same or a later runtime of its major version and,
+        across majors, only where the support matrix says so (TensorRT 11.4 "Engine Portability": 10 -> 11
+        and 8 -> 10; a newer plan never runs on an older runtime).
         """
         reasons = []
         if self.compute_capability != gpu.compute_capability:
             reasons.append(f"built for compute capability {self.compute_capability} ({self.gpu_name}), "
                            f"this GPU is {gpu.compute_capability} ({gpu.name})")
         if self.version_compatible:
-            if _major(tensorrt_version) != _major(self.tensorrt_version) or \
-                    _version_tuple(tensorrt_version) < _version_tuple(self.tensorrt_version):
+            if not version_compatible_runs_on(self.tensorrt_version, tensorrt_version):
                 reasons.append(f"version-compatible plan from TensorRT {self.tensorrt_version} cannot run "
                                f"on TensorRT {tensorrt_version}")
         elif tensorrt_version != self.tensorrt_version:
@@ -147,6 +150,21 @@ def _major(version: str) -> int:
     return _version_tuple(version)[0] if _version_tuple(version) else -1
 
 
+CROSS_MAJOR_COMPATIBLE = {(10, 11), (8, 10)}  # (plan's major, runtime's major), from the support matrix
+
+
+def version_compatible_runs_on(built_with: str, runtime: str) -> bool:
+    if _version_tuple(runtime) < _version_tuple(built_with):
+        return False
+    return _major(runtime) == _major(built_with) or (_major(built_with), _major(runtime)) in CROSS_MAJOR_COMPATIBLE
+
+
+def timing_cache_path(directory: Path, tensorrt_version: str, gpu: GpuInfo) -> Path:
+    """One timing cache per compute capability and TensorRT version: TensorRT rejects a cache made on
+    another device (its header is checked by `set_timing_cache`) or by another version."""
+    return Path(directory) / f"timing-sm{gpu.compute_capability.replace('.', '')}-trt{tensorrt_version}.cache"
+
+
 def onnx_precision(summary: OnnxSummary) -> Precision:
     """What a strongly typed build will run in, read from the graph: Q/DQ nodes mean INT8, fp16
     weights mean FP16."""
@@ -164,6 +182,7 @@ def build_plan(onnx_path: Path, out_dir: Path, config: TensorRTBuildConfig,
     """
     summary = check_onnx(onnx_path)
     check_fused_signature(summary)
+    check_tensorrt_rules(onnx_path)  # fail here, naming nodes, rather than in TensorRT's parser on the GPU
     if gate is not None:
         gate(Path(onnx_path), onnx_precision(summary))
     trt = tensorrt_module()
@@ -176,21 +195,22 @@ def build_plan(onnx_path: Path, out_dir: Path, config: TensorRTBuildConfig,
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ExportError(f"TensorRT cannot parse {onnx_path}: {errors}")
-    builder_config = _builder_config(trt, builder, config)
+    builder_config = _builder_config(trt, builder, config, onnx_precision(summary))
     logger.info("building a TensorRT %s plan for %s (profile %s); this takes minutes", trt.__version__,
                 gpu.name, config.profile())
     plan = builder.build_serialized_network(network, builder_config)
     if plan is None:
         raise ExportError("TensorRT build failed (see the TensorRT messages above)")
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(out_dir / PLAN_FILE, bytes(plan))
-    if config.timing_cache:
-        write_atomically(Path(config.timing_cache), bytes(builder_config.get_timing_cache().serialize()))
+    _save_timing_cache(builder_config, config.timing_cache)
     metadata = EngineMetadata(
         onnx_sha256=file_sha256(onnx_path), plan_sha256=file_sha256(out_dir / PLAN_FILE),
         tensorrt_version=trt.__version__, gpu_name=gpu.name, compute_capability=gpu.compute_capability,
         precision=onnx_precision(summary).value, profile=config.profile(), workspace_gib=config.workspace_gib,
-        version_compatible=config.version_compatible, build_seconds=round(time.perf_counter() - start, 2))
+        version_compatible=config.version_compatible, build_seconds=round(time.perf_counter() - start, 2),
+        tf32=_tf32_allowed(onnx_precision(summary)))
     metadata.write(out_dir / METADATA_FILE)
     return metadata
 
@@ -200,7 +220,14 @@ def _strongly_typed_flags(trt) -> int:
     return 0 if flag is None else 1 << int(flag)
 
 
-def _builder_config(trt, builder, config: TensorRTBuildConfig):
+def _tf32_allowed(precision: Precision) -> bool:
+    """TF32 rounds fp32 convolution inputs to 10-bit mantissas (TensorRT enables it by default). An fp32
+    plan promises the fp32 contract (within one grey level of PyTorch fp32), which TF32 is not validated
+    against here, so it is off; reduced-precision graphs are judged by their own gate."""
+    return precision is not Precision.FP32
+
+
+def _builder_config(trt, builder, config: TensorRTBuildConfig, precision: Precision):
     builder_config = builder.create_builder_config()
     builder_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(config.workspace_gib * (1 << 30)))
     profile = builder.create_optimization_profile()
@@ -209,14 +236,37 @@ def _builder_config(trt, builder, config: TensorRTBuildConfig):
     builder_config.add_optimization_profile(profile)
     if config.version_compatible:
         builder_config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
-    cache_bytes = b""
-    if config.timing_cache and Path(config.timing_cache).is_file():
-        cache_bytes = Path(config.timing_cache).read_bytes()
-    builder_config.set_timing_cache(builder_config.create_timing_cache(cache_bytes), False)
+    # TF32 is not among the precision flags TensorRT 11 removed; strongly typed networks still honour it
+    tf32 = getattr(trt.BuilderFlag, "TF32", None)
+    if tf32 is not None and not _tf32_allowed(precision):
+        builder_config.clear_flag(tf32)
+    _load_timing_cache(builder_config, config.timing_cache)
     monitor = _progress_monitor(trt)
     if monitor is not None:
         builder_config.progress_monitor = monitor
     return builder_config
+
+
+def _load_timing_cache(builder_config, path: Path | None) -> None:
+    """Start from the saved cache; `set_timing_cache` returns False for a cache from another device or
+    TensorRT (its header does not match, and mismatches are not ignored): start empty then."""
+    cache_bytes = Path(path).read_bytes() if path and Path(path).is_file() else b""
+    if builder_config.set_timing_cache(builder_config.create_timing_cache(cache_bytes), False):
+        return
+    logger.warning("timing cache %s was made on another device or TensorRT version; starting an empty one",
+                   path)
+    if not builder_config.set_timing_cache(builder_config.create_timing_cache(b""), False):
+        raise ExportError("TensorRT refused an empty timing cache")
+
+
+def _save_timing_cache(builder_config, path: Path | None) -> None:
+    if not path:
+        return
+    cache = builder_config.get_timing_cache()  # documented to return None when the config holds none
+    if cache is None:
+        logger.warning("TensorRT returned no timing cache to save; %s is left as it was", path)
+        return
+    write_atomically(Path(path), bytes(cache.serialize()))
 
 
 def _progress_monitor(trt):

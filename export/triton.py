@@ -67,6 +67,9 @@ def write_repository(repo: Path, config: TritonConfig, onnx_path: Path | None = 
     if plan_path is not None:
         metadata = EngineMetadata.read(Path(plan_path).with_name(METADATA_FILE))
         metadata.check_plan_file(plan_path)
+        if metadata.profile["min"][0] > 1:  # Triton's dynamic batcher sends whatever it has, down to one
+            raise ArgumentError(f"{plan_path}: its profile's minimum batch is {metadata.profile['min'][0]}, but "
+                                "Triton sends batches of 1; rebuild it with --min-batch 1")
         profile_max = metadata.profile["max"][0]
         if config.max_batch_size > profile_max:
             logger.info("max_batch_size %d capped at the plan's profile maximum %d", config.max_batch_size,

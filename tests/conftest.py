@@ -2,7 +2,10 @@
 (a user's fresh clone) and fail when CI=true (CI always has it)."""
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -55,3 +58,37 @@ def generated_models(tmp_path_factory: pytest.TempPathFactory) -> dict[Layout, P
 def ihc_tile() -> np.ndarray:
     from engine.samples import synthetic_ihc
     return synthetic_ihc(seed=3)
+
+
+class HostStream:
+    """The CUDA stream seam of the TensorRT backend, on the CPU: buffers in host memory, no stream."""
+
+    def __init__(self) -> None:
+        import torch
+        self.device = torch.device("cpu")
+        self.handle = 0
+
+    def scope(self):
+        return contextlib.nullcontext()
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_tensorrt(monkeypatch: pytest.MonkeyPatch):
+    """`tests/tensorrt_double.py` installed as `tensorrt`, its device as the current GPU, host buffers
+    in place of CUDA ones: the narrowest seams, so everything else runs as on a GPU."""
+    spec = importlib.util.spec_from_file_location("tensorrt", Path(__file__).with_name("tensorrt_double.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "tensorrt", module)
+    from engine.backends import tensorrt_backend
+    from export.tensorrt_build import GpuInfo
+
+    def current(cls, device: int = 0) -> GpuInfo:
+        return cls(module.DEVICE["name"], module.DEVICE["compute_capability"])
+
+    monkeypatch.setattr(GpuInfo, "current", classmethod(current))
+    monkeypatch.setattr(tensorrt_backend, "open_stream", lambda index: HostStream())
+    return module

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError
-from deepliif.pipeline import OUTPUT_NAMES, run_in_chunks
+from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES, run_in_chunks
 
 from export.config import INPUT_NAME, OUTPUT_ONNX_NAMES, Precision
 
@@ -26,15 +26,50 @@ def _onnxruntime():
     return onnxruntime
 
 
-def available_providers(device: str = "auto") -> list[str]:
-    """Providers in preference order; `device` 'cpu' keeps only the CPU EP, 'cuda' drops it."""
+def available_providers(device: str = "auto", precision: Precision = Precision.FP32) -> list[str]:
+    """Providers in preference order; `device` 'cpu' keeps only the CPU EP, 'cuda' drops it.
+
+    The TensorRT EP is left out for fp32: TensorRT enables TF32 by default and the EP offers no option to
+    turn it off, which breaks the fp32 contract (one grey level); the CUDA EP runs fp32 with TF32 off and
+    the `tensorrt` backend builds fp32 plans with TF32 cleared.
+    """
     offered = set(_onnxruntime().get_available_providers())
     providers = [p for p in PROVIDER_ORDER if p in offered]
+    if Precision.parse(precision) is Precision.FP32:
+        providers = [p for p in providers if p != "TensorrtExecutionProvider"]
     if device == "cpu":
         return [p for p in providers if p == "CPUExecutionProvider"]
     if device == "cuda":
         return [p for p in providers if p != "CPUExecutionProvider"]
     return providers
+
+
+def provider_options(provider: str, precision: Precision, cache_dir: Path | None, device_id: int = 0,
+                     batch_range: tuple[int, int, int] = (1, 8, 16)) -> dict:
+    """Options for one execution provider (ONNX Runtime docs, TensorRT and CUDA Execution Provider pages).
+
+    TensorRT EP: engines and timing caches persist under the artifact cache (else it rebuilds every engine
+    at every start); the batch dimension gets an explicit profile (else a new engine per new batch size);
+    fp16 kernels only for an fp16 request; int8 only for a Q/DQ graph (explicit scales, no calibration
+    table). CUDA EP: TF32 only where the precision is already reduced.
+    """
+    precision = Precision.parse(precision)
+    if provider == "TensorrtExecutionProvider":
+        low, opt, high = batch_range
+        shape = "x".join(str(d) for d in (NETWORK_TILE, NETWORK_TILE, 3))
+        options = {"device_id": device_id, "trt_fp16_enable": precision is Precision.FP16,
+                   "trt_int8_enable": precision is Precision.INT8,
+                   "trt_profile_min_shapes": f"{INPUT_NAME}:{low}x{shape}",
+                   "trt_profile_opt_shapes": f"{INPUT_NAME}:{opt}x{shape}",
+                   "trt_profile_max_shapes": f"{INPUT_NAME}:{high}x{shape}"}
+        if cache_dir is not None:
+            path = str(Path(cache_dir))
+            options.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": path,
+                            "trt_timing_cache_enable": True, "trt_timing_cache_path": path})
+        return options
+    if provider == "CUDAExecutionProvider":
+        return {"device_id": device_id, "use_tf32": 0 if precision is Precision.FP32 else 1}
+    return {}
 
 
 class OnnxRuntimeBackend(Backend):
@@ -43,16 +78,18 @@ class OnnxRuntimeBackend(Backend):
     On CPU, `threads` sets intra-op parallelism (default: every core this process may use) and tiles go
     through one at a time (`micro_batch` 1), which measured faster per tile than whole batches on CPU
     (docs/BENCHMARKS.md). On a GPU provider the whole batch goes at once, with IO binding so outputs stay
-    on the device until the final copy.
+    on the device until the final copy. `cache_dir` holds the TensorRT EP's engines and timing caches.
     """
 
     def __init__(self, onnx_path: Path, device: str = "auto", precision: Precision = Precision.FP32,
-                 threads: int | None = None, micro_batch: int | None = None) -> None:
+                 threads: int | None = None, micro_batch: int | None = None, cache_dir: Path | None = None,
+                 io_binding: bool | None = None) -> None:
         ort = _onnxruntime()
         path = Path(onnx_path)
         if not path.is_file():
             raise ArtifactError(f"{path}: no such ONNX file")
-        providers = available_providers(device)
+        precision = Precision.parse(precision)
+        providers = available_providers(device, precision)
         if not providers:
             raise BackendUnavailableError(f"onnxruntime has no execution provider for device {device!r} "
                                           f"(offered: {ort.get_available_providers()}); {INSTALL_HINT}")
@@ -60,13 +97,19 @@ class OnnxRuntimeBackend(Backend):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.log_severity_level = 3
+        if cache_dir is not None and "TensorrtExecutionProvider" in providers:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        configured = [(p, provider_options(p, precision, cache_dir)) for p in providers]
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=configured)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ArtifactError(f"onnxruntime cannot load {path}: {exc}") from exc
         self._check_signature(path)
         active = self.session.get_providers()
+        if active[0] != providers[0]:
+            logger.warning("onnxruntime could not start %s; running on %s", providers[0], active[0])
         self.on_gpu = active[0] != "CPUExecutionProvider"
+        self.io_binding = self.on_gpu if io_binding is None else io_binding
         if micro_batch is not None and micro_batch < 1:
             raise ArgumentError(f"micro_batch must be at least 1; got {micro_batch}")
         self.micro_batch = micro_batch or (None if self.on_gpu else 1)
@@ -87,19 +130,18 @@ class OnnxRuntimeBackend(Backend):
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         batch = np.ascontiguousarray(batch)
-        if self.on_gpu:
+        names = list(OUTPUT_ONNX_NAMES)
+        if self.io_binding:
             binding = self.session.io_binding()
             binding.bind_cpu_input(INPUT_NAME, batch)
-            for name in OUTPUT_ONNX_NAMES:
-                binding.bind_output(name, "cuda")
+            for name in names:
+                binding.bind_output(name, "cuda" if self.on_gpu else "cpu")
             self.session.run_with_iobinding(binding)
-            arrays = binding.copy_outputs_to_cpu()
-            names = [o.name for o in self.session.get_outputs()]
+            arrays = binding.copy_outputs_to_cpu()  # in the order the outputs were bound: `names`
         else:
-            names = list(OUTPUT_ONNX_NAMES)
             arrays = self.session.run(names, {INPUT_NAME: batch})
         by_name = dict(zip(names, arrays))
-        return {name: by_name[name.lower()] for name in OUTPUT_NAMES}
+        return {name: by_name[onnx_name] for name, onnx_name in zip(OUTPUT_NAMES, OUTPUT_ONNX_NAMES)}
 
     def close(self) -> None:
         self.session = None

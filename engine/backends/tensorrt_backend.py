@@ -1,69 +1,130 @@
 """TensorRT plans: `execute_async_v3` with tensor addresses on torch CUDA buffers and a CUDA stream.
 
 The plan's `engine.json` is checked before deserialising: a plan for another GPU or TensorRT version is
-refused with the reason (TensorRT itself would fail with a far less helpful message, or crash).
+refused with the reason (TensorRT itself would fail with a far less helpful message, or crash). After
+deserialising, the engine's own I/O tensors are checked against the fused-graph contract, and every
+return value TensorRT documents as a failure signal (`deserialize_cuda_engine` None, `set_input_shape`
+and `execute_async_v3` False) is turned into an error that says what failed.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 
-from deepliif.errors import ArtifactError, BackendUnavailableError
+from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError
 from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES
 
-from export.config import INPUT_NAME, Precision
+from export.config import INPUT_NAME, OUTPUT_ONNX_NAMES, Precision
 from export.tensorrt_build import METADATA_FILE, EngineMetadata, GpuInfo, tensorrt_module
 
 from .. import logger
 from .base import Backend, BackendInfo
 
 
-class TensorRTBackend(Backend):
-    def __init__(self, plan_path: Path, device_index: int = 0) -> None:
-        import torch
+class CudaStream:
+    """Everything the backend asks of torch.cuda, in one place: the seam contract tests replace."""
 
-        trt = tensorrt_module()
+    def __init__(self, device_index: int) -> None:
+        import torch
         if not torch.cuda.is_available():
             raise BackendUnavailableError("tensorrt: no CUDA GPU is visible here")
+        self.device = torch.device("cuda", device_index)
+        self._stream = torch.cuda.Stream(self.device)
+
+    @property
+    def handle(self) -> int:
+        return self._stream.cuda_stream
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        import torch
+        return torch.cuda.stream(self._stream)
+
+    def synchronize(self) -> None:
+        self._stream.synchronize()
+
+
+def open_stream(device_index: int) -> CudaStream:
+    return CudaStream(device_index)
+
+
+class TensorRTBackend(Backend):
+    def __init__(self, plan_path: Path, device_index: int = 0) -> None:
+        trt = tensorrt_module()
+        self.stream = open_stream(device_index)
         plan_path = Path(plan_path)
         metadata = EngineMetadata.read(plan_path.with_name(METADATA_FILE))
         metadata.check_plan_file(plan_path)
         metadata.check_runtime(trt.__version__, GpuInfo.current(device_index))
-        self.torch = torch
-        self.device = torch.device("cuda", device_index)
         self.trt_logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.trt_logger)
+        if metadata.version_compatible:
+            # a version-compatible plan carries its own lean runtime (host code); TensorRT refuses to run
+            # it unless allowed (TensorRT "Version Compatibility": trust only plans you built). Ours are.
+            self.runtime.engine_host_code_allowed = True
         self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
         if self.engine is None:
-            raise ArtifactError(f"TensorRT could not deserialise {plan_path}")
+            raise ArtifactError(f"TensorRT could not deserialise {plan_path} (see the TensorRT messages above)")
+        check_engine_io(trt, self.engine, plan_path)
         self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream(self.device)
+        if self.context is None:
+            raise ArtifactError(f"TensorRT could not create an execution context for {plan_path} "
+                                "(out of device memory?)")
         self.min_batch = metadata.profile["min"][0]
         self.info = BackendInfo("tensorrt", "cuda", Precision.parse(metadata.precision), metadata.profile["max"][0],
                                 f"{metadata.gpu_name}; TensorRT {trt.__version__}; profile {metadata.profile}")
         logger.info("TensorRT plan %s loaded: %s", plan_path, self.info.detail)
 
     def run_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        torch = self.torch
+        import torch
         size = len(batch)
         padded = batch
         if size < self.min_batch:  # the profile's minimum: pad with copies, drop their results
             padded = np.concatenate([batch, np.repeat(batch[-1:], self.min_batch - size, axis=0)])
         shape = (len(padded), NETWORK_TILE, NETWORK_TILE, 3)
-        with torch.cuda.stream(self.stream):
-            tiles = torch.from_numpy(np.ascontiguousarray(padded)).to(self.device)
-            outputs = {name: torch.empty(shape, dtype=torch.uint8, device=self.device) for name in OUTPUT_NAMES}
-            self.context.set_input_shape(INPUT_NAME, shape)
-            self.context.set_tensor_address(INPUT_NAME, tiles.data_ptr())
+        device = self.stream.device
+        with self.stream.scope():
+            tiles = torch.from_numpy(np.ascontiguousarray(padded)).to(device)
+            outputs = {name: torch.empty(shape, dtype=torch.uint8, device=device) for name in OUTPUT_NAMES}
+            if not self.context.set_input_shape(INPUT_NAME, shape):
+                raise ArgumentError(f"TensorRT refused input shape {shape}: outside the plan's profile "
+                                    f"(batch {self.min_batch}..{self.info.max_batch})")
+            self._bind(INPUT_NAME, tiles.data_ptr())
             for name, tensor in outputs.items():
-                self.context.set_tensor_address(name.lower(), tensor.data_ptr())
-            if not self.context.execute_async_v3(self.stream.cuda_stream):
+                self._bind(OUTPUT_ONNX_NAMES[OUTPUT_NAMES.index(name)], tensor.data_ptr())
+            if not self.context.execute_async_v3(self.stream.handle):
                 raise ArtifactError("TensorRT execution failed (see the TensorRT messages above)")
             host = {name: tensor[:size].to("cpu", non_blocking=True) for name, tensor in outputs.items()}
         self.stream.synchronize()
         return {name: tensor.numpy() for name, tensor in host.items()}
 
+    def _bind(self, name: str, address: int) -> None:
+        if not self.context.set_tensor_address(name, address):
+            raise ArtifactError(f"TensorRT refused the address of tensor {name!r}")
+
     def close(self) -> None:
         self.context = None
         self.engine = None
+
+
+def check_engine_io(trt, engine, plan_path: Path) -> None:
+    """The engine's I/O tensors must be the fused graph's: one uint8 input `ihc`, the five uint8 outputs."""
+    expected = {INPUT_NAME: trt.TensorIOMode.INPUT, **{name: trt.TensorIOMode.OUTPUT for name in OUTPUT_ONNX_NAMES}}
+    actual = {}
+    for index in range(engine.num_io_tensors):
+        name = engine.get_tensor_name(index)
+        actual[name] = (engine.get_tensor_mode(name), engine.get_tensor_dtype(name))
+    problems = []
+    if set(actual) != set(expected):
+        problems.append(f"tensors are {sorted(actual)}, expected {sorted(expected)}")
+    for name, mode in expected.items():
+        if name not in actual:
+            continue
+        actual_mode, dtype = actual[name]
+        if actual_mode != mode:
+            problems.append(f"{name} is {actual_mode}, expected {mode}")
+        if dtype != trt.DataType.UINT8:
+            problems.append(f"{name} is {dtype}, expected uint8")
+    if problems:
+        raise ArtifactError(f"{plan_path} is not a DeepLIIF fused-pipeline plan: {'; '.join(problems)}")

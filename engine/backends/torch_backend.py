@@ -2,6 +2,9 @@
 optionally channels_last and, on CUDA, CUDA-graph replay per batch size."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -13,6 +16,52 @@ from export.config import Precision
 
 from .. import logger
 from .base import Backend, BackendInfo
+
+
+def configure_tf32(precision: Precision) -> None:
+    """fp32 must stay within one grey level of the CPU reference, a promise TF32 convolutions (on by
+    default for cuDNN in PyTorch) are not validated against; reduced precision is gated on its own.
+    These switches are process-wide, as PyTorch documents them."""
+    allowed = precision is not Precision.FP32
+    torch.backends.cuda.matmul.allow_tf32 = allowed
+    torch.backends.cudnn.allow_tf32 = allowed
+
+
+@dataclass
+class CapturedGraph:
+    static_in: torch.Tensor
+    static_out: dict[str, torch.Tensor]
+    replay: Callable[[], None]
+
+
+def captured_size(batch: int) -> int:
+    """Batches are padded to the next power of two: at most log2(max batch) + 1 graphs, whatever sizes
+    the tile loop sends (a graph per distinct size would grow memory with every new remainder batch)."""
+    return 1 << (batch - 1).bit_length()
+
+
+class GraphReplayer:
+    """Replays one captured graph per padded batch size; `capture(size)` makes one."""
+
+    def __init__(self, capture: Callable[[int], CapturedGraph]) -> None:
+        self.capture = capture
+        self.graphs: dict[int, CapturedGraph] = {}
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        size = len(batch)
+        padded = captured_size(size)
+        if padded not in self.graphs:
+            self.graphs[padded] = self.capture(padded)
+            logger.info("captured a CUDA graph for batch %d", padded)
+        graph = self.graphs[padded]
+        graph.static_in[:size].copy_(torch.from_numpy(np.ascontiguousarray(batch)))
+        if padded > size:  # the padding repeats the last tile; its results are dropped
+            graph.static_in[size:].copy_(graph.static_in[size - 1: size].expand(padded - size, -1, -1, -1))
+        graph.replay()
+        return {name: out[:size].cpu().numpy() for name, out in graph.static_out.items()}
+
+    def clear(self) -> None:
+        self.graphs.clear()
 
 
 def resolve_torch_device(device: str) -> torch.device:
@@ -44,41 +93,40 @@ class TorchBackend(Backend):
         if channels_last:
             pipeline = pipeline.to(memory_format=torch.channels_last)
         self.runner = TileRunner(pipeline, self.device, micro_batch)
-        self.cuda_graphs = cuda_graphs
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+        if self.device.type == "cuda":
+            configure_tf32(precision)
+        self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
+        self.graphs = GraphReplayer(self._capture) if cuda_graphs else None
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         detail = (f"{name}; torch {torch.__version__}; {torch.get_num_threads()} threads"
                   f"{'; channels_last' if channels_last else ''}{'; CUDA graphs' if cuda_graphs else ''}")
         self.info = BackendInfo("torch", self.device.type, precision, None, detail)
 
     def run_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        if not self.cuda_graphs:
+        if self.graphs is None:
             return self.runner.run(batch)
-        graph, static_in, static_out = self._graph_for(len(batch))
-        static_in.copy_(torch.from_numpy(np.ascontiguousarray(batch)))
-        graph.replay()
-        return {name: out.cpu().numpy() for name, out in zip(OUTPUT_NAMES, static_out)}
+        return self.graphs.run(batch)
 
-    def _graph_for(self, size: int):
-        """Capture once per batch size: replay then costs one launch instead of ~700 kernel launches."""
-        if size not in self._graphs:
-            pipeline = self.runner.pipeline
-            static_in = torch.zeros((size, NETWORK_TILE, NETWORK_TILE, 3), dtype=torch.uint8, device=self.device)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.inference_mode(), torch.cuda.stream(side):
-                for _ in range(2):  # warm-up outside capture (cuDNN autotuning, allocator)
-                    pipeline(static_in)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(graph):
+    def _capture(self, size: int) -> CapturedGraph:
+        """Warm up and capture on one side stream, into the memory pool every captured graph shares, so
+        graphs for several batch sizes do not each keep their own activations."""
+        pipeline = self.runner.pipeline
+        static_in = torch.zeros((size, NETWORK_TILE, NETWORK_TILE, 3), dtype=torch.uint8, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside capture (cuDNN autotuning, allocator)
+                pipeline(static_in)
+            side.synchronize()
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
                 static_out = pipeline(static_in)
-            self._graphs[size] = (graph, static_in, static_out)
-            logger.info("captured a CUDA graph for batch %d", size)
-        return self._graphs[size]
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        return CapturedGraph(static_in, dict(zip(OUTPUT_NAMES, static_out)), graph.replay)
 
     def close(self) -> None:
-        self._graphs.clear()
+        if self.graphs is not None:
+            self.graphs.clear()
         if self.device.type == "cuda":
             self.runner.pipeline.to("cpu")
             torch.cuda.empty_cache()

@@ -75,6 +75,8 @@ class EdiService:
                    f"{self.session.precision.value} on {self.session.info.device}, batch {self.session.batch_size}, "
                    f"{self.seconds_per_tile:.3f} s per tile; volume "
                    f"{type(self.volume).__name__ if self.volume else 'none'}; sync budget {settings.sync_budget_s} s")
+        for reason in self.session.skipped:
+            self._info(f"backend not used: {reason}")
 
     # ---- the call ----------------------------------------------------------------------------------
     def handle(self, bodies: Sequence[str | bytes]) -> list[str]:

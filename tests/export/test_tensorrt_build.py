@@ -53,6 +53,25 @@ def test_plan_for_another_gpu_or_tensorrt_is_refused_with_the_reason(engine_meta
         compatible.check_runtime("12.0.0", H100)
 
 
+@pytest.mark.parametrize("built, runtime, runs", [
+    ("10.13.0", "11.4.0.106", True),    # the support matrix: TensorRT 10 version-compatible plans run on 11
+    ("8.6.1", "10.13.0", True),         # and 8 on 10
+    ("8.6.1", "11.4.0.106", False),     # no other pair across majors
+    ("11.4.0.106", "10.13.0", False),   # never on an older runtime
+    ("11.4.0.106", "11.3.0", False),
+    ("11.3.0", "11.4.0.106", True),
+])
+def test_version_compatible_plans_follow_the_support_matrix(engine_metadata, built, runtime, runs) -> None:
+    plan = engine_metadata(version_compatible=True, tensorrt_version=built)
+    if runs:
+        plan.check_runtime(runtime, H100)
+    else:
+        with pytest.raises(IncompatibleArtifactError, match="version-compatible plan"):
+            plan.check_runtime(runtime, H100)
+    with pytest.raises(IncompatibleArtifactError, match="rebuild, or build with --version-compatible"):
+        engine_metadata(version_compatible=False, tensorrt_version="10.13.0").check_runtime("11.4.0.106", H100)
+
+
 def test_stale_plan_is_detected(tmp_path: Path, engine_metadata) -> None:
     plan = tmp_path / PLAN_FILE
     plan.write_bytes(b"plan bytes")

@@ -71,3 +71,14 @@ def test_malformed_pbtxt(text: str) -> None:
 def test_pbtxt_comments_strings_and_numbers() -> None:
     parsed = parse_pbtxt('# comment\nname: "a \\"q\\""\nrate: 0.5\nn: -3\nflag: true\n')
     assert parsed == {"name": 'a "q"', "rate": 0.5, "n": -3, "flag": "true"}
+
+
+def test_plan_whose_profile_starts_above_one_is_refused(tmp_path: Path, engine_metadata) -> None:
+    """Triton's dynamic batcher sends single requests as batches of 1."""
+    plan = tmp_path / PLAN_FILE
+    plan.write_bytes(b"serialized plan")
+    engine_metadata(plan_sha256=file_sha256(plan), profile=TensorRTBuildConfig(2, 4, 8).profile()) \
+        .write(plan.with_name(METADATA_FILE))
+    with pytest.raises(ArgumentError, match="minimum batch is 2, but Triton sends batches of 1"):
+        write_repository(tmp_path / "repo", TritonConfig(), plan_path=plan)
+    assert not (tmp_path / "repo").exists()

@@ -1,0 +1,188 @@
+"""The GPU path driven through the `tensorrt` test double: build -> publish -> load -> run -> fallback.
+
+What the double enforces is documented in tests/tensorrt_double.py; only CUDA memory and streams are
+replaced (host buffers, see `HostStream`). Results are compared with the PyTorch reference.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deepliif.errors import ArgumentError, ArtifactError, IncompatibleArtifactError
+from deepliif.model_dir import Layout, load_model_dir
+from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
+from engine.backends.tensorrt_backend import TensorRTBackend, check_engine_io
+from engine.samples import synthetic_ihc
+from engine.session import Session
+from export.config import OnnxExportConfig
+from export.onnx_export import export_pipeline
+from export.tensorrt_build import (METADATA_FILE, PLAN_FILE, EngineMetadata, GpuInfo, TensorRTBuildConfig,
+                                   build_plan, timing_cache_path)
+
+TILES = np.stack([synthetic_ihc(seed=s) for s in range(3)])
+
+
+@pytest.fixture(scope="module")
+def model_dir(generated_models) -> Path:
+    return generated_models[Layout.CHECKPOINT]
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir: Path) -> dict[str, np.ndarray]:
+    return TileRunner(FusedPipeline(load_model_dir(model_dir))).run(TILES)
+
+
+@pytest.fixture(scope="module")
+def onnx_path(model_dir: Path, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("trt-onnx") / "deepliif.onnx"
+    export_pipeline(load_model_dir(model_dir), path, OnnxExportConfig())
+    return path
+
+
+def _close(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    assert set(actual) == set(OUTPUT_NAMES)
+    for name in OUTPUT_NAMES:
+        diff = np.abs(actual[name].astype(int) - expected[name].astype(int))
+        assert diff.max() <= 1, f"{name} differs by {diff.max()}"
+
+
+def test_session_builds_publishes_loads_and_runs_a_plan(fake_tensorrt, model_dir, reference, tmp_path) -> None:
+    with Session(model_dir, backend="tensorrt", cache_dir=tmp_path, batch_size=2) as session:
+        assert session.info.name == "tensorrt" and session.info.max_batch == 16
+        _close(session.run(TILES), reference)
+    plans = list(tmp_path.glob(f"*/{PLAN_FILE}"))
+    assert len(plans) == 1
+    metadata = EngineMetadata.read(plans[0].with_name(METADATA_FILE))
+    assert metadata.precision == "fp32" and metadata.tf32 is False
+    build_flags = [call[1] for call in fake_tensorrt.CALLS if call[0] == "build"]
+    assert build_flags and fake_tensorrt.BuilderFlag.TF32 not in build_flags[0]  # fp32 plans: TF32 cleared
+    gpu = GpuInfo.current()
+    assert timing_cache_path(tmp_path, fake_tensorrt.__version__, gpu).name == "timing-sm90-trt11.4.0.106.cache"
+    assert timing_cache_path(tmp_path, fake_tensorrt.__version__, gpu).is_file()
+    fake_tensorrt.CALLS.clear()
+    with Session(model_dir, backend="tensorrt", cache_dir=tmp_path, batch_size=2) as again:  # warm cache
+        _close(again.run(TILES[:1]), {k: v[:1] for k, v in reference.items()})
+    assert not [c for c in fake_tensorrt.CALLS if c[0] == "build"]
+
+
+@pytest.mark.parametrize("failure", ["build_fails", "execute_fails"])
+def test_auto_falls_back_on_any_backend_failure(fake_tensorrt, model_dir, reference, tmp_path, failure,
+                                                monkeypatch, caplog) -> None:
+    """Regression: auto used to fall back only on 'unavailable'; a failed plan build stopped the kernel."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU order: tensorrt first
+    fake_tensorrt.STATE[failure] = True
+    with caplog.at_level(logging.WARNING, logger="engine"), \
+            Session(model_dir, backend="auto", cache_dir=tmp_path, batch_size=2) as session:
+        assert session.info.name == "onnxruntime"
+        _close(session.run(TILES), reference)
+    assert len(session.skipped) == 1 and session.skipped[0].startswith("tensorrt: ")
+    expected = "build failed" if failure == "build_fails" else "execution failed"
+    assert expected in session.skipped[0]
+    assert any("tensorrt cannot serve here" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_falls_back_when_a_plan_does_not_deserialise(fake_tensorrt, model_dir, tmp_path, monkeypatch) -> None:
+    """A plan that TensorRT refuses (here: built on another device, hidden from the sidecar check) is
+    rebuilt once; when that fails too, auto moves on."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    real_runtime = fake_tensorrt.Runtime
+
+    class RefusingRuntime(real_runtime):
+        def deserialize_cuda_engine(self, data):
+            return None
+
+    monkeypatch.setattr(fake_tensorrt, "Runtime", RefusingRuntime)
+    with Session(model_dir, backend="auto", cache_dir=tmp_path, batch_size=2) as session:
+        assert session.info.name == "onnxruntime"
+    assert "could not deserialise" in session.skipped[0]
+
+
+def test_version_compatible_plans_allow_host_code(fake_tensorrt, onnx_path, tmp_path) -> None:
+    config = TensorRTBuildConfig(1, 2, 4, workspace_gib=1, version_compatible=True)
+    build_plan(onnx_path, tmp_path, config)
+    runtime = fake_tensorrt.Runtime(fake_tensorrt.Logger())
+    assert runtime.deserialize_cuda_engine((tmp_path / PLAN_FILE).read_bytes()) is None  # the double enforces it
+    with TensorRTBackend(tmp_path / PLAN_FILE) as backend:
+        assert backend.runtime.engine_host_code_allowed is True
+        assert backend.info.max_batch == 4
+
+
+def test_shapes_outside_the_profile_and_foreign_plans_are_refused(fake_tensorrt, onnx_path, tmp_path) -> None:
+    build_plan(onnx_path, tmp_path, TensorRTBuildConfig(1, 2, 2, workspace_gib=1))
+    with TensorRTBackend(tmp_path / PLAN_FILE) as backend:
+        with pytest.raises(ArgumentError, match="outside the plan's profile"):
+            backend.run_impl(TILES)  # 3 tiles past a max of 2: set_input_shape returns False
+    fake_tensorrt.DEVICE["compute_capability"] = "8.0"
+    with pytest.raises(IncompatibleArtifactError, match="compute capability 9.0"):
+        TensorRTBackend(tmp_path / PLAN_FILE)
+
+
+def test_timing_cache_from_another_device_is_replaced(fake_tensorrt, onnx_path, tmp_path, caplog) -> None:
+    cache = tmp_path / "timing.cache"
+    fake_tensorrt.DEVICE["compute_capability"] = "8.0"
+    build_plan(onnx_path, tmp_path / "a100", TensorRTBuildConfig(1, 1, 2, workspace_gib=1, timing_cache=cache))
+    assert json.loads(cache.read_bytes())["compute_capability"] == "8.0"
+    fake_tensorrt.DEVICE["compute_capability"] = "9.0"
+    with caplog.at_level(logging.WARNING, logger="export"):
+        build_plan(onnx_path, tmp_path / "h100", TensorRTBuildConfig(1, 1, 2, workspace_gib=1, timing_cache=cache))
+    assert any("another device" in r.getMessage() for r in caplog.records)
+    refused, accepted = [c for c in fake_tensorrt.CALLS if c[0] == "set_timing_cache"][-2:]
+    assert refused[1]["compute_capability"] == "8.0" and accepted[1]["compute_capability"] == "9.0"
+    assert json.loads(cache.read_bytes())["compute_capability"] == "9.0"
+
+
+def test_missing_timing_cache_is_not_fatal(fake_tensorrt, onnx_path, tmp_path) -> None:
+    fake_tensorrt.STATE["timing_cache_none"] = True
+    cache = tmp_path / "timing.cache"
+    build_plan(onnx_path, tmp_path, TensorRTBuildConfig(1, 1, 2, workspace_gib=1, timing_cache=cache))
+    assert (tmp_path / PLAN_FILE).is_file() and not cache.exists()
+
+
+class _Engine:
+    def __init__(self, tensors: dict) -> None:
+        self.tensors = tensors
+        self.num_io_tensors = len(tensors)
+
+    def get_tensor_name(self, index: int) -> str:
+        return list(self.tensors)[index]
+
+    def get_tensor_mode(self, name: str):
+        return self.tensors[name][0]
+
+    def get_tensor_dtype(self, name: str):
+        return self.tensors[name][1]
+
+
+def test_engine_io_is_checked_against_the_contract(fake_tensorrt) -> None:
+    trt = fake_tensorrt
+    good = {"ihc": (trt.TensorIOMode.INPUT, trt.DataType.UINT8),
+            **{n: (trt.TensorIOMode.OUTPUT, trt.DataType.UINT8) for n in ("hema", "dapi", "lap2", "marker", "seg")}}
+    check_engine_io(trt, _Engine(good), Path("p.plan"))
+    renamed = {("segmentation" if k == "seg" else k): v for k, v in good.items()}
+    with pytest.raises(ArtifactError, match="tensors are"):
+        check_engine_io(trt, _Engine(renamed), Path("p.plan"))
+    floats = {**good, "hema": (trt.TensorIOMode.OUTPUT, trt.DataType.FLOAT)}
+    with pytest.raises(ArtifactError, match="hema is FLOAT, expected uint8"):
+        check_engine_io(trt, _Engine(floats), Path("p.plan"))
+
+
+def test_the_double_parser_refuses_uint8_inside_the_graph(fake_tensorrt, tmp_path) -> None:
+    """The double rejects what TensorRT rejects, independently of export/parser_rules, so a graph with
+    the old (transpose-before-cast) boundary cannot get through the contract tests either."""
+    import onnx
+    from onnx import TensorProto, helper
+    nodes = [helper.make_node("Transpose", ["ihc"], ["t"], name="/Transpose", perm=[0, 3, 1, 2]),
+             helper.make_node("Cast", ["t"], ["seg"], name="/Cast", to=TensorProto.FLOAT)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ihc", TensorProto.UINT8, ["b", 2, 2, 3])],
+                              [helper.make_tensor_value_info("seg", TensorProto.FLOAT, ["b", 3, 2, 2])])
+    path = tmp_path / "old.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    trt = fake_tensorrt
+    parser = trt.OnnxParser(trt.Builder(trt.Logger()).create_network(), trt.Logger())
+    assert not parser.parse_from_file(str(path))
+    assert "UINT8 types for intermediate tensors" in str(parser.get_error(0)) and "/Transpose" in str(parser.get_error(0))
