@@ -1,4 +1,4 @@
-"""`deepliif-engine`: infer, postprocess, demo-model, demo, export, calibrate, bench, serve, package."""
+"""`deepliif-engine`: infer, postprocess, demo-model, demo, export, calibrate, bench, serve, package, doctor."""
 from __future__ import annotations
 
 import argparse
@@ -133,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--end-to-end", type=int, metavar="SIZE", help="instead: one SIZE x SIZE mosaic of the "
                        "tiles (or --image itself) through every stage, on the first backend and batch size")
     bench.set_defaults(handler=cmd_bench)
+
+    doctor = sub.add_parser("doctor", help="the first command on a new machine: versions, GPUs, providers, "
+                            "and one tile through every backend x precision that can run here")
+    doctor.add_argument("--model-dir", type=Path, help="check with this model (default: a small generated one)")
+    doctor.add_argument("--json", type=Path, help="also write the report as JSON here")
+    doctor.set_defaults(handler=cmd_doctor)
     return parser
 
 
@@ -300,6 +306,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.plot and plot(report, args.plot):
         print(f"plot: {args.plot}")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import diagnose, format_report
+    report = diagnose(args.model_dir)
+    print(format_report(report))
+    if args.json:
+        prepare_out_dir(args.json.parent)
+        write_json(args.json, report)
+    return 0 if report["passed"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
