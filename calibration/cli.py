@@ -11,7 +11,6 @@ from export.config import Precision
 from .gate import REPORT_FILE, GateThresholds, format_markdown
 from .quantize import CalibrationMethod, QuantizationConfig
 from .tiles import DEFAULT_SEED
-from .workflow import CalibrationPlan, calibrate
 
 
 def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +50,7 @@ def _limit(text: str) -> float | None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .workflow import CalibrationPlan, calibrate  # torch: loaded only for this command
     thresholds = GateThresholds(args.max_percent_pos_delta, args.max_pooled_percent_pos_delta,
                                 args.max_cell_count_delta, args.min_psnr,
                                 None if args.max_abs is None else int(args.max_abs))

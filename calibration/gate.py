@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from deepliif.errors import AccuracyGateError, ArgumentError
-from deepliif.imageio import file_sha256
+from deepliif.imageio import HashMemo, file_sha256
 from deepliif.inference import InferenceOptions, TileBatchRunner, infer_image
-from deepliif.pipeline import OUTPUT_NAMES
+from deepliif.contract import OUTPUT_NAMES
 from deepliif.tables import format_rows
 
 from export.validate import ImageStats
@@ -147,7 +147,7 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def require_passed(onnx_path: Path, force: bool = False) -> dict | None:
+def require_passed(onnx_path: Path, force: bool = False, memo: HashMemo | None = None) -> dict | None:
     """The passed gate report of a reduced-precision ONNX, or AccuracyGateError (a warning when forced).
 
     The report must sit beside the file and name its sha256, so a report cannot vouch for another graph.
@@ -162,7 +162,7 @@ def require_passed(onnx_path: Path, force: bool = False) -> dict | None:
     except (OSError, ValueError) as exc:
         problem = f"accuracy report {report_path} is unreadable ({exc})"
     if report is not None and problem is None:
-        if not isinstance(report, dict) or report.get("onnx_sha256") != file_sha256(onnx_path):
+        if not isinstance(report, dict) or report.get("onnx_sha256") != file_sha256(onnx_path, memo):
             problem = f"accuracy report {report_path} is for another file than {onnx_path.name} (sha256 differs)"
         elif report.get("passed") is not True:
             problem = (f"{onnx_path} failed its accuracy gate (worst image {report.get('worst_image')}): "

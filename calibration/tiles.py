@@ -17,7 +17,7 @@ import numpy as np
 
 from deepliif.errors import ArgumentError, ImageError
 from deepliif.imageio import DEFAULT_MAX_PIXELS, file_sha256, read_image, write_json
-from deepliif.pipeline import NETWORK_TILE
+from deepliif.contract import NETWORK_TILE
 from deepliif.tiling import TileGrid, check_tile_size, extend_by_mirroring, is_empty_tile, resize_tile
 
 from . import logger

@@ -14,8 +14,8 @@ from typing import Protocol
 import numpy as np
 
 from .errors import ArgumentError, parse_enum
-from .model_dir import MODALITIES
-from .pipeline import NETWORK_TILE, OUTPUT_NAMES
+from .contract import MODALITIES
+from .contract import NETWORK_TILE, OUTPUT_NAMES
 from .postprocessing import PostprocessOptions, postprocess
 from .tiling import (
     EMPTY_TILE_COLOURS, Stitcher, Tile, TileGrid, check_tile_size, extend_by_mirroring, is_empty_tile,

@@ -9,72 +9,24 @@ batched with per-sample normalisation. Generator names are derived here, once, f
 """
 from __future__ import annotations
 
-import enum
-import hashlib
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import logger
+from .contract import MODALITIES
 from .errors import ModelDirError, UnsupportedModelError, WeightsMismatchError
-from .imageio import update_digest
+from .imageio import HashMemo
+from .model_files import GeneratorNames, Layout, ModelFiles, detect_layout, read_model_files
 from .networks import (
     Generator, GeneratorSpec, NormMode, Padding, ResnetSpec, UnetSpec, build_generator, set_norm_mode,
 )
-from .options import OPTION_FILE, TrainOptions, read_train_options
+from .options import OPTION_FILE, TrainOptions
 
-MODALITIES = ("Hema", "DAPI", "Lap2", "Marker")
+__all__ = ["MODALITIES", "DeepLIIFModel", "GeneratorNames", "Layout", "LoadedGenerator", "ModelFiles",
+           "detect_layout", "load_model_dir", "read_model_files"]
 _RUNNING_STATS = ("running_mean", "running_var")
-
-
-class Layout(enum.Enum):
-    TORCHSCRIPT = "torchscript"
-    CHECKPOINT = "checkpoint"
-
-    def file_name(self, generator: str) -> str:
-        return f"{generator}.pt" if self is Layout.TORCHSCRIPT else f"latest_net_{generator}.pth"
-
-    @property
-    def pattern(self) -> re.Pattern[str]:
-        if self is Layout.TORCHSCRIPT:
-            return re.compile(r"^(G[A-Za-z]*\d+)\.pt$")
-        return re.compile(r"^latest_net_(G[A-Za-z]*\d+)\.pth$")
-
-
-@dataclass(frozen=True)
-class GeneratorNames:
-    """Which file-level generator name plays which role.
-
-    `translation[i]` turns IHC into `MODALITIES[i]`; `segmentation[0]` segments the IHC input and
-    `segmentation[i + 1]` segments the generated `MODALITIES[i]`.
-    """
-
-    translation: tuple[str, ...]
-    segmentation: tuple[str, ...]
-
-    @property
-    def all(self) -> tuple[str, ...]:
-        return self.translation + self.segmentation
-
-    @classmethod
-    def from_names(cls, names: set[str], modalities_no: int, where: Path) -> GeneratorNames:
-        translation = tuple(f"G{i}" for i in range(1, modalities_no + 1))
-        missing = [n for n in translation if n not in names]
-        if missing:
-            raise ModelDirError(f"{where}: translation generator weights missing for {', '.join(missing)}")
-        seg = sorted((n for n in names if n not in translation), key=_trailing_number)
-        prefixes = {re.sub(r"\d$", "", n) for n in seg}
-        if len(seg) != modalities_no + 1 or len(prefixes) != 1:
-            raise ModelDirError(
-                f"{where}: expected {modalities_no + 1} segmentation generators sharing one name prefix "
-                f"(e.g. G51...G55), found {seg or 'none'}")
-        return cls(translation, tuple(seg))
-
-
-def _trailing_number(name: str) -> int:
-    return int(re.search(r"(\d+)$", name).group(1))  # names come from Layout.pattern, so digits exist
 
 
 @dataclass
@@ -115,14 +67,10 @@ class DeepLIIFModel:
                 f" = {first_t.spec.describe()}; segmentation {','.join(self.names.segmentation)} = "
                 f"{first_s.spec.describe()}; normalisation {'/'.join(modes)}")
 
-    def weights_sha256(self) -> str:
-        """Hash of the option file and every weight file, in role order: the model's identity."""
-        digest = hashlib.sha256()
-        paths = [self.directory / OPTION_FILE] + [self.generators[n].path for n in self.names.all]
-        for path in paths:
-            digest.update(path.name.encode())
-            update_digest(digest, path)
-        return digest.hexdigest()
+    def weights_sha256(self, memo: HashMemo | None = None) -> str:
+        """The model's identity (see `ModelFiles.weights_sha256`)."""
+        files = {name: generator.path for name, generator in self.generators.items()}
+        return ModelFiles(self.directory, self.options, self.layout, self.names, files).weights_sha256(memo)
 
     def to(self, device: torch.device | str) -> DeepLIIFModel:
         for generator in self.generators.values():
@@ -130,29 +78,14 @@ class DeepLIIFModel:
         return self
 
 
-def detect_layout(model_dir: Path) -> tuple[Layout, dict[str, Path]]:
-    """Which layout the directory uses, and the generator files of that layout by name."""
-    files = [p for p in model_dir.iterdir() if p.is_file()]
-    for layout in (Layout.TORCHSCRIPT, Layout.CHECKPOINT):
-        found = {m.group(1): p for p in files if (m := layout.pattern.match(p.name))}
-        if found:
-            return layout, found
-    raise ModelDirError(
-        f"{model_dir}: no generator weights found (expected G1.pt ... G55.pt or latest_net_G1.pth ...)")
-
-
 def load_model_dir(model_dir: str | Path, device: torch.device | str = "cpu") -> DeepLIIFModel:
     """Load every generator of a DeepLIIF directory and report what was found."""
-    directory = Path(model_dir)
-    if not directory.is_dir():
-        raise ModelDirError(f"model directory {directory} does not exist or is not a directory")
-    options = read_train_options(directory)
-    layout, files = detect_layout(directory)
-    names = GeneratorNames.from_names(set(files), options.modalities_no, directory)
+    found = read_model_files(model_dir)
+    directory, options, layout, names = found.directory, found.options, found.layout, found.names
     generators = {}
     for name in names.all:
         is_translation = name in names.translation
-        generators[name] = _load_generator(name, files[name], layout, options, is_translation)
+        generators[name] = _load_generator(name, found.files[name], layout, options, is_translation)
     _check_uniform(generators, names, directory)
     model = DeepLIIFModel(directory, options, layout, names, generators).to(device)
     logger.info("loaded %s", model.describe())

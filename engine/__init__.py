@@ -8,3 +8,11 @@ from __future__ import annotations
 import logging
 
 logger = logging.getLogger("engine")
+
+
+def __getattr__(name: str):
+    """`from engine import Session`, as the README documents, without importing torch for `engine.logger`."""
+    if name == "Session":
+        from .session import Session
+        return Session
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

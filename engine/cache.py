@@ -6,7 +6,8 @@ exclusive `flock` on `<key>.lock`, given a manifest with the sha256 of each file
 atomic rename. Other processes block on the lock, then find the published entry. A process killed
 mid-build leaves only a staging directory (never loaded; removed by the next builder) and its lock is
 released by the kernel. A published entry whose files no longer match the manifest, or that fails to
-load, is rebuilt.
+load, is rebuilt. File hashes are remembered by size, mtime and inode (`HashMemo`), so a warm start
+does not reread a 1.5 GB ONNX; any change of those and the file is hashed in full again.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
+import platform
 import shutil
 import tempfile
 import time
@@ -22,11 +24,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from deepliif.errors import ArgumentError, ArtifactError
-from deepliif.imageio import file_sha256, write_json
+from deepliif.imageio import HashMemo, file_sha256, write_json
 
 from . import logger
 
 MANIFEST = "artifact.json"
+HASH_MEMO = "file-hashes.json"
 MODEL_PATH_ENV = "REDHARE_MODEL_PATH"
 CACHE_DIR_ENV = "DEEPLIIF_CACHE_DIR"
 
@@ -41,6 +44,18 @@ def default_cache_dir() -> Path:
     return Path(base) / "deepliif-engine"
 
 
+def cpu_signature() -> str:
+    """The machine and its CPU's instruction-set flags, hashed: artifacts optimised for one CPU (ONNX
+    Runtime's saved graphs) are reused only on CPUs that offer the same instructions."""
+    flags = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                break
+    return f"{platform.machine()}-{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+
+
 def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -52,6 +67,7 @@ class ArtifactCache:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ArgumentError(f"cannot create the artifact cache {self.root}: {exc}") from exc
+        self.hashes = HashMemo(self.root / HASH_MEMO)  # entries are verified without rereading gigabytes
 
     def get(self, parts: dict, build: Callable[[Path], None],
             check: Callable[[Path], None] = lambda entry: None, rebuild: bool = False) -> Path:
@@ -81,7 +97,7 @@ class ArtifactCache:
         try:
             recorded = json.loads(manifest.read_text())["files"]
             for name, digest in recorded.items():
-                if file_sha256(entry / name) != digest:
+                if file_sha256(entry / name, self.hashes) != digest:
                     raise ArtifactError(f"{entry / name}: sha256 differs from the manifest")
             check(entry)
         except (OSError, ValueError, KeyError, ArtifactError) as exc:
@@ -123,6 +139,8 @@ class ArtifactCache:
             write_json(staging / MANIFEST, manifest)
             os.chmod(staging, 0o755)
             os.replace(staging, entry)
+            for name, digest in files.items():  # a rename keeps size, mtime and inode: still valid
+                self.hashes.record(entry / name, digest)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)

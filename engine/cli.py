@@ -8,14 +8,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from deepliif.demo import write_demo_model
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import DEFAULT_MAX_PIXELS, prepare_out_dir, read_image, write_json, write_png
 from deepliif.inference import InferenceOptions, OutputSet, tile_count
-from deepliif.model_dir import Layout, load_model_dir
+from deepliif.model_files import Layout
 from deepliif.postprocessing import DEFAULT_SEG_THRESH, PostprocessOptions, postprocess
 
 from calibration.cli import add_calibrate_parser
@@ -26,8 +26,10 @@ from . import logger
 from .backends import BackendKind
 from .edi.cli import add_edi_parsers
 from .session import Session
-from .bench import BenchCase, bench_end_to_end, format_end_to_end, format_table, mosaic, plot, run_bench
 from .samples import benchmark_tiles, sample_images, synthetic_ihc
+
+if TYPE_CHECKING:  # torch-heavy; imported by the commands that use them
+    from .bench import BenchCase
 
 DEMO_MODEL_DIR = Path(".demo-model")
 
@@ -132,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--plot", type=Path)
     bench.add_argument("--end-to-end", type=int, metavar="SIZE", help="instead: one SIZE x SIZE mosaic of the "
                        "tiles (or --image itself) through every stage, on the first backend and batch size")
+    bench.add_argument("--whole-process", action="store_true", help="instead: `infer` on --image as a whole "
+                       "process (warm cache, first backend) vs the DeepLIIF way's process, interleaved")
+    bench.add_argument("--repeats", type=int, default=2, help="--whole-process pairs of runs (default 2)")
     bench.set_defaults(handler=cmd_bench)
 
     doctor = sub.add_parser("doctor", help="the first command on a new machine: versions, GPUs, providers, "
@@ -159,7 +164,7 @@ def infer_files(session: Session, images: list[Path], out: Path, options: Infere
             write_png(out / f"{path.stem}_{name}.png", array)
         timings = {"decode_seconds": decoded - start, **result.timings,
                    "encode_seconds": time.perf_counter() - encode_start}
-        record = {"image": str(path), "model": session.model.describe(), "backend": session.info.as_dict(),
+        record = {"image": str(path), "model": session.files.describe(), "startup_seconds": session.startup, "backend": session.info.as_dict(),
                   "tile_size": options.tile_size, "batch_size": options.batch_size, "tiles": result.tiles,
                   "empty_tiles": result.empty_tiles, "outputs": list(result.images), "scoring": result.scoring,
                   "timings": timings}
@@ -203,6 +208,7 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
+    from deepliif.demo import write_demo_model
     path = write_demo_model(args.out, Layout(args.layout), ngf=args.ngf, seed=args.seed)
     print(f"wrote a DeepLIIF model with RANDOM weights (ngf {args.ngf}, {args.layout} layout) to {path}/")
     return 0
@@ -212,6 +218,7 @@ def _demo_model(ngf: int) -> Path:
     directory = DEMO_MODEL_DIR / f"ngf{ngf}"
     if not directory.is_dir():
         logger.warning("creating a demo model with RANDOM weights in %s (plumbing and speed only)", directory)
+        from deepliif.demo import write_demo_model
         write_demo_model(directory, Layout.TORCHSCRIPT, ngf=ngf)
     return directory
 
@@ -250,6 +257,7 @@ def _csv(text: str, parse, what: str) -> list:
 
 
 def bench_cases(args: argparse.Namespace) -> list[BenchCase]:
+    from .bench import BenchCase
     kinds = [k for k in BackendKind if k is not BackendKind.AUTO] if args.backends == "all" else \
         _csv(args.backends, BackendKind.parse, "backends")
     precisions = _csv(args.precision, Precision.parse, "precision")
@@ -272,6 +280,7 @@ def bench_cases(args: argparse.Namespace) -> list[BenchCase]:
 
 def _bench_end_to_end(args: argparse.Namespace, case: BenchCase, model_dir: Path, cache_dir: Path,
                       scratch: Path) -> dict:
+    from .bench import bench_end_to_end, mosaic
     image = args.image
     if image is None:
         tiles, _ = benchmark_tiles(8)
@@ -284,6 +293,12 @@ def _bench_end_to_end(args: argparse.Namespace, case: BenchCase, model_dir: Path
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.whole_process:
+        return _bench_processes(args)
+    from deepliif.demo import write_demo_model
+    from deepliif.model_dir import load_model_dir
+
+    from .bench import format_end_to_end, format_table, plot, run_bench
     cases = bench_cases(args)
     with tempfile.TemporaryDirectory(prefix="deepliif-bench-") as scratch:
         model_dir = args.model_dir
@@ -305,6 +320,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_json(args.json, report)
     if args.plot and plot(report, args.plot):
         print(f"plot: {args.plot}")
+    return 0
+
+
+def _bench_processes(args: argparse.Namespace) -> int:
+    from .process_bench import bench_processes, format_processes
+    if args.model_dir is None or args.image is None:
+        raise ArgumentError("--whole-process needs --model-dir and --image (a real model and image)")
+    backend = args.backends.split(",")[0]
+    device = args.device
+    with tempfile.TemporaryDirectory(prefix="deepliif-bench-") as scratch:
+        report = bench_processes(args.model_dir, args.image, args.cache_dir or Path(scratch) / "cache", backend,
+                                 device, args.repeats)
+    print(format_processes(report))
+    if args.json:
+        prepare_out_dir(args.json.parent)
+        write_json(args.json, report)
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from deepliif.imageio import read_image
-from deepliif.pipeline import NETWORK_TILE
+from deepliif.contract import NETWORK_TILE
 from deepliif.tiling import is_empty_tile
 
 SAMPLE_DIR_ENV = "DEEPLIIF_SAMPLE_DIR"

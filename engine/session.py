@@ -6,34 +6,41 @@ device and logs why each one it skipped could not be used.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.metadata
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
-import torch
 
+from deepliif.contract import NETWORK_TILE, run_in_chunks
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, DeepLIIFError
 from deepliif.imageio import file_sha256, write_json
 from deepliif.inference import InferenceOptions, InferenceResult
-from deepliif.model_dir import DeepLIIFModel, load_model_dir
-from deepliif.pipeline import NETWORK_TILE, FusedPipeline, TileRunner, run_in_chunks
+from deepliif.model_files import ModelFiles, read_model_files
 
 from calibration.gate import ACCURACY_FILE, require_passed
 from export.config import FUSED_ONNX, OnnxExportConfig, Precision, Tolerance
-from export.onnx_export import check_fused_signature, check_onnx, export_pipeline
+from export.onnx_checks import check_fused_signature, check_onnx
 from export.tensorrt_build import PLAN_FILE, GpuInfo, TensorRTBuildConfig, build_plan, onnx_precision, \
     tensorrt_module, timing_cache_path
 from export.validate import validate
 
 from . import logger
 from .backends import Backend, BackendKind
-from .cache import ArtifactCache
+from .cache import ArtifactCache, cpu_signature
 from .samples import synthetic_ihc
+from .devices import cuda_available, free_cuda_memory
 from .tile_pipeline import infer_images
 
+if TYPE_CHECKING:  # PyTorch loads only for the torch backend and for exports (see `Session.model`)
+    from deepliif.model_dir import DeepLIIFModel
+
+OPTIMIZED_ONNX = "deepliif.ort-optimized.onnx"
 # fastest first, per device class (docs/BENCHMARKS.md: onnxruntime beat eager torch on the CPU machine)
 GPU_ORDER = (BackendKind.TENSORRT, BackendKind.ONNXRUNTIME, BackendKind.TORCH)
 CPU_ORDER = (BackendKind.ONNXRUNTIME, BackendKind.TORCH)
@@ -60,7 +67,9 @@ class Session:
                  device: str = "auto", cache_dir: Path | None = None, batch_size: int | None = None,
                  onnx: Path | None = None, force_ungated: bool = False, **backend_options) -> None:
         start = time.perf_counter()
-        self.model: DeepLIIFModel = load_model_dir(model_dir)
+        self.startup: dict[str, float] = {}  # seconds by stage, for the start-up report
+        with self._stage("read model directory"):
+            self.files: ModelFiles = read_model_files(model_dir)  # the weights load only if a backend needs them
         self.precision = Precision.parse(precision)
         self.device = device
         self.cache = ArtifactCache(cache_dir)
@@ -71,12 +80,28 @@ class Session:
         self.backend = self._open(BackendKind.parse(backend), backend_options)
         self.info = self.backend.info
         if batch_size is None:
-            free = torch.cuda.mem_get_info()[0] if self.info.device == "cuda" else None
+            free = free_cuda_memory() if self.info.device == "cuda" else None
             batch_size = choose_batch_size(free, self.precision, self.info.max_batch)
         self.batch_size = batch_size
         self.start_seconds = time.perf_counter() - start
-        logger.info("session ready in %.1f s: %s %s on %s, batch %d (%s)", self.start_seconds, self.info.name,
-                    self.precision.value, self.info.device, self.batch_size, self.info.detail)
+        stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in self.startup.items())
+        logger.info("session ready in %.1f s (%s): %s %s on %s, batch %d (%s)", self.start_seconds, stages,
+                    self.info.name, self.precision.value, self.info.device, self.batch_size, self.info.detail)
+
+    @contextlib.contextmanager
+    def _stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.startup[name] = round(self.startup.get(name, 0.0) + time.perf_counter() - start, 3)
+
+    @functools.cached_property
+    def model(self) -> DeepLIIFModel:
+        """The PyTorch generators: loaded for the torch backend and for exports, never to serve a cached one."""
+        from deepliif.model_dir import load_model_dir
+        with self._stage("load PyTorch model"):
+            return load_model_dir(self.files.directory)
 
     def _open(self, kind: BackendKind, options: dict) -> Backend:
         """The backend asked for, or with `auto` the first in order that opens and, on a GPU, runs one
@@ -85,7 +110,7 @@ class Session:
         every candidate would meet, stop the search. `self.skipped` says why each earlier one was not used."""
         if kind is not BackendKind.AUTO:
             return self._open_kind(kind, options)
-        order = GPU_ORDER if torch.cuda.is_available() and self.device != "cpu" else CPU_ORDER
+        order = GPU_ORDER if self.device != "cpu" and cuda_available() else CPU_ORDER
         for candidate in order:
             backend = None
             try:
@@ -120,6 +145,9 @@ class Session:
             engines = self.cache.root / "onnxruntime-tensorrt"  # the TensorRT EP's engine and timing caches
             if self.onnx is not None:
                 return OnnxRuntimeBackend(self.onnx, self.device, self.precision, cache_dir=engines)
+            if available_providers(self.device, self.precision) == ["CPUExecutionProvider"]:
+                return self._open_cached(self._optimized_entry, lambda entry: OnnxRuntimeBackend(
+                    entry / OPTIMIZED_ONNX, "cpu", self.precision, preoptimized=True))
             return self._open_cached(self._onnx_entry, lambda entry: OnnxRuntimeBackend(
                 entry / FUSED_ONNX, self.device, self.precision, cache_dir=engines))
         from .backends.tensorrt_backend import TensorRTBackend
@@ -130,12 +158,17 @@ class Session:
 
     def _open_cached(self, get_entry: Callable[[bool], Path], open_backend: Callable[[Path], Backend]) -> Backend:
         """Open the backend on its cached artifact; an artifact that fails to load is rebuilt once."""
-        entry = get_entry(False)
+        with self._stage("artifact cache"):
+            entry = get_entry(False)
         try:
-            return open_backend(entry)
+            with self._stage("open backend"):
+                return open_backend(entry)
         except ArtifactError as exc:
             logger.warning("cached artifact %s does not load (%s); rebuilding it", entry, exc)
-        return open_backend(get_entry(True))
+        with self._stage("artifact cache"):
+            entry = get_entry(True)
+        with self._stage("open backend"):
+            return open_backend(entry)
 
     def _check_given_onnx(self, path: Path) -> Path:
         """A given graph must be the fused pipeline, in the precision asked for, gated if reduced, and
@@ -148,28 +181,31 @@ class Session:
                                 "was asked for")
         report = self._gated(path)
         if report and report.get("model_sha256") not in (None, self._model_sha256):
-            raise ArtifactError(f"{path} was made from another model than {self.model.directory} "
+            raise ArtifactError(f"{path} was made from another model than {self.files.directory} "
                                 "(weights sha256 differs)")
         return path
 
     def _gated(self, path: Path) -> dict | None:
         if self.precision is not Precision.FP32:
-            self.accuracy = require_passed(path, self.force_ungated)
+            self.accuracy = require_passed(path, self.force_ungated, self.cache.hashes)
         return self.accuracy
 
     @functools.cached_property
     def _model_sha256(self) -> str:
-        return self.model.weights_sha256()  # hashes every weight file: once per session
+        with self._stage("hash weights"):
+            return self.files.weights_sha256(self.cache.hashes)
 
     def _onnx_parts(self) -> dict:
         return {"kind": "onnx", "model": self._model_sha256,
-                "export": OnnxExportConfig(precision=self.precision).key(), "torch": torch.__version__,
+                "export": OnnxExportConfig(precision=self.precision).key(),
+                "torch": importlib.metadata.version("torch"),
                 "onnx": onnx.__version__}
 
     def _onnx_entry(self, rebuild: bool = False) -> Path:
         config = OnnxExportConfig(precision=self.precision)
 
         def build(staging: Path) -> None:
+            from export.onnx_export import export_pipeline
             export_pipeline(self.model, staging / FUSED_ONNX, config)
             report = quick_validation(self.model, staging / FUSED_ONNX, self.precision)
             write_json(staging / ACCURACY_FILE, {**report, "precision": self.precision.value,
@@ -178,6 +214,17 @@ class Session:
 
         # the cache's own check: an entry whose accuracy report is missing or failed is rebuilt, not served
         return self.cache.get(self._onnx_parts(), build, check=lambda entry: self._gated(entry / FUSED_ONNX),
+                              rebuild=rebuild)
+
+    def _optimized_entry(self, rebuild: bool = False) -> Path:
+        """The fused graph as ONNX Runtime optimises it for this CPU, saved once: loading it skips the
+        optimiser (seconds for the full-size model at every start). ONNX Runtime says such a graph may
+        hold hardware-specific layouts, so the entry is keyed by the CPU's instruction set and ORT version."""
+        from .backends.onnxruntime_backend import onnxruntime_version, save_optimized
+        source = self._onnx_entry(rebuild)
+        parts = {**self._onnx_parts(), "kind": "onnxruntime-optimized", "onnxruntime": onnxruntime_version(),
+                 "cpu": cpu_signature()}
+        return self.cache.get(parts, lambda staging: save_optimized(source / FUSED_ONNX, staging / OPTIMIZED_ONNX),
                               rebuild=rebuild)
 
     def _plan_entry(self, build_config: TensorRTBuildConfig, rebuild: bool = False) -> Path:
@@ -231,6 +278,8 @@ def _probe(backend: Backend) -> None:
 def quick_validation(model: DeepLIIFModel, onnx_path: Path, precision: Precision) -> dict:
     """A freshly exported cache artifact is checked on one tile before it is published: cheap insurance
     that the cache never serves a wrong graph (`export onnx` and `calibrate` do the full checks)."""
+    from deepliif.pipeline import FusedPipeline, TileRunner
+
     from .backends.onnxruntime_backend import OnnxRuntimeBackend
     tile = synthetic_ihc(NETWORK_TILE, NETWORK_TILE, seed=1)[None]
     with OnnxRuntimeBackend(onnx_path, device="cpu", precision=precision) as candidate:

@@ -19,7 +19,7 @@ import numpy as np
 
 from deepliif.inference import (InferenceOptions, InferenceResult, OrderedPaster, check_image_array, finish_image,
                                 start_image)
-from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES
+from deepliif.contract import NETWORK_TILE, OUTPUT_NAMES
 from deepliif.tiling import Tile, TileGrid, is_empty_tile, resize_tile
 
 Run = Callable[[np.ndarray], dict[str, np.ndarray]]

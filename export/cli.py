@@ -13,8 +13,7 @@ from deepliif.imageio import prepare_out_dir
 from .config import OnnxExportConfig, Precision, Tolerance
 from .tensorrt_build import METADATA_FILE, PLAN_FILE, TensorRTBuildConfig, build_plan
 from .triton import TritonConfig, write_repository
-from .validate import format_report
-from .workflow import ValidationPlan, export_onnx, parse_batch_sizes, tiles_for_validation, tolerance_from_args
+from .validate import format_report, parse_batch_sizes
 
 
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,6 +59,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
+    from .workflow import ValidationPlan, export_onnx, tiles_for_validation, tolerance_from_args  # torch
     config = OnnxExportConfig(opset=args.opset, precision=Precision.parse(args.precision),
                               per_generator=args.per_generator)
     tolerance = tolerance_from_args(args.max_abs, args.min_psnr, args.max_percent_pos_delta,

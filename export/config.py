@@ -4,10 +4,8 @@ from __future__ import annotations
 import enum
 from dataclasses import asdict, dataclass
 
-import torch
-
 from deepliif.errors import ArgumentError, parse_enum
-from deepliif.pipeline import OUTPUT_NAMES
+from deepliif.contract import OUTPUT_NAMES
 
 INPUT_NAME = "ihc"
 OUTPUT_ONNX_NAMES = tuple(name.lower() for name in OUTPUT_NAMES)  # hema dapi lap2 marker seg
@@ -28,8 +26,9 @@ class Precision(enum.Enum):
         return parse_enum(cls, value, "precision")
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def torch_dtype(self):
         """The dtype the torch module is exported in; INT8 starts from fp32 and adds Q/DQ nodes."""
+        import torch  # only the torch backend and the exporter ask; serving an export never does
         return torch.float16 if self is Precision.FP16 else torch.float32
 
 

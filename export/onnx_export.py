@@ -11,44 +11,24 @@ import contextlib
 import inspect
 import os
 import warnings
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 
-from deepliif.errors import ArtifactError, ExportError
+from deepliif.errors import ExportError
 from deepliif.model_dir import DeepLIIFModel
 from deepliif.pipeline import NETWORK_TILE, FusedPipeline
 
 from . import logger
 from .config import BATCH_AXIS, INPUT_NAME, OUTPUT_ONNX_NAMES, OnnxExportConfig, Precision
+from .onnx_checks import FORBIDDEN_OPS, OnnxSummary, check_fused_signature, check_onnx  # noqa: F401 - re-exported
 from .fp16 import convert_to_fp16, generators_region, whole_graph
 from .parser_rules import check_tensorrt_rules
 
-FORBIDDEN_OPS = ("BatchNormalization",)
 GENERATOR_INPUT, GENERATOR_OUTPUT = "input", "output"
-
-
-@dataclass
-class OnnxSummary:
-    """What an ONNX file holds: its I/O signature, opset, operator counts and size."""
-
-    path: Path
-    opset: int
-    inputs: dict[str, tuple[str, list]]  # name -> (element type, shape with symbolic dims as names)
-    outputs: dict[str, tuple[str, list]]
-    op_counts: dict[str, int] = field(default_factory=dict)
-    size_bytes: int = 0
-    initializer_types: tuple[str, ...] = ()  # element types of the weights, e.g. ("float16", "float")
-
-    def as_dict(self) -> dict:
-        return {"path": str(self.path), "opset": self.opset, "size_bytes": self.size_bytes,
-                "inputs": self.inputs, "outputs": self.outputs, "op_counts": self.op_counts,
-                "initializer_types": list(self.initializer_types)}
 
 
 def export_pipeline(model: DeepLIIFModel, path: Path, config: OnnxExportConfig) -> OnnxSummary:
@@ -127,59 +107,3 @@ def _quiet_exporter():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         yield
-
-
-def check_onnx(path: Path) -> OnnxSummary:
-    """Full `onnx.checker` pass with shape inference, and no BatchNormalization left."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: no such ONNX file")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises its own DecodeError, onnx may raise others
-        raise ArtifactError(f"{path} is not an ONNX model: {exc}") from exc
-    if not proto.graph.node:
-        raise ArtifactError(f"{path} is not an ONNX model: it has no graph nodes")
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ArtifactError(f"{path} fails the ONNX checker: {exc}") from exc
-    ops = Counter(node.op_type for node in proto.graph.node)
-    forbidden = sorted(op for op in FORBIDDEN_OPS if ops.get(op))
-    if forbidden:
-        raise ExportError(f"{path} contains {', '.join(forbidden)}: normalisation with running statistics "
-                          "is not DeepLIIF's per-tile inference")
-    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
-    types = tuple(sorted({_type_name(t.data_type) for t in proto.graph.initializer}))
-    return OnnxSummary(path, opset, _signature(proto.graph.input), _signature(proto.graph.output),
-                       dict(sorted(ops.items())), path.stat().st_size, types)
-
-
-def _type_name(elem_type: int) -> str:
-    return onnx.TensorProto.DataType.Name(elem_type).lower()
-
-
-def _signature(values) -> dict[str, tuple[str, list]]:
-    signature = {}
-    for value in values:
-        tensor = value.type.tensor_type
-        dims = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-        signature[value.name] = (_type_name(tensor.elem_type), dims)
-    return signature
-
-
-def check_fused_signature(summary: OnnxSummary) -> None:
-    """Refuse an ONNX that is not the fused pipeline: other backends rely on its exact I/O contract."""
-    expected_shape = [None, NETWORK_TILE, NETWORK_TILE, 3]
-    problems = []
-    for group, names in (("input", [INPUT_NAME]), ("output", list(OUTPUT_ONNX_NAMES))):
-        actual = summary.inputs if group == "input" else summary.outputs
-        if sorted(actual) != sorted(names):
-            problems.append(f"{group}s are {sorted(actual)}, expected {names}")
-            continue
-        for name in names:
-            dtype, shape = actual[name]
-            if dtype != "uint8" or len(shape) != 4 or shape[1:] != expected_shape[1:]:
-                problems.append(f"{group} {name} is {dtype} {shape}, expected uint8 [batch, 512, 512, 3]")
-    if problems:
-        raise ArtifactError(f"{summary.path} is not a DeepLIIF fused-pipeline ONNX: {'; '.join(problems)}")

@@ -18,11 +18,11 @@ from pathlib import Path
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, ExportError, \
     IncompatibleArtifactError
 from deepliif.imageio import file_sha256, write_atomically, write_json
-from deepliif.pipeline import NETWORK_TILE
+from deepliif.contract import NETWORK_TILE
 
 from . import logger
 from .config import INPUT_NAME, Precision
-from .onnx_export import OnnxSummary, check_fused_signature, check_onnx
+from .onnx_checks import OnnxSummary, check_fused_signature, check_onnx
 from .parser_rules import check_tensorrt_rules
 
 PLAN_FILE = "deepliif.plan"

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepliif.errors import ArgumentError, ArtifactError, ExportError
-from deepliif.pipeline import NETWORK_TILE
+from deepliif.contract import NETWORK_TILE
 
 from . import logger
 from .config import INPUT_NAME, OUTPUT_ONNX_NAMES
-from .onnx_export import check_fused_signature, check_onnx
+from .onnx_checks import check_fused_signature, check_onnx
 from .tensorrt_build import METADATA_FILE, EngineMetadata
 
 _DIMS = [NETWORK_TILE, NETWORK_TILE, 3]

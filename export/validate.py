@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from deepliif.errors import ArgumentError, ValidationError
-from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES, run_in_chunks
+from deepliif.contract import NETWORK_TILE, OUTPUT_NAMES, run_in_chunks
 from deepliif.postprocessing import postprocess
 from deepliif.tables import format_rows
 
@@ -70,6 +70,14 @@ def check_batch_sizes(batch_sizes: Sequence[int], tiles: int) -> tuple[int, ...]
     if max(sizes) > tiles:
         raise ArgumentError(f"validation batch size {max(sizes)} needs at least that many tiles; got {tiles}")
     return sizes
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ArgumentError(f"batch sizes must be comma-separated integers; got {text!r}") from None
+    return check_batch_sizes(sizes, max(sizes, default=1))
 
 
 def validate(reference: Runner, candidate: Runner, tiles: np.ndarray, batch_sizes: Sequence[int],

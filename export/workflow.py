@@ -29,7 +29,7 @@ from engine.samples import benchmark_tiles
 from . import logger
 from .config import FUSED_ONNX, OnnxExportConfig, Tolerance
 from .onnx_export import GENERATOR_INPUT, export_generators, export_pipeline
-from .validate import ImageStats, check_batch_sizes, validate
+from .validate import ImageStats, check_batch_sizes, parse_batch_sizes, validate  # noqa: F401 - re-exported
 
 VALIDATION_FILE = "validation.json"
 MANIFEST_FILE = "export.json"
@@ -130,14 +130,6 @@ def tolerance_from_args(max_abs: int | None, min_psnr: float | None, max_percent
     return Tolerance(max_abs if max_abs is not None else default.max_abs,
                      min_psnr if min_psnr is not None else default.min_psnr,
                      max_percent_pos_delta if max_percent_pos_delta is not None else default.max_percent_pos_delta)
-
-
-def parse_batch_sizes(text: str) -> tuple[int, ...]:
-    try:
-        sizes = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ArgumentError(f"batch sizes must be comma-separated integers; got {text!r}") from None
-    return check_batch_sizes(sizes, max(sizes, default=1))
 
 
 def tiles_for_validation(count: int, images: Sequence[Path] | None) -> tuple[np.ndarray, str]:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from deepliif.errors import ArgumentError
-from deepliif.pipeline import check_tile_batch
+from deepliif.contract import check_tile_batch
 
 from export.config import Precision
 

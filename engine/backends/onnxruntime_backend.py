@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError
-from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES, run_in_chunks
+from deepliif.contract import NETWORK_TILE, OUTPUT_NAMES, run_in_chunks
 
 from export.config import INPUT_NAME, OUTPUT_ONNX_NAMES, Precision
 
@@ -72,6 +72,27 @@ def provider_options(provider: str, precision: Precision, cache_dir: Path | None
     return {}
 
 
+def onnxruntime_version() -> str:
+    return _onnxruntime().__version__
+
+
+def save_optimized(source: Path, target: Path, threads: int | None = None) -> None:
+    """Write the graph as the CPU provider optimises it (all levels, so its layouts suit this CPU);
+    `OnnxRuntimeBackend(..., preoptimized=True)` then loads it without running the optimiser again."""
+    ort = _onnxruntime()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(target)
+    try:
+        ort.InferenceSession(str(source), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise ArtifactError(f"onnxruntime cannot optimise {source}: {exc}") from exc
+    if not Path(target).is_file():
+        raise ArtifactError(f"onnxruntime wrote no optimised graph for {source}")
+
+
 class OnnxRuntimeBackend(Backend):
     """An InferenceSession on the fused pipeline ONNX.
 
@@ -79,11 +100,12 @@ class OnnxRuntimeBackend(Backend):
     through one at a time (`micro_batch` 1), which measured faster per tile than whole batches on CPU
     (docs/BENCHMARKS.md). On a GPU provider the whole batch goes at once, with IO binding so outputs stay
     on the device until the final copy. `cache_dir` holds the TensorRT EP's engines and timing caches.
+    `preoptimized`: the file was written by `save_optimized` for this CPU; skip the optimiser.
     """
 
     def __init__(self, onnx_path: Path, device: str = "auto", precision: Precision = Precision.FP32,
                  threads: int | None = None, micro_batch: int | None = None, cache_dir: Path | None = None,
-                 io_binding: bool | None = None) -> None:
+                 io_binding: bool | None = None, preoptimized: bool = False) -> None:
         ort = _onnxruntime()
         path = Path(onnx_path)
         if not path.is_file():
@@ -94,7 +116,8 @@ class OnnxRuntimeBackend(Backend):
             raise BackendUnavailableError(f"onnxruntime has no execution provider for device {device!r} "
                                           f"(offered: {ort.get_available_providers()}); {INSTALL_HINT}")
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if preoptimized \
+            else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads or len(os.sched_getaffinity(0))
         options.log_severity_level = 3
         if cache_dir is not None and "TensorrtExecutionProvider" in providers:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError
-from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES
+from deepliif.contract import NETWORK_TILE, OUTPUT_NAMES
 
 from export.config import INPUT_NAME, OUTPUT_ONNX_NAMES, Precision
 from export.tensorrt_build import METADATA_FILE, EngineMetadata, GpuInfo, tensorrt_module

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from deepliif.errors import ArgumentError
 from deepliif.imageio import write_json
-from deepliif.model_dir import load_model_dir
 
 from .. import logger
 from ..cache import MANIFEST, default_cache_dir
@@ -48,6 +47,7 @@ def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cac
         write_json(staging / "model.json", description)
         contents = {"files": list(FILES), "packages": list(PACKAGES), "model": None, "artifacts": []}
         if model_dir is not None:
+            from deepliif.model_dir import load_model_dir  # torch: only when packaging a model
             model = load_model_dir(model_dir)  # refuse a broken model before it is shipped
             shutil.copytree(model.directory, staging / WEIGHTS_DIR)
             contents["model"] = model.describe()
@@ -70,14 +70,15 @@ def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cac
 
 
 def _copy_artifacts(model_sha256: str, cache: Path, target: Path) -> list[str]:
-    """Every published cache entry built from this model (its manifest names the model's hash)."""
+    """Every published cache entry built from this model (its manifest names the model's hash), except
+    ONNX Runtime's graphs optimised for this machine's CPU: the kernel's machine makes its own."""
     copied = []
     for manifest in sorted(Path(cache).glob(f"*/{MANIFEST}")):
         try:
             parts = json.loads(manifest.read_text()).get("parts", {})
         except ValueError:
             continue
-        if parts.get("model") == model_sha256:
+        if parts.get("model") == model_sha256 and parts.get("kind") != "onnxruntime-optimized":
             shutil.copytree(manifest.parent, target / manifest.parent.name)
             copied.append(f"{manifest.parent.name} ({parts.get('kind')}, {parts.get('export', {}).get('precision')})")
     if not copied:

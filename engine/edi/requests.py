@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from deepliif.errors import DeepLIIFError, parse_enum
 from deepliif.inference import OutputSet
-from deepliif.pipeline import check_seg_weights
+from deepliif.contract import check_seg_weights
 from deepliif.postprocessing import PostprocessOptions
 from deepliif.tiling import check_tile_size
 
