@@ -16,15 +16,18 @@ from .tiles import DEFAULT_SEED
 def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("calibrate", help="INT8 Q/DQ (or FP16) ONNX of the fused pipeline, published only "
                             "if the accuracy gate on held-out images passes")
-    parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument("--model-dir", type=Path, required=True, help="DeepLIIF model directory")
     parser.add_argument("--images", type=Path, nargs="+", required=True, help="IHC images to calibrate on")
     parser.add_argument("--holdout", type=Path, nargs="+", default=(),
                         help="images the gate judges on (default: a seeded half of --images, held out)")
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--precision", choices=[Precision.INT8.value, Precision.FP16.value], default="int8")
+    parser.add_argument("--out", type=Path, required=True, help="output folder: calibration.json, accuracy.json, "
+                        "accuracy.md, deepliif.onnx (if the gate passes)")
+    parser.add_argument("--precision", choices=[Precision.INT8.value, Precision.FP16.value], default="int8",
+                        help="reduced precision to make and gate")
     parser.add_argument("--tiles", type=int, default=32, help="calibration tiles to draw (non-empty ones)")
-    parser.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="entropy")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    parser.add_argument("--method", choices=[m.value for m in CalibrationMethod], default="entropy",
+                        help="how activation ranges are chosen")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the tile draw and the hold-out split")
     parser.add_argument("--quantize-edge-layers", action="store_true",
                         help="also quantize each generator's first and last convolution (default: float32)")
     parser.add_argument("--fp32-onnx", type=Path, help="the model's fused fp32 ONNX, if already exported")

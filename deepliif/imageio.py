@@ -47,6 +47,41 @@ def read_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageError(f"{label}: not a readable image ({exc})") from exc
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+
+
+def probe_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
+    """(width, height) from the header, with every check `read_image` makes before decoding: commands
+    open all their inputs this way before loading a model or creating an output folder."""
+    label = str(path)
+    if not Path(path).is_file():
+        raise ImageError(f"{label}: no such file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_size(image.size, max_pixels, label)
+                return image.size
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{label}: image is over the limit of {max_pixels} pixels ({exc})") from exc
+    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
+        raise ImageError(f"{label}: not a readable image ({exc})") from exc
+
+
+def expand_inputs(paths: list[Path]) -> list[Path]:
+    """Files as given; a folder stands for the images directly inside it, sorted by name."""
+    files: list[Path] = []
+    for path in paths:
+        if Path(path).is_dir():
+            found = sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ImageError(f"{path}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        else:
+            files.append(Path(path))
+    return files
+
+
 def _check_size(size: tuple[int, int], max_pixels: int, label: str) -> None:
     width, height = size
     if width <= 0 or height <= 0:

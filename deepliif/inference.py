@@ -25,17 +25,30 @@ from .tiling import (
 MAX_BATCH_SIZE = 256
 
 
+SEG_MASKS = ("Seg", "SegOverlaid", "SegRefined")
+
+
 class OutputSet(enum.Enum):
-    """Which images a caller wants back (the original input is always available to the caller)."""
+    """Which images a caller wants back: a named set, or one image by its name (case-insensitive).
+    The original input is always available to the caller."""
 
     ALL = "all"
     MODALITIES = "modalities"
     SEG_MASKS = "seg_masks"
+    HEMA = "hema"
+    DAPI = "dapi"
+    LAP2 = "lap2"
+    MARKER = "marker"
+    SEG = "seg"
+    SEG_OVERLAID = "segoverlaid"
+    SEG_REFINED = "segrefined"
 
     @property
     def names(self) -> tuple[str, ...]:
-        masks = ("Seg", "SegOverlaid", "SegRefined")
-        return {"all": MODALITIES + masks, "modalities": MODALITIES, "seg_masks": masks}[self.value]
+        sets = {"all": MODALITIES + SEG_MASKS, "modalities": MODALITIES, "seg_masks": SEG_MASKS}
+        if self.value in sets:
+            return sets[self.value]
+        return tuple(name for name in MODALITIES + SEG_MASKS if name.lower() == self.value)
 
     @classmethod
     def parse(cls, value: object) -> OutputSet:

@@ -225,9 +225,11 @@ def plot(report: dict, path: Path) -> bool:
         axes.plot(xs, ys, marker="o", label=label)
     axes.axhline(report["baseline"]["tiles_per_second"], color="grey", linestyle="--", label="DeepLIIF way")
     axes.set_xscale("log", base=2)
+    axes.set_ylim(bottom=0)  # from zero: a truncated axis makes small gaps look large
     axes.set_xlabel("batch size (tiles per call)")
     axes.set_ylabel("tiles / s")
-    axes.set_title(f"DeepLIIF tile throughput, {report['device_name']}")
+    model = Path(str(report.get("model", "model")).split(":", 1)[0]).name or "model"
+    axes.set_title(f"DeepLIIF tile throughput, {model}, {report['device_name']}")
     axes.legend()
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

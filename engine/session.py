@@ -196,10 +196,7 @@ class Session:
             return self.files.weights_sha256(self.cache.hashes)
 
     def _onnx_parts(self) -> dict:
-        return {"kind": "onnx", "model": self._model_sha256,
-                "export": OnnxExportConfig(precision=self.precision).key(),
-                "torch": importlib.metadata.version("torch"),
-                "onnx": onnx.__version__}
+        return onnx_entry_parts(self._model_sha256, self.precision)
 
     def _onnx_entry(self, rebuild: bool = False) -> Path:
         config = OnnxExportConfig(precision=self.precision)
@@ -266,6 +263,12 @@ class Session:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def onnx_entry_parts(model_sha256: str, precision: Precision) -> dict:
+    """What names the cache entry of a model's exported fused ONNX (also how `package --onnx` files one)."""
+    return {"kind": "onnx", "model": model_sha256, "export": OnnxExportConfig(precision=precision).key(),
+            "torch": importlib.metadata.version("torch"), "onnx": onnx.__version__}
 
 
 def _probe(backend: Backend) -> None:

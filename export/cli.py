@@ -21,40 +21,46 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     kinds = export.add_subparsers(dest="export_kind", required=True)
 
     onnx = kinds.add_parser("onnx", help="fused pipeline ONNX, validated against PyTorch")
-    onnx.add_argument("--model-dir", type=Path, required=True)
-    onnx.add_argument("--out", type=Path, required=True)
-    onnx.add_argument("--opset", type=int, default=OnnxExportConfig.opset)
-    onnx.add_argument("--precision", choices=[Precision.FP32.value, Precision.FP16.value], default="fp32")
+    onnx.add_argument("--model-dir", type=Path, required=True, help="DeepLIIF model directory (either layout)")
+    onnx.add_argument("--out", type=Path, required=True, help="output folder: deepliif.onnx, validation.json, "
+                      "export.json")
+    onnx.add_argument("--opset", type=int, default=OnnxExportConfig.opset, help="ONNX opset (13-20)")
+    onnx.add_argument("--precision", choices=[Precision.FP32.value, Precision.FP16.value], default="fp32",
+                      help="arithmetic of the generators (I/O stays uint8)")
     onnx.add_argument("--per-generator", action="store_true", help="also one ONNX per generator (debugging)")
     onnx.add_argument("--images", type=Path, nargs="+", help="IHC images to validate on "
                       "(default: ../shared/data/ihc)")
-    onnx.add_argument("--validation-tiles", type=int, default=4)
-    onnx.add_argument("--validation-batch-sizes", type=parse_batch_sizes, default=(1, 4))
+    onnx.add_argument("--validation-tiles", type=int, default=4, help="tiles to validate on")
+    onnx.add_argument("--validation-batch-sizes", type=parse_batch_sizes, default=(1, 4),
+                      help="comma list of batch sizes to validate at")
     onnx.add_argument("--max-abs", type=int, help="tolerance override, grey levels")
     onnx.add_argument("--min-psnr", type=float, help="tolerance override, dB")
     onnx.add_argument("--max-percent-pos-delta", type=float, help="tolerance override, percentage points")
     onnx.set_defaults(handler=cmd_export_onnx)
 
     trt = kinds.add_parser("tensorrt", help="TensorRT plan + engine.json from the fused ONNX")
-    trt.add_argument("--onnx", type=Path, required=True)
-    trt.add_argument("--out", type=Path, required=True)
-    trt.add_argument("--min-batch", type=int, default=1)
-    trt.add_argument("--opt-batch", type=int, default=8)
-    trt.add_argument("--max-batch", type=int, default=16)
-    trt.add_argument("--workspace-gib", type=float, default=8.0)
-    trt.add_argument("--timing-cache", type=Path)
-    trt.add_argument("--version-compatible", action="store_true")
+    trt.add_argument("--onnx", type=Path, required=True, help="the fused ONNX (from `export onnx` or `calibrate`)")
+    trt.add_argument("--out", type=Path, required=True, help=f"output folder: {PLAN_FILE} and {METADATA_FILE}")
+    trt.add_argument("--min-batch", type=int, default=1, help="profile minimum batch")
+    trt.add_argument("--opt-batch", type=int, default=8, help="batch the kernels are tuned for")
+    trt.add_argument("--max-batch", type=int, default=16, help="profile maximum batch")
+    trt.add_argument("--workspace-gib", type=float, default=8.0, help="builder workspace limit, GiB")
+    trt.add_argument("--timing-cache", type=Path, help="timing cache file to read and update (one per GPU "
+                     "and TensorRT version)")
+    trt.add_argument("--version-compatible", action="store_true", help="a plan later TensorRT versions "
+                     "can run (10 -> 11); slower")
     trt.add_argument("--force-ungated", action="store_true", help="build from an int8/fp16 ONNX whose "
                      "accuracy gate (accuracy.json beside it, from `calibrate`) is missing or failed")
     trt.set_defaults(handler=cmd_export_tensorrt)
 
     triton = kinds.add_parser("triton", help="a Triton model repository serving the ONNX or the plan")
-    triton.add_argument("--onnx", type=Path)
+    triton.add_argument("--onnx", type=Path, help="serve this fused ONNX (give --onnx or --plan)")
     triton.add_argument("--plan", type=Path, help=f"a {PLAN_FILE} with its {METADATA_FILE} beside it")
-    triton.add_argument("--out", type=Path, required=True)
-    triton.add_argument("--name", default=TritonConfig.name)
-    triton.add_argument("--max-batch-size", type=int, default=TritonConfig.max_batch_size)
-    triton.add_argument("--instances", type=int, default=1)
+    triton.add_argument("--out", type=Path, required=True, help="model repository folder")
+    triton.add_argument("--name", default=TritonConfig.name, help="model name in the repository")
+    triton.add_argument("--max-batch-size", type=int, default=TritonConfig.max_batch_size,
+                        help="Triton max_batch_size (capped by a plan's profile)")
+    triton.add_argument("--instances", type=int, default=1, help="model instances per GPU")
     triton.set_defaults(handler=cmd_export_triton)
 
 

@@ -29,7 +29,7 @@ def _onnxruntime():
 def available_providers(device: str = "auto", precision: Precision = Precision.FP32) -> list[str]:
     """Providers in preference order; `device` 'cpu' keeps only the CPU EP, 'cuda' drops it.
 
-    The TensorRT EP is left out for fp32: TensorRT enables TF32 by default and the EP offers no option to
+    The TensorRT EP is left out for fp32: TensorRT enables TF32 by default and the EP documents no option to
     turn it off, which breaks the fp32 contract (one grey level); the CUDA EP runs fp32 with TF32 off and
     the `tensorrt` backend builds fp32 plans with TF32 cleared.
     """

@@ -12,34 +12,38 @@ from .server import DEFAULT_MAX_BODY, load_kernel, serve_kernel
 def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser("serve", help="run kernel.py behind POST /dlim/v1/inference/<name> on a local "
                            "HTTP server (the EDI runtime stand-in)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--name", help="deployment name in the URL (default: model.json's name)")
     serve.add_argument("--model-dir", type=Path, default=os.environ.get("DEEPLIIF_MODEL_DIR"),
                        help="default: $DEEPLIIF_MODEL_DIR")
     serve.add_argument("--volume-root", type=Path, default=os.environ.get("DEEPLIIF_VOLUME_ROOT"),
                        help="mounted storage volume (default: $DEEPLIIF_VOLUME_ROOT)")
-    serve.add_argument("--kernel", type=Path, default=PROJECT_ROOT / "kernel.py")
-    serve.add_argument("--model-json", type=Path, default=PROJECT_ROOT / "model.json")
+    serve.add_argument("--kernel", type=Path, default=PROJECT_ROOT / "kernel.py", help="the EDI kernel file to load")
+    serve.add_argument("--model-json", type=Path, default=PROJECT_ROOT / "model.json",
+                       help="the model.json handed to the kernel")
     serve.add_argument("--task-batch-size", type=int, default=4, help="queued requests handed to one call")
-    serve.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_BODY >> 20)
+    serve.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_BODY >> 20, help="largest request body, MB")
     serve.set_defaults(handler=cmd_serve)
 
     overhead = sub.add_parser("edi-bench", help="the EDI kernel's overhead on top of inference, per request")
-    overhead.add_argument("--model-dir", type=Path, required=True)
+    overhead.add_argument("--model-dir", type=Path, required=True, help="DeepLIIF model directory")
     overhead.add_argument("--images", type=Path, nargs="+", help="default: the sample tiles")
-    overhead.add_argument("--repeats", type=int, default=3)
-    overhead.add_argument("--backend", default="auto")
-    overhead.add_argument("--device", default="auto")
-    overhead.add_argument("--cache-dir", type=Path)
+    overhead.add_argument("--repeats", type=int, default=3, help="requests per image")
+    overhead.add_argument("--backend", default="auto", help="engine backend")
+    overhead.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    overhead.add_argument("--cache-dir", type=Path, help="artifact cache (default: the user cache dir)")
     overhead.set_defaults(handler=cmd_edi_bench)
 
     pack = sub.add_parser("package", help="assemble the folder for `dlim model deploy -p`")
-    pack.add_argument("--out", type=Path, required=True)
-    pack.add_argument("--model-dir", type=Path)
+    pack.add_argument("--out", type=Path, required=True, help="the submission folder to create")
+    pack.add_argument("--model-dir", type=Path, help="model to ship under model/ (default: none)")
     pack.add_argument("--with-artifacts", action="store_true", help="include this model's cached artifacts")
-    pack.add_argument("--cache-dir", type=Path)
+    pack.add_argument("--cache-dir", type=Path, help="artifact cache to take artifacts from (default: the "
+                      "user cache dir)")
     pack.add_argument("--name", help="deployment name (default: model.json's)")
+    pack.add_argument("--onnx", type=Path, help="ship this fused ONNX from `export onnx` (with --model-dir) so "
+                      "kernels serve it without exporting")
     pack.set_defaults(handler=cmd_package)
 
 
@@ -58,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_package(args: argparse.Namespace) -> int:
-    contents = package(args.out, args.model_dir, args.with_artifacts, args.cache_dir, args.name)
+    contents = package(args.out, args.model_dir, args.with_artifacts, args.cache_dir, args.name, args.onnx)
     print(f"submission folder {args.out}/: {', '.join(contents['files'])}, packages {', '.join(contents['packages'])}"
           f"{', model/' if contents['model'] else ' (no model: add one under model/)'}"
           f"{', artifacts: ' + '; '.join(contents['artifacts']) if contents['artifacts'] else ''}")

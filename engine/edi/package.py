@@ -29,11 +29,16 @@ CACHE_DIR = ".engine-cache"
 
 
 def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cache_dir: Path | None = None,
-            name: str | None = None) -> dict:
-    """Assemble the submission folder; returns what went in and the dlim commands."""
+            name: str | None = None, onnx: Path | None = None) -> dict:
+    """Assemble the submission folder; returns what went in and the dlim commands.
+
+    `onnx`: a fused graph from `export onnx` (or an fp16 one from `calibrate`) filed into the folder's
+    artifact cache under the name the kernel looks for, so kernels serve it without exporting."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ArgumentError(f"{out} exists and is not empty; give a new folder")
+    if onnx is not None and model_dir is None:
+        raise ArgumentError("--onnx needs --model-dir: the graph is filed under the model it was exported from")
     description = json.loads((PROJECT_ROOT / "model.json").read_text())
     if name:
         description["name"] = name
@@ -51,9 +56,12 @@ def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cac
             model = load_model_dir(model_dir)  # refuse a broken model before it is shipped
             shutil.copytree(model.directory, staging / WEIGHTS_DIR)
             contents["model"] = model.describe()
+            model_sha256 = model.weights_sha256()
             if with_artifacts:
-                contents["artifacts"] = _copy_artifacts(model.weights_sha256(), cache_dir or default_cache_dir(),
+                contents["artifacts"] = _copy_artifacts(model_sha256, cache_dir or default_cache_dir(),
                                                         staging / CACHE_DIR)
+            if onnx is not None:
+                contents["artifacts"].append(_file_onnx(Path(onnx), model_sha256, staging / CACHE_DIR))
         elif with_artifacts:
             raise ArgumentError("--with-artifacts needs --model-dir (artifacts are found by the model's hash)")
         os.chmod(staging, 0o755)
@@ -84,6 +92,33 @@ def _copy_artifacts(model_sha256: str, cache: Path, target: Path) -> list[str]:
     if not copied:
         logger.warning("no cached artifacts of this model in %s; kernels will export on first start", cache)
     return copied
+
+
+def _file_onnx(onnx: Path, model_sha256: str, cache_dir: Path) -> str:
+    """The exported graph as the cache entry a kernel of this model opens (checked, not re-exported)."""
+    from export.onnx_checks import check_fused_signature, check_onnx
+    from export.tensorrt_build import onnx_precision
+
+    from ..cache import ArtifactCache
+    from ..session import onnx_entry_parts
+    summary = check_onnx(onnx)
+    check_fused_signature(summary)
+    precision = onnx_precision(summary)
+    manifest = onnx.with_name("export.json")
+    made_from = json.loads(manifest.read_text()).get("model_sha256") if manifest.is_file() else None
+    if made_from not in (None, model_sha256):
+        raise ArgumentError(f"{onnx} was exported from another model (its export.json names another weights hash)")
+    if precision.value == "int8":
+        raise ArgumentError(f"{onnx} is an INT8 graph: ship it as the kernel's DEEPLIIF_ONNX, not as a cache entry")
+
+    def build(staging: Path) -> None:
+        shutil.copy2(onnx, staging / "deepliif.onnx")
+        if (onnx.parent / "accuracy.json").is_file():  # the gate report of a reduced-precision graph
+            shutil.copy2(onnx.parent / "accuracy.json", staging / "accuracy.json")
+
+    entry = ArtifactCache(cache_dir).get(onnx_entry_parts(model_sha256, precision), build)
+    (cache_dir / "file-hashes.json").unlink(missing_ok=True)  # paths of this machine mean nothing there
+    return f"{entry.name} (onnx, {precision.value}, from {onnx})"
 
 
 def deploy_commands(folder: Path, name: str) -> list[str]:

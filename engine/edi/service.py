@@ -84,6 +84,7 @@ class EdiService:
         responses: list[dict | None] = [None] * len(bodies)
         sync: list[tuple[int, InferenceRequest, LoadedImage, float]] = []
         for index, body in enumerate(bodies):
+            request = None
             try:
                 request = parse_request(body)
                 if isinstance(request, StatusRequest):
@@ -98,6 +99,8 @@ class EdiService:
                     sync.append((index, request, image, started))
             except Exception as exc:  # noqa: BLE001 - every failure is this request's error response
                 responses[index] = self._error(body, exc)
+                if isinstance(request, InferenceRequest):
+                    self._keep_sync_status(request, responses[index])
         for index, response in self._run_sync(sync):
             responses[index] = response
         return [json.dumps(response) for response in responses]
@@ -153,13 +156,17 @@ class EdiService:
                 results = self._infer([job[2].array for job in group], options)
             except Exception as exc:  # noqa: BLE001
                 for index, request, _, _ in group:
-                    yield index, self._error_for(request.request_id, exc)
+                    response = self._error_for(request.request_id, exc)
+                    self._keep_sync_status(request, response)
+                    yield index, response
                 continue
             for (index, request, image, started), result in zip(group, results):
                 try:
-                    yield index, self._finish(request, image, result, started, write_local=False)
+                    response = self._finish(request, image, result, started, write_local=False)
                 except Exception as exc:  # noqa: BLE001
-                    yield index, self._error_for(request.request_id, exc)
+                    response = self._error_for(request.request_id, exc)
+                self._keep_sync_status(request, response)
+                yield index, response
 
     def _finish(self, request: InferenceRequest, image: LoadedImage, result: InferenceResult, started: float,
                 write_local: bool) -> dict:
@@ -205,6 +212,19 @@ class EdiService:
         volume.write_bytes(f"{self.layout.input_dir(request.request_id)}/{image.name}", image.data)
         volume.publish_dir(staging, final)
         return final
+
+    def _keep_sync_status(self, request: InferenceRequest, response: dict) -> None:
+        """Every request has a status record, so a status request for a finished sync request answers
+        `finished` (its scoring and output_dir; inline images are not kept). Failing to write it only logs."""
+        record = {key: value for key, value in response.items() if key != "images"}
+        record.update(local_input=request.image_path is None, finished_at=now())
+        try:
+            current = self.status.read(request.request_id)
+            if current and current.get("status") in UNFINISHED:
+                return  # refused because that id is still running: its record is not ours to replace
+            self.status.write(request.request_id, record)
+        except Exception as exc:  # noqa: BLE001 - the answer is already made; the record is a courtesy
+            logger.warning("cannot record the status of %s: %s", request.request_id, exc)
 
     # ---- async -------------------------------------------------------------------------------------
     def _submit(self, request: InferenceRequest, image: LoadedImage, estimate: float) -> dict:
@@ -272,12 +292,14 @@ class EdiService:
             msg = f"internal error ({type(exc).__name__}: {exc}); the kernel keeps serving"
             detail = traceback.format_exception_only(type(exc), exc)
             logger.exception("request %s failed unexpectedly", request_id)
-        self._record(request_id, "error", msg)
+        # a request the kernel refuses (bad input, volume problem) is the caller's to fix: not a kernel ERROR
+        self._record(request_id, "error", msg, kernel_fault=not isinstance(exc, DeepLIIFError))
         return {"request_id": request_id, "status": "error", "msg": msg, "log": detail}
 
-    def _record(self, request_id: str | None, status: str, msg: str) -> None:
-        line = f"{now()} {self.settings.pod} {request_id} {status}: {msg}"
-        (self._error_log if status == "error" else self._info)(line)
+    def _record(self, request_id: str | None, status: str, msg: str, kernel_fault: bool = False) -> None:
+        text = msg if msg.startswith(status) else f"{status}: {msg}"  # not "finished: finished: ..."
+        line = f"{now()} {self.settings.pod} {request_id} {text}"
+        (self._error_log if kernel_fault else self._info)(line)
         try:
             self.state.append_text(self.layout.log_file, line + "\n")
         except Exception as exc:  # noqa: BLE001 - a log that cannot be written must not fail the request

@@ -59,6 +59,7 @@ def test_a_passing_calibration_publishes_the_graph_with_its_report(calibrated: d
             assert stats["psnr_db"] is None or 10 < stats["psnr_db"] < 200
 
 
+@pytest.mark.slow
 def test_same_inputs_and_seed_give_the_same_tiles_and_scales(calibrated: dict, plan: CalibrationPlan,
                                                               tmp_path: Path) -> None:
     again = calibrate(replace(plan, out=tmp_path))
@@ -93,6 +94,7 @@ def test_a_deliberately_broken_scale_fails_the_gate(calibrated: dict, plan: Cali
     assert bad_report["worst_psnr_db"]["Hema"] < good_report["worst_psnr_db"]["Hema"] - 4
 
 
+@pytest.mark.slow
 def test_a_failing_gate_publishes_nothing_under_the_served_name(plan: CalibrationPlan, tmp_path: Path) -> None:
     strict = replace(plan, out=tmp_path, thresholds=GateThresholds(min_psnr=99.0))
     with pytest.raises(AccuracyGateError, match=r"worst image ihc\d\.png") as caught:
@@ -127,6 +129,7 @@ def test_the_engine_serves_a_gated_int8_graph_and_refuses_others(calibrated: dic
         assert forced.accuracy is None
 
 
+@pytest.mark.slow
 def test_a_cached_fp16_export_carries_its_passed_check(model_dir: Path, tmp_path: Path) -> None:
     with Session(model_dir, backend="onnxruntime", precision="fp16", device="cpu", cache_dir=tmp_path) as session:
         assert session.accuracy["passed"] is True
@@ -164,6 +167,7 @@ def test_bad_input_is_refused_with_the_reason(model_dir: Path, ihc_images: list[
         calibrate(CalibrationPlan(empty, tuple(ihc_images), tmp_path))
 
 
+@pytest.mark.slow
 def test_the_command_exits_non_zero_naming_the_worst_image(model_dir: Path, ihc_images: list[Path],
                                                            fp32_onnx: Path, tmp_path: Path, capsys) -> None:
     args = ["-q", "calibrate", "--model-dir", str(model_dir), "--images", *map(str, ihc_images), "--tiles", "1",

@@ -19,6 +19,7 @@ def _cases(fixtures: Path) -> list[Path]:
     return sorted(p for p in (fixtures / "outputs").glob("*/*") if p.is_dir())
 
 
+@pytest.mark.slow
 def test_parity_with_every_fixture_case(deepliif_fixtures: Path) -> None:
     cases = _cases(deepliif_fixtures)
     assert len(cases) >= 5

@@ -63,6 +63,7 @@ def test_demo_on_a_generated_image(generated_models: dict[Layout, Path], tmp_pat
     assert f"demo results in {out.resolve()}/" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_demo_ends_with_an_edi_round_trip(generated_models: dict[Layout, Path], tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("DEEPLIIF_SAMPLE_DIR", str(tmp_path / "no-samples"))
@@ -76,6 +77,7 @@ def test_demo_ends_with_an_edi_round_trip(generated_models: dict[Layout, Path], 
         "generated_ihc_Seg.png", "generated_ihc_SegOverlaid.png", "generated_ihc_SegRefined.png"]
 
 
+@pytest.mark.slow
 def test_bench_command(generated_models: dict[Layout, Path], tmp_path: Path,
                        capsys: pytest.CaptureFixture[str]) -> None:
     report = tmp_path / "bench.json"
@@ -107,7 +109,6 @@ def test_bench_rejects_bad_lists(generated_models: dict[Layout, Path], capsys: p
 @pytest.mark.parametrize("argv, message", [
     (["infer", "--model-dir", "/nonexistent/model", "--out", "{tmp}/o", "{tmp}/x.png"], "does not exist"),
     (["infer", "--model-dir", "{model}", "--out", "{tmp}/o", "{tmp}/not-an-image.png"], "not a readable image"),
-    (["infer", "--model-dir", "{model}", "--tile-size", "8", "--out", "{tmp}/o", "{tmp}/x.png"], "tile_size"),
     (["infer", "--model-dir", "{model}", "--max-pixels", "10", "--out", "{tmp}/o", "{tmp}/x.png"], "over the limit"),
     (["infer", "--model-dir", "{model}", "--device", "cuda", "--out", "{tmp}/o", "{tmp}/x.png"], "CUDA"),
     (["postprocess", "--image", "{tmp}/x.png", "--seg", "{tmp}/x.png", "--marker-thresh", "default",

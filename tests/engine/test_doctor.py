@@ -17,6 +17,7 @@ def _cases(report: dict) -> dict[tuple[str, str], dict]:
     return {(c["backend"], c["precision"]): c for c in report["cases"]}
 
 
+@pytest.mark.slow
 def test_doctor_passes_here_and_says_why_it_skips(tmp_path: Path, capsys) -> None:
     assert main(["doctor", "--json", str(tmp_path / "doctor.json")]) == 0
     report = json.loads((tmp_path / "doctor.json").read_text())
@@ -33,6 +34,7 @@ def test_doctor_passes_here_and_says_why_it_skips(tmp_path: Path, capsys) -> Non
     assert "doctor: PASSED" in out and "TensorRT: unavailable" in out
 
 
+@pytest.mark.slow
 def test_doctor_fails_on_wrong_numbers_and_on_mixed_packages(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     def black(self, batch):
         return {name: np.zeros_like(batch) for name in ("Hema", "DAPI", "Lap2", "Marker", "Seg")}

@@ -48,6 +48,7 @@ def test_every_cpu_backend_matches_the_torch_pipeline(backend: str, model_dir: P
         assert np.abs(actual[name].astype(int) - expected[name]).max() <= 1, (backend, name)
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_backends_on_the_fixture_models(backend: str, tiny_models: dict[str, Path], sample_dir: Path,
@@ -117,6 +118,7 @@ def test_batch_size_choice() -> None:
     assert choose_batch_size(1 << 30, Precision.FP32, 16) == 1
 
 
+@pytest.mark.slow
 def test_four_kernels_starting_together_export_once(model_dir: Path, tmp_path: Path) -> None:
     code = ("import logging, sys\nlogging.basicConfig(level=logging.INFO)\n"
             "from engine.session import Session\n"
@@ -140,6 +142,7 @@ def test_backend_kind_parsing() -> None:
     assert BackendKind.parse("ONNXRuntime") is BackendKind.ONNXRUNTIME
 
 
+@pytest.mark.slow
 def test_a_cached_onnx_that_does_not_load_is_rebuilt(model_dir: Path, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
     with Session(model_dir, backend="onnxruntime", device="cpu", cache_dir=tmp_path):

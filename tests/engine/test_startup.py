@@ -27,6 +27,7 @@ def warm_cache(generated_models, tmp_path_factory) -> tuple[Path, Path]:
     return model_dir, cache
 
 
+@pytest.mark.slow
 def test_a_warm_onnxruntime_session_needs_no_torch(warm_cache) -> None:
     """Regression: every start loaded all nine PyTorch generators, even when ONNX Runtime served."""
     model_dir, cache = warm_cache
@@ -55,6 +56,7 @@ def test_hashes_are_remembered_until_the_file_changes(tmp_path: Path) -> None:
     assert memo.sha256(target) != first
 
 
+@pytest.mark.slow
 def test_whole_process_bench_reports_both_processes(generated_models, tmp_path: Path, capsys) -> None:
     image = tmp_path / "ihc.png"
     write_png(image, synthetic_ihc(512, 512, seed=5))

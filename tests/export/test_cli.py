@@ -49,6 +49,7 @@ def test_failed_validation_exits_non_zero_and_publishes_nothing(
     assert json.loads((tmp_path / "validation.json").read_text())["passed"] is False
 
 
+@pytest.mark.slow
 def test_per_generator_export(generated_models: dict[Layout, Path], ihc_image: Path, tmp_path: Path) -> None:
     assert _export(generated_models[Layout.CHECKPOINT], tmp_path, ihc_image, "--per-generator") == 0
     report = json.loads((tmp_path / "validation.json").read_text())

@@ -48,6 +48,7 @@ def test_fused_onnx_matches_torch_at_batch_1_and_4(fused_onnx: Path,
             assert np.abs(actual.astype(int) - expected[name]).max() <= 1, name
 
 
+@pytest.mark.slow
 @pytest.mark.shared
 def test_fused_onnx_reproduces_the_deepliif_fixture_outputs(deepliif_fixtures: Path, tmp_path: Path) -> None:
     cases = sorted(p for p in (deepliif_fixtures / "outputs").glob("*/*") if p.is_dir())

@@ -130,6 +130,7 @@ def _bad_requests(volume: Path, tile_png: bytes) -> dict[str, tuple[object, str]
     }
 
 
+@pytest.mark.slow
 def test_every_bad_request_is_a_clear_error_and_the_kernel_serves_on(endpoint: Endpoint, tile_png: bytes) -> None:
     cases = _bad_requests(endpoint.volume, tile_png)
     assert len(cases) >= 25

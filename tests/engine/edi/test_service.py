@@ -69,6 +69,7 @@ def test_a_request_whose_kernel_died_is_reported_lost_not_running_forever(servic
     assert again["status"] == "finished"  # the id can be used again
 
 
+@pytest.mark.slow
 def test_two_kernels_share_one_volume_and_cache_without_corrupting_each_other(edi_model: Path, edi_cache: Path,
                                                                               tmp_path: Path) -> None:
     volume = make_volume(tmp_path / "volume")
@@ -115,6 +116,7 @@ def test_two_kernels_share_one_volume_and_cache_without_corrupting_each_other(ed
     assert not list(base.glob("*/.output_dir.*"))  # no staging left behind
 
 
+@pytest.mark.slow
 def test_a_kernel_killed_mid_request_leaves_nothing_that_looks_complete(edi_model: Path, edi_cache: Path,
                                                                         tmp_path: Path) -> None:
     volume = make_volume(tmp_path / "volume")

@@ -89,3 +89,24 @@ def test_package_refuses_a_broken_model(tmp_path: Path) -> None:
         from engine.edi.package import package
         package(tmp_path / "out", tmp_path / "broken")
     assert not (tmp_path / "out").exists()
+
+
+def test_export_then_package_is_one_step_the_kernel_serves_without_exporting(edi_model: Path, tmp_path: Path,
+                                                                             ihc_tile, caplog) -> None:
+    """`export onnx` -> `package --onnx`: the folder's cache holds the graph under the kernel's entry name."""
+    from deepliif.imageio import write_png
+    image = tmp_path / "ihc.png"
+    write_png(image, ihc_tile)
+    exported = tmp_path / "exported"
+    assert main(["export", "onnx", "--model-dir", str(edi_model), "--out", str(exported), "--images", str(image),
+                 "--validation-tiles", "1", "--validation-batch-sizes", "1"]) == 0
+    out = tmp_path / "submission"
+    assert main(["package", "--out", str(out), "--model-dir", str(edi_model), "--onnx",
+                 str(exported / "deepliif.onnx")]) == 0
+    (entry,) = (out / ".engine-cache").glob("*/deepliif.onnx")
+    assert entry.read_bytes() == (exported / "deepliif.onnx").read_bytes()
+    caplog.set_level("INFO")
+    with Session(out / "model", backend="onnxruntime", device="cpu", cache_dir=out / ".engine-cache") as session:
+        assert session.info.name == "onnxruntime"
+    assert "exporting deepliif.onnx" not in caplog.text and "load PyTorch model" not in session.startup
+    assert main(["package", "--out", str(tmp_path / "bad"), "--onnx", str(exported / "deepliif.onnx")]) == 2

@@ -1,0 +1,59 @@
+"""Every request leaves a status record, one image can be asked for, and every response field the kernel
+emits is documented in README.md's contract."""
+from __future__ import annotations
+
+import json
+import re
+import time
+
+from engine.edi.service import EdiService
+
+from .conftest import ROOT, b64
+
+
+def _call(service: EdiService, *payloads: dict) -> list[dict]:
+    return [json.loads(r) for r in service.handle([json.dumps(p) for p in payloads])]
+
+
+def _wait(service: EdiService, request_id: str) -> dict:
+    for _ in range(600):
+        (status,) = _call(service, {"type": "status", "request_id": request_id})
+        if status["status"] in ("finished", "error"):
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"{request_id} did not finish")
+
+
+def test_a_finished_sync_request_has_a_status_and_one_image_can_be_asked_for(service: EdiService,
+                                                                             tile_png: bytes) -> None:
+    """Regression: a status request for a finished sync request answered `error` ("no request is known")."""
+    (done,) = _call(service, {"local_input_image": b64(tile_png), "request_id": "sync-1",
+                              "images_to_return": "Hema"})
+    assert done["status"] == "finished" and sorted(done["images"]) == ["local.png", "local_Hema.png"]
+    (status,) = _call(service, {"type": "status", "request_id": "sync-1"})
+    assert status["status"] == "finished" and status["scoring"] == done["scoring"] and "images" not in status
+    (failed,) = _call(service, {"img_path_on_pvc": "slides/missing.png", "request_id": "sync-2"})
+    (status,) = _call(service, {"type": "status", "request_id": "sync-2"})
+    assert failed["status"] == status["status"] == "error" and status["msg"] == failed["msg"]
+
+
+def _documented_fields() -> set[str]:
+    text = (ROOT / "README.md").read_text()
+    contract = text[text.index("### EDI request/response contract"):text.index("### Kernel environment")]
+    return set(re.findall(r"`([a-z_]+)`", contract))
+
+
+def test_every_response_field_is_documented(service: EdiService, tile_png: bytes) -> None:
+    responses = _call(service, {"local_input_image": b64(tile_png), "request_id": "doc-1"},
+                      {"img_path_on_pvc": "slides/tile.png", "request_id": "doc-2"},
+                      {"img_path_on_pvc": "slides/tile.png", "request_id": "doc-3", "async": True},
+                      {"local_input_image": b64(tile_png), "request_id": "doc-4", "async": True},
+                      {"img_path_on_pvc": "../outside.png", "request_id": "doc-5"})
+    responses += [_wait(service, "doc-3"), _wait(service, "doc-4")]
+    responses += _call(service, {"type": "status", "request_id": "doc-1"}, {"type": "status", "request_id": "nope"})
+    emitted = {key for response in responses for key in response}
+    emitted |= {f"{key}" for response in responses for key in response.get("timings", {})}
+    emitted |= {key for response in responses for key in response.get("scoring", {})}
+    undocumented = emitted - _documented_fields()
+    assert not undocumented, f"response fields missing from README's contract: {sorted(undocumented)}"
+    assert {"output_location", "submitted_at", "estimated_seconds", "local_input"} <= emitted
