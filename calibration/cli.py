@@ -53,6 +53,9 @@ def _limit(text: str) -> float | None:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    from deepliif.imageio import probe_image
+    for path in (*args.images, *args.holdout):  # every input opened before the model loads
+        probe_image(path)
     from .workflow import CalibrationPlan, calibrate  # torch: loaded only for this command
     thresholds = GateThresholds(args.max_percent_pos_delta, args.max_pooled_percent_pos_delta,
                                 args.max_cell_count_delta, args.min_psnr,

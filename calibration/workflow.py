@@ -21,7 +21,8 @@ from deepliif.model_dir import load_model_dir
 
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from export.config import FUSED_ONNX, OnnxExportConfig, Precision
-from export.onnx_export import check_fused_signature, check_onnx, export_pipeline
+from export.onnx_checks import check_fused_signature, check_onnx
+from export.onnx_export import export_pipeline
 from export.tensorrt_build import onnx_precision
 
 from . import logger

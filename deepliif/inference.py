@@ -13,9 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .errors import ArgumentError, parse_enum
-from .contract import MODALITIES
-from .contract import NETWORK_TILE, OUTPUT_NAMES
+from .contract import MODALITIES, NETWORK_TILE, OUTPUT_NAMES
+from .errors import ArgumentError, ImageError, parse_enum
 from .postprocessing import PostprocessOptions, postprocess
 from .tiling import (
     EMPTY_TILE_COLOURS, Stitcher, Tile, TileGrid, check_tile_size, extend_by_mirroring, is_empty_tile,
@@ -173,6 +172,17 @@ def infer_image(runner: TileBatchRunner, image: np.ndarray, options: InferenceOp
         tiles=tiles,
         empty_tiles=empty,
     )
+
+
+def check_working_size(width: int, height: int, tile_size: int, max_pixels: int, label: str = "image") -> None:
+    """Refuse by what will be allocated, not by the input's pixel count: an image narrower or shorter than
+    a tile is mirrored up to one, and the stitched outputs have that extended size. A 1 x 2,000,000 PNG
+    (6 kB) would otherwise ask for a 512 x 2,000,000 working image per output (several GB)."""
+    work_w, work_h = max(width, tile_size), max(height, tile_size)
+    if work_w * work_h > max_pixels:
+        raise ImageError(f"{label}: a {width}x{height} image is processed as {work_w}x{work_h} = "
+                         f"{work_w * work_h} pixels (extended to at least one {tile_size}-pixel tile each way), "
+                         f"over the limit of {max_pixels}; crop it or use a smaller tile size")
 
 
 def tile_count(width: int, height: int, tile_size: int) -> int:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import (DEFAULT_MAX_PIXELS, expand_inputs, prepare_out_dir, probe_image, read_image,
                              write_json, write_png)
-from deepliif.inference import InferenceOptions, OutputSet, tile_count
+from deepliif.inference import InferenceOptions, OutputSet, check_working_size, tile_count
 from deepliif.model_files import Layout
 from deepliif.postprocessing import DEFAULT_SEG_THRESH, PostprocessOptions, postprocess
 from deepliif.tiling import TILE_SIZE_MAX, TILE_SIZE_MIN
@@ -223,6 +223,7 @@ def check_inputs(images: list[Path], tile_size: int, max_pixels: int) -> tuple[l
     total = 0
     for path in files:
         width, height = probe_image(path, max_pixels)
+        check_working_size(width, height, tile_size, max_pixels, str(path))
         total += tile_count(width, height, tile_size)
     return files, total
 

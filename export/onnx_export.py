@@ -24,7 +24,7 @@ from deepliif.pipeline import NETWORK_TILE, FusedPipeline
 
 from . import logger
 from .config import BATCH_AXIS, INPUT_NAME, OUTPUT_ONNX_NAMES, OnnxExportConfig, Precision
-from .onnx_checks import FORBIDDEN_OPS, OnnxSummary, check_fused_signature, check_onnx  # noqa: F401 - re-exported
+from .onnx_checks import OnnxSummary, check_onnx
 from .fp16 import convert_to_fp16, generators_region, whole_graph
 from .parser_rules import check_tensorrt_rules
 

@@ -29,7 +29,7 @@ from engine.samples import benchmark_tiles
 from . import logger
 from .config import FUSED_ONNX, OnnxExportConfig, Tolerance
 from .onnx_export import GENERATOR_INPUT, export_generators, export_pipeline
-from .validate import ImageStats, check_batch_sizes, parse_batch_sizes, validate  # noqa: F401 - re-exported
+from .validate import ImageStats, check_batch_sizes, validate
 
 VALIDATION_FILE = "validation.json"
 MANIFEST_FILE = "export.json"

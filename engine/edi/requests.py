@@ -22,7 +22,8 @@ from deepliif.tiling import check_tile_size
 
 from .storage import clean_relative_path
 
-REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
+RESERVED_IDS = ("edi_logs",)  # folders of the deployment's own on the volume
 INFERENCE_FIELDS = {"type", "img_path_on_pvc", "local_input_image", "tile_size", "images_to_return",
                     "request_id", "async", "seg_weights", "seg_thresh", "size_thresh", "size_thresh_upper",
                     "marker_thresh"}
@@ -96,7 +97,9 @@ def _field(parse, value):
 
 
 def check_request_id(value: object) -> str:
-    if not isinstance(value, str) or not REQUEST_ID_PATTERN.match(value) or ".." in value:
+    if isinstance(value, str) and value.lower() in RESERVED_IDS:
+        raise RequestError(f"request_id {value!r} is reserved (the deployment's log folder); choose another")
+    if not isinstance(value, str) or not REQUEST_ID_PATTERN.fullmatch(value) or ".." in value:
         raise RequestError("request_id must be 1-128 characters of letters, digits, '.', '_' or '-', starting "
                            f"with a letter or digit, without '..' or '/'; got {value!r}")
     return value

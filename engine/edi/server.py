@@ -21,6 +21,8 @@ from .runtime import Kernel, chain_tasks, start_kernel
 
 API_PREFIX = "/dlim/v1/inference/"
 DEFAULT_MAX_BODY = 256 << 20
+LISTEN_BACKLOG = 256
+CLIENT_TIMEOUT_S = 30.0
 
 
 class KernelDispatcher:
@@ -75,22 +77,48 @@ def error_body(msg: str, request_id: str | None = None) -> str:
 class EdiHandler(BaseHTTPRequestHandler):
     server: EdiHttpServer
     protocol_version = "HTTP/1.1"
+    timeout = CLIENT_TIMEOUT_S  # a client that stops sending (half a request, a short body) is let go
+
+    def setup(self) -> None:
+        self.timeout = self.server.client_timeout
+        super().setup()
 
     def do_POST(self) -> None:  # noqa: N802 - the http.server API
         if self.path.rstrip("/") != self.server.endpoint:
             return self._reply(HTTPStatus.NOT_FOUND, error_body(f"no such endpoint {self.path}; use "
                                                                  f"POST {self.server.endpoint}"))
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            return self._reply(HTTPStatus.LENGTH_REQUIRED, error_body("Content-Length is required"))
+        length = self.headers.get("Content-Length", "")
+        if not length.isdigit():
+            self.close_connection = True  # the body's end is unknown: the connection cannot be reused
+            return self._reply(HTTPStatus.LENGTH_REQUIRED, error_body(
+                f"Content-Length must be a non-negative integer; got {length or 'none'}"))
         if int(length) > self.server.max_body:
             self._discard(int(length))  # not kept: read in chunks so the client can hear the answer
             self.close_connection = True
             return self._reply(HTTPStatus.OK, error_body(f"request body is {length} bytes, over the limit of "
                                                           f"{self.server.max_body}; send a path on the volume "
                                                           "(img_path_on_pvc) for large images"))
-        body = self.rfile.read(int(length))
+        body = self._read_body(int(length))
+        if len(body) < int(length):
+            self.close_connection = True
+            return self._reply(HTTPStatus.REQUEST_TIMEOUT, error_body(
+                f"the body ended after {len(body)} of {length} bytes (nothing more within "
+                f"{self.server.client_timeout:g} s)"))
         self._reply(HTTPStatus.OK, self.server.dispatcher.submit(body).result())
+
+    def _read_body(self, length: int) -> bytes:
+        """Up to `length` bytes; fewer when the client stops sending for `client_timeout` seconds."""
+        parts, received = [], 0
+        try:
+            while received < length:
+                chunk = self.rfile.read1(min(length - received, 1 << 20))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                received += len(chunk)
+        except TimeoutError:
+            pass
+        return b"".join(parts)
 
     def _discard(self, length: int, chunk: int = 1 << 20) -> None:
         while length > 0:
@@ -103,6 +131,27 @@ class EdiHandler(BaseHTTPRequestHandler):
         if self.path.rstrip("/") != self.server.endpoint:
             return self._reply(HTTPStatus.NOT_FOUND, error_body(f"no such endpoint {self.path}"))
         self._reply(HTTPStatus.OK, json.dumps({"name": self.server.name, "status": "ready"}))
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        self._reply(HTTPStatus.METHOD_NOT_ALLOWED, error_body(f"{self.command} is not served; use "
+                                                               f"POST {self.server.endpoint}"))
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed  # noqa: N815
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.send_response(HTTPStatus.METHOD_NOT_ALLOWED)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's own errors (a malformed request line, an unknown method) as JSON, not HTML."""
+        self.close_connection = True
+        try:
+            self._reply(HTTPStatus(code), error_body(f"HTTP {code}: {message or HTTPStatus(code).phrase}"))
+        except OSError:
+            pass  # the client is gone
 
     def _reply(self, status: HTTPStatus, body: str) -> None:
         data = body.encode()
@@ -118,10 +167,12 @@ class EdiHandler(BaseHTTPRequestHandler):
 
 class EdiHttpServer(ThreadingHTTPServer):
     daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG  # socketserver's default of 5 reset a third of a 60-connection burst
 
     def __init__(self, address: tuple[str, int], dispatcher: KernelDispatcher, name: str,
-                 max_body: int = DEFAULT_MAX_BODY) -> None:
+                 max_body: int = DEFAULT_MAX_BODY, client_timeout: float = CLIENT_TIMEOUT_S) -> None:
         super().__init__(address, EdiHandler)
+        self.client_timeout = client_timeout
         self.dispatcher = dispatcher
         self.name = name
         self.endpoint = API_PREFIX + name

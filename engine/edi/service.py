@@ -19,14 +19,14 @@ import traceback
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from deepliif.errors import DeepLIIFError
 from deepliif.imageio import encode_png, read_image
-from deepliif.inference import InferenceOptions, InferenceResult, tile_count
+from deepliif.inference import InferenceOptions, InferenceResult, check_working_size, tile_count
 
 from .. import logger
 from ..session import Session
@@ -43,8 +43,8 @@ STALE_AFTER_S = 900.0  # an unfinished record not updated for this long (or 3x i
 
 @dataclass
 class LoadedImage:
-    array: np.ndarray
-    data: bytes   # the file as received
+    array: np.ndarray | None  # None while queued: decoded when its job starts
+    data: bytes   # the file as received (empty while a path request is queued: read again at start)
     name: str     # input file name (for input_dir)
     stem: str     # output names: <stem>_<Name>.png
     decode_seconds: float = 0.0
@@ -113,8 +113,11 @@ class EdiService:
 
     # ---- requests ----------------------------------------------------------------------------------
     def _load(self, request: InferenceRequest) -> LoadedImage:
-        start = time.perf_counter()
         self._refuse_if_unfinished(request.request_id)
+        return self._read_input(request)
+
+    def _read_input(self, request: InferenceRequest) -> LoadedImage:
+        start = time.perf_counter()
         limit = self.settings.max_request_bytes
         if request.image_path is not None:
             if self.volume is None:
@@ -125,7 +128,9 @@ class EdiService:
             stem = PurePosixPath(name).stem or "image"
         else:
             data, name, stem = request.decode_image_bytes(), f"{LOCAL_STEM}.png", LOCAL_STEM
-        array = read_image(data, max_pixels=self.settings.max_pixels, name=request.image_path or "local_input_image")
+        label = request.image_path or "local_input_image"
+        array = read_image(data, max_pixels=self.settings.max_pixels, name=label)
+        check_working_size(array.shape[1], array.shape[0], request.tile_size, self.settings.max_pixels, label)
         return LoadedImage(array, data, name, stem, time.perf_counter() - start)
 
     def _estimate(self, request: InferenceRequest, image: LoadedImage) -> float:
@@ -228,6 +233,9 @@ class EdiService:
 
     # ---- async -------------------------------------------------------------------------------------
     def _submit(self, request: InferenceRequest, image: LoadedImage, estimate: float) -> dict:
+        if self._jobs.qsize() >= self.settings.max_async_queue:
+            raise RequestError(f"busy: {self._jobs.qsize()} requests are already queued on this kernel; retry "
+                               "later (the request was not accepted)")
         budget = self.settings.sync_budget_s
         reason = "asked for" if request.run_async else f"estimated {estimate:.0f} s > {budget:.0f} s"
         record = {"status": "submitted", "msg": f"submitted ({reason}); ask {{\"type\": \"status\", "
@@ -235,7 +243,8 @@ class EdiService:
                   "submitted_at": now(), "estimated_seconds": round(estimate, 1),
                   "local_input": request.image_path is None}
         self.status.write(request.request_id, record)
-        self._jobs.put((request, image))
+        # queue a reference, not pixels: a queued 10 000^2 image would otherwise hold 300 MB until its turn
+        self._jobs.put((request, replace(image, array=None, data=b"" if request.image_path else image.data)))
         self._record(request.request_id, "submitted", record["msg"])
         return {"request_id": request.request_id, **record}
 
@@ -247,6 +256,7 @@ class EdiService:
             try:
                 self.status.write(request.request_id, {**base, "status": "running", "started_at": now(),
                                                        "msg": "running"})
+                image = self._decoded(request, image)
                 (result,) = self._infer([image.array], self._options(request))
                 response = self._finish(request, image, result, started, write_local=True)
                 self.status.write(request.request_id, {**base, **response, "finished_at": now()})
@@ -256,6 +266,12 @@ class EdiService:
                     self.status.write(request.request_id, {**base, **failure, "finished_at": now()})
                 except Exception:  # noqa: BLE001
                     logger.exception("cannot record the failure of %s", request.request_id)
+
+    def _decoded(self, request: InferenceRequest, queued: LoadedImage) -> LoadedImage:
+        if request.image_path is not None:
+            return self._read_input(request)
+        array = read_image(queued.data, max_pixels=self.settings.max_pixels, name="local_input_image")
+        return replace(queued, array=array)
 
     def _current(self, request_id: str) -> dict | None:
         """The status record, with an unfinished one whose kernel evidently died reported as an error."""

@@ -33,6 +33,7 @@ from ..cache import default_cache_dir
 from .storage import CpdSettings
 
 DEFAULT_SYNC_BUDGET_S = 45.0  # WMLA's synchronous window is one to two minutes; leave room for I/O
+DEFAULT_MAX_ASYNC_QUEUE = 16
 DEFAULT_MAX_REQUEST_MB = 256
 
 
@@ -74,6 +75,7 @@ class KernelSettings:
     sync_budget_s: float = DEFAULT_SYNC_BUDGET_S
     max_request_bytes: int = DEFAULT_MAX_REQUEST_MB << 20
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_async_queue: int = DEFAULT_MAX_ASYNC_QUEUE  # waiting async jobs; beyond it requests are answered "busy"
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], model_description: str | None = None) -> KernelSettings:
@@ -102,6 +104,7 @@ class KernelSettings:
             sync_budget_s=_number(env, "DEEPLIIF_SYNC_BUDGET_S", DEFAULT_SYNC_BUDGET_S),
             max_request_bytes=int(_number(env, "DEEPLIIF_MAX_REQUEST_MB", DEFAULT_MAX_REQUEST_MB)) << 20,
             max_pixels=int(_number(env, "DEEPLIIF_MAX_PIXELS", DEFAULT_MAX_PIXELS, int)),
+            max_async_queue=int(_number(env, "DEEPLIIF_MAX_ASYNC_QUEUE", DEFAULT_MAX_ASYNC_QUEUE, int)),
         )
 
 

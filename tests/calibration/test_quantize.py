@@ -11,7 +11,7 @@ from calibration.quantize import CalibrationMethod, QuantizationConfig, edge_con
 from deepliif.errors import ArgumentError
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.samples import synthetic_ihc
-from export.onnx_export import check_onnx
+from export.onnx_checks import check_onnx
 from export.tensorrt_build import onnx_precision
 from export.config import Precision
 

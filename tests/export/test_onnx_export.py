@@ -16,7 +16,8 @@ from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.samples import synthetic_ihc
 from export.config import OnnxExportConfig
-from export.onnx_export import check_fused_signature, check_onnx, export_generators, export_pipeline
+from export.onnx_checks import check_fused_signature, check_onnx
+from export.onnx_export import export_generators, export_pipeline
 
 
 def _tiles(count: int) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, IncompatibleArtifactError
 from export.config import Precision
-from export.onnx_export import check_onnx
+from export.onnx_checks import check_onnx
 from export.tensorrt_build import (INSTALL_HINT, METADATA_FILE, PLAN_FILE, EngineMetadata, GpuInfo,
                                    TensorRTBuildConfig, build_plan, onnx_precision, tensorrt_module)
 

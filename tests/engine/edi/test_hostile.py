@@ -1,0 +1,143 @@
+"""Requests that used to take the kernel down or hold its threads: each refused with a clear JSON answer."""
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.edi.requests import RequestError, check_request_id
+from engine.edi.runtime import Kernel
+from engine.edi.server import EdiHttpServer, KernelDispatcher
+from engine.edi.service import EdiService
+
+from .conftest import b64, make_volume, settings_for
+
+
+class EchoKernel(Kernel):
+    def on_task_invoke(self, task_context) -> None:
+        while task_context is not None:
+            task_context.set_output_data(json.dumps({"status": "finished", "echo": len(task_context.get_input_data())}))
+            task_context = task_context.next()
+
+
+@pytest.fixture
+def echo_server():
+    dispatcher = KernelDispatcher(EchoKernel())
+    server = EdiHttpServer(("127.0.0.1", 0), dispatcher, "echo", max_body=1 << 20, client_timeout=1.0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    dispatcher.close()
+
+
+def _raw(server: EdiHttpServer, data: bytes, wait: float = 5.0) -> bytes:
+    with socket.create_connection(server.server_address[:2], timeout=wait) as conn:
+        conn.sendall(data)
+        chunks = []
+        while chunk := conn.recv(65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def _json_body(reply: bytes) -> tuple[int, dict]:
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_client_that_stops_sending_is_let_go_with_an_answer(echo_server: EdiHttpServer) -> None:
+    """Regression: a Content-Length larger than the body held a thread until the client left."""
+    start = time.perf_counter()
+    reply = _raw(echo_server, b"POST /dlim/v1/inference/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+    status, body = _json_body(reply)
+    assert status == 408 and "ended after 10 of 100 bytes" in body["msg"]
+    assert time.perf_counter() - start < 5
+    threads = threading.active_count()
+    with socket.create_connection(echo_server.server_address[:2]) as conn:  # half a request line
+        conn.sendall(b"POST /dlim/v1/inf")
+        time.sleep(1.8)
+    time.sleep(0.3)
+    assert threading.active_count() <= threads
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "BREW"])
+def test_every_method_gets_a_json_answer(echo_server: EdiHttpServer, method: str) -> None:
+    status, body = _json_body(_raw(echo_server, f"{method} /dlim/v1/inference/echo HTTP/1.1\r\nHost: x\r\n"
+                                                f"Content-Length: 0\r\n\r\n".encode()))
+    assert status in (405, 501) and body["status"] == "error"
+    status, body = _json_body(_raw(echo_server, b"POST /dlim/v1/inference/echo HTTP/1.1\r\nHost: x\r\n"
+                                                b"Content-Length: -5\r\n\r\n"))
+    assert status == 411 and "Content-Length must be a non-negative integer" in body["msg"]
+
+
+def test_a_burst_of_connections_is_answered(echo_server: EdiHttpServer) -> None:
+    """Regression: the listen backlog was socketserver's 5; a third of a 60-connection burst was reset."""
+    assert echo_server.request_queue_size >= 128
+    request = b"GET /dlim/v1/inference/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    with ThreadPoolExecutor(80) as pool:
+        replies = list(pool.map(lambda _: _raw(echo_server, request, wait=30), range(80)))
+    assert all(_json_body(r)[0] == 200 for r in replies)
+
+
+def test_request_ids_are_matched_whole_and_reserved_names_refused() -> None:
+    assert check_request_id("abc-1") == "abc-1"
+    for bad in ("abc\n", "edi_logs", "EDI_LOGS", "a/b", "..x"):
+        with pytest.raises(RequestError):
+            check_request_id(bad)
+
+
+def test_a_long_thin_image_is_refused_by_what_it_would_allocate(edi_model: Path, edi_cache: Path,
+                                                                tmp_path: Path) -> None:
+    """Regression: a 6 kB PNG one pixel high passed the pixel limit, then was mirrored up to a tile in
+    both directions and the process was OOM-killed."""
+    volume = make_volume(tmp_path / "volume")
+    Image.fromarray(np.full((1, 200_000, 3), 200, np.uint8)).save(volume / "slides" / "thin.png")
+    service = EdiService(settings_for(edi_model, volume, edi_cache, tmp_path / "state"))
+    try:
+        thin, good = (json.loads(r) for r in service.handle([
+            json.dumps({"img_path_on_pvc": "slides/thin.png", "request_id": "thin"}),
+            json.dumps({"img_path_on_pvc": "slides/tile.png", "request_id": "good"})]))
+    finally:
+        service.close()
+    assert thin["status"] == "error" and "processed as 200000x512" in thin["msg"] and "over the limit" in thin["msg"]
+    assert good["status"] == "finished"
+
+
+def test_the_async_queue_is_bounded_and_holds_no_pixels(edi_model: Path, edi_cache: Path, tmp_path: Path,
+                                                        tile_png: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    volume = make_volume(tmp_path / "volume")
+    service = EdiService(settings_for(edi_model, volume, edi_cache, tmp_path / "state", max_async_queue=1))
+    release = threading.Event()
+    original = service.session.infer_many
+
+    def held(images, options, progress=None):
+        release.wait(60)
+        return original(images, options)
+
+    monkeypatch.setattr(service.session, "infer_many", held)
+    try:
+        def submit(request_id: str) -> dict:
+            (response,) = service.handle([json.dumps({"img_path_on_pvc": "slides/tile.png", "async": True,
+                                                       "request_id": request_id})])
+            return json.loads(response)
+
+        first = submit("q1")  # taken by the worker, which waits
+        time.sleep(0.5)
+        second = submit("q2")  # waits in the queue
+        queued = list(service._jobs.queue)
+        third = submit("q3")
+        assert [first["status"], second["status"]] == ["submitted", "submitted"]
+        assert third["status"] == "error" and third["msg"].startswith("busy:")
+        assert all(image.array is None and image.data == b"" for _, image in queued)
+    finally:
+        release.set()
+        service.close()
+    assert service.status.read("q2")["status"] == "finished"  # decoded and run when its turn came
