@@ -27,6 +27,11 @@ DEFAULT_MAX_PIXELS = 100_000_000
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
+# What Pillow may open: raster formats it decodes itself. EPS, PDF and the like make it run external
+# interpreters (Ghostscript) on request bytes, which no server should do.
+IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "PPM")
+
+
 def read_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> np.ndarray:
     """Decode a file path or encoded bytes into an `[H, W, 3]` uint8 RGB array."""
     label = name or (str(source) if not isinstance(source, bytes) else "image data")
@@ -36,7 +41,7 @@ def read_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         with warnings.catch_warnings():
             # Our own limit (checked before decoding) replaces PIL's warning threshold.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS) as image:
                 _check_size(image.size, max_pixels, label)
                 image.load()
                 return to_rgb_array(image, label)
@@ -44,7 +49,7 @@ def read_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageError(f"{label}: image is over the limit of {max_pixels} pixels and too large to decode "
                          f"safely ({exc})") from exc
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
-        raise ImageError(f"{label}: not a readable image ({exc})") from exc
+        raise ImageError(f"{label}: not a readable image ({exc}; accepted: {', '.join(IMAGE_FORMATS)})") from exc
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -59,13 +64,13 @@ def probe_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(path, formats=IMAGE_FORMATS) as image:
                 _check_size(image.size, max_pixels, label)
                 return image.size
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{label}: image is over the limit of {max_pixels} pixels ({exc})") from exc
     except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
-        raise ImageError(f"{label}: not a readable image ({exc})") from exc
+        raise ImageError(f"{label}: not a readable image ({exc}; accepted: {', '.join(IMAGE_FORMATS)})") from exc
 
 
 def expand_inputs(paths: list[Path]) -> list[Path]:

@@ -8,9 +8,12 @@ on a mounted volume (temporary name, then rename), so a reader never sees half a
 from __future__ import annotations
 
 import abc
+import contextlib
+import errno
 import json
 import os
 import posixpath
+import re
 import shutil
 import threading
 import time
@@ -18,6 +21,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,12 +45,27 @@ def clean_relative_path(path: object, what: str = "path") -> str:
         raise StorageError(f"{what} must be a non-empty string relative to the volume root; got {path!r}")
     if "\x00" in path or "\\" in path:
         raise StorageError(f"{what} contains a NUL or backslash: {path!r}")
-    if path.startswith("/") or (len(path) > 1 and path[1] == ":"):
+    if path.startswith("/") or re.match(r"[A-Za-z]:/", path):  # POSIX root or a Windows drive (a:b.png is a name)
         raise StorageError(f"{what} must be relative to the volume root, not absolute: {path!r}")
     parts = path.split("/")
     if ".." in parts:
         raise StorageError(f"{what} must not contain '..': {path!r}")
     return posixpath.normpath(path)
+
+
+_ERRNO_MEANING = {errno.ENOSPC: "the volume is full", errno.EDQUOT: "the volume's quota is used up",
+                  errno.EROFS: "the volume is read-only", errno.EACCES: "permission denied on the volume",
+                  errno.EPERM: "permission denied on the volume"}
+
+
+@contextlib.contextmanager
+def volume_errors(action: str, path: str) -> Iterator[None]:
+    """An OSError as a StorageError that says what failed in the volume's terms (no server paths)."""
+    try:
+        yield
+    except OSError as exc:
+        meaning = _ERRNO_MEANING.get(exc.errno, exc.strerror or type(exc).__name__)
+        raise StorageError(f"cannot {action} {path!r}: {meaning}") from exc
 
 
 class Volume(abc.ABC):
@@ -101,12 +120,14 @@ class MountedVolume(Volume):
         size = target.stat().st_size
         if size > max_bytes:
             raise StorageError(f"{path!r} is {size} bytes, over the limit of {max_bytes}")
-        return target.read_bytes()
+        with volume_errors("read", path):
+            return target.read_bytes()
 
     def write_bytes(self, path: str, data: bytes) -> None:
         target = self.resolve(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(target, data)
+        with volume_errors("write", path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(target, data)
 
     def exists(self, path: str) -> bool:
         return self.resolve(path).exists()
@@ -117,17 +138,20 @@ class MountedVolume(Volume):
 
     def append_text(self, path: str, text: str) -> None:
         target = self.resolve(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with self._append_lock, open(target, "a", encoding="utf-8") as handle:  # O_APPEND: whole lines
-            handle.write(text)
+        with volume_errors("write", path):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self._append_lock, open(target, "a", encoding="utf-8") as handle:  # O_APPEND: whole lines
+                handle.write(text)
 
     def describe(self, path: str) -> str:
-        return str(self.resolve(path))
+        """Volume-relative: the server's own directory layout is nobody's business."""
+        return f"volume:{clean_relative_path(path)}"
 
     def begin_dir(self, final: str) -> str:
         parent, name = posixpath.split(clean_relative_path(final))
         staging = posixpath.join(parent, f".{name}.partial-{uuid.uuid4().hex[:12]}")
-        self.resolve(staging).mkdir(parents=True)
+        with volume_errors("write", final):
+            self.resolve(staging).mkdir(parents=True)
         return staging
 
     def publish_dir(self, staging: str, final: str) -> None:

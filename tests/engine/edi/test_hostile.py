@@ -141,3 +141,25 @@ def test_the_async_queue_is_bounded_and_holds_no_pixels(edi_model: Path, edi_cac
         release.set()
         service.close()
     assert service.status.read("q2")["status"] == "finished"  # decoded and run when its turn came
+
+
+def test_formats_that_run_interpreters_are_refused_and_paths_stay_relative(service: EdiService, tile_png: bytes,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.edi import storage
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    (refused,) = (json.loads(r) for r in service.handle([json.dumps({"local_input_image": b64(eps)})]))
+    assert refused["status"] == "error" and "accepted: PNG, JPEG, TIFF" in refused["msg"]
+    assert storage.clean_relative_path("a:b.png") == "a:b.png"  # a name on POSIX, not a drive
+    with pytest.raises(storage.StorageError, match="not absolute"):
+        storage.clean_relative_path("C:/Windows/x.png")
+    (done,) = (json.loads(r) for r in service.handle([json.dumps({"img_path_on_pvc": "slides/tile.png"})]))
+    root = str(service.volume.root)
+    assert done["status"] == "finished" and root not in json.dumps(done)
+    assert done["output_location"].startswith("volume:edi_deployments/")
+
+    def full(path, data):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(storage, "write_atomically", full)
+    (failed,) = (json.loads(r) for r in service.handle([json.dumps({"img_path_on_pvc": "slides/tile.png"})]))
+    assert failed["status"] == "error" and "the volume is full" in failed["msg"] and root not in json.dumps(failed)
