@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import queue
+import signal
 import threading
 from concurrent.futures import Future
 from http import HTTPStatus
@@ -202,6 +203,10 @@ def serve_kernel(kernel: Kernel, model_description: str, host: str = "127.0.0.1"
                  ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
     """Start the kernel, serve until `stop` is set (or Ctrl-C), then shut the kernel down."""
     record = json.loads(model_description or "{}")
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (Kubernetes, WMLA) takes the same way out as Ctrl-C: stop serving, shut the kernel down
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     start_kernel(kernel, model_description)
     dispatcher = KernelDispatcher(kernel, task_batch_size)
     server = EdiHttpServer((host, port), dispatcher, name or record.get("name", "deepliif"), max_body)
@@ -212,7 +217,8 @@ def serve_kernel(kernel: Kernel, model_description: str, host: str = "127.0.0.1"
         ready.server = server  # type: ignore[attr-defined]
         ready.set()
     try:
-        (stop or threading.Event()).wait()
+        while not stop.wait(0.5):  # a timed wait: signal handlers run promptly in this (main) thread
+            pass
     except KeyboardInterrupt:
         logger.info("interrupted")
     finally:

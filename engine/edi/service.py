@@ -68,6 +68,7 @@ class EdiService:
         self._engine = threading.Lock()  # one engine call at a time: the GPU is this kernel's alone
         self._encoders = ThreadPoolExecutor(max(1, len(os.sched_getaffinity(0))), thread_name_prefix="edi-png")
         self._jobs: queue.Queue = queue.Queue()
+        self._running: str | None = None  # the async request the worker is on
         self._worker = threading.Thread(target=self._work, name="edi-async", daemon=True)
         self._worker.start()
         self.startup_seconds = time.perf_counter() - start
@@ -106,10 +107,32 @@ class EdiService:
         return [json.dumps(response) for response in responses]
 
     def close(self) -> None:
+        """Finish queued work within the shutdown grace period (SIGTERM gives Kubernetes' 30 s); settle
+        every record still open then as an error, so no status says `submitted` or `running` forever."""
         self._jobs.put(None)
-        self._worker.join(timeout=600)
-        self._encoders.shutdown()
-        self.session.close()
+        self._worker.join(timeout=self.settings.shutdown_grace_s)
+        if self._worker.is_alive():
+            stopped = "the kernel stopped {} it (shutdown grace period over); submit it again"
+            if self._running is not None:
+                self._settle(self._running, stopped.format("while running"))
+            while True:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    self._settle(job[0].request_id, stopped.format("before running"))
+        else:
+            self._encoders.shutdown()
+            self.session.close()
+
+    def _settle(self, request_id: str, msg: str) -> None:
+        try:
+            base = self.status.read(request_id) or {}
+            self.status.write(request_id, {**base, "status": "error", "msg": msg, "finished_at": now()})
+            self._record(request_id, "error", msg, kernel_fault=True)
+        except Exception as exc:  # noqa: BLE001 - shutting down: record what can be recorded
+            logger.warning("cannot settle %s: %s", request_id, exc)
 
     # ---- requests ----------------------------------------------------------------------------------
     def _load(self, request: InferenceRequest) -> LoadedImage:
@@ -251,6 +274,7 @@ class EdiService:
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             request, image = job
+            self._running = request.request_id
             started = time.perf_counter()
             base = self.status.read(request.request_id) or {}
             try:

@@ -34,6 +34,7 @@ from .storage import CpdSettings
 
 DEFAULT_SYNC_BUDGET_S = 45.0  # WMLA's synchronous window is one to two minutes; leave room for I/O
 DEFAULT_MAX_ASYNC_QUEUE = 16
+DEFAULT_SHUTDOWN_GRACE_S = 25.0  # inside Kubernetes' default 30 s between SIGTERM and SIGKILL
 DEFAULT_MAX_REQUEST_MB = 256
 
 
@@ -76,6 +77,7 @@ class KernelSettings:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_MB << 20
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_async_queue: int = DEFAULT_MAX_ASYNC_QUEUE  # waiting async jobs; beyond it requests are answered "busy"
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S  # queued work finished at shutdown within this
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], model_description: str | None = None) -> KernelSettings:
@@ -105,6 +107,7 @@ class KernelSettings:
             max_request_bytes=int(_number(env, "DEEPLIIF_MAX_REQUEST_MB", DEFAULT_MAX_REQUEST_MB)) << 20,
             max_pixels=int(_number(env, "DEEPLIIF_MAX_PIXELS", DEFAULT_MAX_PIXELS, int)),
             max_async_queue=int(_number(env, "DEEPLIIF_MAX_ASYNC_QUEUE", DEFAULT_MAX_ASYNC_QUEUE, int)),
+            shutdown_grace_s=_number(env, "DEEPLIIF_SHUTDOWN_GRACE_S", DEFAULT_SHUTDOWN_GRACE_S),
         )
 
 

@@ -163,3 +163,53 @@ def test_formats_that_run_interpreters_are_refused_and_paths_stay_relative(servi
     monkeypatch.setattr(storage, "write_atomically", full)
     (failed,) = (json.loads(r) for r in service.handle([json.dumps({"img_path_on_pvc": "slides/tile.png"})]))
     assert failed["status"] == "error" and "the volume is full" in failed["msg"] and root not in json.dumps(failed)
+
+
+def test_shutdown_settles_every_open_record_within_the_grace_period(edi_model: Path, edi_cache: Path,
+                                                                    tmp_path: Path, monkeypatch) -> None:
+    """Regression: a stopped kernel left its async records `running`/`submitted` for good."""
+    service = EdiService(settings_for(edi_model, make_volume(tmp_path / "volume"), edi_cache, tmp_path / "state",
+                                      shutdown_grace_s=1.0))
+    release = threading.Event()
+    monkeypatch.setattr(service.session, "infer_many", lambda images, options, progress=None: release.wait(60))
+    for request_id in ("s1", "s2"):
+        service.handle([json.dumps({"img_path_on_pvc": "slides/tile.png", "async": True, "request_id": request_id})])
+    time.sleep(0.5)
+    start = time.perf_counter()
+    service.close()
+    assert time.perf_counter() - start < 5
+    running, queued = service.status.read("s1"), service.status.read("s2")
+    release.set()
+    assert running["status"] == "error" and "stopped while running" in running["msg"]
+    assert queued["status"] == "error" and "stopped before running" in queued["msg"]
+
+
+@pytest.mark.slow
+def test_sigterm_shuts_the_served_kernel_down(edi_model: Path, edi_cache: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from .conftest import ROOT
+    env = {**os.environ, "DEEPLIIF_CACHE_DIR": str(edi_cache), "DEEPLIIF_BACKEND": "onnxruntime",
+           "DEEPLIIF_DEVICE": "cpu"}
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--model-dir",
+                                str(edi_model)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(240):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/dlim/v1/inference/deepliif", timeout=2):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output.decode()[-2000:]
+    assert b"DeepLIIF kernel stopped" in output
