@@ -9,6 +9,7 @@ Conversions (documented in the README):
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -16,6 +17,7 @@ import os
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,14 @@ IMAGE_FORMATS = ("PNG", "JPEG", "TIFF", "BMP", "WEBP", "PPM")
 def read_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> np.ndarray:
     """Decode a file path or encoded bytes into an `[H, W, 3]` uint8 RGB array."""
     label = name or (str(source) if not isinstance(source, bytes) else "image data")
+    with _opened(source, max_pixels, label) as image:
+        image.load()
+        return to_rgb_array(image, label)
+
+
+@contextlib.contextmanager
+def _opened(source: str | Path | bytes, max_pixels: int, label: str) -> Iterator[Image.Image]:
+    """The image opened (header read, size checked, nothing decoded yet), with every failure an ImageError."""
     if not isinstance(source, bytes) and not Path(source).is_file():
         raise ImageError(f"{label}: no such file")
     try:
@@ -43,8 +53,7 @@ def read_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=IMAGE_FORMATS) as image:
                 _check_size(image.size, max_pixels, label)
-                image.load()
-                return to_rgb_array(image, label)
+                yield image
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{label}: image is over the limit of {max_pixels} pixels and too large to decode "
                          f"safely ({exc})") from exc
@@ -58,19 +67,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 def probe_image(path: Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
     """(width, height) from the header, with every check `read_image` makes before decoding: commands
     open all their inputs this way before loading a model or creating an output folder."""
-    label = str(path)
-    if not Path(path).is_file():
-        raise ImageError(f"{label}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path, formats=IMAGE_FORMATS) as image:
-                _check_size(image.size, max_pixels, label)
-                return image.size
-    except Image.DecompressionBombError as exc:
-        raise ImageError(f"{label}: image is over the limit of {max_pixels} pixels ({exc})") from exc
-    except (OSError, ValueError, SyntaxError, Image.UnidentifiedImageError) as exc:
-        raise ImageError(f"{label}: not a readable image ({exc}; accepted: {', '.join(IMAGE_FORMATS)})") from exc
+    with _opened(path, max_pixels, str(path)) as image:
+        return image.size
 
 
 def expand_inputs(paths: list[Path]) -> list[Path]:
@@ -176,8 +174,7 @@ class HashMemo:
 
     def sha256(self, file: Path) -> str:
         file = Path(file).resolve()
-        stat = file.stat()
-        stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        stamp = _stamp(file)
         with self._lock:
             known = self._entries.get(str(file))
         if known is not None and known[:3] == stamp:
@@ -189,9 +186,7 @@ class HashMemo:
     def record(self, file: Path, digest: str, stamp: list | None = None) -> None:
         """Remember a digest computed elsewhere (e.g. before the file was renamed into place)."""
         file = Path(file).resolve()
-        if stamp is None:
-            stat = file.stat()
-            stamp = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        stamp = stamp or _stamp(file)
         with self._lock:
             self._entries.update(self._read())  # keep what other processes recorded meanwhile
             self._entries[str(file)] = [*stamp, digest]
@@ -206,6 +201,11 @@ class HashMemo:
         except (OSError, ValueError):
             return {}
         return entries if isinstance(entries, dict) else {}
+
+
+def _stamp(file: Path) -> list[int]:
+    stat = file.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -83,8 +83,7 @@ def _export(module: nn.Module, sample: torch.Tensor, path: Path, inputs: list[st
             for transform in transforms:
                 proto = transform(proto)
             onnx.save(proto, str(partial))
-        summary = check_onnx(partial)
-        check_tensorrt_rules(partial)  # every exported graph must be one TensorRT can parse
+        summary = check_onnx(partial, [check_tensorrt_rules])  # every export must be one TensorRT can parse
         os.replace(partial, path)
     except (RuntimeError, ValueError, TypeError) as exc:
         raise ExportError(f"exporting {path.name} to ONNX failed: {exc}") from exc

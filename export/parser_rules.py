@@ -106,15 +106,17 @@ class _Graph:
         return None if tensor is None else numpy_helper.to_array(tensor)
 
 
-def check_tensorrt_rules(model: onnx.ModelProto | Path | str) -> None:
-    """Raise TensorRTCompatibilityError listing every rule the graph breaks, with node names."""
+def check_tensorrt_rules(model: onnx.ModelProto | Path | str, where: Path | str | None = None) -> None:
+    """Raise TensorRTCompatibilityError listing every rule the graph breaks, with node names. `where`
+    names a graph passed already loaded (as `check_onnx(path, [check_tensorrt_rules])` does)."""
     proto = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+    where = where if where is not None else (None if isinstance(model, onnx.ModelProto) else model)
     graph = _Graph.of(proto)
     problems = (_opset_problems(proto) + _operator_problems(proto) + _uint8_problems(graph)
                 + _quantization_problems(graph) + _batch_problems(proto))
     if problems:
-        where = "" if isinstance(model, onnx.ModelProto) else f"{model}: "
-        raise TensorRTCompatibilityError(f"{where}TensorRT's ONNX parser would refuse this graph: "
+        prefix = f"{where}: " if where is not None else ""
+        raise TensorRTCompatibilityError(f"{prefix}TensorRT's ONNX parser would refuse this graph: "
                                          + "; ".join(problems), problems)
 
 

@@ -180,9 +180,9 @@ def build_plan(onnx_path: Path, out_dir: Path, config: TensorRTBuildConfig,
     `gate(onnx_path, precision)` raises to refuse the graph before any TensorRT work (the accuracy gate
     of an INT8/FP16 graph); it runs even where TensorRT is absent.
     """
-    summary = check_onnx(onnx_path)
+    # the parser rules fail here, naming nodes, rather than in TensorRT's parser on the GPU
+    summary = check_onnx(onnx_path, [check_tensorrt_rules])
     check_fused_signature(summary)
-    check_tensorrt_rules(onnx_path)  # fail here, naming nodes, rather than in TensorRT's parser on the GPU
     if gate is not None:
         gate(Path(onnx_path), onnx_precision(summary))
     trt = tensorrt_module()

@@ -34,6 +34,10 @@ class RequestError(DeepLIIFError):
     """The request breaks the contract; the message says which field and why."""
 
 
+class RequestInUseError(RequestError):
+    """The request_id belongs to a request that is still submitted or running."""
+
+
 class RequestType(enum.Enum):
     INFERENCE = "inference"
     STATUS = "status"

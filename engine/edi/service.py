@@ -31,7 +31,8 @@ from deepliif.inference import InferenceOptions, InferenceResult, check_working_
 from .. import logger
 from ..session import Session
 from .layout import DeploymentLayout, StatusStore, now
-from .requests import InferenceRequest, RequestError, StatusRequest, check_request_id, parse_request
+from .requests import (InferenceRequest, RequestError, RequestInUseError, StatusRequest, check_request_id,
+                       parse_request)
 from .settings import KernelSettings
 from .storage import MountedVolume, StorageError, Volume, open_volume
 
@@ -100,8 +101,8 @@ class EdiService:
                     sync.append((index, request, image, started))
             except Exception as exc:  # noqa: BLE001 - every failure is this request's error response
                 responses[index] = self._error(body, exc)
-                if isinstance(request, InferenceRequest):
-                    self._keep_sync_status(request, responses[index])
+                if isinstance(request, InferenceRequest) and not isinstance(exc, RequestInUseError):
+                    self._keep_sync_status(request, responses[index])  # a running id's record is not ours
         for index, response in self._run_sync(sync):
             responses[index] = response
         return [json.dumps(response) for response in responses]
@@ -163,7 +164,7 @@ class EdiService:
     def _refuse_if_unfinished(self, request_id: str) -> None:
         record = self._current(request_id)
         if record and record.get("status") in UNFINISHED:
-            raise RequestError(f"request {request_id} is still {record['status']}; ask for its status or use "
+            raise RequestInUseError(f"request {request_id} is still {record['status']}; ask for its status or use "
                                "another request_id")
 
     def _options(self, request: InferenceRequest) -> InferenceOptions:
@@ -247,9 +248,6 @@ class EdiService:
         record = {key: value for key, value in response.items() if key != "images"}
         record.update(local_input=request.image_path is None, finished_at=now())
         try:
-            current = self.status.read(request.request_id)
-            if current and current.get("status") in UNFINISHED:
-                return  # refused because that id is still running: its record is not ours to replace
             self.status.write(request.request_id, record)
         except Exception as exc:  # noqa: BLE001 - the answer is already made; the record is a courtesy
             logger.warning("cannot record the status of %s: %s", request.request_id, exc)
