@@ -6,7 +6,7 @@ from pathlib import Path
 
 from deepliif.errors import AccuracyGateError
 
-from export.config import Precision
+from engine.backends.precision import Precision
 
 from .gate import REPORT_FILE, GateThresholds, format_markdown
 from .quantize import CalibrationMethod, QuantizationConfig

@@ -25,7 +25,7 @@ import onnx
 
 from deepliif.errors import ArgumentError, ExportError, parse_enum
 
-from export.config import INPUT_NAME
+from deepliif.contract import FUSED_GRAPH
 from export.parser_rules import check_tensorrt_rules
 
 from . import logger
@@ -85,7 +85,7 @@ class _TileReader:
 
     def get_next(self) -> dict | None:
         tile = next(self._items, None)
-        return None if tile is None else {INPUT_NAME: tile[None]}
+        return None if tile is None else {FUSED_GRAPH.input_name: tile[None]}
 
 
 def edge_convolutions(model: onnx.ModelProto) -> list[str]:

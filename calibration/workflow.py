@@ -20,7 +20,9 @@ from deepliif.imageio import file_sha256, prepare_out_dir, read_image, write_ato
 from deepliif.model_dir import load_model_dir
 
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
-from export.config import FUSED_ONNX, OnnxExportConfig, Precision
+from engine.backends.precision import Precision
+from deepliif.contract import FUSED_GRAPH
+from export.config import OnnxExportConfig
 from export.onnx_checks import check_fused_signature, check_onnx
 from export.onnx_export import export_pipeline
 from export.tensorrt_build import onnx_precision
@@ -91,7 +93,7 @@ def calibrate(plan: CalibrationPlan) -> dict:
         if plan.fp32_onnx is None:
             export_pipeline(model, fp32, OnnxExportConfig())
         _check_fp32(fp32)
-        staged = Path(scratch) / FUSED_ONNX
+        staged = Path(scratch) / FUSED_GRAPH.file_name
         if plan.precision is Precision.INT8:
             chosen = choose_tiles(calibration_images, plan.tiles, plan.seed)
             chosen.write(out / CALIBRATION_FILE)
@@ -128,9 +130,9 @@ def _publish(staged: Path, out: Path, report: dict) -> None:
     """Report first, then the graph under its final name (passed) or the failed-gate name."""
     write_json(out / ACCURACY_FILE, report)
     write_atomically(out / REPORT_FILE, format_markdown(report).encode())
-    final = out / FUSED_ONNX
-    target = final if report["passed"] else out / (FUSED_ONNX + FAILED_SUFFIX)
-    for stale in (final, out / (FUSED_ONNX + FAILED_SUFFIX)):
+    final = out / FUSED_GRAPH.file_name
+    target = final if report["passed"] else out / (FUSED_GRAPH.file_name + FAILED_SUFFIX)
+    for stale in (final, out / (FUSED_GRAPH.file_name + FAILED_SUFFIX)):
         if stale != target and stale.exists():
             stale.unlink()
     os.chmod(staged, 0o644)

@@ -5,7 +5,8 @@ this instead of `deepliif.pipeline`, so a process that serves an exported graph 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -15,6 +16,68 @@ NETWORK_TILE = 512
 MODALITIES = ("Hema", "DAPI", "Lap2", "Marker")
 OUTPUT_NAMES = MODALITIES + ("Seg",)
 SEG_SOURCES = ("IHC",) + MODALITIES  # the input of each segmentation generator, in role order
+
+
+@dataclass
+class GraphContract:
+    """The fused graph's interface, stated once (like Optimum's `OnnxConfig`): the exporter names the
+    tensors from it, every backend checks and binds by it, the Triton config and validation read it.
+    Renaming an ONNX output is a change to `onnx_outputs` and nothing else.
+
+    `onnx_outputs` maps DeepLIIF's output names (file suffixes, result keys) to the graph's tensor names,
+    in the order the pipeline returns them."""
+
+    input_name: str = "ihc"
+    onnx_outputs: dict[str, str] = field(default_factory=lambda: {name: name.lower() for name in OUTPUT_NAMES})
+    dtype: str = "uint8"
+    layout: str = "NHWC"
+    batch_axis: str = "batch"
+    tile: int = NETWORK_TILE
+    channels: int = 3
+    file_name: str = "deepliif.onnx"
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(self.onnx_outputs)
+
+    @property
+    def onnx_output_names(self) -> tuple[str, ...]:
+        return tuple(self.onnx_outputs.values())
+
+    @property
+    def tensor_names(self) -> tuple[str, ...]:
+        return (self.input_name, *self.onnx_output_names)
+
+    def tile_shape(self, batch: int | str | None) -> tuple:
+        return (batch, self.tile, self.tile, self.channels)
+
+    def by_output_name(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Arrays keyed by tensor name, re-keyed by DeepLIIF's output names in pipeline order."""
+        return {name: arrays[onnx_name] for name, onnx_name in self.onnx_outputs.items()}
+
+    def signature_problems(self, inputs: Mapping[str, tuple[str, Sequence]],
+                           outputs: Mapping[str, tuple[str, Sequence]]) -> list[str]:
+        """What differs from the contract, given `{tensor: (dtype name, shape)}` per group (a shape may be
+        empty when the runtime does not report one). Empty: the graph is the fused pipeline."""
+        problems = []
+        for group, actual, expected in (("input", inputs, [self.input_name]),
+                                        ("output", outputs, list(self.onnx_output_names))):
+            if sorted(actual) != sorted(expected):
+                problems.append(f"{group}s are {sorted(actual)}, expected {expected}")
+                continue
+            for name in expected:
+                dtype, shape = actual[name]
+                if dtype != self.dtype or (shape and (len(shape) != 4 or list(shape[1:]) != [self.tile, self.tile,
+                                                                                             self.channels])):
+                    problems.append(f"{group} {name} is {dtype} {list(shape)}, expected {self.dtype} "
+                                    f"[{self.batch_axis}, {self.tile}, {self.tile}, {self.channels}]")
+        return problems
+
+    def missing(self, names: Iterable[str]) -> list[str]:
+        return sorted(set(self.tensor_names) - set(names))
+
+
+FUSED_GRAPH = GraphContract()
 
 
 def run_in_chunks(run: Callable[[np.ndarray], dict[str, np.ndarray]], batch: np.ndarray, step: int | None,

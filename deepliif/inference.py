@@ -1,4 +1,5 @@
-"""Whole-image inference: tile, skip empty tiles, run the rest in batches, stitch, postprocess.
+"""Whole-image inference: the options a request gives, the tile loop (`deepliif.tile_loop`), then
+postprocessing into the images and scoring a caller gets.
 
 Results equal DeepLIIF's one-tile-at-a-time inference because the networks normalise per sample and
 result tiles are pasted in DeepLIIF's order, whatever the batch size.
@@ -7,19 +8,17 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from .contract import MODALITIES, NETWORK_TILE, OUTPUT_NAMES
+from .contract import MODALITIES
 from .errors import ArgumentError, ImageError, parse_enum
 from .postprocessing import PostprocessOptions, postprocess
-from .tiling import (
-    EMPTY_TILE_COLOURS, Stitcher, Tile, TileGrid, check_tile_size, extend_by_mirroring, is_empty_tile,
-    resize_tile,
-)
+from .tile_loop import StitchedImage, Strategy, run_tile_loop
+from .tiling import TileGrid, check_tile_size
 
 MAX_BATCH_SIZE = 256
 
@@ -81,69 +80,11 @@ class InferenceResult:
     empty_tiles: int
 
 
-class OrderedPaster:
-    """Pastes tile results strictly in tile order, however batches complete; DeepLIIF's overwrite order."""
-
-    def __init__(self, stitcher: Stitcher, progress: Callable[[int], None] | None) -> None:
-        self.stitcher, self.progress = stitcher, progress
-        self.ready: dict[int, tuple[Tile, dict[str, np.ndarray] | None]] = {}
-        self.next_index = 0
-
-    def add(self, tile: Tile, results: dict[str, np.ndarray] | None) -> None:
-        self.ready[tile.index] = (tile, results)
-        while self.next_index in self.ready:
-            ready_tile, ready_results = self.ready.pop(self.next_index)
-            if ready_results is None:
-                self.stitcher.paste_solid(ready_tile, EMPTY_TILE_COLOURS)
-            else:
-                self.stitcher.paste(ready_tile, ready_results)
-            self.next_index += 1
-            if self.progress:
-                self.progress(1)
-
-
-def run_tiles(runner: TileBatchRunner, image: np.ndarray, tile_size: int, batch_size: int,
-              progress: Callable[[int], None] | None = None) -> tuple[dict[str, np.ndarray], int, int]:
-    """The five stitched network images for one RGB image, plus (tile count, empty tile count)."""
-    extended, grid, paster = start_image(image, tile_size, progress)
-    pending: list[tuple[Tile, np.ndarray]] = []
-    empty = 0
-
-    def flush() -> None:
-        if not pending:
-            return
-        outputs = runner.run(np.stack([network_tile for _, network_tile in pending]))
-        for i, (tile, _) in enumerate(pending):
-            paster.add(tile, {name: resize_tile(outputs[name][i], tile_size) for name in OUTPUT_NAMES})
-        pending.clear()
-
-    for tile in grid:
-        crop = grid.crop(extended, tile)
-        if is_empty_tile(crop):
-            empty += 1
-            paster.add(tile, None)
-            continue
-        pending.append((tile, resize_tile(crop, NETWORK_TILE)))
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    return paster.stitcher.results(), len(grid), empty
-
-
 def check_image_array(image: np.ndarray) -> None:
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 \
             or 0 in image.shape:
         raise ArgumentError(f"expected a non-empty RGB uint8 image [H, W, 3]; got "
                             f"{getattr(image, 'shape', None)} {getattr(image, 'dtype', type(image).__name__)}")
-
-
-def start_image(image: np.ndarray, tile_size: int, progress: Callable[[int], None] | None
-                ) -> tuple[np.ndarray, TileGrid, OrderedPaster]:
-    """The mirror-extended image, its tile grid, and the paster that stitches results to the original size."""
-    height, width = image.shape[:2]
-    extended = extend_by_mirroring(image, tile_size)
-    grid = TileGrid(extended.shape[1], extended.shape[0], tile_size)
-    return extended, grid, OrderedPaster(Stitcher(grid, OUTPUT_NAMES, (width, height)), progress)
 
 
 def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
@@ -155,23 +96,30 @@ def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
     return {name: everything[name] for name in options.outputs.names}, post.scoring
 
 
+def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Sequence[np.ndarray],
+                 options: InferenceOptions = InferenceOptions(), strategy: Strategy = Strategy.THREADED,
+                 progress: Callable[[int], None] | None = None) -> list[InferenceResult]:
+    """DeepLIIF's `infer_modalities` for several RGB uint8 images through one tile loop (tiles of all of
+    them batched together): images, scoring and timings per image. Each result's timings hold the stage
+    sums of the whole call (one image's own figures when called with one) and its own total."""
+    for image in images:
+        check_image_array(image)
+
+    def finish(stitched: StitchedImage) -> InferenceResult:
+        selected, scoring = finish_image(images[stitched.index], stitched.images, options)
+        return InferenceResult(selected, scoring, {"total_seconds": time.perf_counter() - stitched.started},
+                               stitched.tiles, stitched.empty)
+
+    results, timings = run_tile_loop(run, images, options.tile_size, options.batch_size, finish, strategy, progress)
+    for result in results:
+        result.timings = {**timings.as_dict(), **result.timings}
+    return results
+
+
 def infer_image(runner: TileBatchRunner, image: np.ndarray, options: InferenceOptions = InferenceOptions(),
                 progress: Callable[[int], None] | None = None) -> InferenceResult:
-    """DeepLIIF's `infer_modalities` for one RGB uint8 image: images, scoring and timings."""
-    check_image_array(image)
-    start = time.perf_counter()
-    network_images, tiles, empty = run_tiles(runner, image, options.tile_size, options.batch_size, progress)
-    inferred = time.perf_counter()
-    images, scoring = finish_image(image, network_images, options)
-    done = time.perf_counter()
-    return InferenceResult(
-        images=images,
-        scoring=scoring,
-        timings={"inference_seconds": inferred - start, "postprocess_seconds": done - inferred,
-                 "total_seconds": done - start},
-        tiles=tiles,
-        empty_tiles=empty,
-    )
+    """One image, serially: the reference path the accuracy gate and parity tests judge through."""
+    return infer_images(runner.run, [image], options, Strategy.SERIAL, progress)[0]
 
 
 def check_working_size(width: int, height: int, tile_size: int, max_pixels: int, label: str = "image") -> None:

@@ -7,6 +7,8 @@ a matrix-product peak measured in the same process (so "how close to the hardwar
 """
 from __future__ import annotations
 
+import logging
+
 import contextlib
 import copy
 import resource
@@ -26,11 +28,12 @@ from deepliif.model_dir import DeepLIIFModel
 from deepliif.pipeline import NETWORK_TILE, DeepLIIFWayRunner, FusedPipeline
 from deepliif.tables import format_rows
 
-from export.config import Precision
+from engine.backends.precision import Precision
 
-from . import logger
 from .backends import BackendKind
 from .session import Session
+
+logger = logging.getLogger("engine")
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,7 @@ def _open_cases(model: DeepLIIFModel, cases: list[BenchCase], device: str, cache
             session = stack.enter_context(Session(model.directory, backend=case.backend,
                                                   precision=case.precision.value, device=device,
                                                   cache_dir=cache_dir, batch_size=case.batch_size,
+                                                  force_ungated=case.precision is Precision.FP16,  # speed only
                                                   **dict(case.options)))
         except DeepLIIFError as exc:
             skipped.append({"case": case.label, "reason": str(exc)})

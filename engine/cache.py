@@ -11,6 +11,8 @@ does not reread a 1.5 GB ONNX; any change of those and the file is hashed in ful
 """
 from __future__ import annotations
 
+import logging
+
 import contextlib
 import fcntl
 import hashlib
@@ -26,7 +28,8 @@ from pathlib import Path
 from deepliif.errors import ArgumentError, ArtifactError
 from deepliif.imageio import HashMemo, file_sha256, write_json
 
-from . import logger
+logger = logging.getLogger("engine")
+
 
 MANIFEST = "artifact.json"
 HASH_MEMO = "file-hashes.json"

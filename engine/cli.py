@@ -23,13 +23,14 @@ from deepliif.tiling import TILE_SIZE_MAX, TILE_SIZE_MIN
 
 from calibration.cli import add_calibrate_parser
 from export.cli import add_export_parser
-from export.config import Precision
+from engine.backends.precision import Precision
 
-from . import logger
 from .backends import BackendKind
 from .edi.cli import add_edi_parsers
 from .session import Session
 from .samples import benchmark_tiles, sample_images, synthetic_ihc
+
+logger = logging.getLogger("engine")
 
 if TYPE_CHECKING:  # torch-heavy; imported by the commands that use them
     from .bench import BenchCase

@@ -7,6 +7,8 @@ reads each process's own JSON for the time spent inferring tiles; the rest is ov
 """
 from __future__ import annotations
 
+import logging
+
 import json
 import os
 import statistics
@@ -20,7 +22,8 @@ from pathlib import Path
 from deepliif.errors import ArgumentError
 from deepliif.tables import format_rows
 
-from . import logger
+logger = logging.getLogger("engine")
+
 
 
 @dataclass

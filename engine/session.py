@@ -8,39 +8,31 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.metadata
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
-from deepliif.contract import NETWORK_TILE, run_in_chunks
+from deepliif.contract import run_in_chunks
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, DeepLIIFError
-from deepliif.imageio import file_sha256, write_json
-from deepliif.inference import InferenceOptions, InferenceResult
+from deepliif.inference import InferenceOptions, InferenceResult, infer_images
 from deepliif.model_files import ModelFiles, read_model_files
 
-from calibration.gate import ACCURACY_FILE, require_passed
-from export.config import FUSED_ONNX, OnnxExportConfig, Precision, Tolerance
-from export.onnx_checks import check_fused_signature, check_onnx
-from export.tensorrt_build import PLAN_FILE, GpuInfo, TensorRTBuildConfig, build_plan, onnx_precision, \
-    tensorrt_module, timing_cache_path
-from export.validate import validate
-
-from . import logger
+from .artifacts import Artifact, ArtifactLoaders, Provenance
 from .backends import Backend, BackendKind
-from .cache import ArtifactCache, cpu_signature
-from .samples import synthetic_ihc
+from .backends.precision import Precision
+from .cache import ArtifactCache
 from .devices import cuda_available, free_cuda_memory
-from .tile_pipeline import infer_images
+from .samples import synthetic_ihc
 
 if TYPE_CHECKING:  # PyTorch loads only for the torch backend and for exports (see `Session.model`)
     from deepliif.model_dir import DeepLIIFModel
 
-OPTIMIZED_ONNX = "deepliif.ort-optimized.onnx"
+logger = logging.getLogger("engine")
+
 # fastest first, per device class (docs/BENCHMARKS.md: onnxruntime beat eager torch on the CPU machine)
 GPU_ORDER = (BackendKind.TENSORRT, BackendKind.ONNXRUNTIME, BackendKind.TORCH)
 CPU_ORDER = (BackendKind.ONNXRUNTIME, BackendKind.TORCH)
@@ -59,24 +51,27 @@ def choose_batch_size(free_bytes: int | None, precision: Precision, cap: int | N
 
 
 class Session:
-    """`onnx`: serve this fused graph (from `calibrate` or `export onnx`) instead of exporting one into
-    the cache; INT8 needs one. A reduced-precision graph must have passed its accuracy gate, checked
-    here and again for every cached FP16 export, unless `force_ungated`."""
+    """Chooses a runner and batches tiles through it; its artifacts come from `loaders`.
+
+    `onnx`: serve this fused graph (from `calibrate` or `export onnx`) instead of exporting one into
+    the cache; INT8 and FP16 need one that passed its accuracy gate, unless `force_ungated`.
+    `loaders`: where the artifacts come from (default: this model's through the artifact cache)."""
 
     def __init__(self, model_dir: Path | str, backend: str | BackendKind = "auto", precision: str = "fp32",
                  device: str = "auto", cache_dir: Path | None = None, batch_size: int | None = None,
-                 onnx: Path | None = None, force_ungated: bool = False, **backend_options) -> None:
+                 onnx: Path | None = None, force_ungated: bool = False, loaders: ArtifactLoaders | None = None,
+                 **backend_options) -> None:
         start = time.perf_counter()
         self.startup: dict[str, float] = {}  # seconds by stage, for the start-up report
         with self._stage("read model directory"):
             self.files: ModelFiles = read_model_files(model_dir)  # the weights load only if a backend needs them
         self.precision = Precision.parse(precision)
         self.device = device
-        self.cache = ArtifactCache(cache_dir)
-        self.force_ungated = force_ungated
-        self.accuracy: dict | None = None  # the gate report of the reduced-precision graph being served
         self.skipped: list[str] = []  # with backend auto: why each backend tried before the chosen one failed
-        self.onnx = None if onnx is None else self._check_given_onnx(Path(onnx))
+        self.provenance: Provenance | None = None  # of the artifact being served (None: the torch backend)
+        with self._stage("check given graph"):
+            self.loaders = loaders or ArtifactLoaders(self.files, self.precision, ArtifactCache(cache_dir),
+                                                      lambda: self.model, onnx, force_ungated)
         self.backend = self._open(BackendKind.parse(backend), backend_options)
         self.info = self.backend.info
         if batch_size is None:
@@ -135,108 +130,50 @@ class Session:
         if kind is BackendKind.TORCH:
             from .backends.torch_backend import TorchBackend
             return TorchBackend(self.model, self.device, self.precision, **options)
-        if self.precision is Precision.INT8 and self.onnx is None:
+        if self.precision is Precision.INT8 and self.loaders.given is None:
             raise BackendUnavailableError(f"{kind.value}: int8 runs a calibrated, gated Q/DQ ONNX: make one "
                                           "with `deepliif-engine calibrate` and pass it (--onnx OUT/deepliif.onnx)")
         if kind is BackendKind.ONNXRUNTIME:
             from .backends.onnxruntime_backend import OnnxRuntimeBackend, available_providers
-            if not available_providers(self.device, self.precision):
+            providers = available_providers(self.device, self.precision)
+            if not providers:
                 raise BackendUnavailableError(f"onnxruntime offers no provider for device {self.device!r}")
-            engines = self.cache.root / "onnxruntime-tensorrt"  # the TensorRT EP's engine and timing caches
-            if self.onnx is not None:
-                return OnnxRuntimeBackend(self.onnx, self.device, self.precision, cache_dir=engines)
-            if available_providers(self.device, self.precision) == ["CPUExecutionProvider"]:
-                return self._open_cached(self._optimized_entry, lambda entry: OnnxRuntimeBackend(
-                    entry / OPTIMIZED_ONNX, "cpu", self.precision, preoptimized=True))
-            return self._open_cached(self._onnx_entry, lambda entry: OnnxRuntimeBackend(
-                entry / FUSED_ONNX, self.device, self.precision, cache_dir=engines))
+            if providers == ["CPUExecutionProvider"] and self.loaders.given is None:
+                return self._open_cached(self.loaders.ort_optimized, lambda artifact: OnnxRuntimeBackend(
+                    artifact.path, "cpu", self.precision, preoptimized=True))
+            engines = self.loaders.cache.root / "onnxruntime-tensorrt"  # the TensorRT EP's engine and timing caches
+            return self._open_cached(self.loaders.onnx, lambda artifact: OnnxRuntimeBackend(
+                artifact.path, self.device, self.precision, cache_dir=engines))
         from .backends.tensorrt_backend import TensorRTBackend
+        from .backends.tensorrt_plan import tensorrt_module
+        from export.tensorrt_build import TensorRTBuildConfig
         tensorrt_module()  # fail fast, with what to install, before exporting anything
         build_config = options.get("build", TensorRTBuildConfig())
-        return self._open_cached(lambda rebuild: self._plan_entry(build_config, rebuild),
-                                 lambda entry: TensorRTBackend(entry / PLAN_FILE))
+        return self._open_cached(lambda rebuild: self.loaders.plan(build_config, rebuild),
+                                 lambda artifact: TensorRTBackend(artifact.path))
 
-    def _open_cached(self, get_entry: Callable[[bool], Path], open_backend: Callable[[Path], Backend]) -> Backend:
-        """Open the backend on its cached artifact; an artifact that fails to load is rebuilt once."""
+    def _open_cached(self, load: Callable[[bool], Artifact], open_backend: Callable[[Artifact], Backend]) -> Backend:
+        """Open the backend on its artifact; a cached artifact that fails to load is rebuilt once."""
         with self._stage("artifact cache"):
-            entry = get_entry(False)
+            artifact = load(False)
         try:
             with self._stage("open backend"):
-                return open_backend(entry)
+                backend = open_backend(artifact)
         except ArtifactError as exc:
-            logger.warning("cached artifact %s does not load (%s); rebuilding it", entry, exc)
-        with self._stage("artifact cache"):
-            entry = get_entry(True)
-        with self._stage("open backend"):
-            return open_backend(entry)
+            if artifact.provenance.cache_key is None and artifact.provenance.kind.value == "onnx":
+                raise  # the user's own graph: nothing to rebuild
+            logger.warning("cached artifact %s does not load (%s); rebuilding it", artifact.path, exc)
+            with self._stage("artifact cache"):
+                artifact = load(True)
+            with self._stage("open backend"):
+                backend = open_backend(artifact)
+        self.provenance = artifact.provenance
+        return backend
 
-    def _check_given_onnx(self, path: Path) -> Path:
-        """A given graph must be the fused pipeline, in the precision asked for, gated if reduced, and
-        (when its gate report says) made from this very model."""
-        summary = check_onnx(path)
-        check_fused_signature(summary)
-        graph_precision = onnx_precision(summary)
-        if graph_precision is not self.precision:
-            raise ArgumentError(f"{path} is a {graph_precision.value} graph; precision {self.precision.value} "
-                                "was asked for")
-        report = self._gated(path)
-        if report and report.get("model_sha256") not in (None, self._model_sha256):
-            raise ArtifactError(f"{path} was made from another model than {self.files.directory} "
-                                "(weights sha256 differs)")
-        return path
-
-    def _gated(self, path: Path) -> dict | None:
-        if self.precision is not Precision.FP32:
-            self.accuracy = require_passed(path, self.force_ungated, self.cache.hashes)
-        return self.accuracy
-
-    @functools.cached_property
-    def _model_sha256(self) -> str:
-        with self._stage("hash weights"):
-            return self.files.weights_sha256(self.cache.hashes)
-
-    def _onnx_parts(self) -> dict:
-        return onnx_entry_parts(self._model_sha256, self.precision)
-
-    def _onnx_entry(self, rebuild: bool = False) -> Path:
-        config = OnnxExportConfig(precision=self.precision)
-
-        def build(staging: Path) -> None:
-            from export.onnx_export import export_pipeline
-            export_pipeline(self.model, staging / FUSED_ONNX, config)
-            report = quick_validation(self.model, staging / FUSED_ONNX, self.precision)
-            write_json(staging / ACCURACY_FILE, {**report, "precision": self.precision.value,
-                                                 "model_sha256": self._model_sha256,
-                                                 "onnx_sha256": file_sha256(staging / FUSED_ONNX)})
-
-        # the cache's own check: an entry whose accuracy report is missing or failed is rebuilt, not served
-        return self.cache.get(self._onnx_parts(), build, check=lambda entry: self._gated(entry / FUSED_ONNX),
-                              rebuild=rebuild)
-
-    def _optimized_entry(self, rebuild: bool = False) -> Path:
-        """The fused graph as ONNX Runtime optimises it for this CPU, saved once: loading it skips the
-        optimiser (seconds for the full-size model at every start). ONNX Runtime says such a graph may
-        hold hardware-specific layouts, so the entry is keyed by the CPU's instruction set and ORT version."""
-        from .backends.onnxruntime_backend import onnxruntime_version, save_optimized
-        source = self._onnx_entry(rebuild)
-        parts = {**self._onnx_parts(), "kind": "onnxruntime-optimized", "onnxruntime": onnxruntime_version(),
-                 "cpu": cpu_signature()}
-        return self.cache.get(parts, lambda staging: save_optimized(source / FUSED_ONNX, staging / OPTIMIZED_ONNX),
-                              rebuild=rebuild)
-
-    def _plan_entry(self, build_config: TensorRTBuildConfig, rebuild: bool = False) -> Path:
-        tensorrt = tensorrt_module()
-        gpu = GpuInfo.current()
-        parts = {**self._onnx_parts(), "kind": "tensorrt", "build": build_config.key(),
-                 "gpu": [gpu.name, gpu.compute_capability], "tensorrt": tensorrt.__version__}
-        if self.onnx is not None:
-            source = self.onnx
-            parts["onnx_sha256"] = file_sha256(source)
-        else:
-            source = self._onnx_entry() / FUSED_ONNX
-        timing_cache = timing_cache_path(self.cache.root, tensorrt.__version__, gpu)
-        timing = TensorRTBuildConfig(**{**build_config.__dict__, "timing_cache": timing_cache})
-        return self.cache.get(parts, lambda staging: build_plan(source, staging, timing), rebuild=rebuild)
+    @property
+    def accuracy(self) -> dict | None:
+        """The passed accuracy-gate report of the reduced-precision graph being served (None: fp32, forced)."""
+        return self.provenance.gate if self.provenance else None
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """Any number of tiles; split to the backend's batch limit."""
@@ -265,26 +202,8 @@ class Session:
         self.close()
 
 
-def onnx_entry_parts(model_sha256: str, precision: Precision) -> dict:
-    """What names the cache entry of a model's exported fused ONNX (also how `package --onnx` files one)."""
-    return {"kind": "onnx", "model": model_sha256, "export": OnnxExportConfig(precision=precision).key(),
-            "torch": importlib.metadata.version("torch"), "onnx": onnx.__version__}
-
-
 def _probe(backend: Backend) -> None:
     """On a GPU, one tile before committing: execution-provider and plan errors show at the first run,
     and a kernel that finds them at its first request has already started on a backend that cannot serve."""
     if backend.info.device == "cuda":
         backend.run(synthetic_ihc()[None])
-
-
-def quick_validation(model: DeepLIIFModel, onnx_path: Path, precision: Precision) -> dict:
-    """A freshly exported cache artifact is checked on one tile before it is published: cheap insurance
-    that the cache never serves a wrong graph (`export onnx` and `calibrate` do the full checks)."""
-    from deepliif.pipeline import FusedPipeline, TileRunner
-
-    from .backends.onnxruntime_backend import OnnxRuntimeBackend
-    tile = synthetic_ihc(NETWORK_TILE, NETWORK_TILE, seed=1)[None]
-    with OnnxRuntimeBackend(onnx_path, device="cpu", precision=precision) as candidate:
-        return validate(TileRunner(FusedPipeline(model)).run, candidate.run, tile, (1,),
-                        Tolerance.for_precision(precision))

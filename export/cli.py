@@ -10,7 +10,8 @@ from calibration.gate import require_passed
 from deepliif.errors import ValidationError
 from deepliif.imageio import prepare_out_dir
 
-from .config import OnnxExportConfig, Precision, Tolerance
+from engine.backends.precision import Precision
+from .config import OnnxExportConfig, Tolerance
 from .tensorrt_build import METADATA_FILE, PLAN_FILE, TensorRTBuildConfig, build_plan
 from .triton import TritonConfig, write_repository
 from .validate import format_report, parse_batch_sizes

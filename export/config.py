@@ -1,35 +1,13 @@
 """Export settings as small config objects, so commands, the engine cache key and tests share them."""
 from __future__ import annotations
 
-import enum
 from dataclasses import asdict, dataclass
 
-from deepliif.errors import ArgumentError, parse_enum
-from deepliif.contract import OUTPUT_NAMES
+from deepliif.errors import ArgumentError
 
-INPUT_NAME = "ihc"
-OUTPUT_ONNX_NAMES = tuple(name.lower() for name in OUTPUT_NAMES)  # hema dapi lap2 marker seg
-BATCH_AXIS = "batch"
-FUSED_ONNX = "deepliif.onnx"
+from engine.backends.precision import Precision
+
 OPSET_RANGE = (13, 20)  # what torch's TorchScript-based exporter and TensorRT 10/11 both support
-
-
-class Precision(enum.Enum):
-    """The arithmetic the generators run in; I/O is uint8 whatever the precision."""
-
-    FP32 = "fp32"
-    FP16 = "fp16"
-    INT8 = "int8"
-
-    @classmethod
-    def parse(cls, value: str | Precision) -> Precision:
-        return parse_enum(cls, value, "precision")
-
-    @property
-    def torch_dtype(self):
-        """The dtype the torch module is exported in; INT8 starts from fp32 and adds Q/DQ nodes."""
-        import torch  # only the torch backend and the exporter ask; serving an export never does
-        return torch.float16 if self is Precision.FP16 else torch.float32
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import onnx
 
-from deepliif.contract import NETWORK_TILE
+from deepliif.contract import FUSED_GRAPH
 from deepliif.errors import ArtifactError, ExportError
 
-from .config import INPUT_NAME, OUTPUT_ONNX_NAMES
 
 FORBIDDEN_OPS = ("BatchNormalization",)
 
@@ -79,16 +78,6 @@ def _signature(values) -> dict[str, tuple[str, list]]:
 
 def check_fused_signature(summary: OnnxSummary) -> None:
     """Refuse an ONNX that is not the fused pipeline: other backends rely on its exact I/O contract."""
-    expected_shape = [None, NETWORK_TILE, NETWORK_TILE, 3]
-    problems = []
-    for group, names in (("input", [INPUT_NAME]), ("output", list(OUTPUT_ONNX_NAMES))):
-        actual = summary.inputs if group == "input" else summary.outputs
-        if sorted(actual) != sorted(names):
-            problems.append(f"{group}s are {sorted(actual)}, expected {names}")
-            continue
-        for name in names:
-            dtype, shape = actual[name]
-            if dtype != "uint8" or len(shape) != 4 or shape[1:] != expected_shape[1:]:
-                problems.append(f"{group} {name} is {dtype} {shape}, expected uint8 [batch, 512, 512, 3]")
+    problems = FUSED_GRAPH.signature_problems(summary.inputs, summary.outputs)
     if problems:
         raise ArtifactError(f"{summary.path} is not a DeepLIIF fused-pipeline ONNX: {'; '.join(problems)}")

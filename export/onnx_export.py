@@ -23,7 +23,9 @@ from deepliif.model_dir import DeepLIIFModel
 from deepliif.pipeline import NETWORK_TILE, FusedPipeline
 
 from . import logger
-from .config import BATCH_AXIS, INPUT_NAME, OUTPUT_ONNX_NAMES, OnnxExportConfig, Precision
+from engine.backends.precision import Precision
+from deepliif.contract import FUSED_GRAPH
+from .config import OnnxExportConfig
 from .onnx_checks import OnnxSummary, check_onnx
 from .fp16 import convert_to_fp16, generators_region, whole_graph
 from .parser_rules import check_tensorrt_rules
@@ -35,11 +37,11 @@ def export_pipeline(model: DeepLIIFModel, path: Path, config: OnnxExportConfig) 
     """The fused graph: `ihc` uint8 [batch, 512, 512, 3] -> hema dapi lap2 marker seg, same shape."""
     pipeline = FusedPipeline(model).eval()
     sample = torch.zeros((1, NETWORK_TILE, NETWORK_TILE, 3), dtype=torch.uint8)
-    axes = {name: {0: BATCH_AXIS} for name in (INPUT_NAME, *OUTPUT_ONNX_NAMES)}
+    axes = {name: {0: FUSED_GRAPH.batch_axis} for name in (FUSED_GRAPH.input_name, *FUSED_GRAPH.onnx_output_names)}
     transforms = [_declare_output_shapes]
     if config.precision is Precision.FP16:
         transforms.append(lambda proto: convert_to_fp16(proto, generators_region))
-    return _export(pipeline, sample, Path(path), [INPUT_NAME], list(OUTPUT_ONNX_NAMES), axes, config.opset,
+    return _export(pipeline, sample, Path(path), [FUSED_GRAPH.input_name], list(FUSED_GRAPH.onnx_output_names), axes, config.opset,
                    transforms)
 
 
@@ -49,7 +51,7 @@ def _declare_output_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
     for output in proto.graph.output:
         dims = output.type.tensor_type.shape.dim
         del dims[:]
-        dims.add().dim_param = BATCH_AXIS
+        dims.add().dim_param = FUSED_GRAPH.batch_axis
         for size in (NETWORK_TILE, NETWORK_TILE, 3):
             dims.add().dim_value = size
     return proto
@@ -58,7 +60,7 @@ def _declare_output_shapes(proto: onnx.ModelProto) -> onnx.ModelProto:
 def export_generators(model: DeepLIIFModel, out_dir: Path, config: OnnxExportConfig) -> list[OnnxSummary]:
     """One ONNX per generator (`G1.onnx`, `G51.onnx`, ...): float NCHW in [-1, 1] in and out."""
     sample = torch.zeros((1, 3, NETWORK_TILE, NETWORK_TILE))
-    axes = {GENERATOR_INPUT: {0: BATCH_AXIS}, GENERATOR_OUTPUT: {0: BATCH_AXIS}}
+    axes = {GENERATOR_INPUT: {0: FUSED_GRAPH.batch_axis}, GENERATOR_OUTPUT: {0: FUSED_GRAPH.batch_axis}}
     transforms = []
     if config.precision is Precision.FP16:
         transforms.append(lambda proto: convert_to_fp16(proto, whole_graph))

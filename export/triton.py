@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepliif.errors import ArgumentError, ArtifactError, ExportError
-from deepliif.contract import NETWORK_TILE
+from deepliif.contract import FUSED_GRAPH, NETWORK_TILE
 
 from . import logger
-from .config import INPUT_NAME, OUTPUT_ONNX_NAMES
 from .onnx_checks import check_fused_signature, check_onnx
 from .tensorrt_build import METADATA_FILE, EngineMetadata
 
@@ -47,12 +46,12 @@ def render_config(config: TritonConfig, platform: str) -> str:
     def tensor(name: str) -> str:
         return f'  {{ name: "{name}" data_type: TYPE_UINT8 dims: [ {", ".join(map(str, _DIMS))} ] }}'
 
-    outputs = ",\n".join(tensor(n) for n in OUTPUT_ONNX_NAMES)
+    outputs = ",\n".join(tensor(n) for n in FUSED_GRAPH.onnx_output_names)
     preferred = ", ".join(map(str, config.preferred_batch_sizes))
     return (f'name: "{config.name}"\n'
             f'platform: "{platform}"\n'
             f"max_batch_size: {config.max_batch_size}\n"
-            f"input [\n{tensor(INPUT_NAME)}\n]\n"
+            f"input [\n{tensor(FUSED_GRAPH.input_name)}\n]\n"
             f"output [\n{outputs}\n]\n"
             f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
             f"  max_queue_delay_microseconds: {config.max_queue_delay_us}\n}}\n"
@@ -120,7 +119,7 @@ def check_config(parsed: dict, config: TritonConfig, platform: str) -> None:
     expect("name", parsed.get("name"), config.name)
     expect("platform", parsed.get("platform"), platform)
     expect("max_batch_size", parsed.get("max_batch_size"), config.max_batch_size)
-    tensors = {"input": [INPUT_NAME], "output": list(OUTPUT_ONNX_NAMES)}
+    tensors = {"input": [FUSED_GRAPH.input_name], "output": list(FUSED_GRAPH.onnx_output_names)}
     for group, names in tensors.items():
         entries = parsed.get(group, [])
         expect(f"{group} names", [e.get("name") for e in entries], names)

@@ -27,7 +27,8 @@ from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.samples import benchmark_tiles
 
 from . import logger
-from .config import FUSED_ONNX, OnnxExportConfig, Tolerance
+from deepliif.contract import FUSED_GRAPH
+from .config import OnnxExportConfig, Tolerance
 from .onnx_export import GENERATOR_INPUT, export_generators, export_pipeline
 from .validate import ImageStats, check_batch_sizes, validate
 
@@ -54,14 +55,14 @@ def export_onnx(model_dir: Path, out: Path, config: OnnxExportConfig, plan: Vali
     tolerance = plan.tolerance or Tolerance.for_precision(config.precision)
     timings = {}
     start = time.perf_counter()
-    staged = out / f".{FUSED_ONNX}.unvalidated"
+    staged = out / f".{FUSED_GRAPH.file_name}.unvalidated"
     summary = export_pipeline(model, staged, config)
     timings["export_seconds"] = round(time.perf_counter() - start, 2)
     generators = _export_generators(model, out, config) if config.per_generator else []
     start = time.perf_counter()
     report = _validate(model, staged, out, config, plan, tolerance, quiet)
     timings["validation_seconds"] = round(time.perf_counter() - start, 2)
-    final = out / FUSED_ONNX
+    final = out / FUSED_GRAPH.file_name
     os.replace(staged, final)
     summary.path = final
     manifest = {"model": model.describe(), "model_sha256": model.weights_sha256(), "config": config.key(),
@@ -92,7 +93,7 @@ def _validate(model: DeepLIIFModel, staged: Path, out: Path, config: OnnxExportC
                                                        plan.tiles[:max(plan.batch_sizes)], tolerance)
     except ValidationError as exc:
         write_json(out / VALIDATION_FILE, _with_source(exc.report, plan, config))
-        os.replace(staged, out / f"{FUSED_ONNX}.failed-validation")
+        os.replace(staged, out / f"{FUSED_GRAPH.file_name}.failed-validation")
         raise
     report = _with_source(report, plan, config)
     write_json(out / VALIDATION_FILE, report)

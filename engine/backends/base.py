@@ -14,7 +14,7 @@ import numpy as np
 from deepliif.errors import ArgumentError
 from deepliif.contract import check_tile_batch
 
-from export.config import Precision
+from engine.backends.precision import Precision
 
 
 @dataclass(frozen=True)

@@ -1,18 +1,21 @@
 """ONNX Runtime on the fused ONNX: TensorRT EP, then CUDA EP, then CPU EP, whichever the package offers."""
 from __future__ import annotations
 
+import logging
+
 import os
 from pathlib import Path
 
 import numpy as np
 
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError
-from deepliif.contract import NETWORK_TILE, OUTPUT_NAMES, run_in_chunks
+from deepliif.contract import FUSED_GRAPH, NETWORK_TILE, run_in_chunks
 
-from export.config import INPUT_NAME, OUTPUT_ONNX_NAMES, Precision
+from engine.backends.precision import Precision
 
-from .. import logger
 from .base import Backend, BackendInfo
+
+logger = logging.getLogger("engine")
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 INSTALL_HINT = "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA/TensorRT execution providers)"
@@ -59,9 +62,9 @@ def provider_options(provider: str, precision: Precision, cache_dir: Path | None
         shape = "x".join(str(d) for d in (NETWORK_TILE, NETWORK_TILE, 3))
         options = {"device_id": device_id, "trt_fp16_enable": precision is Precision.FP16,
                    "trt_int8_enable": precision is Precision.INT8,
-                   "trt_profile_min_shapes": f"{INPUT_NAME}:{low}x{shape}",
-                   "trt_profile_opt_shapes": f"{INPUT_NAME}:{opt}x{shape}",
-                   "trt_profile_max_shapes": f"{INPUT_NAME}:{high}x{shape}"}
+                   "trt_profile_min_shapes": f"{FUSED_GRAPH.input_name}:{low}x{shape}",
+                   "trt_profile_opt_shapes": f"{FUSED_GRAPH.input_name}:{opt}x{shape}",
+                   "trt_profile_max_shapes": f"{FUSED_GRAPH.input_name}:{high}x{shape}"}
         if cache_dir is not None:
             path = str(Path(cache_dir))
             options.update({"trt_engine_cache_enable": True, "trt_engine_cache_path": path,
@@ -142,29 +145,29 @@ class OnnxRuntimeBackend(Backend):
         logger.info("onnxruntime session on %s: %s", path.name, self.info.detail)
 
     def _check_signature(self, path: Path) -> None:
-        inputs = [i.name for i in self.session.get_inputs()]
-        outputs = [o.name for o in self.session.get_outputs()]
-        if inputs != [INPUT_NAME] or sorted(outputs) != sorted(OUTPUT_ONNX_NAMES):
-            raise ArtifactError(f"{path} is not a DeepLIIF fused-pipeline ONNX: inputs {inputs}, "
-                                f"outputs {outputs}")
+        def described(args) -> dict[str, tuple[str, list]]:  # ORT reports types as "tensor(uint8)"
+            return {a.name: (a.type.removeprefix("tensor(").removesuffix(")"), list(a.shape)) for a in args}
+        problems = FUSED_GRAPH.signature_problems(described(self.session.get_inputs()),
+                                                  described(self.session.get_outputs()))
+        if problems:
+            raise ArtifactError(f"{path} is not a DeepLIIF fused-pipeline ONNX: {'; '.join(problems)}")
 
     def run_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         return run_in_chunks(self._run, batch, self.micro_batch)
 
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         batch = np.ascontiguousarray(batch)
-        names = list(OUTPUT_ONNX_NAMES)
+        names = list(FUSED_GRAPH.onnx_output_names)
         if self.io_binding:
             binding = self.session.io_binding()
-            binding.bind_cpu_input(INPUT_NAME, batch)
+            binding.bind_cpu_input(FUSED_GRAPH.input_name, batch)
             for name in names:
                 binding.bind_output(name, "cuda" if self.on_gpu else "cpu")
             self.session.run_with_iobinding(binding)
             arrays = binding.copy_outputs_to_cpu()  # in the order the outputs were bound: `names`
         else:
-            arrays = self.session.run(names, {INPUT_NAME: batch})
-        by_name = dict(zip(names, arrays))
-        return {name: by_name[onnx_name] for name, onnx_name in zip(OUTPUT_NAMES, OUTPUT_ONNX_NAMES)}
+            arrays = self.session.run(names, {FUSED_GRAPH.input_name: batch})
+        return FUSED_GRAPH.by_output_name(dict(zip(names, arrays)))
 
     def close(self) -> None:
         self.session = None

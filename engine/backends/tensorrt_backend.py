@@ -8,19 +8,22 @@ and `execute_async_v3` False) is turned into an error that says what failed.
 """
 from __future__ import annotations
 
+import logging
+
 import contextlib
 from pathlib import Path
 
 import numpy as np
 
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError
-from deepliif.contract import NETWORK_TILE, OUTPUT_NAMES
+from deepliif.contract import FUSED_GRAPH, NETWORK_TILE, OUTPUT_NAMES
 
-from export.config import INPUT_NAME, OUTPUT_ONNX_NAMES, Precision
-from export.tensorrt_build import METADATA_FILE, EngineMetadata, GpuInfo, tensorrt_module
+from engine.backends.precision import Precision
+from .tensorrt_plan import METADATA_FILE, EngineMetadata, GpuInfo, tensorrt_module
 
-from .. import logger
 from .base import Backend, BackendInfo
+
+logger = logging.getLogger("engine")
 
 
 class CudaStream:
@@ -87,12 +90,12 @@ class TensorRTBackend(Backend):
         with self.stream.scope():
             tiles = torch.from_numpy(np.ascontiguousarray(padded)).to(device)
             outputs = {name: torch.empty(shape, dtype=torch.uint8, device=device) for name in OUTPUT_NAMES}
-            if not self.context.set_input_shape(INPUT_NAME, shape):
+            if not self.context.set_input_shape(FUSED_GRAPH.input_name, shape):
                 raise ArgumentError(f"TensorRT refused input shape {shape}: outside the plan's profile "
                                     f"(batch {self.min_batch}..{self.info.max_batch})")
-            self._bind(INPUT_NAME, tiles.data_ptr())
+            self._bind(FUSED_GRAPH.input_name, tiles.data_ptr())
             for name, tensor in outputs.items():
-                self._bind(OUTPUT_ONNX_NAMES[OUTPUT_NAMES.index(name)], tensor.data_ptr())
+                self._bind(FUSED_GRAPH.onnx_outputs[name], tensor.data_ptr())
             if not self.context.execute_async_v3(self.stream.handle):
                 raise ArtifactError("TensorRT execution failed (see the TensorRT messages above)")
             host = {name: tensor[:size].to("cpu", non_blocking=True) for name, tensor in outputs.items()}
@@ -110,7 +113,7 @@ class TensorRTBackend(Backend):
 
 def check_engine_io(trt, engine, plan_path: Path) -> None:
     """The engine's I/O tensors must be the fused graph's: one uint8 input `ihc`, the five uint8 outputs."""
-    expected = {INPUT_NAME: trt.TensorIOMode.INPUT, **{name: trt.TensorIOMode.OUTPUT for name in OUTPUT_ONNX_NAMES}}
+    expected = {FUSED_GRAPH.input_name: trt.TensorIOMode.INPUT, **{name: trt.TensorIOMode.OUTPUT for name in FUSED_GRAPH.onnx_output_names}}
     actual = {}
     for index in range(engine.num_io_tensors):
         name = engine.get_tensor_name(index)

@@ -2,6 +2,8 @@
 optionally channels_last and, on CUDA, CUDA-graph replay per batch size."""
 from __future__ import annotations
 
+import logging
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,10 +14,11 @@ from deepliif.errors import ArgumentError, BackendUnavailableError
 from deepliif.model_dir import DeepLIIFModel
 from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES, FusedPipeline, TileRunner
 
-from export.config import Precision
+from engine.backends.precision import Precision
 
-from .. import logger
 from .base import Backend, BackendInfo
+
+logger = logging.getLogger("engine")
 
 
 def configure_tf32(precision: Precision) -> None:

@@ -8,6 +8,8 @@ and renamed into place, so a half-assembled one never looks ready.
 """
 from __future__ import annotations
 
+import logging
+
 import json
 import os
 import shlex
@@ -15,11 +17,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from deepliif.contract import FUSED_GRAPH
 from deepliif.errors import ArgumentError
-from deepliif.imageio import write_json
+from deepliif.imageio import file_sha256, write_json
 
-from .. import logger
-from ..cache import MANIFEST, default_cache_dir
+from ..artifacts import ArtifactKind, published_entries
+from ..cache import default_cache_dir
+
+logger = logging.getLogger("engine")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FILES = ("kernel.py", "model.json", "model-profile.json", "README.md", "pyproject.toml")
@@ -61,7 +66,7 @@ def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cac
                 contents["artifacts"] = _copy_artifacts(model_sha256, cache_dir or default_cache_dir(),
                                                         staging / CACHE_DIR)
             if onnx is not None:
-                contents["artifacts"].append(_file_onnx(Path(onnx), model_sha256, staging / CACHE_DIR))
+                contents["artifacts"].append(_file_onnx(Path(onnx), model, staging / CACHE_DIR))
         elif with_artifacts:
             raise ArgumentError("--with-artifacts needs --model-dir (artifacts are found by the model's hash)")
         os.chmod(staging, 0o755)
@@ -78,29 +83,30 @@ def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cac
 
 
 def _copy_artifacts(model_sha256: str, cache: Path, target: Path) -> list[str]:
-    """Every published cache entry built from this model (its manifest names the model's hash), except
-    ONNX Runtime's graphs optimised for this machine's CPU: the kernel's machine makes its own."""
+    """Every published cache entry built from this model, except ONNX Runtime's graphs optimised for this
+    machine's CPU: the kernel's machine makes its own."""
     copied = []
-    for manifest in sorted(Path(cache).glob(f"*/{MANIFEST}")):
-        try:
-            parts = json.loads(manifest.read_text()).get("parts", {})
-        except ValueError:
-            continue
-        if parts.get("model") == model_sha256 and parts.get("kind") != "onnxruntime-optimized":
-            shutil.copytree(manifest.parent, target / manifest.parent.name)
-            copied.append(f"{manifest.parent.name} ({parts.get('kind')}, {parts.get('export', {}).get('precision')})")
+    for entry, provenance in published_entries(cache, model_sha256):
+        if provenance.kind is not ArtifactKind.ORT_OPTIMIZED:
+            shutil.copytree(entry, target / entry.name)
+            copied.append(f"{entry.name} ({provenance.kind.value}, {provenance.precision.value})")
     if not copied:
         logger.warning("no cached artifacts of this model in %s; kernels will export on first start", cache)
     return copied
 
 
-def _file_onnx(onnx: Path, model_sha256: str, cache_dir: Path) -> str:
+def _file_onnx(onnx: Path, model, cache_dir: Path) -> str:
     """The exported graph as the cache entry a kernel of this model opens (checked, not re-exported)."""
     from export.onnx_checks import check_fused_signature, check_onnx
     from export.tensorrt_build import onnx_precision
 
+    from calibration.gate import ACCURACY_FILE
+
+    from export.workflow import VALIDATION_FILE
+
+    from ..artifacts import SANITY_FILE, SanityCheck, onnx_entry_parts, sanity_check
     from ..cache import ArtifactCache
-    from ..session import onnx_entry_parts
+    model_sha256 = model.weights_sha256()
     summary = check_onnx(onnx)
     check_fused_signature(summary)
     precision = onnx_precision(summary)
@@ -112,9 +118,16 @@ def _file_onnx(onnx: Path, model_sha256: str, cache_dir: Path) -> str:
         raise ArgumentError(f"{onnx} is an INT8 graph: ship it as the kernel's DEEPLIIF_ONNX, not as a cache entry")
 
     def build(staging: Path) -> None:
-        shutil.copy2(onnx, staging / "deepliif.onnx")
-        if (onnx.parent / "accuracy.json").is_file():  # the gate report of a reduced-precision graph
-            shutil.copy2(onnx.parent / "accuracy.json", staging / "accuracy.json")
+        """The graph with what vouches for it: the gate report of a calibrated graph, else the export's
+        validation as a sanity check, else a sanity check run here."""
+        shutil.copy2(onnx, staging / FUSED_GRAPH.file_name)
+        if (onnx.parent / ACCURACY_FILE).is_file():
+            shutil.copy2(onnx.parent / ACCURACY_FILE, staging / ACCURACY_FILE)
+        elif (onnx.parent / VALIDATION_FILE).is_file():
+            report = json.loads((onnx.parent / VALIDATION_FILE).read_text())
+            SanityCheck.from_validation(report, file_sha256(onnx)).write(staging / SANITY_FILE)
+        else:
+            sanity_check(model, onnx, precision).write(staging / SANITY_FILE)
 
     entry = ArtifactCache(cache_dir).get(onnx_entry_parts(model_sha256, precision), build)
     (cache_dir / "file-hashes.json").unlink(missing_ok=True)  # paths of this machine mean nothing there

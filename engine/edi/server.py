@@ -7,6 +7,8 @@ the kernel can batch their tiles. Every answer is JSON. Requests the kernel sees
 """
 from __future__ import annotations
 
+import logging
+
 import importlib.util
 import json
 import queue
@@ -17,8 +19,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .. import logger
 from .runtime import Kernel, chain_tasks, start_kernel
+
+logger = logging.getLogger("engine")
 
 API_PREFIX = "/dlim/v1/inference/"
 DEFAULT_MAX_BODY = 256 << 20

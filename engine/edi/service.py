@@ -8,6 +8,8 @@ does can stop the kernel.
 """
 from __future__ import annotations
 
+import logging
+
 import base64
 import datetime
 import json
@@ -28,13 +30,14 @@ from deepliif.errors import DeepLIIFError
 from deepliif.imageio import encode_png, read_image
 from deepliif.inference import InferenceOptions, InferenceResult, check_working_size, tile_count
 
-from .. import logger
 from ..session import Session
 from .layout import DeploymentLayout, StatusStore, now
 from .requests import (InferenceRequest, RequestError, RequestInUseError, StatusRequest, check_request_id,
                        parse_request)
 from .settings import KernelSettings
 from .storage import MountedVolume, StorageError, Volume, open_volume
+
+logger = logging.getLogger("engine")
 
 LOCAL_STEM = "local"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -7,6 +7,8 @@ on a mounted volume (temporary name, then rename), so a reader never sees half a
 """
 from __future__ import annotations
 
+import logging
+
 import abc
 import contextlib
 import errno
@@ -28,7 +30,8 @@ from pathlib import Path
 from deepliif.errors import DeepLIIFError
 from deepliif.imageio import write_atomically
 
-from .. import logger
+logger = logging.getLogger("engine")
+
 
 
 class StorageError(DeepLIIFError):

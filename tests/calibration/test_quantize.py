@@ -13,7 +13,7 @@ from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.samples import synthetic_ihc
 from export.onnx_checks import check_onnx
 from export.tensorrt_build import onnx_precision
-from export.config import Precision
+from engine.backends.precision import Precision
 
 
 @pytest.fixture(scope="module")

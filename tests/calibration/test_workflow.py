@@ -12,6 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 from calibration.gate import ACCURACY_FILE, REPORT_FILE, GateThresholds, evaluate
+from engine.artifacts import SANITY_FILE
 from calibration.quantize import QuantizationConfig
 from calibration.tiles import CALIBRATION_FILE, CalibrationSet
 from calibration.workflow import FAILED_SUFFIX, CalibrationPlan, calibrate
@@ -22,7 +23,7 @@ from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.cli import main
 from engine.session import Session
 from engine.samples import synthetic_ihc
-from export.config import Precision
+from engine.backends.precision import Precision
 
 
 @pytest.fixture(scope="module")
@@ -130,15 +131,21 @@ def test_the_engine_serves_a_gated_int8_graph_and_refuses_others(calibrated: dic
 
 
 @pytest.mark.slow
-def test_a_cached_fp16_export_carries_its_passed_check(model_dir: Path, tmp_path: Path) -> None:
-    with Session(model_dir, backend="onnxruntime", precision="fp16", device="cpu", cache_dir=tmp_path) as session:
-        assert session.accuracy["passed"] is True
-    (report,) = tmp_path.glob("*/" + ACCURACY_FILE)
-    assert json.loads(report.read_text())["onnx_sha256"] == file_sha256(report.parent / "deepliif.onnx")
-    report.unlink()  # a cache entry without its report is rebuilt, not served
-    with Session(model_dir, backend="onnxruntime", precision="fp16", device="cpu", cache_dir=tmp_path):
+def test_a_cached_fp16_export_is_served_only_gated_or_forced(model_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(AccuracyGateError, match="calibrate --precision fp16"):
+        Session(model_dir, backend="onnxruntime", precision="fp16", device="cpu", cache_dir=tmp_path)
+    assert not list(tmp_path.glob("*/deepliif.onnx"))  # refused before anything was exported
+    with Session(model_dir, backend="onnxruntime", precision="fp16", device="cpu", cache_dir=tmp_path,
+                 force_ungated=True) as session:
+        assert session.accuracy is None and session.provenance.sanity.passed
+    assert not list(tmp_path.glob("*/" + ACCURACY_FILE))  # a one-tile sanity check is not a gate report
+    (check,) = tmp_path.glob("*/" + SANITY_FILE)
+    assert json.loads(check.read_text())["onnx_sha256"] == file_sha256(check.parent / "deepliif.onnx")
+    check.unlink()  # a cache entry without its check is rebuilt, not served
+    with Session(model_dir, backend="onnxruntime", precision="fp16", device="cpu", cache_dir=tmp_path,
+                 force_ungated=True):
         pass
-    assert report.is_file()
+    assert check.is_file()
 
 
 def test_fp16_is_gated_on_every_image(model_dir: Path, ihc_images: list[Path], fp32_onnx: Path,

@@ -19,7 +19,7 @@ from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
 from engine.backends import BackendKind
 from engine.session import Session, choose_batch_size
 from engine.samples import synthetic_ihc
-from export.config import Precision
+from engine.backends.precision import Precision
 
 ROOT = Path(__file__).resolve().parents[2]
 HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None

@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from deepliif.model_dir import Layout, load_model_dir
-from export.config import OnnxExportConfig, Precision
+from engine.backends.precision import Precision
+from export.config import OnnxExportConfig
 from export.onnx_export import export_pipeline
 from export.tensorrt_build import EngineMetadata, GpuInfo, TensorRTBuildConfig
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from deepliif.errors import ArgumentError
-from export.config import OnnxExportConfig, Precision, Tolerance
+from engine.backends.precision import Precision
+from export.config import OnnxExportConfig, Tolerance
 
 
 def test_precision_parsing_and_dtypes() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, IncompatibleArtifactError
-from export.config import Precision
+from engine.backends.precision import Precision
 from export.onnx_checks import check_onnx
 from export.tensorrt_build import (INSTALL_HINT, METADATA_FILE, PLAN_FILE, EngineMetadata, GpuInfo,
                                    TensorRTBuildConfig, build_plan, onnx_precision, tensorrt_module)

@@ -12,7 +12,8 @@ from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
 from engine.backends import onnxruntime_backend
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend, available_providers, provider_options
 from engine.samples import synthetic_ihc
-from export.config import OnnxExportConfig, Precision
+from engine.backends.precision import Precision
+from export.config import OnnxExportConfig
 from export.onnx_export import export_pipeline
 
 # The option names ONNX Runtime documents for each provider (onnxruntime.ai, "TensorRT Execution

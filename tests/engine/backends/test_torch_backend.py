@@ -8,7 +8,7 @@ from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
 from engine.backends.torch_backend import CapturedGraph, GraphReplayer, captured_size, configure_tf32
 from engine.samples import synthetic_ihc
-from export.config import Precision
+from engine.backends.precision import Precision
 
 
 def test_batches_are_padded_to_few_captured_sizes(generated_models) -> None:

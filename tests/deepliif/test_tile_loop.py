@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from deepliif.errors import ArgumentError
-from deepliif.inference import InferenceOptions, OutputSet, infer_image
+from deepliif.inference import InferenceOptions, OutputSet, infer_image, infer_images
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import FusedPipeline, TileRunner
 from engine.samples import synthetic_ihc
-from engine.tile_pipeline import infer_images
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,199 @@
+"""The one tile loop: every image of a call cut into DeepLIIF's tile grid, non-empty tiles batched across
+images through a backend's `run`, results pasted back in DeepLIIF's tile order.
+
+Shaped like MONAI's `PatchInferer(splitter, merger)`: `split` is the splitter (mirror extension, empty-tile
+test, resize to the network tile), `Merger` the merger (resize back, ordered paste, finish an image when its
+last tile lands). A `Strategy` says how the three stages run: `SERIAL` in the caller's thread (the accuracy
+gate, reference runs), `THREADED` with splitting and merging on their own threads so they overlap the
+backend calls (serving: numpy, PIL and the backends release the GIL in their heavy parts). Both give the
+same pixels, whatever the batch size, because the networks normalise per sample and tiles are pasted in
+DeepLIIF's order.
+"""
+from __future__ import annotations
+
+import enum
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from .contract import NETWORK_TILE, OUTPUT_NAMES
+from .tiling import EMPTY_TILE_COLOURS, Stitcher, Tile, TileGrid, extend_by_mirroring, is_empty_tile, resize_tile
+
+Run = Callable[[np.ndarray], dict[str, np.ndarray]]
+Result = TypeVar("Result")
+Item = tuple[int, Tile, "np.ndarray | None"]  # image index, tile, network tile (None: empty)
+_DONE = object()
+
+
+class Strategy(enum.Enum):
+    SERIAL = "serial"
+    THREADED = "threaded"
+
+
+@dataclass
+class TileTimings:
+    """Seconds per stage, summed over the call (with `THREADED` the stages overlap, so they add up to
+    more than the wall time when the overlap works)."""
+
+    tiling: float = 0.0
+    inference: float = 0.0
+    stitching: float = 0.0
+    postprocess: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, stage: str, since: float) -> None:
+        with self._lock:
+            setattr(self, stage, getattr(self, stage) + time.perf_counter() - since)
+
+    def as_dict(self) -> dict[str, float]:
+        return {f"{stage}_seconds": getattr(self, stage) for stage in ("tiling", "inference", "stitching",
+                                                                          "postprocess")}
+
+
+@dataclass
+class StitchedImage:
+    """One image's five network outputs at its own size, and how many of its tiles there were."""
+
+    index: int
+    images: dict[str, np.ndarray]
+    tiles: int
+    empty: int
+    started: float
+
+
+class _ImageState:
+    def __init__(self, image: np.ndarray, tile_size: int) -> None:
+        height, width = image.shape[:2]
+        self.extended = extend_by_mirroring(image, tile_size)
+        self.grid = TileGrid(self.extended.shape[1], self.extended.shape[0], tile_size)
+        self.stitcher = Stitcher(self.grid, OUTPUT_NAMES, (width, height))
+        self.ready: dict[int, tuple[Tile, dict[str, np.ndarray] | None]] = {}
+        self.next_index = 0
+        self.empty = 0
+        self.started = time.perf_counter()
+
+
+def split(states: Sequence[_ImageState], timings: TileTimings) -> Iterator[Item]:
+    """Every tile of every image in turn, with its network-size crop (None for an empty tile)."""
+    for index, state in enumerate(states):
+        for tile in state.grid:
+            start = time.perf_counter()
+            crop = state.grid.crop(state.extended, tile)
+            network_tile = None if is_empty_tile(crop) else resize_tile(crop, NETWORK_TILE)
+            timings.add("tiling", start)
+            yield index, tile, network_tile
+
+
+class Merger(Generic[Result]):
+    """Pastes results strictly in tile order however batches complete (DeepLIIF's overwrite order) and
+    finishes each image as soon as its last tile is pasted."""
+
+    def __init__(self, states: Sequence[_ImageState], tile_size: int, timings: TileTimings,
+                 finish: Callable[[StitchedImage], Result], progress: Callable[[int], None] | None) -> None:
+        self.states, self.tile_size, self.timings = states, tile_size, timings
+        self.finish, self.progress = finish, progress
+        self.results: list[Result | None] = [None] * len(states)
+
+    def add(self, items: Sequence[Item], outputs: dict[str, np.ndarray] | None) -> None:
+        for position, (index, tile, _) in enumerate(items):
+            start = time.perf_counter()
+            results = None if outputs is None else \
+                {name: resize_tile(outputs[name][position], self.tile_size) for name in OUTPUT_NAMES}
+            state = self.states[index]
+            state.ready[tile.index] = (tile, results)
+            self._paste_ready(state)
+            self.timings.add("stitching", start)
+            if state.next_index == len(state.grid):
+                self._finish(index, state)
+
+    def _paste_ready(self, state: _ImageState) -> None:
+        while state.next_index in state.ready:
+            tile, results = state.ready.pop(state.next_index)
+            if results is None:
+                state.stitcher.paste_solid(tile, EMPTY_TILE_COLOURS)
+                state.empty += 1
+            else:
+                state.stitcher.paste(tile, results)
+            state.next_index += 1
+            if self.progress:
+                self.progress(1)
+
+    def _finish(self, index: int, state: _ImageState) -> None:
+        start = time.perf_counter()
+        stitched = StitchedImage(index, state.stitcher.results(), len(state.grid), state.empty, state.started)
+        self.results[index] = self.finish(stitched)
+        self.timings.add("postprocess", start)
+
+
+def run_tile_loop(run: Run, images: Sequence[np.ndarray], tile_size: int, batch_size: int,
+                  finish: Callable[[StitchedImage], Result], strategy: Strategy = Strategy.THREADED,
+                  progress: Callable[[int], None] | None = None) -> tuple[list[Result], TileTimings]:
+    """`finish(stitched)` for every image, in order, and the stage timings of the whole call. `batch_size`
+    is the number of tiles per `run` call; tiles of several images share a batch."""
+    timings = TileTimings()
+    states = [_ImageState(image, tile_size) for image in images]
+    merger = Merger(states, tile_size, timings, finish, progress)
+    loop = _serial if strategy is Strategy.SERIAL else _threaded
+    loop(run, split(states, timings), merger, batch_size, timings)
+    return merger.results, timings  # type: ignore[return-value]
+
+
+def _run_batch(run: Run, pending: list[Item], timings: TileTimings) -> dict[str, np.ndarray]:
+    start = time.perf_counter()
+    outputs = run(np.stack([network_tile for _, _, network_tile in pending]))
+    timings.add("inference", start)
+    return outputs
+
+
+def _batches(items: Iterator[Item], batch_size: int) -> Iterator[tuple[list[Item], bool]]:
+    """Runs of items to hand on together: (empty tiles, False) at once, (non-empty tiles, True) per batch."""
+    pending: list[Item] = []
+    for item in items:
+        if item[2] is None:
+            yield [item], False
+            continue
+        pending.append(item)
+        if len(pending) == batch_size:
+            yield pending, True
+            pending = []
+    if pending:
+        yield pending, True
+
+
+def _serial(run: Run, items: Iterator[Item], merger: Merger, batch_size: int, timings: TileTimings) -> None:
+    for group, to_run in _batches(items, batch_size):
+        merger.add(group, _run_batch(run, group, timings) if to_run else None)
+
+
+def _threaded(run: Run, items: Iterator[Item], merger: Merger, batch_size: int, timings: TileTimings) -> None:
+    tiles: queue.Queue = queue.Queue(maxsize=4 * batch_size)
+    threading.Thread(target=_produce, args=(items, tiles), daemon=True, name="tile-split").start()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-merge") as stitcher:
+        futures = []
+        for group, to_run in _batches(_drain(tiles), batch_size):
+            outputs = _run_batch(run, group, timings) if to_run else None
+            futures.append(stitcher.submit(merger.add, group, outputs))
+        for future in futures:
+            future.result()  # re-raises a merging error in the caller's thread
+
+
+def _produce(items: Iterator[Item], out: queue.Queue) -> None:
+    try:
+        for item in items:
+            out.put(item)
+        out.put(_DONE)
+    except BaseException as exc:  # handed to the consumer, which re-raises it in the caller's thread
+        out.put(exc)
+
+
+def _drain(tiles: queue.Queue) -> Iterator[Item]:
+    while (item := tiles.get()) is not _DONE:
+        if isinstance(item, BaseException):
+            raise item
+        yield item

@@ -1,0 +1,24 @@
+"""The arithmetic a graph runs in: the one type the runners, the exporter and calibration share."""
+from __future__ import annotations
+
+import enum
+
+from deepliif.errors import parse_enum
+
+
+class Precision(enum.Enum):
+    """The arithmetic the generators run in; I/O is uint8 whatever the precision."""
+
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+    @classmethod
+    def parse(cls, value: str | Precision) -> Precision:
+        return parse_enum(cls, value, "precision")
+
+    @property
+    def torch_dtype(self):
+        """The dtype the torch module is exported in; INT8 starts from fp32 and adds Q/DQ nodes."""
+        import torch  # only the torch backend and the exporter ask; serving an export never does
+        return torch.float16 if self is Precision.FP16 else torch.float32
