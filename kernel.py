@@ -19,6 +19,7 @@ try:
 except ImportError:
     from engine.edi.runtime import Kernel
 
+from engine.edi.kernel_log import attach_kernel_log, detach_kernel_log
 from engine.edi.service import EdiService
 from engine.edi.settings import KernelSettings
 
@@ -27,10 +28,13 @@ class DeepLIIFKernel(Kernel):
     service: EdiService | None = None
 
     def on_kernel_start(self, kernel_context) -> None:
-        settings = KernelSettings.from_environment(os.environ, kernel_context.get_model_description())
+        # the local stand-in hands settings over as a mapping; inside WMLA, EDI has put them in os.environ
+        environ = getattr(kernel_context, "environment", os.environ)
+        settings = KernelSettings.from_environment(environ, kernel_context.get_model_description())
+        self._log_handler = attach_kernel_log(self)
         self.log_info(f"starting DeepLIIF kernel: model {settings.model_dir}, backend {settings.backend}, "
                       f"precision {settings.precision}")
-        self.service = EdiService(settings, log=self)
+        self.service = EdiService(settings)
 
     def on_task_invoke(self, task_context) -> None:
         tasks = []
@@ -51,6 +55,7 @@ class DeepLIIFKernel(Kernel):
             self.service.close()
             self.service = None
         self.log_info("DeepLIIF kernel stopped")
+        detach_kernel_log(getattr(self, "_log_handler", None))
 
 
 if __name__ == "__main__":

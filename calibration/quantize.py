@@ -15,7 +15,6 @@ What stays in floating point, and why (recorded in `quantization.json`):
 """
 from __future__ import annotations
 
-import enum
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from deepliif.errors import ArgumentError, ExportError, parse_enum
+from deepliif.errors import ArgumentError, ChoiceEnum, ExportError
 
 from deepliif.contract import FUSED_GRAPH
 from export.parser_rules import check_tensorrt_rules
@@ -34,7 +33,7 @@ QUANTIZED_OPS = ("Conv", "ConvTranspose")
 FLOAT_OPS_NOTE = "InstanceNormalization and all non-convolution ops stay float32"
 
 
-class CalibrationMethod(enum.Enum):
+class CalibrationMethod(ChoiceEnum):
     """How activation ranges are chosen from the calibration tiles."""
 
     MINMAX = "minmax"          # the observed range: no clipping, coarser steps
@@ -42,8 +41,8 @@ class CalibrationMethod(enum.Enum):
     PERCENTILE = "percentile"  # clip at the 99.999th percentile of |x|
 
     @classmethod
-    def parse(cls, value: str | CalibrationMethod) -> CalibrationMethod:
-        return parse_enum(cls, value, "calibration method")
+    def choice_name(cls) -> str:
+        return "calibration method"
 
     def onnxruntime_method(self):
         from onnxruntime.quantization import CalibrationMethod as OrtMethod

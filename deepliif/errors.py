@@ -6,6 +6,8 @@ in one line instead of a traceback.
 """
 from __future__ import annotations
 
+import enum
+
 
 class DeepLIIFError(Exception):
     """Base class of every error this project raises on purpose."""
@@ -82,3 +84,16 @@ def parse_enum(cls, value: object, what: str):
     except ValueError:
         choices = ", ".join(member.value for member in cls)
         raise ArgumentError(f"{what} must be one of {choices}; got {value!r}") from None
+
+
+class ChoiceEnum(enum.Enum):
+    """An enum of lower-case string values that user input is parsed into, with the message `parse_enum`
+    gives; `choice_name` is what the message calls the value."""
+
+    @classmethod
+    def choice_name(cls) -> str:
+        return cls.__name__.lower()
+
+    @classmethod
+    def parse(cls, value: object):
+        return parse_enum(cls, value, cls.choice_name())

@@ -6,7 +6,6 @@ result tiles are pasted in DeepLIIF's order, whatever the batch size.
 """
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from .contract import MODALITIES
-from .errors import ArgumentError, ImageError, parse_enum
+from .errors import ArgumentError, ChoiceEnum, ImageError
 from .postprocessing import PostprocessOptions, postprocess
 from .tile_loop import StitchedImage, Strategy, run_tile_loop
 from .tiling import TileGrid, check_tile_size
@@ -26,7 +25,7 @@ MAX_BATCH_SIZE = 256
 SEG_MASKS = ("Seg", "SegOverlaid", "SegRefined")
 
 
-class OutputSet(enum.Enum):
+class OutputSet(ChoiceEnum):
     """Which images a caller wants back: a named set, or one image by its name (case-insensitive).
     The original input is always available to the caller."""
 
@@ -49,8 +48,8 @@ class OutputSet(enum.Enum):
         return tuple(name for name in MODALITIES + SEG_MASKS if name.lower() == self.value)
 
     @classmethod
-    def parse(cls, value: object) -> OutputSet:
-        return parse_enum(cls, value, "outputs")
+    def choice_name(cls) -> str:
+        return "outputs"
 
 
 class TileBatchRunner(Protocol):

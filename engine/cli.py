@@ -3,22 +3,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import logging
 import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from tqdm import tqdm
-
-from deepliif.errors import ArgumentError, DeepLIIFError
-from deepliif.imageio import (DEFAULT_MAX_PIXELS, expand_inputs, prepare_out_dir, probe_image, read_image,
-                             write_json, write_png)
-from deepliif.inference import InferenceOptions, OutputSet, check_working_size, tile_count
+from deepliif.errors import DeepLIIFError
+from deepliif.imageio import DEFAULT_MAX_PIXELS
+from deepliif.inference import OutputSet
 from deepliif.model_files import Layout
-from deepliif.postprocessing import DEFAULT_SEG_THRESH, PostprocessOptions, postprocess
+from deepliif.postprocessing import DEFAULT_SEG_THRESH
 from deepliif.tiling import TILE_SIZE_MAX, TILE_SIZE_MIN
 
 from calibration.cli import add_calibrate_parser
@@ -27,15 +20,10 @@ from engine.backends.precision import Precision
 
 from .backends import BackendKind
 from .edi.cli import add_edi_parsers
-from .session import Session
-from .samples import benchmark_tiles, sample_images, synthetic_ihc
+from .commands import DEMO_MODEL_DIR, cmd_bench, cmd_demo, cmd_demo_model, cmd_doctor, cmd_infer, cmd_postprocess
 
 logger = logging.getLogger("engine")
 
-if TYPE_CHECKING:  # torch-heavy; imported by the commands that use them
-    from .bench import BenchCase
-
-DEMO_MODEL_DIR = Path(".demo-model")
 
 
 def _int_in(low: int, high: int | None = None):
@@ -81,11 +69,6 @@ def _add_postprocess_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size-thresh-upper", type=int, default=None, help="largest cell in pixels (none: no limit)")
     parser.add_argument("--marker-thresh", type=_threshold, default=None, help="Marker grey level for a positive "
                         "cell: N, 'default' (automatic), or none (DeepLIIF's colour rule)")
-
-
-def _postprocess_options(args: argparse.Namespace) -> PostprocessOptions:
-    return PostprocessOptions(seg_thresh=args.seg_thresh, size_thresh=args.size_thresh,
-                              size_thresh_upper=args.size_thresh_upper, marker_thresh=args.marker_thresh)
 
 
 def _add_backend_args(parser: argparse.ArgumentParser, default_backend: str = "auto") -> None:
@@ -216,229 +199,6 @@ def _finish_subcommands(parser: argparse.ArgumentParser) -> None:
                 sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                                  help="only warnings and errors")
             _finish_subcommands(sub)
-
-
-def check_inputs(images: list[Path], tile_size: int, max_pixels: int) -> tuple[list[Path], int]:
-    """Every input opened (header only) before any model loads: the files, and the tiles they hold."""
-    files = expand_inputs(images)
-    total = 0
-    for path in files:
-        width, height = probe_image(path, max_pixels)
-        check_working_size(width, height, tile_size, max_pixels, str(path))
-        total += tile_count(width, height, tile_size)
-    return files, total
-
-
-def infer_files(session: Session, images: list[Path], out: Path, options: InferenceOptions,
-                max_pixels: int = DEFAULT_MAX_PIXELS, quiet: bool = False, total_tiles: int | None = None
-                ) -> list[Path]:
-    """Infer each image and write `OUT/<stem>_<Name>.png` and `OUT/<stem>.json`; returns the JSON paths.
-    One progress bar runs over the tiles of all images."""
-    prepare_out_dir(out)
-    written = []
-    with tqdm(total=total_tiles, unit="tile", desc="tiles", disable=quiet, file=sys.stderr) as bar:
-        for path in images:
-            bar.set_postfix_str(path.name)
-            written.append(_infer_file(session, path, out, options, max_pixels, bar.update))
-    return written
-
-
-def _infer_file(session: Session, path: Path, out: Path, options: InferenceOptions, max_pixels: int,
-                progress) -> Path:
-    start = time.perf_counter()
-    image = read_image(path, max_pixels=max_pixels)
-    decoded = time.perf_counter()
-    (result,) = session.infer_many([image], options, progress=progress)
-    encode_start = time.perf_counter()
-    for name, array in result.images.items():
-        write_png(out / f"{path.stem}_{name}.png", array)
-    timings = {"decode_seconds": decoded - start, **result.timings,
-               "encode_seconds": time.perf_counter() - encode_start}
-    record = {"image": str(path), "model": session.files.describe(), "startup_seconds": session.startup,
-              "backend": session.info.as_dict(), "tile_size": options.tile_size, "batch_size": options.batch_size,
-              "tiles": result.tiles, "empty_tiles": result.empty_tiles, "outputs": list(result.images),
-              "scoring": result.scoring, "timings": timings}
-    write_json(out / f"{path.stem}.json", record)
-    logger.info("%s: %s", path.name, json.dumps(result.scoring))
-    return out / f"{path.stem}.json"
-
-
-def _open_session(args: argparse.Namespace, model_dir: Path) -> Session:
-    return Session(model_dir, backend=args.backend, precision=args.precision, device=args.device,
-                   cache_dir=args.cache_dir, batch_size=args.batch_size, onnx=args.onnx,
-                   force_ungated=args.force_ungated)
-
-
-def cmd_infer(args: argparse.Namespace) -> int:
-    images, total = check_inputs(args.images, args.tile_size, args.max_pixels)
-    postprocess_options = _postprocess_options(args)
-    with _open_session(args, args.model_dir) as session:
-        options = InferenceOptions(tile_size=args.tile_size, batch_size=args.batch_size or session.batch_size,
-                                   outputs=OutputSet.parse(args.outputs), postprocess=postprocess_options)
-        infer_files(session, images, args.out, options, args.max_pixels, args.quiet, total)
-    print(f"results in {args.out}/")
-    return 0
-
-
-def cmd_postprocess(args: argparse.Namespace) -> int:
-    image = read_image(args.image)
-    seg = read_image(args.seg)
-    marker = read_image(args.marker) if args.marker else None
-    start = time.perf_counter()
-    result = postprocess(image, seg, marker, args.tile_size, _postprocess_options(args))
-    out = prepare_out_dir(args.out)
-    stem = args.image.stem
-    write_png(out / f"{stem}_SegOverlaid.png", result.overlaid)
-    write_png(out / f"{stem}_SegRefined.png", result.refined)
-    write_json(out / f"{stem}.json", {"image": str(args.image), "seg": str(args.seg),
-                                         "marker": str(args.marker) if args.marker else None,
-                                         "scoring": result.scoring,
-                                         "timings": {"postprocess_seconds": time.perf_counter() - start}})
-    print(json.dumps(result.scoring))
-    return 0
-
-
-def cmd_demo_model(args: argparse.Namespace) -> int:
-    from deepliif.demo import write_demo_model
-    path = write_demo_model(args.out, Layout(args.layout), ngf=args.ngf, seed=args.seed)
-    print(f"wrote a DeepLIIF model with RANDOM weights (ngf {args.ngf}, {args.layout} layout) to {path}/")
-    return 0
-
-
-def _demo_model(ngf: int) -> Path:
-    directory = DEMO_MODEL_DIR / f"ngf{ngf}"
-    if not directory.is_dir():
-        logger.warning("creating a demo model with RANDOM weights in %s (plumbing and speed only)", directory)
-        from deepliif.demo import write_demo_model
-        write_demo_model(directory, Layout.TORCHSCRIPT, ngf=ngf)
-    return directory
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    model_dir = args.model_dir or _demo_model(args.ngf)
-    images = sample_images()
-    if not images:
-        generated = args.out / "generated_ihc.png"
-        prepare_out_dir(args.out)
-        write_png(generated, synthetic_ihc(1024, 1024))
-        images = [generated]
-        logger.warning("no sample tiles found; using a generated image %s", generated)
-    images, total = check_inputs(images, 512, DEFAULT_MAX_PIXELS)
-    with _open_session(args, Path(model_dir)) as session:
-        options = InferenceOptions(batch_size=args.batch_size or session.batch_size)
-        records = infer_files(session, images, args.out, options, quiet=args.quiet, total_tiles=total)
-    if args.model_dir is None:
-        print("NOTE: the demo model has RANDOM weights: images and counts are meaningless; "
-              "this shows plumbing and speed.")
-    for record in records:
-        print(f"  {record}")
-    print(f"demo results in {args.out.resolve()}/ ({len(records)} images, PNGs and JSON per image)")
-    if args.edi:
-        from .edi.demo import round_trip
-        for line in round_trip(Path(model_dir), images[0], args.out / "edi", args.cache_dir, args.backend,
-                               args.device):
-            print(line)
-    return 0
-
-
-def _csv(text: str, parse, what: str) -> list:
-    try:
-        return [parse(part.strip()) for part in text.split(",") if part.strip()]
-    except (ValueError, DeepLIIFError) as exc:
-        raise ArgumentError(f"--{what}: {exc}") from None
-
-
-def bench_cases(args: argparse.Namespace) -> list[BenchCase]:
-    from .bench import BenchCase
-    kinds = [k for k in BackendKind if k is not BackendKind.AUTO] if args.backends == "all" else \
-        _csv(args.backends, BackendKind.parse, "backends")
-    precisions = _csv(args.precision, Precision.parse, "precision")
-    sizes = _csv(args.batch_sizes, int, "batch-sizes")
-    if not kinds or not precisions or not sizes or min(sizes) < 1 or args.tiles < max(sizes):
-        raise ArgumentError("need at least one backend, precision and batch size, batch sizes >= 1, and "
-                            f"--tiles ({args.tiles}) at least the largest batch size")
-    switches = (("channels_last", args.channels_last), ("cuda_graphs", args.cuda_graphs))
-    torch_options = tuple(item for item in switches if item[1])
-    if Precision.INT8 in precisions and args.int8_onnx is None:
-        raise ArgumentError("int8 cases need --int8-onnx OUT/deepliif.onnx (from `deepliif-engine calibrate`)")
-
-    def options(kind: BackendKind, precision: Precision) -> tuple:
-        if precision is Precision.INT8:
-            return (("onnx", args.int8_onnx),)
-        return torch_options if kind is BackendKind.TORCH else ()
-
-    return [BenchCase(k, p, b, options(k, p)) for k in kinds for p in precisions for b in sizes]
-
-
-def _bench_end_to_end(args: argparse.Namespace, case: BenchCase, model_dir: Path, cache_dir: Path,
-                      scratch: Path) -> dict:
-    from .bench import bench_end_to_end, mosaic
-    image = args.image
-    if image is None:
-        tiles, _ = benchmark_tiles(8)
-        image = scratch / f"mosaic-{args.end_to_end}.png"
-        write_png(image, mosaic(args.end_to_end, tiles))
-    with Session(model_dir, backend=case.backend, precision=case.precision.value, device=args.device,
-                 cache_dir=cache_dir, batch_size=case.batch_size, **dict(case.options)) as session:
-        session.warmup()
-        return bench_end_to_end(session, image)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.whole_process:
-        return _bench_processes(args)
-    from deepliif.demo import write_demo_model
-    from deepliif.model_dir import load_model_dir
-
-    from .bench import format_end_to_end, format_table, plot, run_bench
-    cases = bench_cases(args)
-    with tempfile.TemporaryDirectory(prefix="deepliif-bench-") as scratch:
-        model_dir = args.model_dir
-        if model_dir is None:
-            logger.warning("benchmarking a full-size model with RANDOM weights (speed only)")
-            model_dir = write_demo_model(Path(scratch) / "model", Layout.TORCHSCRIPT, ngf=64)
-        cache_dir = args.cache_dir or Path(scratch) / "cache"
-        if args.end_to_end:
-            report = _bench_end_to_end(args, cases[0], Path(model_dir), cache_dir, Path(scratch))
-            print(format_end_to_end(report))
-        else:
-            model = load_model_dir(model_dir)
-            tiles, source = benchmark_tiles(args.tiles, args.image)
-            report = run_bench(model, tiles, cases, args.device, cache_dir)
-            report.update({"model": model.describe(), "tiles_from": source})
-            print(format_table(report))
-    if args.json:
-        prepare_out_dir(args.json.parent)
-        write_json(args.json, report)
-    if args.plot and plot(report, args.plot):
-        print(f"plot: {args.plot}")
-    return 0
-
-
-def _bench_processes(args: argparse.Namespace) -> int:
-    from .process_bench import bench_processes, format_processes
-    if args.model_dir is None or args.image is None:
-        raise ArgumentError("--whole-process needs --model-dir and --image (a real model and image)")
-    backend = args.backends.split(",")[0]
-    device = args.device
-    with tempfile.TemporaryDirectory(prefix="deepliif-bench-") as scratch:
-        report = bench_processes(args.model_dir, args.image, args.cache_dir or Path(scratch) / "cache", backend,
-                                 device, args.repeats)
-    print(format_processes(report))
-    if args.json:
-        prepare_out_dir(args.json.parent)
-        write_json(args.json, report)
-    return 0
-
-
-def cmd_doctor(args: argparse.Namespace) -> int:
-    from .doctor import diagnose, format_report
-    report = diagnose(args.model_dir)
-    print(format_report(report))
-    if args.json:
-        prepare_out_dir(args.json.parent)
-        write_json(args.json, report)
-    return 0 if report["passed"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -188,9 +188,11 @@ class Session:
         return self.infer_many([image], options)[0]
 
     def infer_many(self, images: Sequence[np.ndarray], options: InferenceOptions | None = None,
-                   progress=None) -> list[InferenceResult]:
+                   progress: Callable[[int], None] | None = None,
+                   run: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None) -> list[InferenceResult]:
+        """The images through the threaded tile loop; `run` wraps `self.run` (the kernel takes turns per batch)."""
         options = options or InferenceOptions(batch_size=self.batch_size)
-        return infer_images(self.run, images, options, progress)
+        return infer_images(run or self.run, images, options, progress=progress)
 
     def close(self) -> None:
         self.backend.close()

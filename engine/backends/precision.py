@@ -1,21 +1,17 @@
 """The arithmetic a graph runs in: the one type the runners, the exporter and calibration share."""
 from __future__ import annotations
 
-import enum
 
-from deepliif.errors import parse_enum
+from deepliif.errors import ChoiceEnum
 
 
-class Precision(enum.Enum):
+class Precision(ChoiceEnum):
     """The arithmetic the generators run in; I/O is uint8 whatever the precision."""
 
     FP32 = "fp32"
     FP16 = "fp16"
     INT8 = "int8"
 
-    @classmethod
-    def parse(cls, value: str | Precision) -> Precision:
-        return parse_enum(cls, value, "precision")
 
     @property
     def torch_dtype(self):

@@ -6,7 +6,8 @@ import os
 from pathlib import Path
 
 from .package import PROJECT_ROOT, package
-from .server import DEFAULT_MAX_BODY, load_kernel, serve_kernel
+from .runtime import load_kernel
+from .server import DEFAULT_MAX_BODY, serve_kernel
 
 
 def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
@@ -48,16 +49,17 @@ def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    environment = dict(os.environ)  # the kernel's settings: this process's environment plus the options
     for name, value in (("DEEPLIIF_MODEL_DIR", args.model_dir), ("DEEPLIIF_VOLUME_ROOT", args.volume_root)):
         if value:
-            os.environ[name] = str(Path(value).resolve())
+            environment[name] = str(Path(value).resolve())
     if args.name:
-        os.environ.setdefault("REDHARE_MODEL_NAME", args.name)
+        environment.setdefault("REDHARE_MODEL_NAME", args.name)
     kernel = load_kernel(args.kernel)
     print(f"serving {args.kernel} on http://{args.host}:{args.port}/dlim/v1/inference/"
           f"{args.name or 'deepliif'} (Ctrl-C stops)", flush=True)
     serve_kernel(kernel, args.model_json.read_text(), host=args.host, port=args.port, name=args.name,
-                 max_body=args.max_body_mb << 20, task_batch_size=args.task_batch_size)
+                 max_body=args.max_body_mb << 20, task_batch_size=args.task_batch_size, environment=environment)
     return 0
 
 

@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .package import PROJECT_ROOT
-from .server import load_kernel, serve_kernel
+from .runtime import load_kernel
+from .server import serve_kernel
 
 
 def _post(url: str, payload: dict) -> dict:
@@ -41,12 +42,10 @@ def local_endpoint(model_dir: Path, volume: Path, cache_dir: Path | None, backen
                 "DEEPLIIF_BACKEND": backend, "DEEPLIIF_DEVICE": device}
     if cache_dir:
         settings["DEEPLIIF_CACHE_DIR"] = str(cache_dir)
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
     ready, stop = threading.Event(), threading.Event()
     thread = threading.Thread(target=serve_kernel, daemon=True, kwargs=dict(
         kernel=load_kernel(PROJECT_ROOT / "kernel.py"), model_description=(PROJECT_ROOT / "model.json").read_text(),
-        host="127.0.0.1", port=0, ready=ready, stop=stop))
+        host="127.0.0.1", port=0, ready=ready, stop=stop, environment={**os.environ, **settings}))
     try:
         thread.start()
         if not ready.wait(3600):
@@ -55,11 +54,6 @@ def local_endpoint(model_dir: Path, volume: Path, cache_dir: Path | None, backen
     finally:
         stop.set()
         thread.join(600)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _volume_with(root: str | Path, images: list[Path]) -> Path:

@@ -6,47 +6,16 @@ at the end. Here `Kernel.run()` does the same behind a real HTTP endpoint (`engi
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
 
-from .settings import apply_model_environment
+from .tasks import KernelContext, TaskContext, chain_tasks, start_kernel
 
-edi_log = logging.getLogger("engine.edi.kernel")
+__all__ = ["Kernel", "KernelContext", "TaskContext", "chain_tasks", "load_kernel", "start_kernel"]
 
-
-class KernelContext:
-    def __init__(self, model_description: str) -> None:
-        self._model_description = model_description
-
-    def get_model_description(self) -> str:
-        return self._model_description
-
-
-class TaskContext:
-    """One task of a call: its request body in, its response body out, and the next task of the call."""
-
-    def __init__(self, input_data: str | bytes, next_task: TaskContext | None = None) -> None:
-        self._input = input_data
-        self._next = next_task
-        self.output: str | None = None
-
-    def get_input_data(self) -> str | bytes:
-        return self._input
-
-    def set_output_data(self, data: str) -> None:
-        self.output = data
-
-    def next(self) -> TaskContext | None:
-        return self._next
-
-
-def chain_tasks(bodies: list[str | bytes]) -> list[TaskContext]:
-    """Tasks linked first to last, as EDI hands a batch of them to one `on_task_invoke`."""
-    tasks: list[TaskContext] = []
-    for body in reversed(bodies):
-        tasks.insert(0, TaskContext(body, tasks[0] if tasks else None))
-    return tasks
+edi_log = logging.getLogger("edi.kernel")  # not under "engine": the engine's records reach kernels by handler
 
 
 class Kernel:
@@ -80,7 +49,14 @@ class Kernel:
                      port=int(os.environ.get("DEEPLIIF_PORT", "8000")))
 
 
-def start_kernel(kernel: Kernel, model_description: str) -> None:
-    """What EDI does at kernel start: put mk_environments into the environment, then call the kernel."""
-    apply_model_environment(model_description)
-    kernel.on_kernel_start(KernelContext(model_description))
+def load_kernel(path: Path) -> Kernel:
+    """Import a kernel file (kernel.py) and instantiate its Kernel subclass, as EDI does."""
+    spec = importlib.util.spec_from_file_location("edi_kernel", path)
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"cannot import kernel file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Kernel) and v is not Kernel]
+    if len(classes) != 1:
+        raise TypeError(f"{path} must define exactly one Kernel subclass; found {[c.__name__ for c in classes]}")
+    return classes[0]()

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import logging
 
-import importlib.util
 import json
 import queue
 import signal
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-from .runtime import Kernel, chain_tasks, start_kernel
+from .tasks import KernelCallbacks, chain_tasks, start_kernel
 
 logger = logging.getLogger("engine")
 
@@ -32,7 +31,7 @@ CLIENT_TIMEOUT_S = 30.0
 class KernelDispatcher:
     """Feeds queued request bodies to the kernel, up to `task_batch_size` per call, one call at a time."""
 
-    def __init__(self, kernel: Kernel, task_batch_size: int = 4) -> None:
+    def __init__(self, kernel: KernelCallbacks, task_batch_size: int = 4) -> None:
         self.kernel = kernel
         self.task_batch_size = max(1, task_batch_size)
         self._pending: queue.Queue = queue.Queue()
@@ -188,29 +187,18 @@ class EdiHttpServer(ThreadingHTTPServer):
         return f"http://{host}:{port}{self.endpoint}"
 
 
-def load_kernel(path: Path) -> Kernel:
-    """Import a kernel file (kernel.py) and instantiate its Kernel subclass, as EDI does."""
-    spec = importlib.util.spec_from_file_location("edi_kernel", path)
-    if spec is None or spec.loader is None:
-        raise FileNotFoundError(f"cannot import kernel file {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    classes = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Kernel) and v is not Kernel]
-    if len(classes) != 1:
-        raise TypeError(f"{path} must define exactly one Kernel subclass; found {[c.__name__ for c in classes]}")
-    return classes[0]()
-
-
-def serve_kernel(kernel: Kernel, model_description: str, host: str = "127.0.0.1", port: int = 8000,
+def serve_kernel(kernel: KernelCallbacks, model_description: str, host: str = "127.0.0.1", port: int = 8000,
                  name: str | None = None, max_body: int = DEFAULT_MAX_BODY, task_batch_size: int = 4,
-                 ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
-    """Start the kernel, serve until `stop` is set (or Ctrl-C), then shut the kernel down."""
+                 ready: threading.Event | None = None, stop: threading.Event | None = None,
+                 environment: Mapping[str, str] | None = None) -> None:
+    """Start the kernel with `environment` as its settings (None: the process environment), serve until
+    `stop` is set (or Ctrl-C, SIGTERM), then shut the kernel down."""
     record = json.loads(model_description or "{}")
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         # SIGTERM (Kubernetes, WMLA) takes the same way out as Ctrl-C: stop serving, shut the kernel down
         signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    start_kernel(kernel, model_description)
+    start_kernel(kernel, model_description, environment)
     dispatcher = KernelDispatcher(kernel, task_batch_size)
     server = EdiHttpServer((host, port), dispatcher, name or record.get("name", "deepliif"), max_body)
     logger.info("EDI endpoint ready: POST %s", server.url)

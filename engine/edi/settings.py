@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -122,9 +121,3 @@ def _cpd(env: Mapping[str, str]) -> CpdSettings | None:
                             f"missing {', '.join(missing)}")
     return CpdSettings(*(env[name] for name in names),
                        verify_tls=env.get("DEEPLIIF_CPD_VERIFY_TLS", "1") not in ("0", "false", "no"))
-
-
-def apply_model_environment(model_description: str | None) -> None:
-    """What EDI does before a kernel starts: set mk_environments (the stand-in calls this)."""
-    for name, value in model_environment(model_description).items():
-        os.environ.setdefault(name, value)

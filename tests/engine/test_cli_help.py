@@ -9,7 +9,7 @@ import pytest
 
 from deepliif.imageio import write_png
 from deepliif.model_files import Layout
-from engine import cli
+from engine import commands
 from engine.cli import build_parser, main
 from engine.samples import synthetic_ihc
 
@@ -80,7 +80,7 @@ def test_version_and_quiet_after_the_command(capsys) -> None:
 def no_model_load(monkeypatch: pytest.MonkeyPatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was opened before the inputs were checked")
-    monkeypatch.setattr(cli, "Session", refuse)
+    monkeypatch.setattr(commands, "Session", refuse)
 
 
 def test_bad_arguments_and_inputs_fail_before_any_model_or_folder(generated_models, tmp_path: Path, capsys,

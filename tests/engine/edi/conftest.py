@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import threading
 import urllib.request
 from dataclasses import replace
@@ -11,7 +12,8 @@ import pytest
 
 from deepliif.imageio import encode_png, write_png
 from deepliif.model_dir import Layout
-from engine.edi.server import load_kernel, serve_kernel
+from engine.edi.runtime import load_kernel
+from engine.edi.server import serve_kernel
 from engine.edi.service import EdiService
 from engine.edi.settings import KernelSettings
 from engine.samples import synthetic_ihc
@@ -79,17 +81,15 @@ def endpoint(edi_model: Path, edi_cache: Path, tmp_path_factory: pytest.TempPath
            "DEEPLIIF_MAX_PIXELS": "4000000", "DEEPLIIF_MAX_REQUEST_MB": "8", "MSD_POD_NAME": "pod-http",
            "REDHARE_MODEL_NAME": "deepliif"}
     ready, stop = threading.Event(), threading.Event()
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        thread = threading.Thread(target=serve_kernel, kwargs=dict(
-            kernel=load_kernel(ROOT / "kernel.py"), model_description=(ROOT / "model.json").read_text(),
-            host="127.0.0.1", port=0, max_body=8 << 20, ready=ready, stop=stop), daemon=True)
-        thread.start()
-        assert ready.wait(120), "the endpoint did not come up"
-        yield Endpoint(ready.server.url, volume)
-        stop.set()
-        thread.join(60)
+    thread = threading.Thread(target=serve_kernel, kwargs=dict(
+        kernel=load_kernel(ROOT / "kernel.py"), model_description=(ROOT / "model.json").read_text(),
+        host="127.0.0.1", port=0, max_body=8 << 20, ready=ready, stop=stop,
+        environment={**os.environ, **env}), daemon=True)  # settings as a mapping: os.environ is left alone
+    thread.start()
+    assert ready.wait(120), "the endpoint did not come up"
+    yield Endpoint(ready.server.url, volume)
+    stop.set()
+    thread.join(60)
 
 
 def b64(data: bytes) -> str:

@@ -118,9 +118,9 @@ def test_the_async_queue_is_bounded_and_holds_no_pixels(edi_model: Path, edi_cac
     release = threading.Event()
     original = service.session.infer_many
 
-    def held(images, options, progress=None):
+    def held(images, options, **loop):
         release.wait(60)
-        return original(images, options)
+        return original(images, options, **loop)
 
     monkeypatch.setattr(service.session, "infer_many", held)
     try:
@@ -132,7 +132,7 @@ def test_the_async_queue_is_bounded_and_holds_no_pixels(edi_model: Path, edi_cac
         first = submit("q1")  # taken by the worker, which waits
         time.sleep(0.5)
         second = submit("q2")  # waits in the queue
-        queued = list(service._jobs.queue)
+        queued = list(service.jobs.queue.queue)
         third = submit("q3")
         assert [first["status"], second["status"]] == ["submitted", "submitted"]
         assert third["status"] == "error" and third["msg"].startswith("busy:")
@@ -171,7 +171,7 @@ def test_shutdown_settles_every_open_record_within_the_grace_period(edi_model: P
     service = EdiService(settings_for(edi_model, make_volume(tmp_path / "volume"), edi_cache, tmp_path / "state",
                                       shutdown_grace_s=1.0))
     release = threading.Event()
-    monkeypatch.setattr(service.session, "infer_many", lambda images, options, progress=None: release.wait(60))
+    monkeypatch.setattr(service.session, "infer_many", lambda images, options, **loop: release.wait(60))
     for request_id in ("s1", "s2"):
         service.handle([json.dumps({"img_path_on_pvc": "slides/tile.png", "async": True, "request_id": request_id})])
     time.sleep(0.5)
@@ -213,3 +213,39 @@ def test_sigterm_shuts_the_served_kernel_down(edi_model: Path, edi_cache: Path, 
         process.kill()
     assert process.returncode == 0, output.decode()[-2000:]
     assert b"DeepLIIF kernel stopped" in output
+
+
+def test_a_sync_request_waits_for_one_tile_batch_not_for_an_async_job(edi_model: Path, edi_cache: Path,
+                                                                      tmp_path: Path, tile_png: bytes,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepliif.imageio import write_png
+    from engine.samples import synthetic_ihc
+    volume = make_volume(tmp_path / "volume")
+    write_png(volume / "slides" / "big.png", synthetic_ihc(1024, 2048, seed=5))  # many tiles, one per batch
+    service = EdiService(settings_for(edi_model, volume, edi_cache, tmp_path / "state", batch_size=1))
+    original = service.session.run
+    calls: list[str] = []
+    first_async_batch = threading.Event()
+
+    def slow(batch: np.ndarray) -> dict:
+        calls.append("async" if threading.current_thread().name == "edi-async" else "sync")
+        first_async_batch.set()
+        time.sleep(0.2)
+        return original(batch)
+
+    monkeypatch.setattr(service.session, "run", slow)
+    try:
+        (submitted,) = service.handle([json.dumps({"img_path_on_pvc": "slides/big.png", "async": True,
+                                                   "request_id": "long-1"})])
+        assert json.loads(submitted)["status"] == "submitted"
+        assert first_async_batch.wait(60)
+        async_batches_before = calls.count("async")
+        (answer,) = service.handle([json.dumps({"local_input_image": b64(tile_png), "request_id": "quick-1"})])
+        assert json.loads(answer)["status"] == "finished"
+        assert service.status.read("long-1")["status"] == "running"  # the sync answer did not wait for the job
+        sync_at = calls.index("sync")
+        assert sync_at - async_batches_before <= 1  # at most the batch already running went first
+    finally:
+        service.close()
+    assert calls.count("sync") == 1 and calls.count("async") > sync_at + 2  # the job went on after it
+    assert service.status.read("long-1")["status"] == "finished"

@@ -197,3 +197,13 @@ def test_16_bit_and_rgba_inputs_are_converted_not_refused(endpoint: Endpoint) ->
         image.save(buffer, "PNG")
         _, response = endpoint.post({"local_input_image": b64(buffer.getvalue())})
         assert response["status"] == "finished", (mode, response["msg"])
+
+
+def test_the_kernel_takes_its_settings_as_a_mapping_not_from_a_rewritten_environment(endpoint: Endpoint,
+                                                                                    tile_png: bytes) -> None:
+    import os
+    status, body = endpoint.post({"local_input_image": b64(tile_png), "request_id": "settings-1"})
+    assert status == 200 and body["status"] == "finished"
+    log = (endpoint.volume / "edi_deployments" / "deepliif" / "edi_logs" / "pod-http_inference.log").read_text()
+    assert "pod-http settings-1 finished" in log  # MSD_POD_NAME came from the mapping the server was given
+    assert os.environ.get("MSD_POD_NAME") != "pod-http" and os.environ.get("DEEPLIIF_VOLUME_ROOT") != str(endpoint.volume)

@@ -27,7 +27,7 @@ def test_tasks_of_one_call_share_one_engine_pass_and_fail_alone(service: EdiServ
     calls = []
     original = service.session.infer_many
     monkeypatch.setattr(service.session, "infer_many",
-                        lambda images, options, progress=None: calls.append(len(images)) or original(images, options))
+                        lambda images, options, **loop: calls.append(len(images)) or original(images, options, **loop))
     responses = _call(service, {"local_input_image": b64(tile_png), "request_id": "t1"},
                       {"img_path_on_pvc": "slides/missing.png", "request_id": "t2"},
                       {"img_path_on_pvc": "slides/tile.png", "request_id": "t3"},
@@ -60,7 +60,7 @@ def test_a_running_request_id_cannot_be_reused(service: EdiService) -> None:
 
 
 def test_a_request_whose_kernel_died_is_reported_lost_not_running_forever(service: EdiService) -> None:
-    path = service.layout.status_file("orphan-1")
+    path = service.records.layout.status_file("orphan-1")
     service.state.write_bytes(path, json.dumps({"status": "running", "estimated_seconds": 2,
                                                 "updated_at": "2026-01-01T00:00:00+00:00"}).encode())
     (response,) = _call(service, {"type": "status", "request_id": "orphan-1"})

@@ -10,7 +10,7 @@ import pytest
 from deepliif.errors import ArgumentError, ModelDirError
 from engine.cli import main
 from engine.edi.runtime import TaskContext, chain_tasks
-from engine.edi.server import load_kernel
+from engine.edi.runtime import load_kernel
 from engine.edi.settings import KernelSettings, model_environment
 from engine.session import Session
 

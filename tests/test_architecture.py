@@ -1,0 +1,127 @@
+"""The floors of README's Architecture section, enforced: no module imports from a higher floor, no
+import cycle between modules, no module over the size a reader takes in at once. Imports are read from
+the source (module level, inside functions and under TYPE_CHECKING alike): a lazy import is still a
+dependency."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("deepliif", "engine", "export", "calibration")
+MAX_LINES = 400
+
+# lowest first; a module belongs to the floor of its longest matching prefix
+FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("model", ("deepliif",)),
+    ("runners", ("engine.backends", "engine.samples", "engine.devices")),
+    ("export", ("export",)),
+    ("calibration", ("calibration",)),
+    ("artifacts", ("engine.cache", "engine.artifacts")),
+    ("session", ("engine.session", "engine.bench", "engine.process_bench", "engine.doctor",
+                 "engine.deepliif_way")),
+    ("kernel", ("engine.edi",)),
+    ("commands", ("engine", "engine.cli", "engine.commands", "export.cli", "calibration.cli", "engine.edi.cli",
+                  "engine.edi.demo", "kernel")),
+)
+
+
+def module_names() -> dict[str, Path]:
+    found = {"kernel": ROOT / "kernel.py"}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            found[".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")] = path
+    return found
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found.update(target for target in targets if target in modules and target != name)
+    return found
+
+
+def floor_of(name: str) -> int:
+    best, best_length = None, -1
+    for level, (_, prefixes) in enumerate(FLOORS):
+        for prefix in prefixes:
+            if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > best_length:
+                best, best_length = level, len(prefix)
+    assert best is not None, f"{name} is on no floor: add it to FLOORS and README's Architecture section"
+    return best
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = module_names()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_module_imports_from_a_higher_floor() -> None:
+    graph = import_graph()
+    upward = [f"{name} ({FLOORS[floor_of(name)][0]}) imports {target} ({FLOORS[floor_of(target)][0]})"
+              for name, targets in sorted(graph.items()) for target in sorted(targets)
+              if floor_of(target) > floor_of(name)]
+    assert not upward, "\n".join(upward)
+
+
+def test_no_import_cycle() -> None:
+    assert cycles(import_graph()) == []
+
+
+def test_the_checks_catch_what_they_forbid() -> None:
+    graph = {"deepliif.tiling": {"engine.session"}, "engine.session": {"deepliif.tiling"}}
+    assert cycles(graph) == [["deepliif.tiling", "engine.session"]]
+    assert floor_of("engine.session") > floor_of("deepliif.tiling")
+    assert floor_of("engine.edi.cli") > floor_of("engine.edi.service") > floor_of("engine.session")
+    assert floor_of("engine.backends.precision") < floor_of("export.onnx_export")
+
+
+def test_no_module_is_longer_than_a_reader_takes_in() -> None:
+    long = {name: n for name, path in module_names().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, long
