@@ -39,7 +39,7 @@ class AsyncJobs:
                   f"\"request_id\": \"{request.request_id}\"}}", "log": list(request.warnings),
                   "submitted_at": now(), "estimated_seconds": round(estimate, 1),
                   "local_input": request.image_path is None}
-        self.records.status.write(request.request_id, record)
+        self.records.write(request.request_id, record)
         self.queue.put((request, image.queued(from_volume=request.image_path is not None)))
         self.records.log(request.request_id, "submitted", record["msg"])
         return {"request_id": request.request_id, **record}
@@ -49,16 +49,16 @@ class AsyncJobs:
             request, image = job
             self.running = request.request_id
             started = time.perf_counter()
-            status = self.records.status
-            base = status.read(request.request_id) or {}
+            base = self.records.status.read(request.request_id) or {}
+            write = self.records.write
             try:
-                status.write(request.request_id, {**base, "status": "running", "started_at": now(), "msg": "running"})
+                write(request.request_id, {**base, "status": "running", "started_at": now(), "msg": "running"})
                 response = self.run(request, image, started)
-                status.write(request.request_id, {**base, **response, "finished_at": now()})
+                write(request.request_id, {**base, **response, "finished_at": now()})
             except Exception as exc:  # noqa: BLE001 - the worker outlives every job
                 failure = self.records.error(request.request_id, exc)
                 try:
-                    status.write(request.request_id, {**base, **failure, "finished_at": now()})
+                    write(request.request_id, {**base, **failure, "finished_at": now()})
                 except Exception:  # noqa: BLE001
                     logger.exception("cannot record the failure of %s", request.request_id)
             finally:

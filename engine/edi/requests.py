@@ -6,6 +6,8 @@ their own) but are reported back in `log`, since a misspelt `tile_size` silently
 """
 from __future__ import annotations
 
+import hashlib
+
 import binascii
 import base64
 import enum
@@ -36,6 +38,17 @@ class RequestError(DeepLIIFError):
 
 class RequestInUseError(RequestError):
     """The request_id belongs to a request that is still submitted or running."""
+
+
+class RequestIdTakenError(RequestInUseError):
+    """The request_id belongs to another request (different content): ids are never reused."""
+
+
+def fingerprint(body: str | bytes) -> str:
+    """What makes two requests the same request: their JSON content, key order aside, without the id."""
+    record = json.loads(body)
+    record.pop("request_id", None)
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class RequestType(enum.Enum):

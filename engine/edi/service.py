@@ -22,7 +22,7 @@ from .jobs import AsyncJobs
 from .layout import DeploymentLayout
 from .reader import LoadedImage, RequestReader
 from .records import RequestRecords
-from .requests import InferenceRequest, RequestInUseError, StatusRequest, parse_request
+from .requests import InferenceRequest, RequestInUseError, StatusRequest, fingerprint, parse_request
 from .settings import KernelSettings
 from .storage import MountedVolume, StorageError, Volume, open_volume
 from .turns import EngineTurns
@@ -50,6 +50,7 @@ class EdiService:
         self.reader = RequestReader(settings, self.volume)
         self.writer = ResultWriter(self.state, layout, f"{info.name} {self.session.precision.value} {info.device}")
         self.turns = EngineTurns()
+        settled = self.records.settle_orphans()
         self.jobs = AsyncJobs(self.records, self._run_async, settings.max_async_queue, settings.sync_budget_s)
         self.startup_seconds = time.perf_counter() - start
         logger.info("kernel ready in %.1f s: %s %s on %s, batch %d, %.3f s per tile; volume %s; sync budget %s s",
@@ -58,6 +59,8 @@ class EdiService:
                     type(self.volume).__name__ if self.volume else "none", settings.sync_budget_s)
         for reason in self.session.skipped:
             logger.info("backend not used: %s", reason)
+        if settled:
+            logger.info("settled %d request(s) left open by stopped kernels", settled)
 
     @property
     def status(self):
@@ -75,7 +78,10 @@ class EdiService:
                     responses[index] = self._status(request.request_id)
                     continue
                 started = time.perf_counter()
-                self.records.refuse_if_unfinished(request.request_id)
+                earlier = self.records.claim(request.request_id, fingerprint(body))
+                if earlier is not None:  # a retry of a request this deployment already has: never run twice
+                    responses[index] = self._with_images(earlier)
+                    continue
                 image = self.reader.load(request)
                 estimate = self.reader.estimate(request, image, self.seconds_per_tile)
                 if request.run_async or (request.run_async is None and estimate > self.settings.sync_budget_s):
@@ -92,7 +98,9 @@ class EdiService:
 
     def close(self) -> None:
         """Finish queued work within the shutdown grace period (SIGTERM gives Kubernetes' 30 s)."""
-        if self.jobs.close(self.settings.shutdown_grace_s):
+        finished = self.jobs.close(self.settings.shutdown_grace_s)
+        self.records.close()
+        if finished:
             self.writer.close()
             self.session.close()
 
@@ -136,7 +144,10 @@ class EdiService:
         return response
 
     def _status(self, request_id: str) -> dict:
-        record = self.records.known(request_id)
+        return self._with_images(self.records.known(request_id))
+
+    def _with_images(self, record: dict) -> dict:
+        """A finished base64 request's record with its images read back, as its first answer had them."""
         if record.get("status") == "finished" and record.get("local_input") and record.get("output_dir"):
             record["images"] = self.writer.read_back_images(record["output_dir"])
         return record

@@ -157,10 +157,11 @@ def test_formats_that_run_interpreters_are_refused_and_paths_stay_relative(servi
     assert done["status"] == "finished" and root not in json.dumps(done)
     assert done["output_location"].startswith("volume:edi_deployments/")
 
-    def full(path, data):
-        raise OSError(28, "No space left on device", str(path))
+    def full(directory, name, data):
+        raise OSError(28, "No space left on device", name)
 
-    monkeypatch.setattr(storage, "write_atomically", full)
+    from engine.edi import mounted
+    monkeypatch.setattr(mounted, "_write_new", full)
     (failed,) = (json.loads(r) for r in service.handle([json.dumps({"img_path_on_pvc": "slides/tile.png"})]))
     assert failed["status"] == "error" and "the volume is full" in failed["msg"] and root not in json.dumps(failed)
 
@@ -185,7 +186,12 @@ def test_shutdown_settles_every_open_record_within_the_grace_period(edi_model: P
 
 
 @pytest.mark.slow
-def test_sigterm_shuts_the_served_kernel_down(edi_model: Path, edi_cache: Path, tmp_path: Path) -> None:
+def test_the_served_kernel_survives_allocation_bombs_in_bounded_memory_and_stops_on_sigterm(
+        edi_model: Path, edi_cache: Path, tmp_path: Path, tile_png: bytes) -> None:
+    """The server in its own process, as deployed: a 6 kB PNG 1 x 2,000,000 (mirrored up to a tile it
+    asked for some 20 GB) and a 1 x 20,000 PNG with tile_size 4096 are refused, its peak RSS stays
+    bounded, it serves on, and SIGTERM shuts it down cleanly."""
+    import io
     import os
     import signal
     import subprocess
@@ -198,19 +204,41 @@ def test_sigterm_shuts_the_served_kernel_down(edi_model: Path, edi_cache: Path, 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/dlim/v1/inference/deepliif"
     process = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--model-dir",
-                                str(edi_model)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                str(edi_model), "--volume-root", str(make_volume(tmp_path / "volume"))],
+                               cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def post(payload: dict) -> dict:
+        request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())
+
+    def strip(width: int) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(np.full((1, width, 3), 200, np.uint8)).save(buffer, format="PNG")
+        return b64(buffer.getvalue())
+
     try:
         for _ in range(240):
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/dlim/v1/inference/deepliif", timeout=2):
+                with urllib.request.urlopen(url, timeout=2):
                     break
             except OSError:
                 time.sleep(0.5)
+        bomb = post({"local_input_image": strip(2_000_000), "request_id": "bomb"})
+        wide_tiles = post({"local_input_image": strip(20_000), "tile_size": 4096, "request_id": "bomb-2"})
+        good = post({"local_input_image": b64(tile_png), "request_id": "after-bombs"})
+        status = Path(f"/proc/{process.pid}/status").read_text()
+        peak_gib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) / 2**20
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=60)
     finally:
         process.kill()
+    assert bomb["status"] == "error" and "over the limit" in bomb["msg"]
+    assert wide_tiles["status"] == "finished"  # 20,000 x 4,096 working pixels: within the 100 MP limit
+    assert good["status"] == "finished"
+    assert peak_gib < 3, f"peak RSS {peak_gib:.2f} GiB"  # 1.95 measured: the 82 MP case; the bomb asked for ~20
     assert process.returncode == 0, output.decode()[-2000:]
     assert b"DeepLIIF kernel stopped" in output
 
