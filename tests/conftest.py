@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +22,10 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 def pytest_configure(config: pytest.Config) -> None:
     """Tests never write to the user's artifact cache: sessions without a cache_dir use a temporary one."""
     os.environ["DEEPLIIF_CACHE_DIR"] = tempfile.mkdtemp(prefix="deepliif-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(os.environ.get("DEEPLIIF_CACHE_DIR", ""), ignore_errors=True)  # gigabytes over many runs
 
 
 def _require(path: Path) -> Path:

@@ -113,7 +113,8 @@ class TensorRTBackend(Backend):
 
 def check_engine_io(trt, engine, plan_path: Path) -> None:
     """The engine's I/O tensors must be the fused graph's: one uint8 input `ihc`, the five uint8 outputs."""
-    expected = {FUSED_GRAPH.input_name: trt.TensorIOMode.INPUT, **{name: trt.TensorIOMode.OUTPUT for name in FUSED_GRAPH.onnx_output_names}}
+    expected = {FUSED_GRAPH.input_name: trt.TensorIOMode.INPUT,
+                **{name: trt.TensorIOMode.OUTPUT for name in FUSED_GRAPH.onnx_output_names}}
     actual = {}
     for index in range(engine.num_io_tensors):
         name = engine.get_tensor_name(index)

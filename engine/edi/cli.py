@@ -36,6 +36,18 @@ def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
     overhead.add_argument("--cache-dir", type=Path, help="artifact cache (default: the user cache dir)")
     overhead.set_defaults(handler=cmd_edi_bench)
 
+    hostile = sub.add_parser("edi-hostile-bench", help="the kernel under malformed requests, a connection burst "
+                             "and a large async job beside sync requests (loopback only, bounded)")
+    hostile.add_argument("--model-dir", type=Path, required=True, help="DeepLIIF model directory")
+    hostile.add_argument("--burst", type=int, default=64, help="simultaneous connections")
+    hostile.add_argument("--sync-requests", type=int, default=12, help="sync requests per latency sample")
+    hostile.add_argument("--big-side", type=int, default=4096, help="side of the async job's image, pixels")
+    hostile.add_argument("--backend", default="auto", help="engine backend")
+    hostile.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    hostile.add_argument("--cache-dir", type=Path, help="artifact cache (default: the user cache dir)")
+    hostile.add_argument("--json", type=Path, help="also write the report here")
+    hostile.set_defaults(handler=cmd_hostile_bench)
+
     pack = sub.add_parser("package", help="assemble the folder for `dlim model deploy -p`")
     pack.add_argument("--out", type=Path, required=True, help="the submission folder to create")
     pack.add_argument("--model-dir", type=Path, help="model to ship under model/ (default: none)")
@@ -72,6 +84,27 @@ def cmd_package(args: argparse.Namespace) -> int:
     for command in contents["commands"]:
         print(f"  {command}")
     return 0
+
+
+def cmd_hostile_bench(args: argparse.Namespace) -> int:
+    from deepliif.imageio import write_json
+
+    from .hostile_bench import run_hostile_bench
+    report = run_hostile_bench(args.model_dir, args.cache_dir, args.backend, args.device, args.burst,
+                               args.sync_requests, args.big_side)
+    if args.json:
+        write_json(args.json, report)
+    malformed, burst = report["malformed"], report["burst"]
+    print(f"malformed: {malformed['answered_with_json_error']}/{malformed['tried']} answered with a JSON error; "
+          f"burst: {burst['answered']}/{burst['connections']} connections answered")
+    for label, key in (("sync alone", "sync_alone"), ("sync beside a large async job", "sync_beside_async")):
+        sample = report[key]
+        print(f"{label}: p50 {sample['p50_seconds']} s, p95 {sample['p95_seconds']} s over {sample['n']} requests")
+    print(f"async job ({report['async_job']['side']}^2) was {report['async_status_after_sync']} when the sync "
+          f"requests were done; peak RSS {report['peak_rss_gib']} GiB (server and client, one process)")
+    every_answered = malformed["answered_with_json_error"] == malformed["tried"] and \
+        burst["answered"] == burst["connections"]
+    return 0 if every_answered else 1
 
 
 def cmd_edi_bench(args: argparse.Namespace) -> int:

@@ -56,7 +56,7 @@ def local_endpoint(model_dir: Path, volume: Path, cache_dir: Path | None, backen
         thread.join(600)
 
 
-def _volume_with(root: str | Path, images: list[Path]) -> Path:
+def volume_with(root: str | Path, images: list[Path]) -> Path:
     volume = Path(root) / "volume"
     if volume.exists():
         shutil.rmtree(volume)
@@ -69,7 +69,7 @@ def _volume_with(root: str | Path, images: list[Path]) -> Path:
 def round_trip(model_dir: Path, image: Path, out: Path, cache_dir: Path | None, backend: str, device: str
                ) -> list[str]:
     """Two good requests and a bad one; the volume (inputs, outputs, status, logs) is kept under `out`."""
-    with local_endpoint(model_dir, _volume_with(out, [image]), cache_dir, backend, device) as url:
+    with local_endpoint(model_dir, volume_with(out, [image]), cache_dir, backend, device) as url:
         local = _post(url, {"local_input_image": base64.b64encode(image.read_bytes()).decode(),
                             "request_id": "demo-local"})
         path = _post(url, {"img_path_on_pvc": f"slides/{image.name}", "request_id": "demo-path",
@@ -85,7 +85,7 @@ def measure_overhead(model_dir: Path, images: list[Path], cache_dir: Path | None
     client's round trip beyond the kernel (HTTP, JSON, base64), for both input modes."""
     rows = []
     with tempfile.TemporaryDirectory(prefix="deepliif-edi-bench-") as scratch:
-        with local_endpoint(model_dir, _volume_with(scratch, images), cache_dir, backend, device) as url:
+        with local_endpoint(model_dir, volume_with(scratch, images), cache_dir, backend, device) as url:
             for repeat in range(repeats):
                 for image in images:
                     encoded = base64.b64encode(image.read_bytes()).decode()

@@ -151,6 +151,9 @@ class EdiHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (a malformed request line, an unknown method) as JSON, not HTML."""
         self.close_connection = True
+        # a request line http.server cannot parse leaves it on HTTP/0.9, which sends a body with no status
+        # line or headers: answer such a client as HTTP/1.1, like every other
+        self.request_version = "HTTP/1.1" if self.request_version == "HTTP/0.9" else self.request_version
         try:
             self._reply(HTTPStatus(code), error_body(f"HTTP {code}: {message or HTTPStatus(code).phrase}"))
         except OSError:

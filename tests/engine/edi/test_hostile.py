@@ -76,6 +76,8 @@ def test_every_method_gets_a_json_answer(echo_server: EdiHttpServer, method: str
     status, body = _json_body(_raw(echo_server, b"POST /dlim/v1/inference/echo HTTP/1.1\r\nHost: x\r\n"
                                                 b"Content-Length: -5\r\n\r\n"))
     assert status == 411 and "Content-Length must be a non-negative integer" in body["msg"]
+    status, body = _json_body(_raw(echo_server, b"HELLO\r\n\r\n"))  # no version: http.server's HTTP/0.9 path
+    assert status == 400 and "Bad request syntax" in body["msg"]
 
 
 def test_a_burst_of_connections_is_answered(echo_server: EdiHttpServer) -> None:
@@ -277,3 +279,17 @@ def test_a_sync_request_waits_for_one_tile_batch_not_for_an_async_job(edi_model:
         service.close()
     assert calls.count("sync") == 1 and calls.count("async") > sync_at + 2  # the job went on after it
     assert service.status.read("long-1")["status"] == "finished"
+
+
+def test_the_hostile_load_bench_reports_every_figure(edi_model: Path, edi_cache: Path, tmp_path: Path) -> None:
+    from engine.cli import main
+    out = tmp_path / "hostile.json"
+    code = main(["edi-hostile-bench", "--model-dir", str(edi_model), "--backend", "onnxruntime", "--device", "cpu",
+                 "--cache-dir", str(edi_cache), "--burst", "8", "--sync-requests", "2", "--big-side", "1024",
+                 "--json", str(out), "-q"])
+    report = json.loads(out.read_text())
+    assert code == 0 and report["malformed"]["tried"] == report["malformed"]["answered_with_json_error"] >= 30
+    assert report["burst"] == {"connections": 8, "answered": 8}
+    for key in ("sync_alone", "sync_beside_async"):
+        assert report[key]["n"] == 2 and report[key]["p95_seconds"] >= report[key]["p50_seconds"] > 0
+    assert report["async_job"]["submitted"] == "submitted" and report["peak_rss_gib"] > 0
