@@ -22,7 +22,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
                  "engine.deepliif_way")),
     ("kernel", ("engine.edi",)),
     ("commands", ("engine", "engine.cli", "engine.commands", "export.cli", "calibration.cli", "engine.edi.cli",
-                  "engine.edi.demo", "kernel")),
+                  "engine.edi.demo", "engine.edi.hostile_bench", "kernel")),
 )
 
 

@@ -69,13 +69,17 @@ class MountedVolume(Volume):
                 raise
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
-        with self._errors("write", path):
+        """Written whole under a temporary name, then hard-linked to `path`: the link fails if `path`
+        exists, and a reader never sees the file empty or half-written."""
+        with self._errors("write", path), parent_dir(str(self.root), clean_relative_path(path), True) as (fd, name):
+            temporary = f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+            _write_new(fd, temporary, data)
             try:
-                fd = self._open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, create_dirs=True)
+                os.link(temporary, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
+            finally:
+                os.unlink(temporary, dir_fd=fd)
             return True
 
     def exists(self, path: str) -> bool:

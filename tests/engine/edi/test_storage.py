@@ -176,3 +176,25 @@ def test_cpd_volume_with_bad_credentials_or_settings_says_so(cpd) -> None:
     unreachable = _volume(cpd, url="http://127.0.0.1:9", retries=2)
     with pytest.raises(StorageError, match="failed after 2 attempt"):
         unreachable.read_bytes("a.txt", 10)
+
+
+def test_an_exclusive_create_has_one_winner_and_is_never_read_half_written(tmp_path: Path) -> None:
+    """Regression: a losing kernel read the winner's claim while it was still empty and refused a retry."""
+    import json
+    import threading
+    volume = MountedVolume(tmp_path)
+    for trial in range(100):
+        outcomes: list[tuple[bool, int]] = []
+        payloads = [json.dumps({"writer": i, "pad": "x" * 5000}).encode() for i in range(4)]
+
+        def create(i: int) -> None:
+            won = volume.create_exclusive(f"r{trial}/claim.json", payloads[i])
+            outcomes.append((won, json.loads(volume.read_bytes(f"r{trial}/claim.json", 1 << 20))["writer"]))
+
+        threads = [threading.Thread(target=create, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert sum(won for won, _ in outcomes) == 1 and len({writer for _, writer in outcomes}) == 1
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
