@@ -144,14 +144,14 @@ def run_tile_loop(run: Run, images: Sequence[np.ndarray], tile_size: int, batch_
     return merger.results, timings  # type: ignore[return-value]
 
 
-def _run_batch(run: Run, pending: list[Item], timings: TileTimings) -> dict[str, np.ndarray]:
+def run_batch(run: Run, pending: list[Item], timings: TileTimings) -> dict[str, np.ndarray]:
     start = time.perf_counter()
     outputs = run(np.stack([network_tile for _, _, network_tile in pending]))
     timings.add("inference", start)
     return outputs
 
 
-def _batches(items: Iterator[Item], batch_size: int) -> Iterator[tuple[list[Item], bool]]:
+def batches(items: Iterator[Item], batch_size: int) -> Iterator[tuple[list[Item], bool]]:
     """Runs of items to hand on together: (empty tiles, False) at once, (non-empty tiles, True) per batch."""
     pending: list[Item] = []
     for item in items:
@@ -167,8 +167,8 @@ def _batches(items: Iterator[Item], batch_size: int) -> Iterator[tuple[list[Item
 
 
 def _serial(run: Run, items: Iterator[Item], merger: Merger, batch_size: int, timings: TileTimings) -> None:
-    for group, to_run in _batches(items, batch_size):
-        merger.add(group, _run_batch(run, group, timings) if to_run else None)
+    for group, to_run in batches(items, batch_size):
+        merger.add(group, run_batch(run, group, timings) if to_run else None)
 
 
 def _threaded(run: Run, items: Iterator[Item], merger: Merger, batch_size: int, timings: TileTimings) -> None:
@@ -176,8 +176,8 @@ def _threaded(run: Run, items: Iterator[Item], merger: Merger, batch_size: int, 
     threading.Thread(target=_produce, args=(items, tiles), daemon=True, name="tile-split").start()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-merge") as stitcher:
         futures = []
-        for group, to_run in _batches(_drain(tiles), batch_size):
-            outputs = _run_batch(run, group, timings) if to_run else None
+        for group, to_run in batches(_drain(tiles), batch_size):
+            outputs = run_batch(run, group, timings) if to_run else None
             futures.append(stitcher.submit(merger.add, group, outputs))
         for future in futures:
             future.result()  # re-raises a merging error in the caller's thread

@@ -88,8 +88,9 @@ def _add_backend_args(parser: argparse.ArgumentParser, default_backend: str = "a
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tile-size", type=_tile_size, default=512, help="tile size in image pixels (64-4096); "
-                        "tiles are resized to 512 for the networks")
+    parser.add_argument("--tile-size", type=_tile_size, default=None, help="tile size in image pixels (64-4096); "
+                        "tiles are resized to 512 for the networks (default: 512 for images; for a whole slide, "
+                        "from its magnification: 40x 512, 20x 256, 10x 128)")
     parser.add_argument("--outputs", type=_output_set, default="all", help="which images to write: all, "
                         "modalities, seg_masks, or one image (Hema, DAPI, Lap2, Marker, Seg, SegOverlaid, SegRefined)")
     parser.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, help="refuse larger images "

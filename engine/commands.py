@@ -17,11 +17,13 @@ from deepliif.imageio import (DEFAULT_MAX_PIXELS, expand_inputs, prepare_out_dir
                              write_json, write_png)
 from deepliif.inference import InferenceOptions, OutputSet, check_working_size, tile_count
 from deepliif.model_files import Layout
+from deepliif.slides import is_slide, open_slide
 from deepliif.postprocessing import PostprocessOptions, postprocess
 from engine.backends.precision import Precision
 
 from .backends import BackendKind
 from .session import Session
+from .slide_inference import infer_slide
 from .samples import benchmark_tiles, sample_images, synthetic_ihc
 
 logger = logging.getLogger("engine")
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # torch-heavy; imported by the commands that use them
 
 
 DEMO_MODEL_DIR = Path(".demo-model")
+DEFAULT_TILE_SIZE = 512  # DeepLIIF's for images (40x)
 
 
 def _postprocess_options(args: argparse.Namespace) -> PostprocessOptions:
@@ -90,12 +93,22 @@ def _open_session(args: argparse.Namespace, model_dir: Path) -> Session:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    images, total = check_inputs(args.images, args.tile_size, args.max_pixels)
+    """Images are decoded whole; whole slides (tiled or pyramidal TIFF, told by content) are streamed."""
+    files = expand_inputs(args.images)
+    slides = [path for path in files if is_slide(path)]
+    for path in slides:
+        open_slide(path).close()  # a bad slide is refused before the model loads
+    tile_size = args.tile_size or DEFAULT_TILE_SIZE
+    images, total = check_inputs([p for p in files if p not in slides], tile_size, args.max_pixels)
     postprocess_options = _postprocess_options(args)
     with _open_session(args, args.model_dir) as session:
-        options = InferenceOptions(tile_size=args.tile_size, batch_size=args.batch_size or session.batch_size,
+        options = InferenceOptions(tile_size=tile_size, batch_size=args.batch_size or session.batch_size,
                                    outputs=OutputSet.parse(args.outputs), postprocess=postprocess_options)
-        infer_files(session, images, args.out, options, args.max_pixels, args.quiet, total)
+        if images:
+            infer_files(session, images, args.out, options, args.max_pixels, args.quiet, total)
+        for path in slides:
+            with tqdm(unit="tile", desc=path.name, disable=args.quiet, file=sys.stderr) as bar:
+                infer_slide(session, path, args.out, args.tile_size, bar.update)
     print(f"results in {args.out}/")
     return 0
 

@@ -18,7 +18,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("export", ("export",)),
     ("calibration", ("calibration",)),
     ("artifacts", ("engine.cache", "engine.artifacts")),
-    ("session", ("engine.session", "engine.bench", "engine.process_bench", "engine.doctor",
+    ("session", ("engine.session", "engine.slide_inference", "engine.bench", "engine.process_bench", "engine.doctor",
                  "engine.deepliif_way")),
     ("kernel", ("engine.edi",)),
     ("commands", ("engine", "engine.cli", "engine.commands", "export.cli", "calibration.cli", "engine.edi.cli",

@@ -1,0 +1,164 @@
+"""Tiled pyramidal OME-TIFF outputs written as rows arrive, in memory that does not grow with the image.
+
+Level 0 of each output is streamed to a temporary tiled TIFF while the slide is inferred (tifffile pulls
+tiles from a bounded queue on its own thread). Each reduced level is then made from the one above it, a
+band of two tile rows at a time (2x2 area average), and the final file is assembled from those: level 0
+plus SubIFDs, lossless (zlib), with the input's physical pixel size. It is written under a temporary name
+and renamed into place, so a killed run never leaves a file that looks complete.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImageError
+
+TIFF_TILE = 256
+COMPRESSION = "zlib"
+
+
+class StreamedLevel:
+    """One image written tile row by tile row: `add(rows)` in order, then `close()`."""
+
+    def __init__(self, path: Path, width: int, height: int, tile: int = TIFF_TILE) -> None:
+        self.path, self.width, self.height, self.tile = Path(path), width, height, tile
+        self._pending = np.zeros((0, width, 3), np.uint8)
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._write, name=f"tiff-{self.path.name}", daemon=True)
+        self._thread.start()
+
+    def add(self, rows: np.ndarray) -> None:
+        self._pending = np.concatenate([self._pending, rows]) if len(self._pending) else rows
+        while len(self._pending) >= self.tile:
+            self._put(self._pending[: self.tile])
+            self._pending = self._pending[self.tile:]
+
+    def close(self) -> None:
+        if len(self._pending):
+            self._put(self._pending)
+        self._put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise ImageError(f"cannot write {self.path}: {self._error}") from self._error
+
+    def _put(self, band: np.ndarray | None) -> None:
+        while self._thread.is_alive():
+            try:
+                self._queue.put(band, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+        if self._error is not None:
+            raise ImageError(f"cannot write {self.path}: {self._error}") from self._error
+
+    def _write(self) -> None:
+        import tifffile
+        try:
+            with tifffile.TiffWriter(self.path, bigtiff=True) as tiff:
+                tiff.write(self._tiles(), shape=(self.height, self.width, 3), dtype=np.uint8,
+                           tile=(self.tile, self.tile), photometric="rgb", compression=COMPRESSION)
+        except BaseException as exc:  # handed to the caller in close()
+            self._error = exc
+
+    def _tiles(self) -> Iterator[np.ndarray]:
+        while (band := self._queue.get()) is not None:
+            yield from band_tiles(band, self.tile)
+
+
+def band_tiles(band: np.ndarray, tile: int) -> Iterator[np.ndarray]:
+    """A band of at most `tile` rows as full tiles, left to right, padded with zeros at the edges."""
+    for x in range(0, band.shape[1], tile):
+        piece = band[:, x: x + tile]
+        if piece.shape[:2] != (tile, tile):
+            padded = np.zeros((tile, tile, 3), np.uint8)
+            padded[: piece.shape[0], : piece.shape[1]] = piece
+            piece = padded
+        yield piece
+
+
+def _open_level(path: Path):
+    import tifffile
+    import zarr
+    store = tifffile.imread(path, aszarr=True)
+    return store, zarr.open(store, mode="r")
+
+
+def _halve(path: Path, out: Path, tile: int) -> tuple[int, int]:
+    """The next level: `path` averaged over 2x2 pixels, read and written two tile rows at a time."""
+    store, level = _open_level(path)
+    try:
+        height, width = level.shape[:2]
+        size = ((height + 1) // 2, (width + 1) // 2)
+        writer = StreamedLevel(out, size[1], size[0], tile)
+        for y in range(0, height, 2 * tile):
+            rows = np.asarray(level[y: y + 2 * tile])
+            writer.add(_average_2x2(rows))
+        writer.close()
+        return size
+    finally:
+        store.close()
+
+
+def _average_2x2(rows: np.ndarray) -> np.ndarray:
+    height, width = rows.shape[:2]
+    padded = np.pad(rows, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge").astype(np.uint16)
+    summed = padded[0::2, 0::2] + padded[1::2, 0::2] + padded[0::2, 1::2] + padded[1::2, 1::2]
+    return ((summed + 2) // 4).astype(np.uint8)
+
+
+def _level_tiles(path: Path, tile: int) -> Iterator[np.ndarray]:
+    store, level = _open_level(path)
+    try:
+        for y in range(0, level.shape[0], tile):
+            yield from band_tiles(np.asarray(level[y: y + tile]), tile)
+    finally:
+        store.close()
+
+
+def assemble_pyramid(level0: Path, out: Path, mpp: float | None, tile: int = TIFF_TILE) -> int:
+    """The pyramidal OME-TIFF at `out` from a tiled level-0 TIFF; returns the number of levels. Reduced
+    levels go down to one tile; the temporary files are removed."""
+    import tifffile
+    levels = [(Path(level0), _shape_of(level0))]
+    try:
+        while max(levels[-1][1]) > tile:
+            reduced = Path(f"{level0}.level{len(levels)}.tif")
+            levels.append((reduced, _halve(levels[-1][0], reduced, tile)))
+        metadata = {"axes": "YXS"}
+        if mpp:
+            metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
+        staging = out.with_name(f".{out.name}.partial")
+        with tifffile.TiffWriter(staging, bigtiff=True, ome=True) as tiff:
+            (height, width) = levels[0][1]
+            tiff.write(_level_tiles(levels[0][0], tile), shape=(height, width, 3), dtype=np.uint8,
+                       tile=(tile, tile), photometric="rgb", compression=COMPRESSION, subifds=len(levels) - 1,
+                       metadata=metadata, **_resolution(mpp, 1))
+            for factor, (path, (h, w)) in enumerate(levels[1:], start=1):
+                tiff.write(_level_tiles(path, tile), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile),
+                           photometric="rgb", compression=COMPRESSION, subfiletype=1, **_resolution(mpp, 2 ** factor))
+        os.replace(staging, out)
+        return len(levels)
+    finally:
+        for path, _ in levels:
+            path.unlink(missing_ok=True)
+
+
+def _shape_of(path: Path) -> tuple[int, int]:
+    import tifffile
+    with tifffile.TiffFile(path) as tiff:
+        height, width = tiff.pages.first.shape[:2]
+    return height, width
+
+
+def _resolution(mpp: float | None, factor: int) -> dict:
+    """TIFF resolution tags in pixels per centimetre, so viewers that ignore OME metadata scale too."""
+    if not mpp:
+        return {}
+    per_cm = 1e4 / (mpp * factor)
+    return {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}

@@ -1,0 +1,117 @@
+"""Whole slides: read by content, streamed through the engine, written as pyramidal OME-TIFF."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from deepliif.errors import ImageError
+from deepliif.imageio import read_image, write_png
+from deepliif.model_dir import Layout
+from deepliif.pyramid import StreamedLevel, assemble_pyramid
+from deepliif.slides import is_slide, open_slide
+from engine.cli import main
+from engine.samples import synthetic_ihc
+
+NETWORK_OUTPUTS = ("Hema", "DAPI", "Lap2", "Marker", "Seg")
+
+
+def glass_with_tissue(height: int = 1300, width: int = 1500) -> np.ndarray:
+    """IHC-like patches at unaligned offsets on near-white glass (some tiles empty, some straddling)."""
+    canvas = np.full((height, width, 3), 236, np.uint8)
+    for seed, (y, x) in enumerate([(37, 61), (610, 877), (820, 150)]):
+        patch = synthetic_ihc(430, 520, seed=seed)
+        canvas[y: y + 430, x: x + 520] = patch[: height - y, : width - x]
+    return canvas
+
+
+def write_ome_pyramid(path: Path, image: np.ndarray, mpp: float = 0.25) -> Path:
+    with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tiff:
+        tiff.write(image, tile=(256, 256), photometric="rgb", subifds=1,
+                   metadata={"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp})
+        tiff.write(image[::2, ::2], tile=(256, 256), photometric="rgb", subfiletype=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def slide_image() -> np.ndarray:
+    return glass_with_tissue()
+
+
+def test_slides_are_told_by_content_and_bad_ones_refused(slide_image: np.ndarray, tmp_path: Path) -> None:
+    ome = write_ome_pyramid(tmp_path / "a.ome.tif", slide_image)
+    tiled = tmp_path / "b.tif"
+    tifffile.imwrite(tiled, slide_image, tile=(256, 256), photometric="rgb")
+    strips = tmp_path / "c.tif"
+    tifffile.imwrite(strips, slide_image, photometric="rgb")
+    write_png(tmp_path / "d.png", slide_image)
+    assert [is_slide(p) for p in (ome, tiled, strips, tmp_path / "d.png")] == [True, True, False, False]
+    with open_slide(ome) as slide:
+        assert (slide.info.width, slide.info.height, slide.info.mpp) == (1500, 1300, 0.25)
+        assert slide.info.level_dimensions == ((1500, 1300), (750, 650))
+        assert np.array_equal(slide.read_region(61, 37, 300, 200), slide_image[37:237, 61:361])
+        with pytest.raises(ImageError, match="outside the 1500x1300 slide"):
+            slide.read_region(1400, 0, 200, 10)
+    truncated = tmp_path / "truncated.tif"
+    truncated.write_bytes(ome.read_bytes()[: 4000])
+    with pytest.raises(ImageError, match="truncated|corrupt"):
+        with open_slide(truncated) as slide:
+            slide.read_region(0, 0, 1500, 1300)
+    with pytest.raises(ImageError, match="not a TIFF header"):
+        open_slide(tmp_path / "d.png")
+    with pytest.raises(ImageError, match="no such slide"):
+        open_slide(tmp_path / "absent.svs")
+
+
+@pytest.mark.parametrize("power, tile", [(40, 512), (20, 256), (10, 128), (None, 512)])
+def test_the_tile_size_follows_the_magnification(power, tile) -> None:
+    from deepliif.slides import SlideInfo
+    assert SlideInfo(Path("x"), "tiff", 1, 1, ((1, 1),), None, power).tile_size() == tile
+
+
+def test_a_pyramid_is_written_whole_with_its_pixel_size(tmp_path: Path) -> None:
+    image = np.random.default_rng(0).integers(0, 255, (700, 1100, 3), dtype=np.uint8)
+    level0 = StreamedLevel(tmp_path / ".l0.tif", 1100, 700, tile=128)
+    for y in range(0, 700, 300):  # rows arrive in bands that do not match the TIFF tiles
+        level0.add(image[y: y + 300])
+    level0.close()
+    levels = assemble_pyramid(level0.path, tmp_path / "out.ome.tif", 0.5, tile=128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ome.tif"]  # temporaries gone, no partial
+    with tifffile.TiffFile(tmp_path / "out.ome.tif") as tiff:
+        series = tiff.series[0]
+        assert tiff.is_ome and levels == len(series.levels) == 5
+        assert [level.shape[:2] for level in series.levels] == [(700, 1100), (350, 550), (175, 275), (88, 138),
+                                                                 (44, 69)]
+        assert np.array_equal(series.levels[0].asarray(), image) and series.pages[0].is_tiled
+        assert 'PhysicalSizeX="0.5"' in tiff.ome_metadata
+        half = series.levels[1].asarray().astype(int)
+        expected = image[:2, :2].reshape(-1, 3).mean(axis=0)
+        assert np.abs(half[0, 0] - expected).max() <= 1
+
+
+def test_a_slide_infers_exactly_like_the_same_pixels_as_an_image(generated_models: dict[Layout, Path],
+                                                                 slide_image: np.ndarray, tmp_path: Path) -> None:
+    model = str(generated_models[Layout.TORCHSCRIPT])
+    write_ome_pyramid(tmp_path / "slide.ome.tif", slide_image, mpp=0.25)
+    tifffile.imwrite(tmp_path / "tiled.tif", slide_image, tile=(256, 256), photometric="rgb")
+    write_png(tmp_path / "image.png", slide_image)
+    common = ["infer", "--model-dir", model, "--backend", "onnxruntime", "--device", "cpu",
+              "--tile-size", "384", "-q"]
+    assert main([*common, "--out", str(tmp_path / "slides"), str(tmp_path / "slide.ome.tif"),
+                 str(tmp_path / "tiled.tif")]) == 0
+    assert main([*common, "--out", str(tmp_path / "image"), str(tmp_path / "image.png")]) == 0
+    for stem in ("slide", "tiled"):
+        record = json.loads((tmp_path / "slides" / f"{stem}.json").read_text())
+        assert record["tile_size"] == 384 and record["tile_size_from"] == "given"
+        assert record["tiles"] == record["empty_tiles"] + record["run_tiles"] and record["empty_tiles"] > 0
+        for name in NETWORK_OUTPUTS:
+            with tifffile.TiffFile(tmp_path / "slides" / f"{stem}_{name}.ome.tif") as tiff:
+                assert tiff.is_ome and len(tiff.series[0].levels) == record["outputs"][name]["levels"] >= 3
+                streamed = tiff.series[0].levels[0].asarray().astype(int)
+            whole = read_image(tmp_path / "image" / f"image_{name}.png").astype(int)
+            assert np.abs(streamed - whole).max() <= 1, (stem, name)
+    assert json.loads((tmp_path / "slides" / "slide.json").read_text())["slide"]["mpp"] == 0.25
+    assert not list((tmp_path / "slides").glob(".*"))  # no temporaries left
