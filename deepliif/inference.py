@@ -13,6 +13,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .cells import Cell
 from .contract import MODALITIES
 from .errors import ArgumentError, ChoiceEnum, ImageError
 from .postprocessing import PostprocessOptions, postprocess
@@ -77,6 +78,7 @@ class InferenceResult:
     timings: dict[str, float]
     tiles: int
     empty_tiles: int
+    cells: list[Cell] = field(default_factory=list)  # every counted cell (the per-cell table)
 
 
 def check_image_array(image: np.ndarray) -> None:
@@ -87,12 +89,12 @@ def check_image_array(image: np.ndarray) -> None:
 
 
 def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
-                 options: InferenceOptions) -> tuple[dict[str, np.ndarray], dict]:
-    """Postprocess stitched network images: the selected output images and the scoring."""
+                 options: InferenceOptions) -> tuple[dict[str, np.ndarray], dict, list[Cell]]:
+    """Postprocess stitched network images: the selected output images, the scoring and the cells."""
     post = postprocess(image, network_images["Seg"], network_images["Marker"], options.tile_size,
                        options.postprocess)
     everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
-    return {name: everything[name] for name in options.outputs.names}, post.scoring
+    return {name: everything[name] for name in options.outputs.names}, post.scoring, post.cells
 
 
 def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Sequence[np.ndarray],
@@ -105,9 +107,9 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
         check_image_array(image)
 
     def finish(stitched: StitchedImage) -> InferenceResult:
-        selected, scoring = finish_image(images[stitched.index], stitched.images, options)
+        selected, scoring, cells = finish_image(images[stitched.index], stitched.images, options)
         return InferenceResult(selected, scoring, {"total_seconds": time.perf_counter() - stitched.started},
-                               stitched.tiles, stitched.empty)
+                               stitched.tiles, stitched.empty, cells)
 
     results, timings = run_tile_loop(run, images, options.tile_size, options.batch_size, finish, strategy, progress)
     for result in results:

@@ -6,12 +6,13 @@ DeepLIIF does this with per-pixel flood fills under a JIT; here every step is a 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
+from .cells import Cell, counted_cells
 from .errors import ArgumentError
 
 DEFAULT_SEG_THRESH = 120
@@ -92,6 +93,7 @@ class PostprocessResult:
     overlaid: np.ndarray
     refined: np.ndarray
     scoring: dict
+    cells: list[Cell] = field(default_factory=list)  # every counted cell, for the per-cell table
 
 
 def classify_pixels(seg: np.ndarray, seg_thresh: int) -> tuple[np.ndarray, np.ndarray]:
@@ -254,4 +256,5 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
         "size_thresh_upper": options.size_thresh_upper,
         "marker_thresh": marker_thresh if marker is not None else None,
     }
-    return PostprocessResult(overlaid, refined, scoring)
+    cells_table = counted_cells(cells.labels, np.flatnonzero(counted), cells.sizes, is_positive, cells.marker)
+    return PostprocessResult(overlaid, refined, scoring, cells_table)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from deepliif.cells import write_cells
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import (DEFAULT_MAX_PIXELS, expand_inputs, prepare_out_dir, probe_image, read_image,
                              write_json, write_png)
@@ -75,11 +76,13 @@ def _infer_file(session: Session, path: Path, out: Path, options: InferenceOptio
     encode_start = time.perf_counter()
     for name, array in result.images.items():
         write_png(out / f"{path.stem}_{name}.png", array)
+    cell_files = write_cells(out, path.stem, result.cells)
     timings = {"decode_seconds": decoded - start, **result.timings,
                "encode_seconds": time.perf_counter() - encode_start}
     record = {"image": str(path), "model": session.files.describe(), "startup_seconds": session.startup,
               "backend": session.info.as_dict(), "tile_size": options.tile_size, "batch_size": options.batch_size,
               "tiles": result.tiles, "empty_tiles": result.empty_tiles, "outputs": list(result.images),
+              "cells": [p.name for p in cell_files],
               "scoring": result.scoring, "timings": timings}
     write_json(out / f"{path.stem}.json", record)
     logger.info("%s: %s", path.name, json.dumps(result.scoring))
@@ -123,9 +126,10 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
     stem = args.image.stem
     write_png(out / f"{stem}_SegOverlaid.png", result.overlaid)
     write_png(out / f"{stem}_SegRefined.png", result.refined)
+    cell_files = write_cells(out, stem, result.cells)
     write_json(out / f"{stem}.json", {"image": str(args.image), "seg": str(args.seg),
                                          "marker": str(args.marker) if args.marker else None,
-                                         "scoring": result.scoring,
+                                         "scoring": result.scoring, "cells": [p.name for p in cell_files],
                                          "timings": {"postprocess_seconds": time.perf_counter() - start}})
     print(json.dumps(result.scoring))
     return 0

@@ -57,7 +57,8 @@ def malformed_bodies(tile_b64: str) -> dict[str, bytes]:
     return {name: body if isinstance(body, bytes) else json.dumps(body).encode() for name, body in cases.items()}
 
 
-def _raw(url: str, request: bytes, wait: float = 10.0) -> bytes:
+def raw_exchange(url: str, request: bytes, wait: float = 10.0) -> bytes:
+    """Send bytes as they are (no HTTP client tidying them up); everything the server answered."""
     parts = urllib.parse.urlsplit(url)
     with socket.create_connection((parts.hostname, parts.port), timeout=wait) as connection:
         connection.sendall(request)
@@ -116,7 +117,7 @@ def run_hostile_bench(model_dir: Path, cache_dir: Path | None, backend: str, dev
             bodies = malformed_bodies(tile_b64)
             answered = sum(_post(url, body)[0].get("status") == "error" for body in bodies.values())
             raw = raw_requests(url)
-            raw_answered = sum(_answered_json(_raw(url, request)) for request in raw.values())
+            raw_answered = sum(_answered_json(raw_exchange(url, request)) for request in raw.values())
             report["malformed"] = {"tried": len(bodies) + len(raw), "answered_with_json_error": answered + raw_answered}
             status = json.dumps({"type": "status", "request_id": "burst-unknown"}).encode()
             with ThreadPoolExecutor(burst) as pool:

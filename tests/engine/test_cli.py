@@ -20,8 +20,12 @@ def test_infer_writes_images_and_record(tiny_models: dict[str, Path], tmp_path: 
     out = tmp_path / "out"
     assert main(["-q", "infer", "--model-dir", str(tiny_models["tiny-v2"]), "--batch-size", "2",
                  "--out", str(out), str(image)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == sorted([f"slide_{n}.png" for n in NAMES] + ["slide.json"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"slide_{n}.png" for n in NAMES] + ["slide.json",
+                                                                  "slide_cells.csv", "slide_cells.geojson"])
     record = json.loads((out / "slide.json").read_text())
+    assert record["cells"] == ["slide_cells.csv", "slide_cells.geojson"]
+    rows = (out / "slide_cells.csv").read_text().splitlines()
+    assert rows[0].startswith("id,centroid_x,centroid_y") and len(rows) - 1 == record["scoring"]["num_total"]
     assert record["tiles"] == 4 and record["batch_size"] == 2
     assert set(record["scoring"]) >= {"num_total", "num_pos", "num_neg", "percent_pos"}
     assert {"decode_seconds", "inference_seconds", "postprocess_seconds", "encode_seconds"} <= set(record["timings"])

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.edi.hostile_bench import raw_exchange
 from engine.edi.requests import RequestError, check_request_id
 from engine.edi.runtime import Kernel
 from engine.edi.server import EdiHttpServer, KernelDispatcher
@@ -40,12 +41,7 @@ def echo_server():
 
 
 def _raw(server: EdiHttpServer, data: bytes, wait: float = 5.0) -> bytes:
-    with socket.create_connection(server.server_address[:2], timeout=wait) as conn:
-        conn.sendall(data)
-        chunks = []
-        while chunk := conn.recv(65536):
-            chunks.append(chunk)
-        return b"".join(chunks)
+    return raw_exchange(server.url, data, wait)
 
 
 def _json_body(reply: bytes) -> tuple[int, dict]:

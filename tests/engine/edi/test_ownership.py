@@ -14,11 +14,7 @@ from engine.edi.mounted import MountedVolume
 from engine.edi.service import EdiService
 from engine.edi.storage import StorageError
 
-from .conftest import b64, make_volume, settings_for
-
-
-def _call(service: EdiService, *payloads: dict) -> list[dict]:
-    return [json.loads(r) for r in service.handle([json.dumps(p) for p in payloads])]
+from .conftest import call as _call, b64, make_volume, settings_for
 
 
 def test_a_retry_is_answered_never_run_twice_and_other_content_is_refused(service: EdiService, tile_png: bytes,

@@ -15,11 +15,7 @@ from deepliif.imageio import read_image, write_png
 from engine.edi.service import EdiService
 from engine.samples import synthetic_ihc
 
-from .conftest import ROOT, b64, make_volume, settings_for
-
-
-def _call(service: EdiService, *payloads: dict) -> list[dict]:
-    return [json.loads(r) for r in service.handle([json.dumps(p) for p in payloads])]
+from .conftest import call as _call, ROOT, b64, make_volume, settings_for
 
 
 def test_tasks_of_one_call_share_one_engine_pass_and_fail_alone(service: EdiService, tile_png: bytes,
