@@ -9,6 +9,7 @@ tiling), not by extension. MRXS and other non-TIFF formats would come in as anot
 from __future__ import annotations
 
 import abc
+import io
 import logging
 import re
 from dataclasses import dataclass
@@ -119,23 +120,28 @@ def _number(value: object) -> float | None:
         return None
 
 
-def is_slide(path: Path) -> bool:
-    """A tiled or multi-resolution TIFF, told by its content: such files go the whole-slide way (streamed,
-    pyramidal outputs); a plain strip TIFF is an image like a PNG."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as handle:
-            if handle.read(4) not in TIFF_MAGICS:
-                return False
-    except OSError:
-        return False
+def is_slide(source: Path | bytes) -> bool:
+    """A tiled or multi-resolution TIFF, told by its content (a file, or bytes as received): such files go
+    the whole-slide way (streamed, pyramidal outputs); a plain strip TIFF is an image like a PNG."""
     import tifffile
     try:
-        with tifffile.TiffFile(path) as tiff:
+        if isinstance(source, bytes):
+            if source[:4] not in TIFF_MAGICS:
+                return False
+            handle = io.BytesIO(source)
+        else:
+            with open(source, "rb") as probe:
+                if probe.read(4) not in TIFF_MAGICS:
+                    return False
+            handle = source
+    except OSError:
+        return False
+    try:
+        with tifffile.TiffFile(handle) as tiff:
             first = tiff.pages.first
             return bool(first.is_tiled or len(tiff.series[0].levels) > 1 or tiff.is_svs or tiff.is_ndpi)
     except Exception:  # noqa: BLE001 - a damaged TIFF is reported when it is opened as a slide
-        return True
+        return not isinstance(source, bytes)
 
 
 def open_slide(path: Path | str) -> Slide:

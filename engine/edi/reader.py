@@ -10,6 +10,7 @@ import numpy as np
 
 from deepliif.imageio import read_image
 from deepliif.inference import check_working_size, tile_count
+from deepliif.slides import is_slide
 
 from .requests import InferenceRequest, RequestError
 from .settings import KernelSettings
@@ -49,6 +50,12 @@ class RequestReader:
         else:
             data, name, stem = request.decode_image_bytes(), f"{LOCAL_STEM}.png", LOCAL_STEM
         label = request.image_path or "local_input_image"
+        if is_slide(data):
+            raise RequestError(f"{label} is a whole slide (tiled or pyramidal TIFF): the EDI kernel does not take "
+                               "slides yet; run `deepliif-engine infer` on it, which streams slides"
+                               if request.image_path else "a whole slide cannot come as base64 (it is far over the "
+                               "body limit): put it on the volume; slides through the EDI kernel are not supported "
+                               "yet, `deepliif-engine infer` streams them")
         array = read_image(data, max_pixels=self.settings.max_pixels, name=label)
         check_working_size(array.shape[1], array.shape[0], request.tile_size, self.settings.max_pixels, label)
         return LoadedImage(array, data, name, stem, time.perf_counter() - start)

@@ -110,4 +110,5 @@ def test_a_folder_is_an_input_and_one_image_can_be_chosen(generated_models, tmp_
     out = tmp_path / "out"
     assert main(["infer", "-q", "--model-dir", str(generated_models[Layout.CHECKPOINT]), "--out", str(out),
                  "--backend", "torch", "--outputs", "Hema", str(folder)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a_Hema.png", "b.json", "b_Hema.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a_Hema.png", "a_cells.csv", "a_cells.geojson",
+                                                     "b.json", "b_Hema.png", "b_cells.csv", "b_cells.geojson"]

@@ -289,3 +289,17 @@ def test_the_hostile_load_bench_reports_every_figure(edi_model: Path, edi_cache:
     for key in ("sync_alone", "sync_beside_async"):
         assert report[key]["n"] == 2 and report[key]["p95_seconds"] >= report[key]["p50_seconds"] > 0
     assert report["async_job"]["submitted"] == "submitted" and report["peak_rss_gib"] > 0
+
+
+def test_a_whole_slide_is_refused_by_content_with_what_to_do(service: EdiService, tmp_path: Path) -> None:
+    import io
+
+    import tifffile
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.full((600, 600, 3), 236, np.uint8), tile=(256, 256), photometric="rgb")
+    (service.volume.root / "slides" / "slide.png").write_bytes(buffer.getvalue())  # the name says PNG
+    inline, by_path = (json.loads(r) for r in service.handle([
+        json.dumps({"local_input_image": b64(buffer.getvalue()), "request_id": "slide-b64"}),
+        json.dumps({"img_path_on_pvc": "slides/slide.png", "request_id": "slide-path"})]))
+    assert inline["status"] == "error" and "cannot come as base64" in inline["msg"]
+    assert by_path["status"] == "error" and "is a whole slide" in by_path["msg"] and "infer" in by_path["msg"]
