@@ -13,6 +13,7 @@ from deepliif.contract import OUTPUT_NAMES
 from deepliif.imageio import prepare_out_dir, write_json
 from deepliif.pyramid import StreamedLevel, assemble_pyramid
 from deepliif.slide_loop import run_slide
+from deepliif.tile_loop import Run
 from deepliif.slides import open_slide
 
 from .session import Session
@@ -32,10 +33,12 @@ def slide_stem(path: Path) -> str:
 
 
 def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None = None,
-                progress: Callable[[int], None] | None = None) -> Path:
-    """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and `OUT/<stem>.json`."""
+                progress: Callable[[int], None] | None = None, run: Run | None = None,
+                stem: str | None = None) -> Path:
+    """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and `OUT/<stem>.json`. `run` wraps
+    `session.run` (the kernel takes turns per batch); `stem` names the outputs (default: the file's)."""
     start = time.perf_counter()
-    out, stem = prepare_out_dir(Path(out)), slide_stem(path)
+    out, stem = prepare_out_dir(Path(out)), stem or slide_stem(path)
     with open_slide(path) as slide:
         info = slide.info
         chosen = tile_size or info.tile_size()
@@ -46,7 +49,7 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
             for name, writer in level0.items():
                 writer.add(rows[name])
 
-        run = run_slide(session.run, slide, chosen, session.batch_size, sink, progress)
+        run = run_slide(run or session.run, slide, chosen, session.batch_size, sink, progress)
     written = time.perf_counter()
     for writer in level0.values():
         writer.close()

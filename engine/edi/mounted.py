@@ -56,6 +56,24 @@ class MountedVolume(Volume):
                     raise StorageError(f"{path!r} is {info.st_size} bytes, over the limit of {max_bytes}")
                 return handle.read(max_bytes + 1)
 
+    @contextlib.contextmanager
+    def local_file(self, path: str) -> Iterator[Path]:
+        """The file opened beneath the root, named through its descriptor (`/proc/self/fd/N`), so a reader
+        that opens by name gets exactly the file that was checked."""
+        with self._errors("read", path):
+            try:
+                fd = self._open(path, os.O_RDONLY)
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                raise NotFoundError(f"{path!r}: no such file on the volume") from None
+        try:
+            yield Path(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+
+    def local_dir(self, path: str) -> Path:
+        """A staging folder this kernel made (`begin_dir`), as a local directory."""
+        return self.resolve(path)
+
     def write_bytes(self, path: str, data: bytes) -> None:
         """A temporary name in the same folder, then one rename (which replaces a link, never follows it)."""
         with self._errors("write", path), parent_dir(str(self.root), clean_relative_path(path), True) as (fd, name):

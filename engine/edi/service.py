@@ -18,6 +18,7 @@ from pathlib import Path
 from deepliif.inference import InferenceOptions, InferenceResult
 
 from ..session import Session
+from ..slide_inference import infer_slide
 from .jobs import AsyncJobs
 from .layout import DeploymentLayout
 from .reader import LoadedImage, RequestReader
@@ -84,7 +85,8 @@ class EdiService:
                     continue
                 image = self.reader.load(request)
                 estimate = self.reader.estimate(request, image, self.seconds_per_tile)
-                if request.run_async or (request.run_async is None and estimate > self.settings.sync_budget_s):
+                if image.slide is not None or request.run_async or (
+                        request.run_async is None and estimate > self.settings.sync_budget_s):  # slides: always
                     responses[index] = self.jobs.submit(request, image, estimate)
                 else:
                     sync.append((index, request, image, started))
@@ -137,9 +139,34 @@ class EdiService:
         return response
 
     def _run_async(self, request: InferenceRequest, queued: LoadedImage, started: float) -> dict:
+        if queued.slide is not None:
+            return self._run_slide(request, queued, started)
         image = self.reader.decoded(request, queued)
         (result,) = self._infer([image.array], self._options(request), sync=False)
         response = self.writer.response(request, image, result, started, to_volume=True)
+        self.records.log(request.request_id, "finished", response["msg"])
+        return response
+
+    def _run_slide(self, request: InferenceRequest, slide: LoadedImage, started: float) -> dict:
+        """Stream a slide from the volume into pyramidal outputs in a staging folder, published whole;
+        the status record shows tiles done / total while it runs."""
+        final = self.records.layout.output_dir(request.request_id)
+        staging = self.state.begin_dir(final)
+        progress = SlideProgress(self.records, request.request_id, self.reader.estimate_tiles(request, slide))
+        with self.volume.local_file(request.image_path) as local:
+            record_path = infer_slide(self.session, local, self.state.local_dir(staging), request.tile_size,
+                                      progress.add, self.turns.taking_turns(self.session.run, sync=False), slide.stem)
+        record = json.loads(record_path.read_text())  # before the folder moves into place
+        self.state.publish_dir(staging, final)
+        seconds = time.perf_counter() - started
+        response = {"request_id": request.request_id, "status": "finished", "scoring": None,
+                    "output_dir": final, "output_location": self.state.describe(final), "slide": record["slide"],
+                    "tiles": {key: record[key] for key in ("tiles", "empty_tiles", "run_tiles", "tile_size")},
+                    "progress": {"tiles_done": record["tiles"], "tiles_total": record["tiles"], "stage": "done"},
+                    "timings": {"total_seconds": round(seconds, 3), "inference_seconds": round(
+                        record["timings"]["inference_seconds"], 3)},
+                    "log": [*request.warnings, record["postprocess"]],
+                    "msg": f"finished: slide {record['tiles']} tiles ({record['empty_tiles']} empty), {seconds:.1f} s"}
         self.records.log(request.request_id, "finished", response["msg"])
         return response
 
@@ -151,6 +178,29 @@ class EdiService:
         if record.get("status") == "finished" and record.get("local_input") and record.get("output_dir"):
             record["images"] = self.writer.read_back_images(record["output_dir"])
         return record
+
+
+class SlideProgress:
+    """Tiles done / total in the running record, written at most every PROGRESS_EVERY_S seconds."""
+
+    PROGRESS_EVERY_S = 2.0
+
+    def __init__(self, records: RequestRecords, request_id: str, total: int) -> None:
+        self.records, self.request_id, self.total = records, request_id, total
+        self.done, self.written = 0, 0.0
+
+    def add(self, tiles: int) -> None:
+        self.done += tiles
+        if time.monotonic() - self.written < self.PROGRESS_EVERY_S:
+            return
+        self.written = time.monotonic()
+        try:
+            base = self.records.status.read(self.request_id) or {}
+            self.records.write(self.request_id, {**base, "status": "running", "msg": f"running: {self.done} of "
+                               f"{self.total} tiles", "progress": {"tiles_done": self.done, "tiles_total": self.total,
+                                                                   "stage": "tiles"}})
+        except Exception as exc:  # noqa: BLE001 - progress is a courtesy; the job goes on
+            logger.warning("cannot record the progress of %s: %s", self.request_id, exc)
 
 
 def _make_dir(path: Path | None) -> Path:

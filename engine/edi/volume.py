@@ -8,6 +8,7 @@ import errno
 import posixpath
 import re
 from collections.abc import Iterator
+from pathlib import Path
 
 from deepliif.errors import DeepLIIFError
 
@@ -78,6 +79,17 @@ class Volume(abc.ABC):
 
     def publish_dir(self, staging: str, final: str) -> None:
         """Make the set written under `staging` appear as `final` (replacing an older one)."""
+
+    @contextlib.contextmanager
+    def local_file(self, path: str) -> Iterator[Path]:
+        """A local path to read `path` through (whole slides are read region by region, not downloaded)."""
+        raise StorageError(f"{path!r}: whole slides need a mounted volume (DEEPLIIF_VOLUME_ROOT); this volume is "
+                           "read over REST")
+        yield Path()  # pragma: no cover - a generator for contextmanager
+
+    def local_dir(self, path: str) -> Path:
+        """A local directory to write the files of a staging folder into."""
+        raise StorageError(f"{path!r}: writing whole-slide outputs needs a mounted volume (DEEPLIIF_VOLUME_ROOT)")
 
     def create_exclusive(self, path: str, data: bytes) -> bool:
         """Write `path` only if it does not exist; False if it did. Atomic where the volume offers an

@@ -291,15 +291,30 @@ def test_the_hostile_load_bench_reports_every_figure(edi_model: Path, edi_cache:
     assert report["async_job"]["submitted"] == "submitted" and report["peak_rss_gib"] > 0
 
 
-def test_a_whole_slide_is_refused_by_content_with_what_to_do(service: EdiService, tmp_path: Path) -> None:
+def test_a_whole_slide_by_path_runs_async_into_pyramids_and_base64_is_refused(service: EdiService) -> None:
     import io
-
     import tifffile
+    from engine.samples import synthetic_ihc
     buffer = io.BytesIO()
-    tifffile.imwrite(buffer, np.full((600, 600, 3), 236, np.uint8), tile=(256, 256), photometric="rgb")
+    slide = np.full((900, 1100, 3), 236, np.uint8)
+    slide[100:500, 300:800] = synthetic_ihc(400, 500, seed=3)
+    tifffile.imwrite(buffer, slide, tile=(256, 256), photometric="rgb")
     (service.volume.root / "slides" / "slide.png").write_bytes(buffer.getvalue())  # the name says PNG
     inline, by_path = (json.loads(r) for r in service.handle([
         json.dumps({"local_input_image": b64(buffer.getvalue()), "request_id": "slide-b64"}),
-        json.dumps({"img_path_on_pvc": "slides/slide.png", "request_id": "slide-path"})]))
+        json.dumps({"img_path_on_pvc": "slides/slide.png", "request_id": "slide-path", "async": False})]))
     assert inline["status"] == "error" and "cannot come as base64" in inline["msg"]
-    assert by_path["status"] == "error" and "is a whole slide" in by_path["msg"] and "infer" in by_path["msg"]
+    assert by_path["status"] == "submitted"  # a slide never fits the synchronous window
+    deadline = time.monotonic() + 120
+    while (record := service.status.read("slide-path"))["status"] in ("submitted", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert record["status"] == "finished", record
+    assert record["progress"] == {"tiles_done": record["tiles"]["tiles"], "tiles_total": record["tiles"]["tiles"],
+                                  "stage": "done"}
+    assert record["slide"]["width"] == 1100 and record["tiles"]["tiles"] == 6
+    output = service.volume.root / record["output_dir"]
+    assert sorted(p.name for p in output.iterdir()) == sorted(
+        [f"slide_{n}.ome.tif" for n in ("DAPI", "Hema", "Lap2", "Marker", "Seg")] + ["slide.json"])
+    with tifffile.TiffFile(output / "slide_Seg.ome.tif") as tiff:
+        assert tiff.is_ome and tiff.series[0].shape == (900, 1100, 3)

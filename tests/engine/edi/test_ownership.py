@@ -57,7 +57,8 @@ def test_records_of_a_kernel_without_heartbeat_are_lost_and_settled_at_start(edi
                                   json.dumps({"heartbeat_at": old}).encode())
         records.status.write("quiet-1", {"status": "submitted", "kernel": "pod-quiet.2.def", "pod": "pod-quiet"})
         records.status.write("alive-1", {"status": "running", "kernel": records.kernel, "pod": "pod-live"})
-        assert "lost: kernel pod-gone.1.abc stopped" in _call(service, {"type": "status", "request_id": "dead-1"})[0]["msg"]
+        (dead,) = _call(service, {"type": "status", "request_id": "dead-1"})
+        assert "lost: kernel pod-gone.1.abc stopped" in dead["msg"]
         assert _call(service, {"type": "status", "request_id": "quiet-1"})[0]["status"] == "error"
         assert _call(service, {"type": "status", "request_id": "alive-1"})[0]["status"] == "running"
         assert records.status.read("dead-1")["status"] == "running"  # reading reported it; it wrote nothing
