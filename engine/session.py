@@ -69,7 +69,7 @@ class Session:
         self.device = device
         self.skipped: list[str] = []  # with backend auto: why each backend tried before the chosen one failed
         self.provenance: Provenance | None = None  # of the artifact being served (None: the torch backend)
-        with self._stage("check given graph"):
+        with self._stage("check given graph" if onnx is not None else "artifact loaders"):
             self.loaders = loaders or ArtifactLoaders(self.files, self.precision, ArtifactCache(cache_dir),
                                                       lambda: self.model, onnx, force_ungated)
         self.backend = self._open(BackendKind.parse(backend), backend_options)

@@ -41,12 +41,17 @@ class MountedVolume(Volume):
     def _open(self, path: str, flags: int, create_dirs: bool = False) -> int:
         return open_beneath(str(self.root), clean_relative_path(path), flags, create_dirs=create_dirs)
 
-    def read_bytes(self, path: str, max_bytes: int) -> bytes:
+    def _open_existing(self, path: str) -> int:
+        """A read descriptor for a file that must exist (NotFoundError names the path otherwise)."""
         with self._errors("read", path):
             try:
-                fd = self._open(path, os.O_RDONLY)
+                return self._open(path, os.O_RDONLY)
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 raise NotFoundError(f"{path!r}: no such file on the volume") from None
+
+    def read_bytes(self, path: str, max_bytes: int) -> bytes:
+        fd = self._open_existing(path)
+        with self._errors("read", path):
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
                 os.close(fd)
@@ -60,11 +65,7 @@ class MountedVolume(Volume):
     def local_file(self, path: str) -> Iterator[Path]:
         """The file opened beneath the root, named through its descriptor (`/proc/self/fd/N`), so a reader
         that opens by name gets exactly the file that was checked."""
-        with self._errors("read", path):
-            try:
-                fd = self._open(path, os.O_RDONLY)
-            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                raise NotFoundError(f"{path!r}: no such file on the volume") from None
+        fd = self._open_existing(path)
         try:
             yield Path(f"/proc/self/fd/{fd}")
         finally:

@@ -80,12 +80,11 @@ class Volume(abc.ABC):
     def publish_dir(self, staging: str, final: str) -> None:
         """Make the set written under `staging` appear as `final` (replacing an older one)."""
 
-    @contextlib.contextmanager
-    def local_file(self, path: str) -> Iterator[Path]:
-        """A local path to read `path` through (whole slides are read region by region, not downloaded)."""
+    def local_file(self, path: str) -> contextlib.AbstractContextManager[Path]:
+        """A context giving a local path to read `path` through (whole slides are read region by region,
+        not downloaded); only a mounted volume has one."""
         raise StorageError(f"{path!r}: whole slides need a mounted volume (DEEPLIIF_VOLUME_ROOT); this volume is "
                            "read over REST")
-        yield Path()  # pragma: no cover - a generator for contextmanager
 
     def local_dir(self, path: str) -> Path:
         """A local directory to write the files of a staging folder into."""

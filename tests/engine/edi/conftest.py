@@ -92,6 +92,20 @@ def endpoint(edi_model: Path, edi_cache: Path, tmp_path_factory: pytest.TempPath
     thread.join(60)
 
 
+@pytest.fixture
+def engine_passes(service: EdiService, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """How many images each engine pass of the module's service took during the test, in order."""
+    passes: list[int] = []
+    original = service.session.infer_many
+
+    def counted(images, options, **loop):
+        passes.append(len(images))
+        return original(images, options, **loop)
+
+    monkeypatch.setattr(service.session, "infer_many", counted)
+    return passes
+
+
 def call(service: EdiService, *payloads: dict) -> list[dict]:
     """The service's answers to these request bodies, in one EDI call."""
     return [json.loads(r) for r in service.handle([json.dumps(p) for p in payloads])]

@@ -18,11 +18,8 @@ from .conftest import call as _call, b64, make_volume, settings_for
 
 
 def test_a_retry_is_answered_never_run_twice_and_other_content_is_refused(service: EdiService, tile_png: bytes,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    runs = []
-    original = service.session.infer_many
-    monkeypatch.setattr(service.session, "infer_many",
-                        lambda images, options, **loop: runs.append(len(images)) or original(images, options, **loop))
+                                                                          engine_passes: list[int]) -> None:
+    runs = engine_passes
     request = {"img_path_on_pvc": "slides/tile.png", "request_id": "own-1"}
     (first,) = _call(service, request)
     (retry,) = _call(service, {"request_id": "own-1", "img_path_on_pvc": "slides/tile.png"})  # key order aside
