@@ -209,7 +209,7 @@ class ArtifactLoaders:
         from .backends.onnxruntime_backend import onnxruntime_version, save_optimized
         source = self.onnx(rebuild)
         parts = {**onnx_entry_parts(self.model_sha256, self.precision), "kind": ArtifactKind.ORT_OPTIMIZED.value,
-                 "onnxruntime": onnxruntime_version(), "cpu": cpu_signature()}
+                 "onnxruntime": onnxruntime_version(), "cpu": cpu_signature(), "weights": "external"}
         entry = self.cache.get(parts, lambda staging: save_optimized(source.path, staging / OPTIMIZED_ONNX),
                                rebuild=rebuild)
         provenance = Provenance(ArtifactKind.ORT_OPTIMIZED, self.precision, source.provenance.model_sha256,

@@ -2,12 +2,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 
@@ -159,3 +161,24 @@ def test_a_cached_onnx_that_does_not_load_is_rebuilt(model_dir: Path, tmp_path: 
         assert session.info.name == "onnxruntime"
     assert "does not load" in caplog.text and "built artifact" in caplog.text
     assert onnx_file.stat().st_size > 1000
+
+
+def test_the_optimised_graph_keeps_its_weights_in_a_file_the_manifest_covers(model_dir: Path, tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    with Session(model_dir, backend="onnxruntime", device="cpu", cache_dir=tmp_path) as session:
+        before = session.run(np.full((1, 512, 512, 3), 128, np.uint8))
+    (graph,) = tmp_path.glob("*/deepliif.ort-optimized.onnx")
+    weights = graph.with_name(graph.name + ".data")
+    proto = onnx.load(str(graph), load_external_data=False)
+    inline = [t.name for t in proto.graph.initializer if len(t.raw_data) > 1024]
+    assert not inline and weights.stat().st_size > graph.stat().st_size  # the weights left the protobuf
+    assert set(json.loads((graph.parent / "artifact.json").read_text())["files"]) >= {graph.name, weights.name}
+    with weights.open("r+b") as handle:  # same size, other bytes: only the manifest's sha256 can tell
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(b"\xff" * 64)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    caplog.set_level("INFO")
+    with Session(model_dir, backend="onnxruntime", device="cpu", cache_dir=tmp_path) as session:
+        after = session.run(np.full((1, 512, 512, 3), 128, np.uint8))
+    assert "stale or corrupt" in caplog.text
+    assert all(np.array_equal(before[name], after[name]) for name in before)
