@@ -20,6 +20,7 @@ from engine.backends.precision import Precision
 
 from .backends import BackendKind
 from .edi.cli import add_edi_parsers
+from .edi.deploy_cli import add_deploy_parsers
 from .commands import DEMO_MODEL_DIR, cmd_bench, cmd_demo, cmd_demo_model, cmd_doctor, cmd_infer, cmd_postprocess
 
 logger = logging.getLogger("engine")
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_calibrate_parser(sub)
     add_edi_parsers(sub)
+    add_deploy_parsers(sub)
 
     bench = sub.add_parser("bench", help="DeepLIIF way vs backends x precisions x batch sizes, same run")
     bench.add_argument("--model-dir", type=Path, help="default: a full-size random-weight model")

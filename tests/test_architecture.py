@@ -22,6 +22,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
                  "engine.deepliif_way")),
     ("kernel", ("engine.edi",)),
     ("commands", ("engine", "engine.cli", "engine.commands", "export.cli", "calibration.cli", "engine.edi.cli",
+                  "engine.edi.deploy_cli",
                   "engine.edi.demo", "engine.edi.hostile_bench", "kernel")),
 )
 

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
 from .package import PROJECT_ROOT, package
 from .runtime import load_kernel
-from .server import DEFAULT_MAX_BODY, serve_kernel
+from .server import DEFAULT_MAX_BODY, serve_dispatcher, serve_kernel
 
 
 def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +26,8 @@ def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
                        help="the model.json handed to the kernel")
     serve.add_argument("--task-batch-size", type=int, default=4, help="queued requests handed to one call")
     serve.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_BODY >> 20, help="largest request body, MB")
+    serve.add_argument("--kernels", type=int, default=1, help="kernel processes behind the endpoint, each on its own "
+                       "GPU when there are several; they share the volume, status records and artifact cache")
     serve.set_defaults(handler=cmd_serve)
 
     overhead = sub.add_parser("edi-bench", help="the EDI kernel's overhead on top of inference, per request")
@@ -51,6 +54,10 @@ def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
     pack = sub.add_parser("package", help="assemble the folder for `dlim model deploy -p`")
     pack.add_argument("--out", type=Path, required=True, help="the submission folder to create")
     pack.add_argument("--model-dir", type=Path, help="model to ship under model/ (default: none)")
+    pack.add_argument("--with-weights", action="store_true", help="ship the model's weights under model/ (default: "
+                      "left out; kernels fetch them from the volume, see upload-model)")
+    pack.add_argument("--model-source", help="where kernels fetch the model at start: volume:PATH from "
+                      "upload-model (set as DEEPLIIF_MODEL_SOURCE in model.json)")
     pack.add_argument("--with-artifacts", action="store_true", help="include this model's cached artifacts")
     pack.add_argument("--cache-dir", type=Path, help="artifact cache to take artifacts from (default: the "
                       "user cache dir)")
@@ -67,19 +74,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
             environment[name] = str(Path(value).resolve())
     if args.name:
         environment.setdefault("REDHARE_MODEL_NAME", args.name)
+    name = args.name or json.loads(args.model_json.read_text()).get("name", "deepliif")
+    print(f"serving {args.kernel} ({args.kernels} kernel{'s' if args.kernels > 1 else ''}) on "
+          f"http://{args.host}:{args.port}/dlim/v1/inference/{name} (Ctrl-C stops)", flush=True)
+    if args.kernels > 1:
+        return _serve_pool(args, environment, name)
     kernel = load_kernel(args.kernel)
-    print(f"serving {args.kernel} on http://{args.host}:{args.port}/dlim/v1/inference/"
-          f"{args.name or 'deepliif'} (Ctrl-C stops)", flush=True)
     serve_kernel(kernel, args.model_json.read_text(), host=args.host, port=args.port, name=args.name,
                  max_body=args.max_body_mb << 20, task_batch_size=args.task_batch_size, environment=environment)
     return 0
 
 
+def _serve_pool(args: argparse.Namespace, environment: dict[str, str], name: str) -> int:
+    from .kernel_pool import KernelPool, default_log_dir, kernel_argv
+    argv = kernel_argv(args.kernel.resolve(), args.model_json.resolve(), args.name, args.task_batch_size,
+                       args.max_body_mb)
+    pool = KernelPool(args.kernels, argv, environment, name, default_log_dir(environment), args.kernel.resolve().parent)
+    pool.start()
+    serve_dispatcher(pool, name, args.host, args.port, args.max_body_mb << 20)
+    return 0
+
+
 def cmd_package(args: argparse.Namespace) -> int:
-    contents = package(args.out, args.model_dir, args.with_artifacts, args.cache_dir, args.name, args.onnx)
+    contents = package(args.out, args.model_dir, args.with_artifacts, args.cache_dir, args.name, args.onnx,
+                       args.with_weights, args.model_source)
     print(f"submission folder {args.out}/: {', '.join(contents['files'])}, packages {', '.join(contents['packages'])}"
-          f"{', model/' if contents['model'] else ' (no model: add one under model/)'}"
+          f"{', model/' if contents['weights_included'] else ''}"
           f"{', artifacts: ' + '; '.join(contents['artifacts']) if contents['artifacts'] else ''}")
+    if contents["model"] and not contents["weights_included"] and not args.model_source:
+        print(f"weights left out ({contents['weights_bytes'] / 1e6:.1f} MB saved): put them on the volume with "
+              "`deepliif-engine upload-model` and set DEEPLIIF_MODEL_SOURCE, or pass --with-weights")
+    elif not contents["model"] and not args.model_source:
+        print("no model given: kernels need DEEPLIIF_MODEL_SOURCE (upload-model) or a model under model/")
     print("then run:")
     for command in contents["commands"]:
         print(f"  {command}")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from .layout import now
 from .reader import LoadedImage
 from .records import RequestRecords
-from .requests import InferenceRequest, RequestError
+from .requests import InferenceRequest, RetryLaterError
 
 logger = logging.getLogger("engine")
 
@@ -32,7 +32,7 @@ class AsyncJobs:
 
     def submit(self, request: InferenceRequest, image: LoadedImage, estimate: float) -> dict:
         if self.queue.qsize() >= self.max_queue:
-            raise RequestError(f"busy: {self.queue.qsize()} requests are already queued on this kernel; retry "
+            raise RetryLaterError(f"busy: {self.queue.qsize()} requests are already queued on this kernel; retry "
                                "later (the request was not accepted)")
         reason = "asked for" if request.run_async else f"estimated {estimate:.0f} s > {self.sync_budget_s:.0f} s"
         record = {"status": "submitted", "msg": f"submitted ({reason}); ask {{\"type\": \"status\", "

@@ -34,11 +34,14 @@ CACHE_DIR = ".engine-cache"
 
 
 def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cache_dir: Path | None = None,
-            name: str | None = None, onnx: Path | None = None) -> dict:
+            name: str | None = None, onnx: Path | None = None, with_weights: bool = False,
+            model_source: str | None = None) -> dict:
     """Assemble the submission folder; returns what went in and the dlim commands.
 
-    `onnx`: a fused graph from `export onnx` (or an fp16 one from `calibrate`) filed into the folder's
-    artifact cache under the name the kernel looks for, so kernels serve it without exporting."""
+    The model's weights stay out unless `with_weights`: WMLA limits a submission's size, and kernels fetch
+    the model from the volume at start (`upload-model`, DEEPLIIF_MODEL_SOURCE). `onnx`: a fused graph from
+    `export onnx` (or an fp16 one from `calibrate`) filed into the folder's artifact cache under the name
+    the kernel looks for, so kernels serve it without exporting."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ArgumentError(f"{out} exists and is not empty; give a new folder")
@@ -47,6 +50,11 @@ def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cac
     description = json.loads((PROJECT_ROOT / "model.json").read_text())
     if name:
         description["name"] = name
+    if model_source:
+        from .model_store import ModelSource
+        ModelSource.parse(model_source)  # refuse a malformed source before it is shipped
+        environments = [e for e in description.get("mk_environments", []) if e["name"] != "DEEPLIIF_MODEL_SOURCE"]
+        description["mk_environments"] = [*environments, {"name": "DEEPLIIF_MODEL_SOURCE", "value": model_source}]
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent if out.parent.exists() else None))
     try:
         for file_name in FILES:
@@ -55,12 +63,15 @@ def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cac
             shutil.copytree(PROJECT_ROOT / package_name, staging / package_name,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         write_json(staging / "model.json", description)
-        contents = {"files": list(FILES), "packages": list(PACKAGES), "model": None, "artifacts": []}
+        contents = {"files": list(FILES), "packages": list(PACKAGES), "model": None, "artifacts": [],
+                    "weights_bytes": 0, "weights_included": False}
         if model_dir is not None:
             from deepliif.model_dir import load_model_dir  # torch: only when packaging a model
             model = load_model_dir(model_dir)  # refuse a broken model before it is shipped
-            shutil.copytree(model.directory, staging / WEIGHTS_DIR)
-            contents["model"] = model.describe()
+            weights = sum(p.stat().st_size for p in Path(model.directory).rglob("*") if p.is_file())
+            if with_weights:
+                shutil.copytree(model.directory, staging / WEIGHTS_DIR)
+            contents.update(model=model.describe(), weights_bytes=weights, weights_included=with_weights)
             model_sha256 = model.weights_sha256()
             if with_artifacts:
                 contents["artifacts"] = _copy_artifacts(model_sha256, cache_dir or default_cache_dir(),

@@ -24,7 +24,8 @@ import uuid
 from deepliif.errors import DeepLIIFError
 
 from .layout import DeploymentLayout, StatusStore, now
-from .requests import InferenceRequest, RequestError, RequestIdTakenError, RequestInUseError, check_request_id
+from .requests import (InferenceRequest, RequestError, RequestIdTakenError, RequestInUseError, RetryLaterError,
+                       check_request_id)
 from .storage import NotFoundError, StorageError, Volume
 
 logger = logging.getLogger("engine")
@@ -101,7 +102,8 @@ class RequestRecords:
         record = self.status.read(request_id)
         reason = record and self.lost_reason(record)
         if reason:
-            record.update(status="error", msg=f"lost: {reason} while it was {record['status']}; submit it again")
+            record.update(status="error", msg=f"lost: {reason} while it was {record['status']}; submit it again",
+                          retry=True)
         return record
 
     def known(self, request_id: str) -> dict:
@@ -179,7 +181,7 @@ class RequestRecords:
         """An open record closed as an error (the kernel stopped before finishing it)."""
         try:
             base = self.status.read(request_id) or {}
-            self.write(request_id, {**base, "status": "error", "msg": msg, "finished_at": now()})
+            self.write(request_id, {**base, "status": "error", "msg": msg, "retry": True, "finished_at": now()})
             self.log(request_id, "error", msg, kernel_fault=True)
         except Exception as exc:  # noqa: BLE001 - shutting down: record what can be recorded
             logger.warning("cannot settle %s: %s", request_id, exc)
@@ -195,7 +197,8 @@ class RequestRecords:
             detail = traceback.format_exception_only(type(exc), exc)
             logger.exception("request %s failed unexpectedly", request_id)
         self.log(request_id, "error", msg, kernel_fault=not isinstance(exc, DeepLIIFError))
-        return {"request_id": request_id, "status": "error", "msg": msg, "log": detail}
+        answer = {"request_id": request_id, "status": "error", "msg": msg, "log": detail}
+        return {**answer, "retry": True} if isinstance(exc, RetryLaterError) else answer
 
     def error_for_body(self, body: str | bytes, exc: Exception) -> dict:
         return self.error(request_id_of(body) or str(uuid.uuid4()), exc)

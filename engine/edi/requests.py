@@ -36,6 +36,11 @@ class RequestError(DeepLIIFError):
     """The request breaks the contract; the message says which field and why."""
 
 
+class RetryLaterError(RequestError):
+    """The request was not run through no fault of its own (the kernel is busy): the same request, sent
+    again later, can succeed. Its answer carries `"retry": true`."""
+
+
 class RequestInUseError(RequestError):
     """The request_id belongs to a request that is still submitted or running."""
 

@@ -197,13 +197,25 @@ def serve_kernel(kernel: KernelCallbacks, model_description: str, host: str = "1
     """Start the kernel with `environment` as its settings (None: the process environment), serve until
     `stop` is set (or Ctrl-C, SIGTERM), then shut the kernel down."""
     record = json.loads(model_description or "{}")
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        # SIGTERM (Kubernetes, WMLA) takes the same way out as Ctrl-C: stop serving, shut the kernel down
-        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    stop = _stop_on_sigterm(stop)
     start_kernel(kernel, model_description, environment)
     dispatcher = KernelDispatcher(kernel, task_batch_size)
-    server = EdiHttpServer((host, port), dispatcher, name or record.get("name", "deepliif"), max_body)
+    try:
+        serve_dispatcher(dispatcher, name or record.get("name", "deepliif"), host, port, max_body, ready, stop)
+    finally:
+        kernel.on_kernel_shutdown()
+
+
+def serve_dispatcher(dispatcher, name: str, host: str, port: int, max_body: int = DEFAULT_MAX_BODY,
+                     ready: threading.Event | None = None, stop: threading.Event | None = None) -> None:
+    """The endpoint in front of anything with `submit(body) -> Future` and `close()` (one kernel, or a pool
+    of kernel processes), until `stop` is set or Ctrl-C; then the dispatcher is closed."""
+    stop = _stop_on_sigterm(stop)
+    try:
+        server = EdiHttpServer((host, port), dispatcher, name, max_body)
+    except BaseException:
+        dispatcher.close()
+        raise
     logger.info("EDI endpoint ready: POST %s", server.url)
     thread = threading.Thread(target=server.serve_forever, name="edi-http", daemon=True)
     thread.start()
@@ -219,4 +231,11 @@ def serve_kernel(kernel: KernelCallbacks, model_description: str, host: str = "1
         server.shutdown()
         server.server_close()
         dispatcher.close()
-        kernel.on_kernel_shutdown()
+
+
+def _stop_on_sigterm(stop: threading.Event | None) -> threading.Event:
+    """SIGTERM (Kubernetes, WMLA) takes the same way out as Ctrl-C: stop serving, shut down."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    return stop

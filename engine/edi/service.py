@@ -21,6 +21,7 @@ from ..session import Session
 from ..slide_inference import infer_slide
 from .jobs import AsyncJobs
 from .layout import DeploymentLayout
+from .model_store import ModelFetcher
 from .reader import LoadedImage, RequestReader
 from .records import RequestRecords
 from .requests import InferenceRequest, RequestInUseError, StatusRequest, fingerprint, parse_request
@@ -42,6 +43,8 @@ class EdiService:
         self.state = self.volume or MountedVolume(_make_dir(settings.state_root))  # status, async outputs, log
         layout = DeploymentLayout(settings.deployment, settings.pod)
         self.records = RequestRecords(self.state, layout, settings.deployment, settings.pod)
+        if settings.model_source is not None:
+            ModelFetcher(settings.model_source, settings.model_dir, self.volume).fetch()
         self.session = Session(settings.model_dir, backend=settings.backend, precision=settings.precision,
                                device=settings.device, cache_dir=settings.cache_dir,
                                batch_size=settings.batch_size, onnx=settings.onnx)

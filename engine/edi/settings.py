@@ -3,6 +3,7 @@
 | variable | meaning | default |
 | --- | --- | --- |
 | `DEEPLIIF_MODEL_DIR` | DeepLIIF model directory | `$REDHARE_MODEL_PATH/<weight_path of model.json>` |
+| `DEEPLIIF_MODEL_SOURCE` | fetch the model at start from `volume:<path>` or a local path (`upload-model`) | none |
 | `DEEPLIIF_BACKEND` | auto, onnxruntime, tensorrt, torch | auto |
 | `DEEPLIIF_PRECISION` | fp32, fp16, int8 | fp32 |
 | `DEEPLIIF_ONNX` | a gated graph from `calibrate` (int8 needs one) | none |
@@ -29,6 +30,7 @@ from deepliif.errors import ArgumentError
 from deepliif.imageio import DEFAULT_MAX_PIXELS
 
 from ..cache import default_cache_dir
+from .model_store import ModelSource
 from .storage import CpdSettings
 
 DEFAULT_SYNC_BUDGET_S = 45.0  # WMLA's synchronous window is one to two minutes; leave room for I/O
@@ -63,6 +65,7 @@ class KernelSettings:
     model_dir: Path
     deployment: str
     pod: str
+    model_source: ModelSource | None = None  # fetched into model_dir at start
     backend: str = "auto"
     precision: str = "fp32"
     onnx: Path | None = None
@@ -93,6 +96,7 @@ class KernelSettings:
             model_dir=Path(model_dir),
             deployment=env.get("REDHARE_MODEL_NAME") or record.get("name") or "deepliif",
             pod=env.get("MSD_POD_NAME") or socket.gethostname(),
+            model_source=ModelSource.parse(env["DEEPLIIF_MODEL_SOURCE"]) if env.get("DEEPLIIF_MODEL_SOURCE") else None,
             backend=env.get("DEEPLIIF_BACKEND", "auto"),
             precision=env.get("DEEPLIIF_PRECISION", "fp32"),
             onnx=Path(env["DEEPLIIF_ONNX"]) if env.get("DEEPLIIF_ONNX") else None,
@@ -100,7 +104,7 @@ class KernelSettings:
             batch_size=int(_number(env, "DEEPLIIF_BATCH_SIZE", 1, int)) if batch else None,
             cache_dir=Path(env["DEEPLIIF_CACHE_DIR"]) if env.get("DEEPLIIF_CACHE_DIR") else None,
             volume_root=Path(env["DEEPLIIF_VOLUME_ROOT"]) if env.get("DEEPLIIF_VOLUME_ROOT") else None,
-            cpd=_cpd(env),
+            cpd=cpd_from_environment(env),
             state_root=Path(model_path) if model_path else default_cache_dir() / "edi-state",
             sync_budget_s=_number(env, "DEEPLIIF_SYNC_BUDGET_S", DEFAULT_SYNC_BUDGET_S),
             max_request_bytes=int(_number(env, "DEEPLIIF_MAX_REQUEST_MB", DEFAULT_MAX_REQUEST_MB)) << 20,
@@ -110,7 +114,7 @@ class KernelSettings:
         )
 
 
-def _cpd(env: Mapping[str, str]) -> CpdSettings | None:
+def cpd_from_environment(env: Mapping[str, str]) -> CpdSettings | None:
     names = ("DEEPLIIF_CPD_URL", "DEEPLIIF_CPD_VOLUME", "DEEPLIIF_CPD_USERNAME", "DEEPLIIF_CPD_API_KEY")
     given = [name for name in names if env.get(name)]
     if not given:

@@ -86,6 +86,10 @@ class Volume(abc.ABC):
         raise StorageError(f"{path!r}: whole slides need a mounted volume (DEEPLIIF_VOLUME_ROOT); this volume is "
                            "read over REST")
 
+    def fetch_file(self, path: str, target: Path, max_bytes: int) -> None:
+        """Copy a file of the volume to a local path (a model's weights at kernel start)."""
+        Path(target).write_bytes(self.read_bytes(path, max_bytes))
+
     def local_dir(self, path: str) -> Path:
         """A local directory to write the files of a staging folder into."""
         raise StorageError(f"{path!r}: writing whole-slide outputs needs a mounted volume (DEEPLIIF_VOLUME_ROOT)")

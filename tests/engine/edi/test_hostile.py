@@ -133,7 +133,9 @@ def test_the_async_queue_is_bounded_and_holds_no_pixels(edi_model: Path, edi_cac
         queued = list(service.jobs.queue.queue)
         third = submit("q3")
         assert [first["status"], second["status"]] == ["submitted", "submitted"]
-        assert third["status"] == "error" and third["msg"].startswith("busy:")
+        assert third["status"] == "error" and third["msg"].startswith("busy:") and third["retry"] is True
+        refused = json.loads(service.handle([json.dumps({"local_input_image": "not base64!"})])[0])
+        assert refused["status"] == "error" and "retry" not in refused  # the request's own fault: no retry
         assert all(image.array is None and image.data == b"" for _, image in queued)
     finally:
         release.set()

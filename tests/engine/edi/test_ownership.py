@@ -55,7 +55,7 @@ def test_records_of_a_kernel_without_heartbeat_are_lost_and_settled_at_start(edi
         records.status.write("quiet-1", {"status": "submitted", "kernel": "pod-quiet.2.def", "pod": "pod-quiet"})
         records.status.write("alive-1", {"status": "running", "kernel": records.kernel, "pod": "pod-live"})
         (dead,) = _call(service, {"type": "status", "request_id": "dead-1"})
-        assert "lost: kernel pod-gone.1.abc stopped" in dead["msg"]
+        assert "lost: kernel pod-gone.1.abc stopped" in dead["msg"] and dead["retry"] is True
         assert _call(service, {"type": "status", "request_id": "quiet-1"})[0]["status"] == "error"
         assert _call(service, {"type": "status", "request_id": "alive-1"})[0]["status"] == "running"
         assert records.status.read("dead-1")["status"] == "running"  # reading reported it; it wrote nothing
@@ -64,6 +64,7 @@ def test_records_of_a_kernel_without_heartbeat_are_lost_and_settled_at_start(edi
     restarted = EdiService(settings_for(edi_model, volume, edi_cache, tmp_path / "state", pod="pod-other"))
     try:
         assert restarted.records.status.read("dead-1")["status"] == "error"  # settled at start
+        assert restarted.records.status.read("dead-1")["retry"] is True
         assert restarted.records.status.read("quiet-1")["status"] == "error"
         assert restarted.records.status.read("alive-1")["status"] == "error"  # its kernel closed: heartbeat gone
     finally:

@@ -70,8 +70,11 @@ def test_package_assembles_a_self_contained_submission(edi_model: Path, tmp_path
     printed = capsys.readouterr().out
     assert f"dlim model deploy -p {out}" in printed and "dlim model start deepliif-test" in printed
     for name in ("kernel.py", "model.json", "README.md", "model-profile.json", "engine/edi/service.py",
-                 "deepliif/pipeline.py", "model/train_opt.txt"):
+                 "deepliif/pipeline.py"):
         assert (out / name).is_file(), name
+    weights = sum(p.stat().st_size for p in edi_model.rglob("*") if p.is_file())
+    assert not (out / "model").exists()  # kernels fetch the weights from the volume (upload-model)
+    assert f"weights left out ({weights / 1e6:.1f} MB saved" in printed
     assert json.loads((out / "model.json").read_text())["name"] == "deepliif-test"
     assert len(list((out / ".engine-cache").glob("*/artifact.json"))) == 1
     assert not list(out.rglob("__pycache__")) and not list(tmp_path.glob(".submission*"))
@@ -101,8 +104,9 @@ def test_export_then_package_is_one_step_the_kernel_serves_without_exporting(edi
     assert main(["export", "onnx", "--model-dir", str(edi_model), "--out", str(exported), "--images", str(image),
                  "--validation-tiles", "1", "--validation-batch-sizes", "1"]) == 0
     out = tmp_path / "submission"
-    assert main(["package", "--out", str(out), "--model-dir", str(edi_model), "--onnx",
+    assert main(["package", "--out", str(out), "--model-dir", str(edi_model), "--with-weights", "--onnx",
                  str(exported / "deepliif.onnx")]) == 0
+    assert (out / "model" / "train_opt.txt").is_file()
     (entry,) = (out / ".engine-cache").glob("*/deepliif.onnx")
     assert entry.read_bytes() == (exported / "deepliif.onnx").read_bytes()
     caplog.set_level("INFO")
