@@ -73,6 +73,7 @@ class KernelProcess:
     port: int = 0
     process: subprocess.Popen | None = None
     in_flight: int = 0
+    last_picked: int = 0
     restarts: int = 0
     log_path: Path | None = None
     ready: threading.Event = field(default_factory=threading.Event)
@@ -154,6 +155,7 @@ class KernelPool:
         if len(gpus) > 1 and count > len(gpus):
             logger.warning("%d kernels share %d GPUs: some GPUs hold two kernels", count, len(gpus))
         self._lock = threading.Lock()
+        self._picks = 0
         self._closing = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=64, thread_name_prefix="edi-forward")
         self._watcher = threading.Thread(target=self._watch, name="edi-kernel-watch", daemon=True)
@@ -196,8 +198,10 @@ class KernelPool:
             ready = [k for k in self.kernels if k.ready.is_set() and k.index not in tried]
             if not ready:
                 return None
-            kernel = min(ready, key=lambda k: (k.in_flight, k.index))
+            kernel = min(ready, key=lambda k: (k.in_flight, k.last_picked))  # ties: the one idle longest
             kernel.in_flight += 1
+            self._picks += 1
+            kernel.last_picked = self._picks
             return kernel
 
     def _watch(self) -> None:

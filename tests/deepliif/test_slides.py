@@ -115,3 +115,39 @@ def test_a_slide_infers_exactly_like_the_same_pixels_as_an_image(generated_model
             assert np.abs(streamed - whole).max() <= 1, (stem, name)
     assert json.loads((tmp_path / "slides" / "slide.json").read_text())["slide"]["mpp"] == 0.25
     assert not list((tmp_path / "slides").glob(".*"))  # no temporaries left
+
+
+def write_svs_style(path: Path, image: np.ndarray, mpp: float, power: int) -> Path:
+    """Aperio's layout as tifffile writes it: a tiled baseline whose description carries AppMag and MPP,
+    then a stripped thumbnail (uncompressed, so pixels compare exactly)."""
+    height, width = image.shape[:2]
+    description = (f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] (256x256) RAW"
+                   f"|AppMag = {power}|MPP = {mpp}|Filename = fixture")
+    with tifffile.TiffWriter(path) as tiff:
+        tiff.write(image, tile=(256, 256), photometric="rgb", description=description)
+        tiff.write(np.ascontiguousarray(image[::16, ::16]), photometric="rgb",
+                   description="Aperio Image Library v12.0.15 thumbnail")
+    return path
+
+
+def test_an_svs_style_slide_gives_its_magnification_the_tile_size_and_infers_like_the_image(
+        generated_models: dict[Layout, Path], slide_image: np.ndarray, tmp_path: Path) -> None:
+    svs = write_svs_style(tmp_path / "case.svs", slide_image, mpp=0.5, power=20)
+    assert is_slide(svs)
+    with open_slide(svs) as slide:
+        assert (slide.info.format, slide.info.mpp, slide.info.objective_power) == ("aperio", 0.5, 20.0)
+        assert slide.info.tile_size() == 256
+        assert np.array_equal(slide.read_region(700, 500, 333, 211), slide_image[500:711, 700:1033])
+    model = str(generated_models[Layout.TORCHSCRIPT])
+    common = ["infer", "--model-dir", model, "--backend", "onnxruntime", "--device", "cpu", "-q",
+              "--outputs", "Seg"]
+    assert main([*common, "--out", str(tmp_path / "slide"), str(svs)]) == 0  # tile size from the magnification
+    write_png(tmp_path / "case.png", slide_image)
+    assert main([*common, "--tile-size", "256", "--out", str(tmp_path / "image"), str(tmp_path / "case.png")]) == 0
+    record = json.loads((tmp_path / "slide" / "case.json").read_text())
+    assert record["tile_size"] == 256 and record["tile_size_from"] != "given"
+    assert record["slide"]["objective_power"] == 20.0
+    with tifffile.TiffFile(tmp_path / "slide" / "case_Seg.ome.tif") as tiff:
+        streamed = tiff.series[0].levels[0].asarray().astype(int)
+        assert 'PhysicalSizeX="0.5"' in tiff.ome_metadata
+    assert np.abs(streamed - read_image(tmp_path / "image" / "case_Seg.png").astype(int)).max() <= 1
