@@ -198,3 +198,14 @@ def test_an_exclusive_create_has_one_winner_and_is_never_read_half_written(tmp_p
             thread.join()
         assert sum(won for won, _ in outcomes) == 1 and len({writer for _, writer in outcomes}) == 1
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_a_model_goes_up_to_a_cpd_volume_and_a_kernel_fetches_it_from_there(cpd, edi_model: Path,
+                                                                           tmp_path: Path) -> None:
+    from deepliif.model_dir import load_model_dir
+    from engine.edi.model_store import MANIFEST, ModelFetcher, ModelSource, upload_model
+    volume = _volume(cpd)
+    upload_model(edi_model, volume, "models/deepliif")
+    assert f"models/deepliif/{MANIFEST}" in FakeCpd.files
+    fetched = ModelFetcher(ModelSource.parse("volume:models/deepliif"), tmp_path / "model", volume).fetch()
+    assert load_model_dir(fetched).weights_sha256() == load_model_dir(edi_model).weights_sha256()
