@@ -111,7 +111,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             infer_files(session, images, args.out, options, args.max_pixels, args.quiet, total)
         for path in slides:
             with tqdm(unit="tile", desc=path.name, disable=args.quiet, file=sys.stderr) as bar:
-                infer_slide(session, path, args.out, args.tile_size, bar.update)
+                infer_slide(session, path, args.out, args.tile_size, bar.update, postprocess=postprocess_options)
     print(f"results in {args.out}/")
     return 0
 

@@ -15,13 +15,16 @@ from deepliif.pyramid import StreamedLevel, assemble_pyramid
 from deepliif.slide_loop import run_slide
 from deepliif.tile_loop import Run
 from deepliif.slides import open_slide
+from deepliif.cells import write_cells
+from deepliif.postprocessing import PostprocessOptions
+from deepliif.slide_scoring import pyramid_bands, score_slide
 
 from .session import Session
 
 logger = logging.getLogger("engine")
 
-POSTPROCESS_NOTE = ("SegOverlaid, SegRefined and scoring are not made for slides yet: the exact slide-wide "
-                    "postprocessing (labels merged across regions, thresholds over every cell) is still to come")
+POSTPROCESS_NOTE = ("scoring and per-cell tables are exact over the whole slide; SegOverlaid and SegRefined are not "
+                    "made for slides yet")
 
 
 def slide_stem(path: Path) -> str:
@@ -34,9 +37,10 @@ def slide_stem(path: Path) -> str:
 
 def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None = None,
                 progress: Callable[[int], None] | None = None, run: Run | None = None,
-                stem: str | None = None) -> Path:
-    """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and `OUT/<stem>.json`. `run` wraps
-    `session.run` (the kernel takes turns per batch); `stem` names the outputs (default: the file's)."""
+                stem: str | None = None, postprocess: PostprocessOptions = PostprocessOptions()) -> Path:
+    """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs, the slide's cells
+    (`<stem>_cells.csv`, `.geojson`) and `OUT/<stem>.json` with its scoring. `run` wraps `session.run` (the
+    kernel takes turns per batch); `stem` names the outputs (default: the file's)."""
     start = time.perf_counter()
     out, stem = prepare_out_dir(Path(out)), stem or slide_stem(path)
     with open_slide(path) as slide:
@@ -55,6 +59,10 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
         writer.close()
     levels = {name: assemble_pyramid(writer.path, out / f"{stem}_{name}.ome.tif", info.mpp)
               for name, writer in level0.items()}
+    pyramids = time.perf_counter()
+    bands = pyramid_bands(out / f"{stem}_Seg.ome.tif", out / f"{stem}_Marker.ome.tif", info.width)
+    scoring, cells = score_slide(bands, info.width, info.height, chosen, True, postprocess)
+    write_cells(out, stem, cells, info.mpp)
     record = {"slide": info.as_dict(), "model": session.files.describe(), "backend": session.info.as_dict(),
               "tile_size": chosen, "tile_size_from": "given" if tile_size else
               ("magnification" if info.objective_power else "default (no magnification in the slide)"),
@@ -62,8 +70,10 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
               "run_tiles": run.tiles - run.empty_tiles,
               "outputs": {name: {"file": f"{stem}_{name}.ome.tif", "levels": n} for name, n in levels.items()},
               "timings": {**run.timings.as_dict(), "stream_seconds": round(run.seconds, 3),
-                          "pyramid_seconds": round(time.perf_counter() - written, 3),
+                          "pyramid_seconds": round(pyramids - written, 3),
+                          "scoring_seconds": round(time.perf_counter() - pyramids, 3),
                           "total_seconds": round(time.perf_counter() - start, 3)},
+              "scoring": scoring, "cells": {"csv": f"{stem}_cells.csv", "geojson": f"{stem}_cells.geojson"},
               "postprocess": POSTPROCESS_NOTE}
     write_json(out / f"{stem}.json", record)
     logger.info("%s: %d tiles (%d empty) at tile size %d, %.1f s", path.name, run.tiles, run.empty_tiles, chosen,

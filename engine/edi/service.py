@@ -158,18 +158,21 @@ class EdiService:
         progress = SlideProgress(self.records, request.request_id, self.reader.estimate_tiles(request, slide))
         with self.volume.local_file(request.image_path) as local:
             record_path = infer_slide(self.session, local, self.state.local_dir(staging), request.tile_size,
-                                      progress.add, self.turns.taking_turns(self.session.run, sync=False), slide.stem)
+                                      progress.add, self.turns.taking_turns(self.session.run, sync=False), slide.stem,
+                                      request.postprocess)
         record = json.loads(record_path.read_text())  # before the folder moves into place
         self.state.publish_dir(staging, final)
         seconds = time.perf_counter() - started
-        response = {"request_id": request.request_id, "status": "finished", "scoring": None,
+        response = {"request_id": request.request_id, "status": "finished", "scoring": record["scoring"],
                     "output_dir": final, "output_location": self.state.describe(final), "slide": record["slide"],
                     "tiles": {key: record[key] for key in ("tiles", "empty_tiles", "run_tiles", "tile_size")},
                     "progress": {"tiles_done": record["tiles"], "tiles_total": record["tiles"], "stage": "done"},
                     "timings": {"total_seconds": round(seconds, 3), "inference_seconds": round(
                         record["timings"]["inference_seconds"], 3)},
                     "log": [*request.warnings, record["postprocess"]],
-                    "msg": f"finished: slide {record['tiles']} tiles ({record['empty_tiles']} empty), {seconds:.1f} s"}
+                    "msg": f"finished: slide {record['tiles']} tiles ({record['empty_tiles']} empty), "
+                           f"{record['scoring']['num_total']} cells, {record['scoring']['percent_pos']}% positive, "
+                           f"{seconds:.1f} s"}
         self.records.log(request.request_id, "finished", response["msg"])
         return response
 

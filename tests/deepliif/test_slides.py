@@ -115,6 +115,12 @@ def test_a_slide_infers_exactly_like_the_same_pixels_as_an_image(generated_model
             assert np.abs(streamed - whole).max() <= 1, (stem, name)
     assert json.loads((tmp_path / "slides" / "slide.json").read_text())["slide"]["mpp"] == 0.25
     assert not list((tmp_path / "slides").glob(".*"))  # no temporaries left
+    image_record = json.loads((tmp_path / "image" / "image.json").read_text())
+    for stem in ("slide", "tiled"):  # the slide-wide scoring and cells equal the whole image's
+        assert json.loads((tmp_path / "slides" / f"{stem}.json").read_text())["scoring"] == image_record["scoring"]
+        slide_cells = (tmp_path / "slides" / f"{stem}_cells.csv").read_text().splitlines()
+        image_cells = (tmp_path / "image" / "image_cells.csv").read_text().splitlines()
+        assert [row.rsplit(",", 2)[0] for row in slide_cells] == [row.rsplit(",", 2)[0] for row in image_cells]
 
 
 def write_svs_style(path: Path, image: np.ndarray, mpp: float, power: int) -> Path:

@@ -1,0 +1,265 @@
+"""Cells, thresholds and counts of a whole slide, equal to `postprocess` on the same pixels as one image.
+
+A slide's Seg is too large to label at once, so it is read in full-width row bands, twice. Pass one labels
+the pixels that are no cell (4-connected) band by band, joins labels that touch across band edges with a
+union-find, and notes which touch the slide's border: DeepLIIF's background is exactly those. Pass two
+labels everything that is not background (8-connected), joins across band edges the same way, and sums
+each cell's size, positive and negative pixels, Marker maximum, first pixel and coordinates. Because bands
+are full-width rows, raster order across the slide is band order, so ordering the merged cells by their
+first pixel numbers them as whole-image labelling does, and the size threshold's KDE sums the same values
+in the same order. Thresholds and counts then follow `postprocess` exactly.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from .cells import Cell
+from .postprocessing import (_EIGHT_CONNECTED, _FOUR_CONNECTED, PostprocessOptions, Resolution, classify_pixels,
+                             default_size_threshold)
+
+Band = tuple[int, np.ndarray, np.ndarray | None]  # top row, Seg rows (RGB), Marker rows or None
+Bands = Callable[[], Iterator[Band]]  # called once per pass; yields the slide's bands top to bottom
+BAND_PIXELS = 4_000_000
+
+
+class UnionFind:
+    """Disjoint sets over ids 0..n-1, grown as bands add labels; the smaller id becomes the root."""
+
+    def __init__(self) -> None:
+        self.parent, self.size = np.zeros(1024, np.int64), 0
+
+    def grow(self, count: int) -> int:
+        """Add `count` ids; the first of them."""
+        first = self.size
+        if first + count > len(self.parent):  # capacity doubles: bands add labels many times
+            self.parent = np.concatenate([self.parent, np.zeros(max(first + count, 2 * len(self.parent)), np.int64)])
+        self.parent[first: first + count] = np.arange(first, first + count)
+        self.size += count
+        return first
+
+    def find(self, item: int) -> int:
+        root = item
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[item] != root:
+            self.parent[item], item = root, self.parent[item]
+        return root
+
+    def union_pairs(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in set(zip(a.tolist(), b.tolist())):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                self.parent[max(rx, ry)] = min(rx, ry)
+
+    def roots(self) -> np.ndarray:
+        parent = self.parent[: self.size].copy()
+        while True:  # pointer jumping: every id straight to its root
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                return parent
+            parent = jumped
+
+
+def _join_edge(sets: UnionFind, above: np.ndarray, below: np.ndarray, diagonal: bool) -> None:
+    """Union the ids of two touching rows (-1: no label): same column, and diagonals for 8-connectivity."""
+    width = len(above)
+    for shift in (-1, 0, 1) if diagonal else (0,):
+        a = above[max(0, -shift): width - max(0, shift)]
+        b = below[max(0, shift): width - max(0, -shift)]
+        both = (a >= 0) & (b >= 0)
+        sets.union_pairs(a[both], b[both])
+
+
+def _global(labels: np.ndarray, first: int) -> np.ndarray:
+    return np.where(labels > 0, labels.astype(np.int64) + (first - 1), -1)
+
+
+def _unknown_labels(seg: np.ndarray, seg_thresh: int) -> tuple[np.ndarray, int]:
+    positive, negative = classify_pixels(seg, seg_thresh)
+    return ndimage.label(~(positive | negative), structure=_FOUR_CONNECTED)
+
+
+def background_labels(bands: Bands, height: int, seg_thresh: int) -> tuple[list[int], np.ndarray]:
+    """Pass one: per band, the first id of its no-cell labels; per id, whether it is background."""
+    sets, firsts, touching, previous = UnionFind(), [], [], None
+    for top, seg, _ in bands():
+        labels, count = _unknown_labels(seg, seg_thresh)
+        firsts.append(sets.grow(count))
+        ids = _global(labels, firsts[-1])
+        edges = [ids[:, 0], ids[:, -1]] + ([ids[0]] if top == 0 else []) + \
+            ([ids[-1]] if top + len(seg) == height else [])
+        touching.append(np.unique(np.concatenate(edges)))
+        if previous is not None:
+            _join_edge(sets, previous, ids[0], diagonal=False)
+        previous = ids[-1]
+    roots = sets.roots()
+    border = np.concatenate(touching) if touching else np.zeros(0, np.int64)
+    root_is_background = np.zeros(len(roots), bool)
+    root_is_background[roots[border[border >= 0]]] = True
+    return firsts, root_is_background[roots]
+
+
+@dataclass
+class SlideCells:
+    """Every connected non-background component of the slide, in whole-image label order."""
+    sizes: np.ndarray
+    positive: np.ndarray
+    marker: np.ndarray
+    first_pixel: np.ndarray
+    sum_x: np.ndarray
+    sum_y: np.ndarray
+    x0: np.ndarray
+    y0: np.ndarray
+    x1: np.ndarray
+    y1: np.ndarray
+
+
+def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int) -> SlideCells:
+    """Pass two: the cells, merged across bands and ordered by their first pixel."""
+    firsts, is_background = background_labels(bands, height, seg_thresh)
+    sets, previous, parts = UnionFind(), None, []
+    for (top, seg, marker), first in zip(bands(), firsts):
+        unknown, _ = _unknown_labels(seg, seg_thresh)
+        background = np.zeros(unknown.shape, bool)
+        no_cell = unknown > 0
+        background[no_cell] = is_background[unknown[no_cell].astype(np.int64) + (first - 1)]
+        labels, count = ndimage.label(~background, structure=_EIGHT_CONNECTED)
+        ids = _global(labels, sets.grow(count))
+        if previous is not None:
+            _join_edge(sets, previous, ids[0], diagonal=True)
+        previous = ids[-1]
+        parts.append(_band_stats(labels, count, seg, marker, top, width, seg_thresh))
+    return _merge(sets.roots(), parts)
+
+
+def _band_stats(labels: np.ndarray, count: int, seg: np.ndarray, marker: np.ndarray | None, top: int,
+                width: int, seg_thresh: int) -> dict[str, np.ndarray]:
+    positive, negative = classify_pixels(seg, seg_thresh)
+    flat, index = labels.ravel(), np.arange(1, count + 1)
+    ys, xs = np.divmod(np.arange(flat.size, dtype=np.int64), labels.shape[1])
+
+    def per_label(weights: np.ndarray | None) -> np.ndarray:
+        return np.bincount(flat, weights=weights, minlength=count + 1)[1:]
+    present, first = np.unique(flat, return_index=True)
+    first_pixel = np.zeros(count + 1, np.int64)
+    first_pixel[present] = first + top * width
+    boxes = ndimage.find_objects(labels, max_label=count)
+    grey = (marker.max(axis=2) if marker.ndim == 3 else marker) if marker is not None else None
+    return {"sizes": per_label(None).astype(np.int64), "positive": per_label(positive.ravel()).astype(np.int64),
+            "negative": per_label(negative.ravel()).astype(np.int64),
+            "marker": (ndimage.maximum(grey, labels, index) if grey is not None and count else np.zeros(count))
+            .astype(np.int64), "first_pixel": first_pixel[1:],
+            "sum_x": per_label(xs.astype(np.float64)).astype(np.int64),
+            "sum_y": (per_label(ys.astype(np.float64)) + top * per_label(None)).astype(np.int64),
+            "x0": np.array([b[1].start for b in boxes], np.int64), "x1": np.array([b[1].stop for b in boxes], np.int64),
+            "y0": np.array([b[0].start + top for b in boxes], np.int64),
+            "y1": np.array([b[0].stop + top for b in boxes], np.int64)}
+
+
+def _merge(roots: np.ndarray, parts: list[dict[str, np.ndarray]]) -> SlideCells:
+    joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    unique_roots, cell = np.unique(roots, return_inverse=True)
+    n = len(unique_roots)
+
+    def reduce(key: str, how) -> np.ndarray:
+        out = np.full(n, {"sum": 0, "min": np.iinfo(np.int64).max, "max": np.iinfo(np.int64).min}[how], np.int64)
+        {"sum": np.add, "min": np.minimum, "max": np.maximum}[how].at(out, cell, joined[key])
+        return out
+    first = reduce("first_pixel", "min")
+    order = np.argsort(first, kind="stable")
+    sums = {key: reduce(key, "sum")[order] for key in ("sizes", "positive", "negative", "sum_x", "sum_y")}
+    return SlideCells(sums["sizes"], sums["positive"] >= sums["negative"], reduce("marker", "max")[order],
+                      first[order], sums["sum_x"], sums["sum_y"], reduce("x0", "min")[order],
+                      reduce("y0", "min")[order], reduce("x1", "max")[order], reduce("y1", "max")[order])
+
+
+def marker_histogram(bands: Bands) -> np.ndarray:
+    counts = np.zeros(256, np.int64)
+    for _, _, marker in bands():
+        grey = marker.max(axis=2) if marker.ndim == 3 else marker
+        counts += np.bincount(grey.ravel(), minlength=256)
+    return counts
+
+
+def percentile_from_histogram(counts: np.ndarray, q: float) -> float:
+    """`np.percentile(values, q)` (linear) of the values a histogram of integers counts, without the values."""
+    cumulative = np.cumsum(counts)
+    index = (cumulative[-1] - 1) * q / 100
+    low, high = int(np.floor(index)), int(np.ceil(index))
+    value_at = lambda k: int(np.searchsorted(cumulative, k, side="right"))  # noqa: E731 - the k-th sorted value
+    a, b = value_at(low), value_at(high)
+    return float(a + (b - a) * (index - low))
+
+
+def slide_marker_threshold(bands: Bands) -> int:
+    """`default_marker_threshold` over the whole slide's Marker, from its histogram."""
+    counts = marker_histogram(bands)
+    counts[0] = 0
+    if counts.sum() == 0:
+        return 0
+    low = round(percentile_from_histogram(counts, 0.1))
+    high = round(percentile_from_histogram(counts, 99.9))
+    return round((high - low) * 0.9) + low
+
+
+def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marker: bool,
+                options: PostprocessOptions = PostprocessOptions()) -> tuple[dict, list[Cell]]:
+    """The scoring `postprocess` gives for the same pixels as one image, and its counted cells."""
+    cells = slide_cells(bands, width, height, options.seg_thresh)
+    kept = cells.sizes > options.noise_thresh
+    if options.large_noise_thresh is not None:
+        kept &= cells.sizes < options.large_noise_thresh
+    size_thresh = options.size_thresh
+    if size_thresh == "default":
+        size_thresh = default_size_threshold(cells.sizes[kept], Resolution.from_tile_size(tile_size))
+    size_thresh = size_thresh or 0
+    marker_thresh = slide_marker_threshold(bands) if options.marker_thresh == "default" else options.marker_thresh
+    counted = kept & (cells.sizes > size_thresh)
+    if options.size_thresh_upper is not None:
+        counted &= cells.sizes < options.size_thresh_upper
+    is_positive = cells.positive | (cells.marker > (255 if marker_thresh is None else marker_thresh))
+    num_total, num_pos = int(counted.sum()), int((counted & is_positive).sum())
+    scoring = {"num_total": num_total, "num_pos": num_pos, "num_neg": num_total - num_pos,
+               "percent_pos": round(num_pos / num_total * 100, 1) if num_pos > 0 else 0,
+               "seg_thresh": options.seg_thresh, "size_thresh": int(size_thresh),
+               "size_thresh_upper": options.size_thresh_upper,
+               "marker_thresh": marker_thresh if has_marker else None}
+    table = []
+    for i in np.flatnonzero(counted):
+        size = int(cells.sizes[i])
+        centroid_x = round(int(cells.x0[i]) + (int(cells.sum_x[i]) - size * int(cells.x0[i])) / size, 2)
+        centroid_y = round(int(cells.y0[i]) + (int(cells.sum_y[i]) - size * int(cells.y0[i])) / size, 2)
+        table.append(Cell(len(table) + 1, centroid_x, centroid_y, int(cells.x0[i]), int(cells.y0[i]),
+                          int(cells.x1[i]), int(cells.y1[i]), size, bool(is_positive[i]), int(cells.marker[i])))
+    return scoring, table
+
+
+def array_bands(seg: np.ndarray, marker: np.ndarray | None, rows: int) -> Bands:
+    """Bands of in-memory images (tests, and images small enough to hold)."""
+    def bands() -> Iterator[Band]:
+        for top in range(0, seg.shape[0], rows):
+            yield top, seg[top: top + rows], None if marker is None else marker[top: top + rows]
+    return bands
+
+
+def pyramid_bands(seg_path: Path, marker_path: Path | None, width: int) -> Bands:
+    """Bands of level 0 of the Seg (and Marker) pyramids `infer` wrote, read through zarr region by region:
+    about 4 megapixels per band, so memory stays bounded whatever the slide's size."""
+    import tifffile
+    import zarr
+    rows = int(min(2048, max(16, BAND_PIXELS // max(width, 1))))
+
+    def bands() -> Iterator[Band]:
+        with contextlib.ExitStack() as stack:
+            levels = [zarr.open(stack.enter_context(tifffile.TiffFile(path)).series[0].aszarr(level=0), mode="r")
+                      for path in (seg_path, marker_path) if path is not None]
+            seg, marker = levels[0], levels[1] if len(levels) > 1 else None
+            for top in range(0, seg.shape[0], rows):
+                yield top, seg[top: top + rows], None if marker is None else marker[top: top + rows]
+    return bands
