@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 from pathlib import Path
 
 from deepliif.errors import ArgumentError
@@ -97,6 +98,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("USER_ACCESS_TOKEN")  # not a parser default: --help would print it
     client = EdiClient(args.endpoint, token, not args.no_verify_tls, args.retry_for_s)
     cohort = Cohort(inputs, args.out, client, options)
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop ends the run as Ctrl-C does: journal and table kept
     with tqdm(total=len(inputs), unit="input", disable=args.no_progress, desc="cohort") as bar:
         try:
             counts = cohort.run(on_done=lambda: bar.update(1))
@@ -106,3 +108,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             return 130
     print(cohort.summary())
     return 0 if counts["pending"] == 0 and counts["failed"] == 0 else 1
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt

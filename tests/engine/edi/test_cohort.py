@@ -162,7 +162,10 @@ def test_a_cohort_through_two_kernels_survives_a_server_restart(edi_model: Path,
     submit = [sys.executable, "-m", "engine.cli", "submit", "--endpoint", url, "--out", str(out), "--concurrency",
               "4", "--poll-s", "0.2", "--retry-for-s", "60", "--tile-size", "256", "--no-progress", *inputs]
     server = _start_server(env, port, log)
-    client = subprocess.Popen(submit, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # a test run started in the background inherits SIGINT ignored (POSIX, for asynchronous lists); Ctrl-C
+    # in a terminal is what this stands for, so the client gets SIGINT's default disposition back
+    client = subprocess.Popen(submit, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and sum('"finished"' in line for line in (
             (out / "journal.jsonl").read_text().splitlines() if (out / "journal.jsonl").is_file() else [])) < 6:
