@@ -4,7 +4,8 @@ A slide's Seg is too large to label at once, so it is read in full-width row ban
 the pixels that are no cell (4-connected) band by band, joins labels that touch across band edges with a
 union-find, and notes which touch the slide's border: DeepLIIF's background is exactly those. Pass two
 labels everything that is not background (8-connected), joins across band edges the same way, and sums
-each cell's size, positive and negative pixels, Marker maximum, first pixel and coordinates. Because bands
+each cell's size, positive and negative pixels, Marker maximum, first pixel and coordinates, and counts the
+Marker's grey values (its default threshold is a percentile over the whole slide). Because bands
 are full-width rows, raster order across the slide is band order, so ordering the merged cells by their
 first pixel numbers them as whole-image labelling does, and the size threshold's KDE sums the same values
 in the same order. Thresholds and counts then follow `postprocess` exactly.
@@ -118,13 +119,17 @@ class SlideCells:
     y0: np.ndarray
     x1: np.ndarray
     y1: np.ndarray
+    marker_histogram: np.ndarray  # of the Marker's grey values over the whole slide (for its default threshold)
 
 
 def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int) -> SlideCells:
     """Pass two: the cells, merged across bands and ordered by their first pixel."""
     firsts, is_background = background_labels(bands, height, seg_thresh)
-    sets, previous, parts = UnionFind(), None, []
+    sets, previous, parts, histogram = UnionFind(), None, [], np.zeros(256, np.int64)
     for (top, seg, marker), first in zip(bands(), firsts):
+        grey = None if marker is None else marker.max(axis=2) if marker.ndim == 3 else marker
+        if grey is not None:
+            histogram += np.bincount(grey.ravel(), minlength=256)
         unknown, _ = _unknown_labels(seg, seg_thresh)
         background = np.zeros(unknown.shape, bool)
         no_cell = unknown > 0
@@ -134,11 +139,11 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int) -> Slide
         if previous is not None:
             _join_edge(sets, previous, ids[0], diagonal=True)
         previous = ids[-1]
-        parts.append(_band_stats(labels, count, seg, marker, top, width, seg_thresh))
-    return _merge(sets.roots(), parts)
+        parts.append(_band_stats(labels, count, seg, grey, top, width, seg_thresh))
+    return _merge(sets.roots(), parts, histogram)
 
 
-def _band_stats(labels: np.ndarray, count: int, seg: np.ndarray, marker: np.ndarray | None, top: int,
+def _band_stats(labels: np.ndarray, count: int, seg: np.ndarray, grey: np.ndarray | None, top: int,
                 width: int, seg_thresh: int) -> dict[str, np.ndarray]:
     positive, negative = classify_pixels(seg, seg_thresh)
     flat, index = labels.ravel(), np.arange(1, count + 1)
@@ -150,7 +155,6 @@ def _band_stats(labels: np.ndarray, count: int, seg: np.ndarray, marker: np.ndar
     first_pixel = np.zeros(count + 1, np.int64)
     first_pixel[present] = first + top * width
     boxes = ndimage.find_objects(labels, max_label=count)
-    grey = (marker.max(axis=2) if marker.ndim == 3 else marker) if marker is not None else None
     return {"sizes": per_label(None).astype(np.int64), "positive": per_label(positive.ravel()).astype(np.int64),
             "negative": per_label(negative.ravel()).astype(np.int64),
             "marker": (ndimage.maximum(grey, labels, index) if grey is not None and count else np.zeros(count))
@@ -162,7 +166,7 @@ def _band_stats(labels: np.ndarray, count: int, seg: np.ndarray, marker: np.ndar
             "y1": np.array([b[0].stop + top for b in boxes], np.int64)}
 
 
-def _merge(roots: np.ndarray, parts: list[dict[str, np.ndarray]]) -> SlideCells:
+def _merge(roots: np.ndarray, parts: list[dict[str, np.ndarray]], histogram: np.ndarray) -> SlideCells:
     joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     unique_roots, cell = np.unique(roots, return_inverse=True)
     n = len(unique_roots)
@@ -176,15 +180,7 @@ def _merge(roots: np.ndarray, parts: list[dict[str, np.ndarray]]) -> SlideCells:
     sums = {key: reduce(key, "sum")[order] for key in ("sizes", "positive", "negative", "sum_x", "sum_y")}
     return SlideCells(sums["sizes"], sums["positive"] >= sums["negative"], reduce("marker", "max")[order],
                       first[order], sums["sum_x"], sums["sum_y"], reduce("x0", "min")[order],
-                      reduce("y0", "min")[order], reduce("x1", "max")[order], reduce("y1", "max")[order])
-
-
-def marker_histogram(bands: Bands) -> np.ndarray:
-    counts = np.zeros(256, np.int64)
-    for _, _, marker in bands():
-        grey = marker.max(axis=2) if marker.ndim == 3 else marker
-        counts += np.bincount(grey.ravel(), minlength=256)
-    return counts
+                      reduce("y0", "min")[order], reduce("x1", "max")[order], reduce("y1", "max")[order], histogram)
 
 
 def percentile_from_histogram(counts: np.ndarray, q: float) -> float:
@@ -197,9 +193,9 @@ def percentile_from_histogram(counts: np.ndarray, q: float) -> float:
     return float(a + (b - a) * (index - low))
 
 
-def slide_marker_threshold(bands: Bands) -> int:
+def slide_marker_threshold(histogram: np.ndarray) -> int:
     """`default_marker_threshold` over the whole slide's Marker, from its histogram."""
-    counts = marker_histogram(bands)
+    counts = histogram.copy()
     counts[0] = 0
     if counts.sum() == 0:
         return 0
@@ -219,7 +215,9 @@ def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marke
     if size_thresh == "default":
         size_thresh = default_size_threshold(cells.sizes[kept], Resolution.from_tile_size(tile_size))
     size_thresh = size_thresh or 0
-    marker_thresh = slide_marker_threshold(bands) if options.marker_thresh == "default" else options.marker_thresh
+    marker_thresh = options.marker_thresh
+    if marker_thresh == "default":
+        marker_thresh = slide_marker_threshold(cells.marker_histogram)
     counted = kept & (cells.sizes > size_thresh)
     if options.size_thresh_upper is not None:
         counted &= cells.sizes < options.size_thresh_upper

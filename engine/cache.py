@@ -59,6 +59,21 @@ def cpu_signature() -> str:
     return f"{platform.machine()}-{hashlib.sha256(flags.encode()).hexdigest()[:12]}"
 
 
+@contextlib.contextmanager
+def exclusive_lock(path: Path, holder: str) -> Iterator[None]:
+    """An exclusive `flock` on `path` for the block: one builder at a time across processes, released by
+    the OS if its holder dies. `holder` says in the log who was waited for."""
+    with open(path, "a+") as handle:
+        start = time.perf_counter()
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        if time.perf_counter() - start > 1:
+            logger.info("waited %.1f s for %s", time.perf_counter() - start, holder)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def cache_key(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -111,18 +126,8 @@ class ArtifactCache:
             return False
         return True
 
-    @contextlib.contextmanager
-    def _lock(self, key: str) -> Iterator[None]:
-        with open(self.root / f"{key}.lock", "a+") as handle:
-            start = time.perf_counter()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            waited = time.perf_counter() - start
-            if waited > 1:
-                logger.info("waited %.1f s for another process building artifact %s", waited, key)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _lock(self, key: str) -> contextlib.AbstractContextManager[None]:
+        return exclusive_lock(self.root / f"{key}.lock", f"another process building artifact {key}")
 
     def _discard(self, entry: Path, key: str) -> None:
         """Under the lock: remove a bad entry and staging left by builders that died."""

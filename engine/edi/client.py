@@ -38,7 +38,7 @@ class EdiClient:
         self.retry_for_s, self.timeout_s = retry_for_s, timeout_s
         self.first_backoff_s, self.max_backoff_s = first_backoff_s, max_backoff_s
         self.stop = threading.Event()  # set: waiting between retries ends at once (Ctrl-C)
-        self.context = None if verify_tls else ssl._create_unverified_context()  # WMLA with a self-signed route
+        self.context = tls_context(verify_tls)
 
     def status(self, request_id: str) -> dict:
         return self.post({"type": "status", "request_id": request_id})
@@ -77,6 +77,15 @@ class EdiClient:
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
             return f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
         return _json(text)
+
+
+def tls_context(verify_tls: bool) -> ssl.SSLContext:
+    """The default TLS context, or one that accepts a self-signed certificate (a WMLA or CPD route)."""
+    context = ssl.create_default_context()
+    if not verify_tls:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _json(text: bytes | str) -> dict:

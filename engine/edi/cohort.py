@@ -170,11 +170,11 @@ class Cohort:
                     return
                 self.stop.wait(self.options.poll_s)
                 answer = self.client.status(request_id)
+        except EndpointRefusedError:
+            raise  # no input can get through: the whole run stops
         except EndpointUnavailableError as exc:
             logger.warning("%s stays pending: %s", item.key, exc)
         except DeepLIIFError as exc:
-            if isinstance(exc, EndpointRefusedError):
-                raise
             self._end(item, request_id, State.FAILED, str(exc))
             on_done()
 

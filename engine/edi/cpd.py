@@ -12,6 +12,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 
+from .client import tls_context
 from .volume import NotFoundError, StorageError, Volume, clean_relative_path
 
 logger = logging.getLogger("engine")
@@ -52,12 +53,7 @@ class CpdVolume(Volume):
 
     @staticmethod
     def _default_opener(verify_tls: bool) -> urllib.request.OpenerDirector:
-        import ssl
-        context = ssl.create_default_context()
-        if not verify_tls:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
+        return urllib.request.build_opener(urllib.request.HTTPSHandler(context=tls_context(verify_tls)))
 
     def _file_url(self, path: str) -> str:
         quoted = urllib.parse.quote(clean_relative_path(path), safe="")

@@ -57,7 +57,8 @@ def _die_with_parent() -> None:
         pass
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the OS's pick); the kernel binds it a moment later."""
     with socket.socket() as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
@@ -79,7 +80,7 @@ class KernelProcess:
     ready: threading.Event = field(default_factory=threading.Event)
 
     def start(self, log_dir: Path) -> None:
-        self.port = _free_port(self.host)
+        self.port = free_port(self.host)
         self.ready.clear()
         self.log_path = log_dir / f"kernel-{self.index}.log"
         with open(self.log_path, "ab") as log:
@@ -123,10 +124,13 @@ class KernelProcess:
         finally:
             connection.close()
 
-    def stop(self, grace_s: float) -> None:
-        if self.process is None or self.process.poll() is not None:
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
+    def wait_or_kill(self, grace_s: float) -> None:
+        if self.process is None:
             return
-        self.process.terminate()
         try:
             self.process.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
@@ -223,11 +227,10 @@ class KernelPool:
     def close(self) -> None:
         """SIGTERM to every kernel (each finishes its queued work within its grace period), then wait."""
         self._closing.set()
+        for kernel in self.kernels:  # all at once: they finish their work in parallel
+            kernel.terminate()
         for kernel in self.kernels:
-            if kernel.process is not None and kernel.process.poll() is None:
-                kernel.process.terminate()
-        for kernel in self.kernels:
-            kernel.stop(self.grace_s)
+            kernel.wait_or_kill(self.grace_s)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 

@@ -10,21 +10,19 @@ nothing loads and the next fetcher removes.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from deepliif.errors import ArgumentError, ArtifactError
 from deepliif.imageio import HashMemo, file_sha256, write_json
 
+from ..cache import exclusive_lock
 from .volume import StorageError, Volume, clean_relative_path
 
 logger = logging.getLogger("engine")
@@ -102,7 +100,8 @@ class ModelFetcher:
         if self._in_place(manifest):
             logger.info("model already fetched from %s into %s", self.source.describe(), self.target)
             return self.target
-        with self._lock():
+        lock = self.target.parent / f".{self.target.name}.fetch.lock"
+        with exclusive_lock(lock, "another kernel fetching the model"):
             if self._in_place(manifest):
                 logger.info("model fetched by another kernel from %s into %s", self.source.describe(), self.target)
                 return self.target
@@ -186,15 +185,3 @@ class ModelFetcher:
             return (self.source.local_path / name).read_bytes()
         except OSError as exc:
             raise StorageError(f"cannot read {self.source.local_path / name}: {exc.strerror}") from exc
-
-    @contextlib.contextmanager
-    def _lock(self) -> Iterator[None]:
-        with open(self.target.parent / f".{self.target.name}.fetch.lock", "a+") as handle:
-            start = time.perf_counter()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            if time.perf_counter() - start > 1:
-                logger.info("waited %.1f s for another kernel fetching the model", time.perf_counter() - start)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)

@@ -5,7 +5,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,7 @@ import pytest
 from deepliif.imageio import write_png
 from engine.edi.client import EdiClient, EndpointRefusedError
 from engine.edi.cohort import Cohort, CohortInput, CohortOptions, Journal
+from engine.edi.kernel_pool import free_port
 from engine.edi.model_store import upload_model
 from engine.edi.storage import MountedVolume
 from engine.samples import synthetic_ihc
@@ -67,9 +67,7 @@ def test_a_refused_token_stops_at_once_and_a_dead_endpoint_leaves_inputs_pending
     with pytest.raises(EndpointRefusedError, match="401"):
         EdiClient(scripted).post({})
     assert len(Scripted.bodies) == 1
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{probe.getsockname()[1]}/dlim/v1/inference/deepliif"
+    dead = f"http://127.0.0.1:{free_port()}/dlim/v1/inference/deepliif"
     image = tmp_path / "a.png"
     write_png(image, synthetic_ihc(64, 64, seed=1))
     cohort = Cohort([CohortInput.parse(str(image)), CohortInput.parse("volume:slides/b.svs")], tmp_path / "out",
@@ -103,12 +101,6 @@ def test_the_journal_keeps_the_last_state_and_skips_a_torn_line(tmp_path: Path) 
         handle.write('{"input": "b", "sta')  # a crash in the middle of a line
     again = Journal(tmp_path / "journal.jsonl")
     assert again.state("a").value == "finished" and again.state("b") is None
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _start_server(env: dict, port: int, log: Path) -> subprocess.Popen:
@@ -156,7 +148,7 @@ def test_a_cohort_through_two_kernels_survives_a_server_restart(edi_model: Path,
            "DEEPLIIF_MODEL_SOURCE": "volume:models/deepliif", "DEEPLIIF_CACHE_DIR": str(edi_cache),
            "DEEPLIIF_BACKEND": "onnxruntime", "DEEPLIIF_DEVICE": "cpu", "MSD_POD_NAME": "pod-t",
            "CUDA_VISIBLE_DEVICES": "", "DEEPLIIF_SHUTDOWN_GRACE_S": "2"}
-    port, log = _free_port(), tmp_path / "serve.log"
+    port, log = free_port(), tmp_path / "serve.log"
     url = f"http://127.0.0.1:{port}/dlim/v1/inference/deepliif"
     out = tmp_path / "cohort"
     submit = [sys.executable, "-m", "engine.cli", "submit", "--endpoint", url, "--out", str(out), "--concurrency",
