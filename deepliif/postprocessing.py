@@ -183,21 +183,43 @@ def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
 
 def cell_borders(cells: CellTable, counted: np.ndarray, is_positive: np.ndarray, in_counted: np.ndarray,
                  positive_pixels: np.ndarray, grow_steps: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Outlines of counted cells: background pixels 4-adjacent to a cell, grown `grow_steps` times
-    (8-neighbourhood) into background; where outlines of two cells meet, the later in raster order wins.
-    DeepLIIF also marks each cell's first pixel (its flood-fill seed) as outline; so does this.
-    `counted`/`is_positive` are per cell; `in_counted`/`positive_pixels` the same as pixel masks.
-    Returns (outline, outline_is_positive).
-    """
-    border, border_positive = _grow(in_counted, positive_pixels, cells.background,
-                                    _RASTER_FOUR_NEIGHBOURS)
-    border &= cells.background
+    """Outlines of counted cells; `counted`/`is_positive` are per cell, `in_counted`/`positive_pixels` the
+    same as pixel masks. Returns (outline, outline_is_positive)."""
+    ids = np.flatnonzero(counted)
+    return outline(cells.background, in_counted, positive_pixels, cells.first_pixel[ids], is_positive[ids],
+                   grow_steps)
+
+
+def outline(background: np.ndarray, in_counted: np.ndarray, positive_pixels: np.ndarray, seeds: np.ndarray,
+            seeds_positive: np.ndarray, grow_steps: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Background pixels 4-adjacent to a counted cell, grown `grow_steps` times (8-neighbourhood) into
+    background; where outlines of two cells meet, the later in raster order wins. DeepLIIF also marks each
+    cell's first pixel (its flood-fill seed, a flat index in `seeds`) as outline; so does this. Every step
+    looks one pixel away, so a pixel's outline depends on pixels at most `1 + grow_steps` rows away: a band
+    with that many rows of halo each side is drawn exactly."""
+    border, border_positive = _grow(in_counted, positive_pixels, background, _RASTER_FOUR_NEIGHBOURS)
+    border &= background
     for _ in range(grow_steps):
-        border, border_positive = _grow(border, border_positive, cells.background, _RASTER_NEIGHBOURS)
-    seeds = cells.first_pixel[np.flatnonzero(counted)]
+        border, border_positive = _grow(border, border_positive, background, _RASTER_NEIGHBOURS)
     border.ravel()[seeds] = True
-    border_positive.ravel()[seeds] = is_positive[np.flatnonzero(counted)]
+    border_positive.ravel()[seeds] = seeds_positive
     return border, border_positive & border
+
+
+def paint(orig: np.ndarray, border: np.ndarray, border_positive: np.ndarray, in_counted: np.ndarray,
+          positive_pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SegOverlaid (outlines on the input: red positive, blue negative) and SegRefined (green outlines,
+    red/blue interiors on black)."""
+    interior = in_counted & ~border
+    interior_positive = interior & positive_pixels
+    overlaid = orig.copy()
+    overlaid[border & border_positive] = (255, 0, 0)
+    overlaid[border & ~border_positive] = (0, 0, 255)
+    refined = np.zeros_like(orig)
+    refined[border, 1] = 255
+    refined[interior_positive, 0] = 255
+    refined[interior & ~interior_positive, 2] = 255
+    return overlaid, refined
 
 
 def _grow(source: np.ndarray, source_positive: np.ndarray, allowed: np.ndarray,
@@ -233,16 +255,7 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     in_counted = counted[cells.labels]
     positive_pixels = in_counted & is_positive[cells.labels]
     border, border_positive = cell_borders(cells, counted, is_positive, in_counted, positive_pixels)
-    interior = in_counted & ~border
-    interior_positive = interior & positive_pixels
-
-    overlaid = orig.copy()
-    overlaid[border & border_positive] = (255, 0, 0)
-    overlaid[border & ~border_positive] = (0, 0, 255)
-    refined = np.zeros_like(orig)
-    refined[border, 1] = 255
-    refined[interior_positive, 0] = 255
-    refined[interior & ~interior_positive, 2] = 255
+    overlaid, refined = paint(orig, border, border_positive, in_counted, positive_pixels)
 
     num_pos = int(np.count_nonzero(counted & is_positive))
     num_total = int(np.count_nonzero(counted))

@@ -23,6 +23,7 @@ from scipy import ndimage
 from .cells import Cell
 from .postprocessing import (_EIGHT_CONNECTED, _FOUR_CONNECTED, PostprocessOptions, Resolution, classify_pixels,
                              default_size_threshold)
+from .slides import open_slide
 
 Band = tuple[int, np.ndarray, np.ndarray | None]  # top row, Seg rows (RGB), Marker rows or None
 Bands = Callable[[], Iterator[Band]]  # called once per pass; yields the slide's bands top to bottom
@@ -106,6 +107,34 @@ def background_labels(bands: Bands, height: int, seg_thresh: int) -> tuple[list[
     return firsts, root_is_background[roots]
 
 
+def band_background(seg: np.ndarray, seg_thresh: int, first: int, is_background: np.ndarray) -> np.ndarray:
+    """The band's background pixels, from pass one's verdict on each of its no-cell labels."""
+    unknown, _ = _unknown_labels(seg, seg_thresh)
+    background = np.zeros(unknown.shape, bool)
+    no_cell = unknown > 0
+    background[no_cell] = is_background[unknown[no_cell].astype(np.int64) + (first - 1)]
+    return background
+
+
+@dataclass
+class SlideLabels:
+    """What labels band k again exactly as pass two did, so a later pass (drawing the overlays) finds each
+    pixel's merged cell without holding a label image of the slide: the same bands give the same labels."""
+    seg_thresh: int
+    no_cell_firsts: list[int]
+    is_background: np.ndarray  # per pass-one id
+    cell_firsts: list[int]
+    cell_of_label: np.ndarray  # per pass-two id: index of its merged cell (whole-image order)
+
+    def cells(self, band: int, seg: np.ndarray) -> np.ndarray:
+        """Per pixel of band `band`: its cell's index, -1 on background."""
+        background = band_background(seg, self.seg_thresh, self.no_cell_firsts[band], self.is_background)
+        labels, _ = ndimage.label(~background, structure=_EIGHT_CONNECTED)
+        cell, inside = np.full(labels.shape, -1, np.int64), labels > 0
+        cell[inside] = self.cell_of_label[labels[inside].astype(np.int64) + (self.cell_firsts[band] - 1)]
+        return cell
+
+
 @dataclass
 class SlideCells:
     """Every connected non-background component of the slide, in whole-image label order."""
@@ -120,27 +149,28 @@ class SlideCells:
     x1: np.ndarray
     y1: np.ndarray
     marker_histogram: np.ndarray  # of the Marker's grey values over the whole slide (for its default threshold)
+    labels: SlideLabels | None = None
 
 
 def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int) -> SlideCells:
     """Pass two: the cells, merged across bands and ordered by their first pixel."""
-    firsts, is_background = background_labels(bands, height, seg_thresh)
-    sets, previous, parts, histogram = UnionFind(), None, [], np.zeros(256, np.int64)
-    for (top, seg, marker), first in zip(bands(), firsts):
+    no_cell_firsts, is_background = background_labels(bands, height, seg_thresh)
+    sets, previous, parts, histogram, cell_firsts = UnionFind(), None, [], np.zeros(256, np.int64), []
+    for (top, seg, marker), first in zip(bands(), no_cell_firsts):
         grey = None if marker is None else marker.max(axis=2) if marker.ndim == 3 else marker
         if grey is not None:
             histogram += np.bincount(grey.ravel(), minlength=256)
-        unknown, _ = _unknown_labels(seg, seg_thresh)
-        background = np.zeros(unknown.shape, bool)
-        no_cell = unknown > 0
-        background[no_cell] = is_background[unknown[no_cell].astype(np.int64) + (first - 1)]
+        background = band_background(seg, seg_thresh, first, is_background)
         labels, count = ndimage.label(~background, structure=_EIGHT_CONNECTED)
-        ids = _global(labels, sets.grow(count))
+        cell_firsts.append(sets.grow(count))
+        ids = _global(labels, cell_firsts[-1])
         if previous is not None:
             _join_edge(sets, previous, ids[0], diagonal=True)
         previous = ids[-1]
         parts.append(_band_stats(labels, count, seg, grey, top, width, seg_thresh))
-    return _merge(sets.roots(), parts, histogram)
+    cells, cell_of_label = _merge(sets.roots(), parts, histogram)
+    cells.labels = SlideLabels(seg_thresh, no_cell_firsts, is_background, cell_firsts, cell_of_label)
+    return cells
 
 
 def _band_stats(labels: np.ndarray, count: int, seg: np.ndarray, grey: np.ndarray | None, top: int,
@@ -166,7 +196,9 @@ def _band_stats(labels: np.ndarray, count: int, seg: np.ndarray, grey: np.ndarra
             "y1": np.array([b[0].stop + top for b in boxes], np.int64)}
 
 
-def _merge(roots: np.ndarray, parts: list[dict[str, np.ndarray]], histogram: np.ndarray) -> SlideCells:
+def _merge(roots: np.ndarray, parts: list[dict[str, np.ndarray]], histogram: np.ndarray
+           ) -> tuple[SlideCells, np.ndarray]:
+    """One cell per union-find root, ordered by first pixel; and each band label's cell."""
     joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     unique_roots, cell = np.unique(roots, return_inverse=True)
     n = len(unique_roots)
@@ -177,10 +209,13 @@ def _merge(roots: np.ndarray, parts: list[dict[str, np.ndarray]], histogram: np.
         return out
     first = reduce("first_pixel", "min")
     order = np.argsort(first, kind="stable")
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
     sums = {key: reduce(key, "sum")[order] for key in ("sizes", "positive", "negative", "sum_x", "sum_y")}
-    return SlideCells(sums["sizes"], sums["positive"] >= sums["negative"], reduce("marker", "max")[order],
-                      first[order], sums["sum_x"], sums["sum_y"], reduce("x0", "min")[order],
-                      reduce("y0", "min")[order], reduce("x1", "max")[order], reduce("y1", "max")[order], histogram)
+    cells = SlideCells(sums["sizes"], sums["positive"] >= sums["negative"], reduce("marker", "max")[order],
+                       first[order], sums["sum_x"], sums["sum_y"], reduce("x0", "min")[order],
+                       reduce("y0", "min")[order], reduce("x1", "max")[order], reduce("y1", "max")[order], histogram)
+    return cells, rank[cell.reshape(-1)]
 
 
 def percentile_from_histogram(counts: np.ndarray, q: float) -> float:
@@ -204,8 +239,21 @@ def slide_marker_threshold(histogram: np.ndarray) -> int:
     return round((high - low) * 0.9) + low
 
 
+@dataclass
+class SlideScore:
+    """A slide's scoring and counted cells, and what drawing its outlines needs: which cells are counted and
+    positive, their seeds (first pixels, flat level-0 indices, ascending) and how to find each pixel's cell."""
+    scoring: dict
+    cells: list[Cell]
+    counted: np.ndarray
+    is_positive: np.ndarray
+    seeds: np.ndarray
+    seeds_positive: np.ndarray
+    labels: SlideLabels
+
+
 def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marker: bool,
-                options: PostprocessOptions = PostprocessOptions()) -> tuple[dict, list[Cell]]:
+                options: PostprocessOptions = PostprocessOptions()) -> SlideScore:
     """The scoring `postprocess` gives for the same pixels as one image, and its counted cells."""
     cells = slide_cells(bands, width, height, options.seg_thresh)
     kept = cells.sizes > options.noise_thresh
@@ -235,7 +283,8 @@ def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marke
         centroid_y = round(int(cells.y0[i]) + (int(cells.sum_y[i]) - size * int(cells.y0[i])) / size, 2)
         table.append(Cell(len(table) + 1, centroid_x, centroid_y, int(cells.x0[i]), int(cells.y0[i]),
                           int(cells.x1[i]), int(cells.y1[i]), size, bool(is_positive[i]), int(cells.marker[i])))
-    return scoring, table
+    return SlideScore(scoring, table, counted, is_positive, cells.first_pixel[counted], is_positive[counted],
+                      cells.labels)
 
 
 def array_bands(seg: np.ndarray, marker: np.ndarray | None, rows: int) -> Bands:
@@ -246,18 +295,22 @@ def array_bands(seg: np.ndarray, marker: np.ndarray | None, rows: int) -> Bands:
     return bands
 
 
-def pyramid_bands(seg_path: Path, marker_path: Path | None, width: int) -> Bands:
-    """Bands of level 0 of the Seg (and Marker) pyramids `infer` wrote, read through zarr region by region:
-    about 4 megapixels per band, so memory stays bounded whatever the slide's size."""
-    import tifffile
-    import zarr
-    rows = int(min(2048, max(16, BAND_PIXELS // max(width, 1))))
+def band_rows(width: int) -> int:
+    """Rows per band: about 4 megapixels, so memory stays bounded whatever the slide's size."""
+    return int(min(2048, max(16, BAND_PIXELS // max(width, 1))))
+
+
+def slide_bands(seg_path: Path, marker_path: Path | None) -> Bands:
+    """Bands of level 0 of a Seg (and Marker) slide, such as the pyramids `infer` writes, read region by
+    region through the slide reader."""
 
     def bands() -> Iterator[Band]:
         with contextlib.ExitStack() as stack:
-            levels = [zarr.open(stack.enter_context(tifffile.TiffFile(path)).series[0].aszarr(level=0), mode="r")
-                      for path in (seg_path, marker_path) if path is not None]
-            seg, marker = levels[0], levels[1] if len(levels) > 1 else None
-            for top in range(0, seg.shape[0], rows):
-                yield top, seg[top: top + rows], None if marker is None else marker[top: top + rows]
+            seg = stack.enter_context(open_slide(seg_path))
+            marker = stack.enter_context(open_slide(marker_path)) if marker_path is not None else None
+            width, height, rows = seg.info.width, seg.info.height, band_rows(seg.info.width)
+            for top in range(0, height, rows):
+                count = min(rows, height - top)
+                yield (top, seg.read_region(0, top, width, count),
+                       None if marker is None else marker.read_region(0, top, width, count))
     return bands

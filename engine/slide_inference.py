@@ -1,5 +1,6 @@
-"""`infer` on a whole slide: stream it through the session's backend and write each network output as a
-tiled pyramidal OME-TIFF, with a JSON record of the slide, the tiles and the time by stage."""
+"""`infer` on a whole slide: stream it through the session's backend and write each output as a tiled
+pyramidal OME-TIFF, with the slide's scoring, its cells, and a JSON record of the slide, the tiles and the
+time by stage."""
 from __future__ import annotations
 
 import logging
@@ -9,22 +10,22 @@ from pathlib import Path
 
 import numpy as np
 
+from deepliif.cells import write_cells
 from deepliif.contract import OUTPUT_NAMES
 from deepliif.imageio import prepare_out_dir, write_json
-from deepliif.pyramid import StreamedLevel, assemble_pyramid
-from deepliif.slide_loop import run_slide
-from deepliif.tile_loop import Run
-from deepliif.slides import open_slide
-from deepliif.cells import write_cells
 from deepliif.postprocessing import PostprocessOptions
-from deepliif.slide_scoring import pyramid_bands, score_slide
+from deepliif.pyramid import StreamedLevel, assemble_pyramid
+from deepliif.slide_loop import SlideRun, run_slide
+from deepliif.slide_overlays import draw_slide
+from deepliif.slide_scoring import SlideScore, score_slide, slide_bands
+from deepliif.slides import SlideInfo, open_slide
+from deepliif.tile_loop import Run
 
 from .session import Session
 
 logger = logging.getLogger("engine")
 
-POSTPROCESS_NOTE = ("scoring and per-cell tables are exact over the whole slide; SegOverlaid and SegRefined are not "
-                    "made for slides yet")
+OVERLAY_NAMES = ("SegOverlaid", "SegRefined")
 
 
 def slide_stem(path: Path) -> str:
@@ -35,47 +36,75 @@ def slide_stem(path: Path) -> str:
     return Path(path).stem
 
 
+class SlideOutputs:
+    """Level 0 of some outputs, streamed to hidden temporaries as rows arrive; `finish` turns each into
+    `OUT/<stem>_<Name>.ome.tif` (published by rename) and says how many levels it has."""
+
+    def __init__(self, out: Path, stem: str, names: tuple[str, ...], info: SlideInfo) -> None:
+        self.out, self.stem, self.mpp = out, stem, info.mpp
+        self.levels = {name: StreamedLevel(out / f".{stem}_{name}.level0.tif", info.width, info.height)
+                       for name in names}
+
+    def add(self, rows: dict[str, np.ndarray]) -> None:
+        for name, writer in self.levels.items():
+            writer.add(rows[name])
+
+    def finish(self) -> dict[str, dict]:
+        for writer in self.levels.values():
+            writer.close()
+        return {name: {"file": f"{self.stem}_{name}.ome.tif",
+                       "levels": assemble_pyramid(writer.path, self.out / f"{self.stem}_{name}.ome.tif", self.mpp)}
+                for name, writer in self.levels.items()}
+
+
 def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None = None,
                 progress: Callable[[int], None] | None = None, run: Run | None = None,
                 stem: str | None = None, postprocess: PostprocessOptions = PostprocessOptions()) -> Path:
-    """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs, the slide's cells
-    (`<stem>_cells.csv`, `.geojson`) and `OUT/<stem>.json` with its scoring. `run` wraps `session.run` (the
-    kernel takes turns per batch); `stem` names the outputs (default: the file's)."""
-    start = time.perf_counter()
+    """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and SegOverlaid/SegRefined, the
+    slide's cells (`<stem>_cells.csv`, `.geojson`) and `OUT/<stem>.json` with its scoring. `run` wraps
+    `session.run` (the kernel takes turns per batch); `stem` names the outputs (default: the file's)."""
+    clock = [time.perf_counter()]
     out, stem = prepare_out_dir(Path(out)), stem or slide_stem(path)
     with open_slide(path) as slide:
-        info = slide.info
-        chosen = tile_size or info.tile_size()
-        level0 = {name: StreamedLevel(out / f".{stem}_{name}.level0.tif", info.width, info.height)
-                  for name in OUTPUT_NAMES}
-
-        def sink(top: int, rows: dict[str, np.ndarray]) -> None:
-            for name, writer in level0.items():
-                writer.add(rows[name])
-
-        run = run_slide(run or session.run, slide, chosen, session.batch_size, sink, progress)
-    written = time.perf_counter()
-    for writer in level0.values():
-        writer.close()
-    levels = {name: assemble_pyramid(writer.path, out / f"{stem}_{name}.ome.tif", info.mpp)
-              for name, writer in level0.items()}
-    pyramids = time.perf_counter()
-    bands = pyramid_bands(out / f"{stem}_Seg.ome.tif", out / f"{stem}_Marker.ome.tif", info.width)
-    scoring, cells = score_slide(bands, info.width, info.height, chosen, True, postprocess)
-    write_cells(out, stem, cells, info.mpp)
-    record = {"slide": info.as_dict(), "model": session.files.describe(), "backend": session.info.as_dict(),
-              "tile_size": chosen, "tile_size_from": "given" if tile_size else
-              ("magnification" if info.objective_power else "default (no magnification in the slide)"),
-              "batch_size": session.batch_size, "tiles": run.tiles, "empty_tiles": run.empty_tiles,
-              "run_tiles": run.tiles - run.empty_tiles,
-              "outputs": {name: {"file": f"{stem}_{name}.ome.tif", "levels": n} for name, n in levels.items()},
-              "timings": {**run.timings.as_dict(), "stream_seconds": round(run.seconds, 3),
-                          "pyramid_seconds": round(pyramids - written, 3),
-                          "scoring_seconds": round(time.perf_counter() - pyramids, 3),
-                          "total_seconds": round(time.perf_counter() - start, 3)},
-              "scoring": scoring, "cells": {"csv": f"{stem}_cells.csv", "geojson": f"{stem}_cells.geojson"},
-              "postprocess": POSTPROCESS_NOTE}
+        info, chosen = slide.info, tile_size or slide.info.tile_size()
+        network = SlideOutputs(out, stem, OUTPUT_NAMES, info)
+        slide_run = run_slide(run or session.run, slide, chosen, session.batch_size,
+                              lambda top, rows: network.add(rows), progress)
+    clock.append(time.perf_counter())
+    outputs = network.finish()
+    clock.append(time.perf_counter())
+    bands = slide_bands(out / f"{stem}_Seg.ome.tif", out / f"{stem}_Marker.ome.tif")
+    score = score_slide(bands, info.width, info.height, chosen, True, postprocess)
+    write_cells(out, stem, score.cells, info.mpp)
+    clock.append(time.perf_counter())
+    outputs.update(_draw_overlays(path, out, stem, info, bands, score))
+    clock.append(time.perf_counter())
+    record = _record(session, info, tile_size, chosen, slide_run, outputs, score, stem, clock)
     write_json(out / f"{stem}.json", record)
-    logger.info("%s: %d tiles (%d empty) at tile size %d, %.1f s", path.name, run.tiles, run.empty_tiles, chosen,
-                time.perf_counter() - start)
+    logger.info("%s: %d tiles (%d empty) at tile size %d, %.1f s", path.name, slide_run.tiles,
+                slide_run.empty_tiles, chosen, time.perf_counter() - clock[0])
     return out / f"{stem}.json"
+
+
+def _draw_overlays(path: Path, out: Path, stem: str, info: SlideInfo, bands, score: SlideScore) -> dict[str, dict]:
+    overlays = SlideOutputs(out, stem, OVERLAY_NAMES, info)
+    with open_slide(path) as slide:
+        draw_slide(bands, lambda top, count: slide.read_region(0, top, info.width, count), score, info.width,
+                   info.height, lambda top, overlaid, refined: overlays.add(dict(zip(OVERLAY_NAMES, (overlaid, refined)))))
+    return overlays.finish()
+
+
+def _record(session: Session, info: SlideInfo, given: int | None, chosen: int, slide_run: SlideRun,
+            outputs: dict[str, dict], score: SlideScore, stem: str, clock: list[float]) -> dict:
+    started, streamed, pyramids, scored, drawn = clock
+    return {"slide": info.as_dict(), "model": session.files.describe(), "backend": session.info.as_dict(),
+            "tile_size": chosen, "tile_size_from": "given" if given else
+            ("magnification" if info.objective_power else "default (no magnification in the slide)"),
+            "batch_size": session.batch_size, "tiles": slide_run.tiles, "empty_tiles": slide_run.empty_tiles,
+            "run_tiles": slide_run.tiles - slide_run.empty_tiles, "outputs": outputs,
+            "timings": {**slide_run.timings.as_dict(), "stream_seconds": round(slide_run.seconds, 3),
+                        "pyramid_seconds": round(pyramids - streamed, 3),
+                        "scoring_seconds": round(scored - pyramids, 3),
+                        "overlay_seconds": round(drawn - scored, 3),
+                        "total_seconds": round(time.perf_counter() - started, 3)},
+            "scoring": score.scoring, "cells": {"csv": f"{stem}_cells.csv", "geojson": f"{stem}_cells.geojson"}}

@@ -169,7 +169,7 @@ class EdiService:
                     "progress": {"tiles_done": record["tiles"], "tiles_total": record["tiles"], "stage": "done"},
                     "timings": {"total_seconds": round(seconds, 3), "inference_seconds": round(
                         record["timings"]["inference_seconds"], 3)},
-                    "log": [*request.warnings, record["postprocess"]],
+                    "log": list(request.warnings),
                     "msg": f"finished: slide {record['tiles']} tiles ({record['empty_tiles']} empty), "
                            f"{record['scoring']['num_total']} cells, {record['scoring']['percent_pos']}% positive, "
                            f"{seconds:.1f} s"}

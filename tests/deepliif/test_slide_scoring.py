@@ -9,6 +9,7 @@ import pytest
 
 from deepliif.imageio import read_image
 from deepliif.postprocessing import PostprocessOptions, postprocess
+from deepliif.slide_overlays import draw_slide
 from deepliif.slide_scoring import UnionFind, array_bands, percentile_from_histogram, score_slide
 
 from .test_postprocessing import ARGUMENT_SETS, _load, _tiles
@@ -33,9 +34,9 @@ def test_band_scoring_equals_whole_image_postprocessing(deepliif_fixtures: Path,
     orig, seg, marker = on_glass(deepliif_fixtures)
     options = PostprocessOptions(**ARGUMENT_SETS[variant])
     whole = postprocess(orig, seg, marker, 512, options)
-    scoring, cells = score_slide(array_bands(seg, marker, rows), seg.shape[1], seg.shape[0], 512, True, options)
-    assert scoring == whole.scoring and whole.scoring["num_total"] > 100
-    assert cells == whole.cells  # every counted cell: centroid, box, area, class, marker
+    score = score_slide(array_bands(seg, marker, rows), seg.shape[1], seg.shape[0], 512, True, options)
+    assert score.scoring == whole.scoring and whole.scoring["num_total"] > 100
+    assert score.cells == whole.cells  # every counted cell: centroid, box, area, class, marker
 
 
 def test_fixture_counts_survive_band_edges_through_every_cell(deepliif_fixtures: Path) -> None:
@@ -43,9 +44,9 @@ def test_fixture_counts_survive_band_edges_through_every_cell(deepliif_fixtures:
     tile = _tiles(deepliif_fixtures)[0]
     _, seg, marker = _load(tile)
     expected = json.loads((tile / "scoring_marker_thresh_default.json").read_text())["scoring"]
-    scoring, _ = score_slide(array_bands(seg, marker, 5), seg.shape[1], seg.shape[0], 512, True,
-                             PostprocessOptions(marker_thresh="default"))
-    assert scoring == expected
+    score = score_slide(array_bands(seg, marker, 5), seg.shape[1], seg.shape[0], 512, True,
+                        PostprocessOptions(marker_thresh="default"))
+    assert score.scoring == expected
 
 
 def test_background_joins_across_bands_only_through_touching_pixels() -> None:
@@ -56,8 +57,8 @@ def test_background_joins_across_bands_only_through_touching_pixels() -> None:
     seg[18:22, 18:22, 2] = 255  # and a negative cell inside the hole
     whole = postprocess(np.full_like(seg, 255), seg, None, 512, PostprocessOptions(size_thresh=0))
     for rows in (1, 3, 7, 40):
-        scoring, cells = score_slide(array_bands(seg, None, rows), 40, 40, 512, False, PostprocessOptions(size_thresh=0))
-        assert scoring == whole.scoring and cells == whole.cells, rows
+        score = score_slide(array_bands(seg, None, rows), 40, 40, 512, False, PostprocessOptions(size_thresh=0))
+        assert score.scoring == whole.scoring and score.cells == whole.cells, rows
     assert whole.scoring["num_total"] == 1  # the hole is not background: ring, hole and inner cell are one
 
 
@@ -80,21 +81,66 @@ def test_reading_the_real_seg_as_a_slide_matches(deepliif_fixtures: Path) -> Non
     tile = _tiles(deepliif_fixtures)[1]
     seg, marker = read_image(tile / "Seg.png"), read_image(tile / "Marker.png")
     whole = postprocess(read_image(tile / "IHC.png"), seg, marker, 512)
-    assert score_slide(array_bands(seg, marker, 64), 512, 512, 512, True)[0] == whole.scoring
+    assert score_slide(array_bands(seg, marker, 64), 512, 512, 512, True).scoring == whole.scoring
 
 
 def test_scoring_read_back_from_written_pyramids_equals_the_whole_image(deepliif_fixtures: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from deepliif import slide_scoring
-    from deepliif.slide_scoring import pyramid_bands
+    from deepliif.slide_scoring import slide_bands
 
     from .test_slides import write_ome_pyramid
     orig, seg, marker = on_glass(deepliif_fixtures)
     write_ome_pyramid(tmp_path / "s_Seg.ome.tif", seg)
     write_ome_pyramid(tmp_path / "s_Marker.ome.tif", marker)
     monkeypatch.setattr(slide_scoring, "BAND_PIXELS", 150 * seg.shape[1])  # bands of 150 rows
-    bands = pyramid_bands(tmp_path / "s_Seg.ome.tif", tmp_path / "s_Marker.ome.tif", seg.shape[1])
+    bands = slide_bands(tmp_path / "s_Seg.ome.tif", tmp_path / "s_Marker.ome.tif")
     assert [len(band[1]) for band in bands()][:2] == [150, 150]
     options = PostprocessOptions(marker_thresh="default")
     whole = postprocess(orig, seg, marker, 512, options)
-    assert score_slide(bands, seg.shape[1], seg.shape[0], 512, True, options) == (whole.scoring, whole.cells)
+    score = score_slide(bands, seg.shape[1], seg.shape[0], 512, True, options)
+    assert (score.scoring, score.cells) == (whole.scoring, whole.cells)
+
+
+def drawn(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, rows: int,
+          options: PostprocessOptions) -> tuple[np.ndarray, np.ndarray]:
+    """SegOverlaid and SegRefined drawn band by band, stitched back to whole images for comparison."""
+    height, width = seg.shape[:2]
+    bands = array_bands(seg, marker, rows)
+    score = score_slide(bands, width, height, 512, marker is not None, options)
+    overlaid, refined, tops = np.zeros_like(orig), np.zeros_like(orig), []
+
+    def sink(top: int, overlaid_rows: np.ndarray, refined_rows: np.ndarray) -> None:
+        tops.append(top)
+        overlaid[top: top + len(overlaid_rows)], refined[top: top + len(refined_rows)] = overlaid_rows, refined_rows
+    draw_slide(bands, lambda top, count: orig[top: top + count], score, width, height, sink)
+    assert tops == sorted(tops) and tops[0] == 0  # handed over top to bottom
+    return overlaid, refined
+
+
+@pytest.mark.parametrize("variant", sorted(ARGUMENT_SETS))
+@pytest.mark.parametrize("rows", [5, 97, 512])
+def test_band_overlays_equal_whole_image_overlays(deepliif_fixtures: Path, variant: str, rows: int) -> None:
+    """Outlines that cross band edges, meet other cells' outlines or start at a seed in a halo row are
+    drawn as the whole image draws them: pixel for pixel."""
+    orig, seg, marker = on_glass(deepliif_fixtures)
+    options = PostprocessOptions(**ARGUMENT_SETS[variant])
+    whole = postprocess(orig, seg, marker, 512, options)
+    overlaid, refined = drawn(orig, seg, marker, rows, options)
+    assert np.count_nonzero(whole.refined[..., 1]) > 10_000  # plenty of outline pixels to get wrong
+    np.testing.assert_array_equal(overlaid, whole.overlaid)
+    np.testing.assert_array_equal(refined, whole.refined)
+
+
+def test_band_overlays_of_touching_cells_and_one_row_bands() -> None:
+    """Two cells whose outlines meet on a band edge, and bands of one row (shorter than the halo)."""
+    seg = np.zeros((30, 30, 3), np.uint8)
+    seg[8:13, 5:12, 0] = 255
+    seg[15:20, 5:12, 2] = 255
+    orig = np.full_like(seg, 200)
+    options = PostprocessOptions(size_thresh=0)
+    whole = postprocess(orig, seg, None, 512, options)
+    for rows in (1, 2, 3, 4, 14):
+        overlaid, refined = drawn(orig, seg, None, rows, options)
+        np.testing.assert_array_equal(overlaid, whole.overlaid, err_msg=f"rows={rows}")
+        np.testing.assert_array_equal(refined, whole.refined, err_msg=f"rows={rows}")

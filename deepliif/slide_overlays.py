@@ -1,0 +1,76 @@
+"""SegOverlaid and SegRefined of a whole slide, drawn band by band, equal to `postprocess` of the same pixels.
+
+A pixel's outline depends only on pixels at most `OUTLINE_REACH` rows away (see `postprocessing.outline`),
+so each band is drawn from a window of its rows plus that many rows of halo on each side, and only the
+band's own rows are kept. Which cell each pixel belongs to, and whether that cell is counted and positive,
+comes from the slide's scoring (`SlideScore`): labels are made again band by band exactly as scoring made
+them, so no label image of the slide is ever held.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from .postprocessing import outline, paint
+from .slide_scoring import Bands, SlideScore
+
+OUTLINE_REACH = 3  # one step to the 4-adjacent background, then two growth steps
+Rows = Callable[[int, int], np.ndarray]  # (top, count) -> the input image's rows (RGB), for SegOverlaid
+OverlaySink = Callable[[int, np.ndarray, np.ndarray], None]  # (top, SegOverlaid rows, SegRefined rows)
+
+
+class _Window:
+    """Per-pixel masks of consecutive rows: background, in a counted cell, in a positive counted cell."""
+
+    def __init__(self, width: int) -> None:
+        self.top = 0
+        self.masks = [np.zeros((0, width), bool) for _ in range(3)]
+
+    @property
+    def bottom(self) -> int:
+        return self.top + len(self.masks[0])
+
+    def extend(self, masks: list[np.ndarray]) -> None:
+        self.masks = [np.concatenate([old, new]) for old, new in zip(self.masks, masks)]
+
+    def drop_above(self, row: int) -> None:
+        cut = max(0, row - self.top)
+        self.masks = [mask[cut:] for mask in self.masks]
+        self.top += cut
+
+
+def _band_masks(score: SlideScore, index: int, seg: np.ndarray) -> list[np.ndarray]:
+    cell = score.labels.cells(index, seg)
+    in_cell = cell >= 0
+    in_counted, positive = np.zeros_like(in_cell), np.zeros_like(in_cell)
+    in_counted[in_cell] = score.counted[cell[in_cell]]
+    positive[in_cell] = in_counted[in_cell] & score.is_positive[cell[in_cell]]
+    return [~in_cell, in_counted, positive]
+
+
+def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: int, sink: OverlaySink) -> None:
+    """Hands `sink` the SegOverlaid and SegRefined rows of the whole slide, top to bottom, band by band.
+    `bands` must be the bands the slide was scored with."""
+    window, drawn = _Window(width), 0
+    for index, (top, seg, _) in enumerate(bands()):
+        window.extend(_band_masks(score, index, seg))
+        ready = height if window.bottom >= height else window.bottom - OUTLINE_REACH
+        if ready > drawn:
+            _draw(window, rows, score, drawn, ready, width, sink)
+            drawn = ready
+            window.drop_above(drawn - OUTLINE_REACH)
+
+
+def _draw(window: _Window, rows: Rows, score: SlideScore, first: int, stop: int, width: int,
+          sink: OverlaySink) -> None:
+    """Rows [first, stop) from the window, which holds at least `OUTLINE_REACH` rows beyond them on each
+    side, or the slide's edge."""
+    background, in_counted, positive = window.masks
+    low, high = np.searchsorted(score.seeds, [window.top * width, window.bottom * width])
+    border, border_positive = outline(background, in_counted, positive, score.seeds[low:high] - window.top * width,
+                                      score.seeds_positive[low:high])
+    keep = slice(first - window.top, stop - window.top)
+    overlaid, refined = paint(rows(first, stop - first), border[keep], border_positive[keep], in_counted[keep],
+                              positive[keep])
+    sink(first, overlaid, refined)
