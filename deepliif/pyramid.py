@@ -82,27 +82,52 @@ def band_tiles(band: np.ndarray, tile: int) -> Iterator[np.ndarray]:
         yield piece
 
 
-def _open_level(path: Path):
-    import tifffile
-    import zarr
-    store = tifffile.imread(path, aszarr=True)
-    return store, zarr.open(store, mode="r")
+class LevelRows:
+    """Rows of one image stored as regions (tiled TIFFs stacked top to bottom), read through zarr."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        import tifffile
+        import zarr
+        self.stores, self.arrays, self.tops = [], [], []
+        top = 0
+        try:
+            for path in paths:
+                self.stores.append(tifffile.imread(path, aszarr=True))
+                self.arrays.append(zarr.open(self.stores[-1], mode="r"))
+                self.tops.append(top)
+                top += self.arrays[-1].shape[0]
+        except BaseException:
+            self.close()
+            raise
+        self.height, self.width = top, self.arrays[0].shape[1]
+
+    def rows(self, y: int, count: int) -> np.ndarray:
+        parts = []
+        for top, array in zip(self.tops, self.arrays):
+            low, high = max(y, top), min(y + count, top + array.shape[0])
+            if low < high:
+                parts.append(np.asarray(array[low - top: high - top]))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def close(self) -> None:
+        for store in self.stores:
+            store.close()
+
+    def __enter__(self) -> LevelRows:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
-def _halve(path: Path, out: Path, tile: int) -> tuple[int, int]:
-    """The next level: `path` averaged over 2x2 pixels, read and written two tile rows at a time."""
-    store, level = _open_level(path)
-    try:
-        height, width = level.shape[:2]
-        size = ((height + 1) // 2, (width + 1) // 2)
-        writer = StreamedLevel(out, size[1], size[0], tile)
-        for y in range(0, height, 2 * tile):
-            rows = np.asarray(level[y: y + 2 * tile])
-            writer.add(_average_2x2(rows))
-        writer.close()
-        return size
-    finally:
-        store.close()
+def _halve(source: LevelRows, out: Path, tile: int) -> tuple[int, int]:
+    """The next level: `source` averaged over 2x2 pixels, read and written two tile rows at a time."""
+    size = ((source.height + 1) // 2, (source.width + 1) // 2)
+    writer = StreamedLevel(out, size[1], size[0], tile)
+    for y in range(0, source.height, 2 * tile):
+        writer.add(_average_2x2(source.rows(y, 2 * tile)))
+    writer.close()
+    return size
 
 
 def _average_2x2(rows: np.ndarray) -> np.ndarray:
@@ -112,48 +137,39 @@ def _average_2x2(rows: np.ndarray) -> np.ndarray:
     return ((summed + 2) // 4).astype(np.uint8)
 
 
-def _level_tiles(path: Path, tile: int) -> Iterator[np.ndarray]:
-    store, level = _open_level(path)
-    try:
-        for y in range(0, level.shape[0], tile):
-            yield from band_tiles(np.asarray(level[y: y + tile]), tile)
-    finally:
-        store.close()
+def _level_tiles(paths: list[Path], tile: int) -> Iterator[np.ndarray]:
+    with LevelRows(paths) as level:
+        for y in range(0, level.height, tile):
+            yield from band_tiles(level.rows(y, tile), tile)
 
 
-def assemble_pyramid(level0: Path, out: Path, mpp: float | None, tile: int = TIFF_TILE) -> int:
-    """The pyramidal OME-TIFF at `out` from a tiled level-0 TIFF; returns the number of levels. Reduced
-    levels go down to one tile; the temporary files are removed."""
+def assemble_pyramid(level0: list[Path], out: Path, mpp: float | None, tile: int = TIFF_TILE) -> int:
+    """The pyramidal OME-TIFF at `out` from level 0 given as tiled TIFF regions, top to bottom; returns the
+    number of levels. Reduced levels go down to one tile; they are temporaries, removed here. The regions
+    are the caller's (a resumable run keeps them until every output is written)."""
     import tifffile
-    levels = [(Path(level0), _shape_of(level0))]
+    with LevelRows(level0) as rows:
+        shape = (rows.height, rows.width)
+    levels, reduced = [(list(level0), shape)], []
+    staging = out.with_name(f".{out.name}.partial")
     try:
         while max(levels[-1][1]) > tile:
-            reduced = Path(f"{level0}.level{len(levels)}.tif")
-            levels.append((reduced, _halve(levels[-1][0], reduced, tile)))
+            reduced.append(Path(f"{level0[0]}.level{len(levels)}.tif"))
+            with LevelRows(levels[-1][0]) as source:
+                levels.append(([reduced[-1]], _halve(source, reduced[-1], tile)))
         metadata = {"axes": "YXS"}
         if mpp:
             metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
-        staging = out.with_name(f".{out.name}.partial")
         with tifffile.TiffWriter(staging, bigtiff=True, ome=True) as tiff:
-            (height, width) = levels[0][1]
-            tiff.write(_level_tiles(levels[0][0], tile), shape=(height, width, 3), dtype=np.uint8,
-                       tile=(tile, tile), photometric="rgb", compression=COMPRESSION, subifds=len(levels) - 1,
-                       metadata=metadata, **_resolution(mpp, 1))
-            for factor, (path, (h, w)) in enumerate(levels[1:], start=1):
-                tiff.write(_level_tiles(path, tile), shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile),
-                           photometric="rgb", compression=COMPRESSION, subfiletype=1, **_resolution(mpp, 2 ** factor))
+            for factor, (paths, (height, width)) in enumerate(levels):
+                extra = {"subifds": len(levels) - 1, "metadata": metadata} if factor == 0 else {"subfiletype": 1}
+                tiff.write(_level_tiles(paths, tile), shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile),
+                           photometric="rgb", compression=COMPRESSION, **extra, **_resolution(mpp, 2 ** factor))
         os.replace(staging, out)
         return len(levels)
     finally:
-        for path, _ in levels:
+        for path in [*reduced, staging]:
             path.unlink(missing_ok=True)
-
-
-def _shape_of(path: Path) -> tuple[int, int]:
-    import tifffile
-    with tifffile.TiffFile(path) as tiff:
-        height, width = tiff.pages.first.shape[:2]
-    return height, width
 
 
 def _resolution(mpp: float | None, factor: int) -> dict:

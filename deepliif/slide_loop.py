@@ -5,6 +5,10 @@ of tiles is read as one band of level 0, its non-empty tiles are batched through
 `batches`/`run_batch`), and results are pasted in DeepLIIF's order into a buffer a little more than one
 tile row high. Rows above the next tile row's kept area can no longer be overwritten, so they are handed
 to `sink(top, rows)` and dropped. Output pixels equal `infer` on the same pixels given as one image.
+
+A run can start at any tile row: rows below the last release are all overwritten by the next tile row
+(its kept area spans the slide's width and reaches up to the release), so a run resumed at tile row i
+with nothing buffered hands over exactly the rows an uninterrupted run would have.
 """
 from __future__ import annotations
 
@@ -16,12 +20,22 @@ from dataclasses import dataclass
 import numpy as np
 
 from .contract import NETWORK_TILE, OUTPUT_NAMES
-from .errors import ImageError
-from .slides import Slide
+from .errors import ArgumentError, ImageError
+from .slides import Slide, SlideInfo
 from .tile_loop import Item, Run, TileTimings, batches, run_batch
 from .tiling import EMPTY_TILE_COLOURS, Tile, TileGrid, is_empty_tile, resize_tile
 
 Sink = Callable[[int, dict[str, np.ndarray]], None]
+
+
+@dataclass(frozen=True)
+class SlidePosition:
+    """Where a run stands after a tile row: the next tile row, output rows handed over, tiles done and
+    the empty ones among them."""
+    next_row: int = 0
+    rows_done: int = 0
+    tiles_done: int = 0
+    empty_tiles: int = 0
 
 
 @dataclass
@@ -31,13 +45,23 @@ class SlideRun:
     empty_tiles: int
     timings: TileTimings
     seconds: float
+    resumed_from: SlidePosition | None = None
+
+
+def tile_rows(grid: TileGrid) -> list[list[Tile]]:
+    return [list(row) for _, row in itertools.groupby(grid, key=lambda tile: tile.y)]
+
+
+def release_points(rows: list[list[Tile]], height: int) -> list[int]:
+    """After each tile row, the output rows final so far: down to the top of the next row's kept area."""
+    return [following[0].y + following[0].keep[1] for following in rows[1:]] + [height]
 
 
 class _Band:
     """The not-yet-final rows of every output, from `top` down."""
 
-    def __init__(self, width: int) -> None:
-        self.width, self.top = width, 0
+    def __init__(self, width: int, top: int = 0) -> None:
+        self.width, self.top = width, top
         self.rows = {name: np.zeros((0, width, 3), np.uint8) for name in OUTPUT_NAMES}
 
     def cover(self, bottom: int) -> None:
@@ -61,33 +85,52 @@ class _Band:
             self.top = until
 
 
+def slide_grid(info: SlideInfo, tile_size: int) -> TileGrid:
+    if info.width < tile_size or info.height < tile_size:
+        raise ImageError(f"{info.path}: a {info.width}x{info.height} slide is smaller than one {tile_size}-pixel "
+                         "tile; infer it as an image")
+    return TileGrid(info.width, info.height, tile_size)
+
+
 def run_slide(run: Run, slide: Slide, tile_size: int, batch_size: int, sink: Sink,
-              progress: Callable[[int], None] | None = None) -> SlideRun:
-    width, height = slide.info.width, slide.info.height
-    if width < tile_size or height < tile_size:
-        raise ImageError(f"{slide.info.path}: a {width}x{height} slide is smaller than one {tile_size}-pixel tile; "
-                         "infer it as an image")
-    start = time.perf_counter()
-    grid, timings, band = TileGrid(width, height, tile_size), TileTimings(), _Band(width)
-    rows = [list(row) for _, row in itertools.groupby(grid, key=lambda tile: tile.y)]
-    empty = 0
-    for index, row in enumerate(rows):
-        y = row[0].y
-        read = time.perf_counter()
-        pixels = slide.read_region(0, y, width, tile_size)
-        timings.add("tiling", read)
-        band.cover(y + tile_size)
-        items = list(_split_row(row, pixels, timings))
-        empty += sum(item[2] is None for item in items)
-        paster = _OrderedRow(band, row)
-        for group, to_run in batches(iter(items), batch_size):
-            outputs = run_batch(run, group, timings) if to_run else None
-            _paste(paster, group, outputs, tile_size, timings)
-            if progress:
-                progress(len(group))
-        following = rows[index + 1][0] if index + 1 < len(rows) else None
-        band.release(height if following is None else following.y + following.keep[1], sink)
-    return SlideRun(tile_size, len(grid), empty, timings, time.perf_counter() - start)
+              progress: Callable[[int], None] | None = None, start: SlidePosition | None = None,
+              row_done: Callable[[SlidePosition], None] | None = None) -> SlideRun:
+    """Every tile row from `start` (default: the top); `row_done` hears the position after each one."""
+    begin = time.perf_counter()
+    grid, timings = slide_grid(slide.info, tile_size), TileTimings()
+    rows = tile_rows(grid)
+    releases, position = release_points(rows, slide.info.height), start or SlidePosition()
+    if position.next_row and (position.next_row > len(rows) or position.rows_done != releases[position.next_row - 1]):
+        raise ArgumentError(f"cannot resume at tile row {position.next_row} with {position.rows_done} rows done: "
+                            "not a tile row's end on this slide's grid")
+    band = _Band(slide.info.width, position.rows_done)
+    if progress and position.tiles_done:
+        progress(position.tiles_done)
+    for index in range(position.next_row, len(rows)):
+        empty = _run_row(run, slide, rows[index], tile_size, band, batch_size, timings, progress)
+        band.release(releases[index], sink)
+        position = SlidePosition(index + 1, releases[index], position.tiles_done + len(rows[index]),
+                                 position.empty_tiles + empty)
+        if row_done:
+            row_done(position)
+    return SlideRun(tile_size, len(grid), position.empty_tiles, timings, time.perf_counter() - begin, start)
+
+
+def _run_row(run: Run, slide: Slide, row: list[Tile], tile_size: int, band: _Band, batch_size: int,
+             timings: TileTimings, progress: Callable[[int], None] | None) -> int:
+    """One tile row read as a band, its non-empty tiles batched, results pasted; returns its empty tiles."""
+    read = time.perf_counter()
+    pixels = slide.read_region(0, row[0].y, slide.info.width, tile_size)
+    timings.add("tiling", read)
+    band.cover(row[0].y + tile_size)
+    items = list(_split_row(row, pixels, timings))
+    paster = _OrderedRow(band, row)
+    for group, to_run in batches(iter(items), batch_size):
+        outputs = run_batch(run, group, timings) if to_run else None
+        _paste(paster, group, outputs, tile_size, timings)
+        if progress:
+            progress(len(group))
+    return sum(item[2] is None for item in items)
 
 
 def _split_row(row: list[Tile], pixels: np.ndarray, timings: TileTimings):

@@ -15,7 +15,8 @@ from deepliif.contract import OUTPUT_NAMES
 from deepliif.imageio import prepare_out_dir, write_json
 from deepliif.postprocessing import PostprocessOptions
 from deepliif.pyramid import StreamedLevel, assemble_pyramid
-from deepliif.slide_loop import SlideRun, run_slide
+from deepliif.slide_checkpoint import SlideCheckpoint, region_ends
+from deepliif.slide_loop import SlideRun, release_points, run_slide, slide_grid, tile_rows
 from deepliif.slide_overlays import draw_slide
 from deepliif.slide_scoring import SlideScore, score_slide, slide_bands
 from deepliif.slides import SlideInfo, open_slide
@@ -52,35 +53,61 @@ class SlideOutputs:
     def finish(self) -> dict[str, dict]:
         for writer in self.levels.values():
             writer.close()
-        return {name: {"file": f"{self.stem}_{name}.ome.tif",
-                       "levels": assemble_pyramid(writer.path, self.out / f"{self.stem}_{name}.ome.tif", self.mpp)}
-                for name, writer in self.levels.items()}
+        try:
+            return publish_pyramids(self.out, self.stem, {name: [w.path] for name, w in self.levels.items()}, self.mpp)
+        finally:
+            for writer in self.levels.values():
+                writer.path.unlink(missing_ok=True)
+
+
+def publish_pyramids(out: Path, stem: str, level0: dict[str, list[Path]], mpp: float | None) -> dict[str, dict]:
+    return {name: {"file": f"{stem}_{name}.ome.tif",
+                   "levels": assemble_pyramid(regions, out / f"{stem}_{name}.ome.tif", mpp)}
+            for name, regions in level0.items()}
+
+
+def fingerprint(session: Session, path: Path, tile_size: int) -> dict:
+    """What must not change for a killed run's regions to be reused: the slide file, the model's files,
+    the backend and the tile size."""
+    stat = Path(path).stat()
+    model = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in session.files.directory.iterdir()
+                   if f.is_file())
+    return {"slide": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+            "tile_size": tile_size, "model": model, "backend": [session.info.name, session.info.device,
+                                                                session.info.precision.value]}
 
 
 def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None = None,
                 progress: Callable[[int], None] | None = None, run: Run | None = None,
-                stem: str | None = None, postprocess: PostprocessOptions = PostprocessOptions()) -> Path:
+                stem: str | None = None, postprocess: PostprocessOptions = PostprocessOptions(),
+                checkpoint_dir: Path | None = None) -> Path:
     """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and SegOverlaid/SegRefined, the
     slide's cells (`<stem>_cells.csv`, `.geojson`) and `OUT/<stem>.json` with its scoring. `run` wraps
-    `session.run` (the kernel takes turns per batch); `stem` names the outputs (default: the file's)."""
+    `session.run` (the kernel takes turns per batch); `stem` names the outputs (default: the file's).
+    The network outputs' level 0 is checkpointed region by region in `checkpoint_dir` (default
+    `OUT/.<stem>.resume`): a rerun after a kill resumes from the last whole region."""
     clock = [time.perf_counter()]
     out, stem = prepare_out_dir(Path(out)), stem or slide_stem(path)
     with open_slide(path) as slide:
         info, chosen = slide.info, tile_size or slide.info.tile_size()
-        network = SlideOutputs(out, stem, OUTPUT_NAMES, info)
-        slide_run = run_slide(run or session.run, slide, chosen, session.batch_size,
-                              lambda top, rows: network.add(rows), progress)
-    clock.append(time.perf_counter())
-    outputs = network.finish()
-    clock.append(time.perf_counter())
-    bands = slide_bands(out / f"{stem}_Seg.ome.tif", out / f"{stem}_Marker.ome.tif")
-    score = score_slide(bands, info.width, info.height, chosen, True, postprocess)
-    write_cells(out, stem, score.cells, info.mpp)
-    clock.append(time.perf_counter())
-    outputs.update(_draw_overlays(path, out, stem, info, bands, score))
-    clock.append(time.perf_counter())
-    record = _record(session, info, tile_size, chosen, slide_run, outputs, score, stem, clock)
-    write_json(out / f"{stem}.json", record)
+        ends = region_ends(release_points(tile_rows(slide_grid(info, chosen)), info.height), info.width)
+        with SlideCheckpoint(checkpoint_dir or out / f".{stem}.resume", fingerprint(session, path, chosen),
+                             OUTPUT_NAMES, info.width, ends) as checkpoint:
+            start = checkpoint.resume()
+            slide_run = run_slide(run or session.run, slide, chosen, session.batch_size, checkpoint.add, progress,
+                                  start, checkpoint.row_done)
+            clock.append(time.perf_counter())
+            outputs = publish_pyramids(out, stem, {name: checkpoint.level0(name) for name in OUTPUT_NAMES}, info.mpp)
+            clock.append(time.perf_counter())
+            bands = slide_bands(out / f"{stem}_Seg.ome.tif", out / f"{stem}_Marker.ome.tif")
+            score = score_slide(bands, info.width, info.height, chosen, True, postprocess)
+            write_cells(out, stem, score.cells, info.mpp)
+            clock.append(time.perf_counter())
+            outputs.update(_draw_overlays(path, out, stem, info, bands, score))
+            clock.append(time.perf_counter())
+            record = _record(session, info, tile_size, chosen, slide_run, outputs, score, stem, clock)
+            write_json(out / f"{stem}.json", record)
+            checkpoint.remove()
     logger.info("%s: %d tiles (%d empty) at tile size %d, %.1f s", path.name, slide_run.tiles,
                 slide_run.empty_tiles, chosen, time.perf_counter() - clock[0])
     return out / f"{stem}.json"
@@ -107,4 +134,6 @@ def _record(session: Session, info: SlideInfo, given: int | None, chosen: int, s
                         "scoring_seconds": round(scored - pyramids, 3),
                         "overlay_seconds": round(drawn - scored, 3),
                         "total_seconds": round(time.perf_counter() - started, 3)},
+            "resumed": None if slide_run.resumed_from is None else {
+                "from_row": slide_run.resumed_from.rows_done, "tiles_done_before": slide_run.resumed_from.tiles_done},
             "scoring": score.scoring, "cells": {"csv": f"{stem}_cells.csv", "geojson": f"{stem}_cells.geojson"}}

@@ -74,13 +74,16 @@ def test_the_tile_size_follows_the_magnification(power, tile) -> None:
 
 
 def test_a_pyramid_is_written_whole_with_its_pixel_size(tmp_path: Path) -> None:
+    """Level 0 comes as two regions whose edge is not on a TIFF tile, each streamed in bands that are not either."""
     image = np.random.default_rng(0).integers(0, 255, (700, 1100, 3), dtype=np.uint8)
-    level0 = StreamedLevel(tmp_path / ".l0.tif", 1100, 700, tile=128)
-    for y in range(0, 700, 300):  # rows arrive in bands that do not match the TIFF tiles
-        level0.add(image[y: y + 300])
-    level0.close()
-    levels = assemble_pyramid(level0.path, tmp_path / "out.ome.tif", 0.5, tile=128)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ome.tif"]  # temporaries gone, no partial
+    regions = []
+    for index, (top, bottom) in enumerate([(0, 333), (333, 700)]):
+        regions.append(StreamedLevel(tmp_path / f".l0.{index}.tif", 1100, bottom - top, tile=128))
+        for y in range(top, bottom, 150):
+            regions[-1].add(image[y: min(y + 150, bottom)])
+        regions[-1].close()
+    levels = assemble_pyramid([region.path for region in regions], tmp_path / "out.ome.tif", 0.5, tile=128)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".l0.0.tif", ".l0.1.tif", "out.ome.tif"]  # no partial
     with tifffile.TiffFile(tmp_path / "out.ome.tif") as tiff:
         series = tiff.series[0]
         assert tiff.is_ome and levels == len(series.levels) == 5
