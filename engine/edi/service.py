@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from deepliif.inference import InferenceOptions, InferenceResult
+from deepliif.slide_checkpoint import CheckpointBusyError
 
 from ..session import Session
 from ..slide_inference import infer_slide
@@ -156,10 +158,17 @@ class EdiService:
         final = self.records.layout.output_dir(request.request_id)
         staging = self.state.begin_dir(final)
         progress = SlideProgress(self.records, request.request_id, self.reader.estimate_tiles(request, slide))
-        with self.volume.local_file(request.image_path) as local:
-            record_path = infer_slide(self.session, local, self.state.local_dir(staging), request.tile_size,
-                                      progress.add, self.turns.taking_turns(self.session.run, sync=False), slide.stem,
-                                      request.postprocess)
+        checkpoint = self.slide_checkpoint(final)
+        try:
+            with self.volume.local_file(request.image_path) as local:
+                record_path = infer_slide(self.session, local, self.state.local_dir(staging), request.tile_size,
+                                          progress.add, self.turns.taking_turns(self.session.run, sync=False),
+                                          slide.stem, request.postprocess, checkpoint)
+        except CheckpointBusyError:
+            raise
+        except Exception:
+            shutil.rmtree(checkpoint, ignore_errors=True)  # kept only for a retry after this kernel dies
+            raise
         record = json.loads(record_path.read_text())  # before the folder moves into place
         self.state.publish_dir(staging, final)
         seconds = time.perf_counter() - started
@@ -167,6 +176,7 @@ class EdiService:
                     "output_dir": final, "output_location": self.state.describe(final), "slide": record["slide"],
                     "tiles": {key: record[key] for key in ("tiles", "empty_tiles", "run_tiles", "tile_size")},
                     "progress": {"tiles_done": record["tiles"], "tiles_total": record["tiles"], "stage": "done"},
+                    "resumed": record["resumed"],
                     "timings": {"total_seconds": round(seconds, 3), "inference_seconds": round(
                         record["timings"]["inference_seconds"], 3)},
                     "log": list(request.warnings),
@@ -175,6 +185,12 @@ class EdiService:
                            f"{seconds:.1f} s"}
         self.records.log(request.request_id, "finished", response["msg"])
         return response
+
+    def slide_checkpoint(self, final: str) -> Path:
+        """Where a slide request keeps its regions while it runs: beside its output folder, named by the
+        request, so a retry after a killed kernel resumes from them (staging folders are per attempt)."""
+        local = self.state.local_dir(final)
+        return local.parent / f".{local.name}.resume"
 
     def _status(self, request_id: str) -> dict:
         return self._with_images(self.records.known(request_id))

@@ -323,3 +323,36 @@ def test_a_whole_slide_by_path_runs_async_into_pyramids_and_base64_is_refused(se
     assert record["scoring"]["num_total"] >= 0 and f"{record['scoring']['num_total']} cells" in record["msg"]
     with tifffile.TiffFile(output / "slide_Seg.ome.tif") as tiff:
         assert tiff.is_ome and tiff.series[0].shape == (900, 1100, 3)
+
+
+def test_a_slide_request_retried_after_its_kernel_died_resumes_from_the_last_region(
+        service: EdiService, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tifffile
+    from deepliif import slide_checkpoint
+    from engine.samples import synthetic_ihc
+    from engine.slide_inference import infer_slide
+    slide = np.full((900, 1100, 3), 236, np.uint8)
+    slide[100:800, 200:900] = synthetic_ihc(700, 700, seed=5)
+    tifffile.imwrite(service.volume.root / "slides" / "resume.tif", slide, tile=(256, 256), photometric="rgb")
+    monkeypatch.setattr(slide_checkpoint, "REGION_PIXELS", 1100 * 448)  # one tile row per region: two regions
+    checkpoint = service.slide_checkpoint(service.records.layout.output_dir("slide-resume"))
+
+    def dies_after_one_region(batch: np.ndarray) -> dict[str, np.ndarray]:
+        if (checkpoint / "checkpoint.json").exists() and \
+                json.loads((checkpoint / "checkpoint.json").read_text())["regions"]:
+            raise KeyboardInterrupt  # stands for the kernel's death: nothing of the request's code runs after it
+        return service.session.run(batch)
+    with service.volume.local_file("slides/resume.tif") as local, pytest.raises(KeyboardInterrupt):
+        infer_slide(service.session, local, checkpoint.parent / "elsewhere", None, run=dies_after_one_region,
+                    stem="resume", checkpoint_dir=checkpoint)
+    (answer,) = (json.loads(r) for r in service.handle([json.dumps(
+        {"img_path_on_pvc": "slides/resume.tif", "request_id": "slide-resume"})]))
+    assert answer["status"] == "submitted"
+    deadline = time.monotonic() + 120
+    while (record := service.status.read("slide-resume"))["status"] in ("submitted", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert record["status"] == "finished", record
+    assert record["resumed"]["tiles_done_before"] == 3 and record["tiles"]["tiles"] == 6
+    assert not checkpoint.exists()  # gone once the outputs are published
+    assert (service.volume.root / record["output_dir"] / "resume_SegRefined.ome.tif").is_file()
