@@ -115,11 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
     infer.set_defaults(handler=cmd_infer)
 
     post = sub.add_parser("postprocess", help="re-score existing Seg/Marker outputs without the model")
-    post.add_argument("--image", type=Path, required=True, help="the IHC image")
-    post.add_argument("--seg", type=Path, required=True, help="its Seg output")
-    post.add_argument("--marker", type=Path, help="its Marker output (needed for --marker-thresh)")
-    post.add_argument("--tile-size", type=_tile_size, default=512, help="tile size the outputs were made with")
+    post.add_argument("--image", type=Path, required=True, help="the IHC image, or slide (tiled/pyramidal TIFF)")
+    post.add_argument("--seg", type=Path, required=True, help="its Seg output (a slide for a slide)")
+    post.add_argument("--marker", type=Path, help="its Marker output (needed for --marker-thresh default)")
+    post.add_argument("--tile-size", type=_tile_size, default=None, help="tile size the outputs were made with "
+                      "(default: 512 for images; from a slide's magnification, as infer chooses it)")
     post.add_argument("--out", type=Path, required=True, help="output folder")
+    post.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, help="largest image decoded whole "
+                      f"(default {DEFAULT_MAX_PIXELS}); slides are read band by band whatever their size")
     _add_postprocess_args(post)
     post.set_defaults(handler=cmd_postprocess)
 

@@ -24,7 +24,7 @@ from engine.backends.precision import Precision
 
 from .backends import BackendKind
 from .session import Session
-from .slide_inference import infer_slide
+from .slide_inference import infer_slide, postprocess_slide
 from .samples import benchmark_tiles, sample_images, synthetic_ihc
 
 logger = logging.getLogger("engine")
@@ -117,11 +117,18 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_postprocess(args: argparse.Namespace) -> int:
-    image = read_image(args.image)
-    seg = read_image(args.seg)
-    marker = read_image(args.marker) if args.marker else None
+    """Images are decoded whole (up to --max-pixels); slides (the IHC, Seg and Marker all as slide files)
+    are read band by band."""
+    if is_slide(args.image):
+        return _postprocess_slide(args)
+    for path in (args.seg, args.marker):
+        if path is not None and is_slide(path):
+            raise ArgumentError(f"{path} is a slide but the image {args.image} is not; give the IHC slide")
+    image = read_image(args.image, max_pixels=args.max_pixels)
+    seg = read_image(args.seg, max_pixels=args.max_pixels)
+    marker = read_image(args.marker, max_pixels=args.max_pixels) if args.marker else None
     start = time.perf_counter()
-    result = postprocess(image, seg, marker, args.tile_size, _postprocess_options(args))
+    result = postprocess(image, seg, marker, args.tile_size or DEFAULT_TILE_SIZE, _postprocess_options(args))
     out = prepare_out_dir(args.out)
     stem = args.image.stem
     write_png(out / f"{stem}_SegOverlaid.png", result.overlaid)
@@ -132,6 +139,16 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
                                          "scoring": result.scoring, "cells": [p.name for p in cell_files],
                                          "timings": {"postprocess_seconds": time.perf_counter() - start}})
     print(json.dumps(result.scoring))
+    return 0
+
+
+def _postprocess_slide(args: argparse.Namespace) -> int:
+    for path in (args.seg, args.marker):
+        if path is not None and not is_slide(path):
+            raise ArgumentError(f"{path} is not a slide but the image {args.image} is; give its outputs as slides "
+                                "(the .ome.tif pyramids infer writes)")
+    record = postprocess_slide(args.image, args.seg, args.marker, args.out, args.tile_size, _postprocess_options(args))
+    print(json.dumps(json.loads(record.read_text())["scoring"]))
     return 0
 
 

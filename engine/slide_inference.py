@@ -12,6 +12,7 @@ import numpy as np
 
 from deepliif.cells import write_cells
 from deepliif.contract import OUTPUT_NAMES
+from deepliif.errors import ArgumentError
 from deepliif.imageio import prepare_out_dir, write_json
 from deepliif.postprocessing import PostprocessOptions
 from deepliif.pyramid import StreamedLevel, assemble_pyramid
@@ -110,6 +111,38 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
             checkpoint.remove()
     logger.info("%s: %d tiles (%d empty) at tile size %d, %.1f s", path.name, slide_run.tiles,
                 slide_run.empty_tiles, chosen, time.perf_counter() - clock[0])
+    return out / f"{stem}.json"
+
+
+def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, tile_size: int | None,
+                      options: PostprocessOptions = PostprocessOptions()) -> Path:
+    """`postprocess` of slide files (the IHC slide, its Seg and Marker as pyramids such as `infer` writes):
+    scoring, cells and SegOverlaid/SegRefined pyramids, exactly as whole-image postprocessing of the same
+    pixels, in bounded memory. Writes `OUT/<stem>.json` and returns its path."""
+    start = time.perf_counter()
+    if options.marker_thresh == "default" and marker is None:
+        raise ArgumentError("--marker-thresh default needs the Marker slide (--marker)")
+    with open_slide(image) as slide:
+        info = slide.info
+    tile_size = tile_size or info.tile_size()
+    for other in (seg, marker):
+        if other is not None:
+            with open_slide(other) as check:
+                if (check.info.width, check.info.height) != (info.width, info.height):
+                    raise ArgumentError(f"{other}: {check.info.width}x{check.info.height}, but the slide {image} is "
+                                        f"{info.width}x{info.height}; give the outputs of that slide")
+    out, stem = prepare_out_dir(Path(out)), slide_stem(image)
+    bands = slide_bands(seg, marker)
+    score = score_slide(bands, info.width, info.height, tile_size, marker is not None, options)
+    write_cells(out, stem, score.cells, info.mpp)
+    scored = time.perf_counter()
+    outputs = _draw_overlays(image, out, stem, info, bands, score)
+    write_json(out / f"{stem}.json", {
+        "slide": info.as_dict(), "seg": str(seg), "marker": None if marker is None else str(marker),
+        "tile_size": tile_size, "outputs": outputs, "scoring": score.scoring,
+        "cells": {"csv": f"{stem}_cells.csv", "geojson": f"{stem}_cells.geojson"},
+        "timings": {"scoring_seconds": round(scored - start, 3), "overlay_seconds": round(time.perf_counter() - scored, 3),
+                    "total_seconds": round(time.perf_counter() - start, 3)}})
     return out / f"{stem}.json"
 
 

@@ -104,3 +104,52 @@ def test_a_second_run_on_the_same_outputs_is_refused_while_the_first_holds_them(
     with SlideCheckpoint(tmp_path / "out" / ".slide.resume", {}, ("Seg",), 1500, [1300]):
         with pytest.raises(CheckpointBusyError, match="another run is writing"):
             infer_slide(session, slide, tmp_path / "out", TILE)
+
+
+def test_postprocess_of_real_outputs_on_a_slide_over_the_image_limit_equals_the_whole_image(
+        deepliif_fixtures: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """DeepLIIF's own Seg and Marker of the fixture tiles, placed on a slide larger than `--max-pixels`:
+    the same counts, thresholds, cells and overlays as postprocessing the pixels as one image."""
+    from deepliif.imageio import write_png
+    from deepliif.postprocessing import PostprocessOptions, postprocess
+    from engine.cli import main
+
+    from ..deepliif.test_slide_scoring import on_glass
+    orig, seg, marker = on_glass(deepliif_fixtures)  # 1105 x 1210: 1.34 megapixels
+    for name, image in (("case", orig), ("case_Seg", seg), ("case_Marker", marker)):
+        write_ome_pyramid(tmp_path / f"{name}.ome.tif", image, mpp=0.5)
+        write_png(tmp_path / f"{name}.png", image)
+    limit = ["--max-pixels", "1000000", "--marker-thresh", "default", "-q"]
+    assert main(["postprocess", "--image", str(tmp_path / "case.png"), "--seg", str(tmp_path / "case_Seg.png"),
+                 "--out", str(tmp_path / "png"), *limit]) == 2
+    assert "over the limit of 1000000" in capsys.readouterr().err  # as an image it is refused
+    assert main(["postprocess", "--image", str(tmp_path / "case.ome.tif"), "--seg", str(tmp_path / "case_Seg.ome.tif"),
+                 "--marker", str(tmp_path / "case_Marker.ome.tif"), "--tile-size", "512", "--out",
+                 str(tmp_path / "out"), *limit]) == 0
+    whole = postprocess(orig, seg, marker, 512, PostprocessOptions(marker_thresh="default"))
+    record = json.loads((tmp_path / "out" / "case.json").read_text())
+    assert record["scoring"] == whole.scoring and whole.scoring["num_total"] > 100
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == whole.scoring
+    rows = (tmp_path / "out" / "case_cells.csv").read_text().splitlines()
+    assert len(rows) == 1 + whole.scoring["num_total"] and rows[1].startswith(f"1,{whole.cells[0].centroid_x},")
+    np.testing.assert_array_equal(level0(tmp_path / "out" / "case_SegOverlaid.ome.tif"), whole.overlaid)
+    np.testing.assert_array_equal(level0(tmp_path / "out" / "case_SegRefined.ome.tif"), whole.refined)
+    assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
+
+
+def test_postprocess_refuses_mixed_or_mismatched_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deepliif.imageio import write_png
+    from engine.cli import main
+    image = glass_with_tissue()[:600, :700]
+    write_ome_pyramid(tmp_path / "a.ome.tif", image)
+    write_ome_pyramid(tmp_path / "small.ome.tif", image[:500])
+    write_png(tmp_path / "a.png", image)
+    common = ["postprocess", "--out", str(tmp_path / "out"), "-q"]
+    for image_file, seg_file, extra, message in [
+            ("a.ome.tif", "a.png", [], "is not a slide but the image"),
+            ("a.png", "a.ome.tif", [], "is a slide but the image"),
+            ("a.ome.tif", "small.ome.tif", [], "700x500, but the slide"),
+            ("a.ome.tif", "a.ome.tif", ["--marker-thresh", "default"], "needs the Marker slide")]:
+        assert main([*common, "--image", str(tmp_path / image_file), "--seg", str(tmp_path / seg_file), *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything is written
