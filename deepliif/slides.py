@@ -1,10 +1,11 @@
 """Whole-slide images behind one small interface: what a slide is (size, pixel size, magnification) and
 level-0 pixels read region by region, never the whole slide.
 
-Read with tiffslide (pure Python on tifffile: Aperio SVS, Hamamatsu NDPI, OME-TIFF, generic tiled TIFF),
-chosen over OpenSlide because it needs no native library, reads OME-TIFF (OpenSlide does not), and shares
-tifffile with the writer of the pyramidal outputs. Formats are told by content (the TIFF header and its
-tiling), not by extension. MRXS and other non-TIFF formats would come in as another `Slide`.
+TIFF-based slides are read with tiffslide (pure Python on tifffile: Aperio SVS, Hamamatsu NDPI, OME-TIFF,
+generic tiled TIFF), chosen first because it reads OME-TIFF (OpenSlide does not) and shares tifffile with the
+writer of the pyramidal outputs. Everything else OpenSlide knows (MIRAX .mrxs, Hamamatsu VMS, Leica SCN
+... ; openslide-bin ships the native library as a wheel, no system package) is read through OpenSlide.
+Formats are told by content (the TIFF header and its tiling, or OpenSlide's own detection), not by extension.
 """
 from __future__ import annotations
 
@@ -82,9 +83,7 @@ class TiffSlide(Slide):
                               _number(properties.get("tiffslide.objective-power")))
 
     def read_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
-        if x < 0 or y < 0 or x + width > self.info.width or y + height > self.info.height:
-            raise ImageError(f"{self.info.path}: region {x},{y} {width}x{height} is outside the "
-                             f"{self.info.width}x{self.info.height} slide")
+        _check_inside(self.info, x, y, width, height)
         try:
             region = self._slide.read_region((x, y), 0, (width, height), as_array=True)
         except Exception as exc:  # noqa: BLE001
@@ -94,6 +93,67 @@ class TiffSlide(Slide):
 
     def close(self) -> None:
         self._slide.close()
+
+
+class OpenSlideSlide(Slide):
+    """A slide OpenSlide reads. Its regions come as RGBA, transparent where nothing was scanned (MIRAX);
+    they are composited onto the slide's background colour (white when it states none), as glass."""
+
+    def __init__(self, path: Path, vendor: str) -> None:
+        import openslide
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+            properties = self._slide.properties
+        except Exception as exc:  # noqa: BLE001 - OpenSlideError, or OSError for a file it cannot open
+            raise ImageError(f"{path}: cannot read the {vendor} slide ({type(exc).__name__}: {exc}); is it truncated "
+                             "or are its companion files missing?") from exc
+        width, height = self._slide.dimensions
+        self.background = _hex_colour(properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR))
+        self.info = SlideInfo(Path(path), vendor, int(width), int(height),
+                              tuple((int(w), int(h)) for w, h in self._slide.level_dimensions),
+                              _number(properties.get(openslide.PROPERTY_NAME_MPP_X)),
+                              _number(properties.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER)))
+
+    def read_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        _check_inside(self.info, x, y, width, height)
+        try:
+            rgba = np.asarray(self._slide.read_region((x, y), 0, (width, height)))
+        except Exception as exc:  # noqa: BLE001
+            raise ImageError(f"{self.info.path}: cannot read level 0 at {x},{y} {width}x{height} "
+                             f"({type(exc).__name__}: {exc})") from exc
+        return composite(rgba, self.background)
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+def composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
+    """RGBA (OpenSlide's, not premultiplied) over an opaque background colour, rounded."""
+    alpha = rgba[..., 3:].astype(np.uint16)
+    composed = (rgba[..., :3] * alpha + np.array(background, np.uint16) * (255 - alpha) + 127) // 255
+    return np.ascontiguousarray(composed.astype(np.uint8))
+
+
+def _hex_colour(text: str | None) -> tuple[int, int, int]:
+    try:
+        return tuple(int(text[i: i + 2], 16) for i in (0, 2, 4)) if text and len(text) == 6 else (255, 255, 255)
+    except ValueError:
+        return (255, 255, 255)
+
+
+def _check_inside(info: SlideInfo, x: int, y: int, width: int, height: int) -> None:
+    if x < 0 or y < 0 or x + width > info.width or y + height > info.height:
+        raise ImageError(f"{info.path}: region {x},{y} {width}x{height} is outside the {info.width}x{info.height} "
+                         "slide")
+
+
+def openslide_format(path: Path) -> str | None:
+    """OpenSlide's name for the file's format, or None when OpenSlide does not read it (or is absent)."""
+    try:
+        import openslide
+        return openslide.OpenSlide.detect_format(str(path))
+    except Exception:  # noqa: BLE001 - ImportError or a library that cannot load: not a slide we read
+        return None
 
 
 def _ome_mpp(path: Path) -> float | None:
@@ -132,7 +192,7 @@ def is_slide(source: Path | bytes) -> bool:
         else:
             with open(source, "rb") as probe:
                 if probe.read(4) not in TIFF_MAGICS:
-                    return False
+                    return openslide_format(Path(source)) is not None
             handle = source
     except OSError:
         return False
@@ -149,10 +209,13 @@ def open_slide(path: Path | str) -> Slide:
     if not path.is_file():
         raise ImageError(f"{path}: no such slide file")
     with open(path, "rb") as handle:
-        if handle.read(4) not in TIFF_MAGICS:
-            raise ImageError(f"{path}: not a slide this engine reads (TIFF-based: SVS, NDPI, OME-TIFF, tiled "
-                             "TIFF); its first bytes are not a TIFF header")
-    slide = TiffSlide(path)
+        is_tiff = handle.read(4) in TIFF_MAGICS
+    vendor = None if is_tiff else openslide_format(path)
+    if not is_tiff and vendor is None:
+        raise ImageError(f"{path}: not a slide this engine reads (TIFF-based: SVS, NDPI, OME-TIFF, tiled TIFF; "
+                         "or a format OpenSlide reads, such as MIRAX .mrxs); neither a TIFF header nor a format "
+                         "OpenSlide knows")
+    slide = TiffSlide(path) if is_tiff else OpenSlideSlide(path, vendor)
     logger.info("slide %s: %dx%d, %d levels, %s µm/px, %sx", path.name, slide.info.width, slide.info.height,
                 len(slide.info.level_dimensions), slide.info.mpp, slide.info.objective_power)
     return slide

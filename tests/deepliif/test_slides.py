@@ -61,7 +61,7 @@ def test_slides_are_told_by_content_and_bad_ones_refused(slide_image: np.ndarray
     with pytest.raises(ImageError, match="truncated|corrupt"):
         with open_slide(truncated) as slide:
             slide.read_region(0, 0, 1500, 1300)
-    with pytest.raises(ImageError, match="not a TIFF header"):
+    with pytest.raises(ImageError, match="not a slide this engine reads"):
         open_slide(tmp_path / "d.png")
     with pytest.raises(ImageError, match="no such slide"):
         open_slide(tmp_path / "absent.svs")
@@ -161,3 +161,34 @@ def test_an_svs_style_slide_gives_its_magnification_the_tile_size_and_infers_lik
         streamed = tiff.series[0].levels[0].asarray().astype(int)
         assert 'PhysicalSizeX="0.5"' in tiff.ome_metadata
     assert np.abs(streamed - read_image(tmp_path / "image" / "case_Seg.png").astype(int)).max() <= 1
+
+
+def test_openslide_reads_what_tiffslide_reads_and_composites_unscanned_areas(slide_image: np.ndarray,
+                                                                              tmp_path: Path) -> None:
+    """The OpenSlide reader (MIRAX and other non-TIFF formats come through it) on a generic tiled TIFF,
+    which both libraries read: the same size and pixels. Transparent (unscanned) pixels become glass."""
+    from deepliif.slides import OpenSlideSlide, composite, openslide_format
+    tiled = tmp_path / "b.tif"
+    tifffile.imwrite(tiled, slide_image, tile=(256, 256), photometric="rgb", compression="zlib")
+    assert openslide_format(tiled) == "generic-tiff" and openslide_format(tmp_path / "absent.mrxs") is None
+    with OpenSlideSlide(tiled, "generic-tiff") as slide:
+        assert (slide.info.width, slide.info.height, slide.info.format) == (1500, 1300, "generic-tiff")
+        assert np.array_equal(slide.read_region(700, 500, 333, 211), slide_image[500:711, 700:1033])
+        with pytest.raises(ImageError, match="outside the 1500x1300 slide"):
+            slide.read_region(1400, 0, 200, 10)
+    rgba = np.array([[[10, 20, 30, 255], [0, 0, 0, 0], [200, 100, 0, 128]]], np.uint8)
+    assert composite(rgba, (255, 255, 255)).tolist() == [[[10, 20, 30], [255, 255, 255], [227, 177, 127]]]  # 200·128 + 255·127 = 57 985 → 227.4
+    assert composite(rgba, (230, 231, 232))[0, 1].tolist() == [230, 231, 232]
+
+
+def test_a_file_openslide_knows_is_a_slide_by_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a TIFF, but a format OpenSlide detects (as it detects MIRAX): routed to the OpenSlide reader, and
+    its damage reported with the format's name."""
+    from deepliif import slides
+    index = tmp_path / "case.mrxs"
+    index.write_text("[GENERAL]\nSLIDE_VERSION = 01.02\n")
+    assert not is_slide(index)  # OpenSlide itself does not take this for a MIRAX slide (no Data folder)
+    monkeypatch.setattr(slides, "openslide_format", lambda path: "mirax")
+    assert is_slide(index)
+    with pytest.raises(ImageError, match="cannot read the mirax slide.*companion files"):
+        open_slide(index)
