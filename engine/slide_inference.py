@@ -81,12 +81,13 @@ def fingerprint(session: Session, path: Path, tile_size: int) -> dict:
 def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None = None,
                 progress: Callable[[int], None] | None = None, run: Run | None = None,
                 stem: str | None = None, postprocess: PostprocessOptions = PostprocessOptions(),
-                checkpoint_dir: Path | None = None) -> Path:
+                checkpoint_dir: Path | None = None, stage: Callable[[str], None] = lambda name: None) -> Path:
     """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and SegOverlaid/SegRefined, the
     slide's cells (`<stem>_cells.csv`, `.geojson`) and `OUT/<stem>.json` with its scoring. `run` wraps
     `session.run` (the kernel takes turns per batch); `stem` names the outputs (default: the file's).
     The network outputs' level 0 is checkpointed region by region in `checkpoint_dir` (default
-    `OUT/.<stem>.resume`): a rerun after a kill resumes from the last whole region."""
+    `OUT/.<stem>.resume`): a rerun after a kill resumes from the last whole region. `stage` hears each
+    stage as it begins: tiles, pyramids, scoring, overlays."""
     clock = [time.perf_counter()]
     out, stem = prepare_out_dir(Path(out)), stem or slide_stem(path)
     with open_slide(path) as slide:
@@ -95,15 +96,19 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
         with SlideCheckpoint(checkpoint_dir or out / f".{stem}.resume", fingerprint(session, path, chosen),
                              OUTPUT_NAMES, info.width, ends) as checkpoint:
             start = checkpoint.resume()
+            stage("tiles")
             slide_run = run_slide(run or session.run, slide, chosen, session.batch_size, checkpoint.add, progress,
                                   start, checkpoint.row_done)
             clock.append(time.perf_counter())
+            stage("pyramids")
             outputs = publish_pyramids(out, stem, {name: checkpoint.level0(name) for name in OUTPUT_NAMES}, info.mpp)
             clock.append(time.perf_counter())
+            stage("scoring")
             bands = slide_bands(out / f"{stem}_Seg.ome.tif", out / f"{stem}_Marker.ome.tif")
             score = score_slide(bands, info.width, info.height, chosen, True, postprocess)
             write_cells(out, stem, score.cells, info.mpp)
             clock.append(time.perf_counter())
+            stage("overlays")
             outputs.update(_draw_overlays(path, out, stem, info, bands, score))
             clock.append(time.perf_counter())
             record = _record(session, info, tile_size, chosen, slide_run, outputs, score, stem, clock)

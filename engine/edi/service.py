@@ -163,7 +163,7 @@ class EdiService:
             with self.volume.local_file(request.image_path) as local:
                 record_path = infer_slide(self.session, local, self.state.local_dir(staging), request.tile_size,
                                           progress.add, self.turns.taking_turns(self.session.run, sync=False),
-                                          slide.stem, request.postprocess, checkpoint)
+                                          slide.stem, request.postprocess, checkpoint, progress.stage)
         except CheckpointBusyError:
             raise
         except Exception:
@@ -209,18 +209,25 @@ class SlideProgress:
 
     def __init__(self, records: RequestRecords, request_id: str, total: int) -> None:
         self.records, self.request_id, self.total = records, request_id, total
-        self.done, self.written = 0, 0.0
+        self.done, self.written, self.current = 0, 0.0, "tiles"
 
     def add(self, tiles: int) -> None:
         self.done += tiles
-        if time.monotonic() - self.written < self.PROGRESS_EVERY_S:
-            return
+        if time.monotonic() - self.written >= self.PROGRESS_EVERY_S:
+            self._write()
+
+    def stage(self, name: str) -> None:
+        """A new stage (tiles, pyramids, scoring, overlays) is written at once: the later ones show no tiles."""
+        self.current = name
+        self._write()
+
+    def _write(self) -> None:
         self.written = time.monotonic()
         try:
             base = self.records.status.read(self.request_id) or {}
-            self.records.write(self.request_id, {**base, "status": "running", "msg": f"running: {self.done} of "
-                               f"{self.total} tiles", "progress": {"tiles_done": self.done, "tiles_total": self.total,
-                                                                   "stage": "tiles"}})
+            self.records.write(self.request_id, {**base, "status": "running", "msg": f"running: {self.current}, "
+                               f"{self.done} of {self.total} tiles", "progress": {
+                                   "tiles_done": self.done, "tiles_total": self.total, "stage": self.current}})
         except Exception as exc:  # noqa: BLE001 - progress is a courtesy; the job goes on
             logger.warning("cannot record the progress of %s: %s", self.request_id, exc)
 

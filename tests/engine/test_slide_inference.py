@@ -66,8 +66,10 @@ def test_a_killed_slide_run_resumes_from_its_last_region_with_identical_outputs(
 
     resumed_tiles: list[int] = []
     progress: list[int] = []
-    record = json.loads(infer_slide(session, slide, out, TILE, progress.append,
-                                    run=counting(session, resumed_tiles)).read_text())
+    stages: list[str] = []
+    record = json.loads(infer_slide(session, slide, out, TILE, progress.append, run=counting(session, resumed_tiles),
+                                    stage=stages.append).read_text())
+    assert stages == ["tiles", "pyramids", "scoring", "overlays"]
     assert record["resumed"]["from_row"] > 0 and record["resumed"]["tiles_done_before"] == 14  # two rows of 7
     assert 0 < sum(resumed_tiles) < sum(whole_tiles)  # the first region was not run again
     assert sum(progress) == record["tiles"] == 42  # the bar starts where the killed run stopped
