@@ -216,6 +216,11 @@ def open_slide(path: Path | str) -> Slide:
                          "or a format OpenSlide reads, such as MIRAX .mrxs); neither a TIFF header nor a format "
                          "OpenSlide knows")
     slide = TiffSlide(path) if is_tiff else OpenSlideSlide(path, vendor)
+    try:
+        slide.read_region(0, 0, 1, 1)  # a pyramid whose level 0 cannot be read is refused at once
+    except ImageError:
+        slide.close()
+        raise
     logger.info("slide %s: %dx%d, %d levels, %s µm/px, %sx", path.name, slide.info.width, slide.info.height,
                 len(slide.info.level_dimensions), slide.info.mpp, slide.info.objective_power)
     return slide

@@ -192,3 +192,31 @@ def test_a_file_openslide_knows_is_a_slide_by_content(tmp_path: Path, monkeypatc
     assert is_slide(index)
     with pytest.raises(ImageError, match="cannot read the mirax slide.*companion files"):
         open_slide(index)
+
+
+def _spoil_tile(path: Path, tile: int) -> None:
+    """Garbage over one compressed tile of level 0; the headers and the reduced levels stay readable."""
+    with tifffile.TiffFile(path) as tiff:
+        page = tiff.pages.first
+        offset, count = page.dataoffsets[tile], page.databytecounts[tile]
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"\xff" * count)
+
+
+def test_a_pyramid_whose_level_0_cannot_be_read_is_refused(generated_models: dict[Layout, Path],
+                                                           slide_image: np.ndarray, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    first = tmp_path / "first.ome.tif"
+    tifffile.imwrite(first, slide_image, tile=(256, 256), photometric="rgb", compression="zlib")
+    _spoil_tile(first, 0)
+    with pytest.raises(ImageError, match="cannot read level 0 at 0,0"):
+        open_slide(first)  # refused when opened, before any model loads
+    middle = tmp_path / "middle.ome.tif"
+    tifffile.imwrite(middle, slide_image, tile=(256, 256), photometric="rgb", compression="zlib")
+    _spoil_tile(middle, 17)  # row 2, column 5: found only when the run reaches it
+    args = ["infer", "--model-dir", str(generated_models[Layout.TORCHSCRIPT]), "--backend", "onnxruntime",
+            "--device", "cpu", "-q", "--outputs", "Seg", "--out", str(tmp_path / "out"), str(middle)]
+    assert main(args) == 2
+    assert "middle.ome.tif: cannot read level 0 at 0," in capsys.readouterr().err
+    assert not [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]  # nothing looks done
