@@ -17,7 +17,7 @@ from deepliif.imageio import prepare_out_dir, write_json
 from deepliif.postprocessing import PostprocessOptions
 from deepliif.pyramid import StreamedLevel, assemble_pyramid
 from deepliif.slide_checkpoint import SlideCheckpoint, region_ends
-from deepliif.slide_loop import SlideRun, release_points, run_slide, slide_grid, tile_rows
+from deepliif.slide_loop import SlideRun, run_slide, slide_releases
 from deepliif.slide_overlays import draw_slide
 from deepliif.slide_scoring import SlideScore, score_slide, slide_bands
 from deepliif.slides import SlideInfo, open_slide
@@ -92,7 +92,7 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
     out, stem = prepare_out_dir(Path(out)), stem or slide_stem(path)
     with open_slide(path) as slide:
         info, chosen = slide.info, tile_size or slide.info.tile_size()
-        ends = region_ends(release_points(tile_rows(slide_grid(info, chosen)), info.height), info.width)
+        ends = region_ends(slide_releases(info, chosen), info.width)
         with SlideCheckpoint(checkpoint_dir or out / f".{stem}.resume", fingerprint(session, path, chosen),
                              OUTPUT_NAMES, info.width, ends) as checkpoint:
             start = checkpoint.resume()

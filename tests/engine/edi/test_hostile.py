@@ -293,6 +293,15 @@ def test_the_hostile_load_bench_reports_every_figure(edi_model: Path, edi_cache:
     assert report["async_job"]["submitted"] == "submitted" and report["peak_rss_gib"] > 0
 
 
+def until_done(service: EdiService, request_id: str, timeout_s: float = 120) -> dict:
+    """The request's status record once it is no longer submitted or running."""
+    deadline = time.monotonic() + timeout_s
+    while (record := service.status.read(request_id))["status"] in ("submitted", "running"):
+        assert time.monotonic() < deadline, record
+        time.sleep(0.2)
+    return record
+
+
 def test_a_whole_slide_by_path_runs_async_into_pyramids_and_base64_is_refused(service: EdiService) -> None:
     import io
     import tifffile
@@ -307,10 +316,7 @@ def test_a_whole_slide_by_path_runs_async_into_pyramids_and_base64_is_refused(se
         json.dumps({"img_path_on_pvc": "slides/slide.png", "request_id": "slide-path", "async": False})]))
     assert inline["status"] == "error" and "cannot come as base64" in inline["msg"]
     assert by_path["status"] == "submitted"  # a slide never fits the synchronous window
-    deadline = time.monotonic() + 120
-    while (record := service.status.read("slide-path"))["status"] in ("submitted", "running"):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    record = until_done(service, "slide-path")
     assert record["status"] == "finished", record
     assert record["progress"] == {"tiles_done": record["tiles"]["tiles"], "tiles_total": record["tiles"]["tiles"],
                                   "stage": "done"}
@@ -348,10 +354,7 @@ def test_a_slide_request_retried_after_its_kernel_died_resumes_from_the_last_reg
     (answer,) = (json.loads(r) for r in service.handle([json.dumps(
         {"img_path_on_pvc": "slides/resume.tif", "request_id": "slide-resume"})]))
     assert answer["status"] == "submitted"
-    deadline = time.monotonic() + 120
-    while (record := service.status.read("slide-resume"))["status"] in ("submitted", "running"):
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    record = until_done(service, "slide-resume")
     assert record["status"] == "finished", record
     assert record["resumed"]["tiles_done_before"] == 3 and record["tiles"]["tiles"] == 6
     assert not checkpoint.exists()  # gone once the outputs are published
