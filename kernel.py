@@ -19,6 +19,7 @@ try:
 except ImportError:
     from engine.edi.runtime import Kernel
 
+from deepliif.workers import keep_freed_memory
 from engine.edi.kernel_log import attach_kernel_log, detach_kernel_log
 from engine.edi.service import EdiService
 from engine.edi.settings import KernelSettings
@@ -31,6 +32,7 @@ class DeepLIIFKernel(Kernel):
         # the local stand-in hands settings over as a mapping; inside WMLA, EDI has put them in os.environ
         environ = getattr(kernel_context, "environment", os.environ)
         settings = KernelSettings.from_environment(environ, kernel_context.get_model_description())
+        keep_freed_memory()  # large per-image temporaries reused, not faulted in afresh per request
         self._log_handler = attach_kernel_log(self)
         self.log_info(f"starting DeepLIIF kernel: model {settings.model_dir}, backend {settings.backend}, "
                       f"precision {settings.precision}")

@@ -6,6 +6,7 @@ DeepLIIF does this with per-pixel flood fills under a JIT; here every step is a 
 from __future__ import annotations
 
 import enum
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -14,6 +15,8 @@ from scipy import ndimage
 
 from .cells import Cell, counted_cells
 from .errors import ArgumentError
+from .label_stats import LabelledPixels, UnionFind, grey_levels, join_edge
+from .workers import for_row_bands, parallel_map, resolve_threads, row_bands
 
 DEFAULT_SEG_THRESH = 120
 DEFAULT_NOISE_THRESH = 4
@@ -23,6 +26,7 @@ _EIGHT_CONNECTED = ndimage.generate_binary_structure(2, 2)
 # Neighbour offsets (dy, dx) in the raster order of the *source* pixel relative to its target.
 _RASTER_NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
 _RASTER_FOUR_NEIGHBOURS = [(-1, 0), (0, -1), (0, 1), (1, 0)]
+_OUTLINE_COLOURS = np.array([(255, 0, 0), (0, 0, 255)], np.uint8)  # positive, negative
 
 Threshold = int | Literal["default"] | None
 
@@ -86,6 +90,7 @@ class CellTable:
     marker: np.ndarray  # max Marker grey value over the cell (0 without a Marker image)
     first_pixel: np.ndarray  # flat index of each cell's first pixel in raster order
     kept: np.ndarray  # bool: above the noise threshold
+    pixels: LabelledPixels  # the labelled pixels, for further per-cell reductions
 
 
 @dataclass
@@ -96,61 +101,122 @@ class PostprocessResult:
     cells: list[Cell] = field(default_factory=list)  # every counted cell, for the per-cell table
 
 
-def classify_pixels(seg: np.ndarray, seg_thresh: int) -> tuple[np.ndarray, np.ndarray]:
+def classify_pixels(seg: np.ndarray, seg_thresh: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Positive and negative cell pixels: R + B above the threshold, G <= 80; positive when R >= B."""
-    red, green, blue = (seg[:, :, c].astype(np.int16) for c in range(3))
-    cell = (red + blue > seg_thresh) & (green <= 80)
-    positive = cell & (red >= blue)
-    return positive, cell & ~positive
+    positive, negative = (np.empty(seg.shape[:2], bool) for _ in range(2))
+
+    def classify(rows: slice) -> None:
+        red, green, blue = (seg[rows, :, c].astype(np.int16) for c in range(3))
+        cell = (red + blue > seg_thresh) & (green <= 80)
+        np.logical_and(cell, red >= blue, out=positive[rows])
+        np.logical_and(cell, ~positive[rows], out=negative[rows])
+
+    for_row_bands(classify, len(seg), threads)
+    return positive, negative
 
 
-def mark_background(unknown: np.ndarray) -> np.ndarray:
-    """Unknown pixels 4-connected to the image border through unknown pixels."""
-    labels, _ = ndimage.label(unknown, structure=_FOUR_CONNECTED)
-    edge = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
-    touching = np.unique(edge[edge > 0])
-    return np.isin(labels, touching)
+def mark_background(unknown: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Unknown pixels 4-connected to the image border through unknown pixels.
+
+    With several threads the rows are labelled in bands at once (`ndimage.label` frees the GIL) and labels
+    that touch across a band edge are joined by a union-find, as for slides."""
+    bands = row_bands(len(unknown), threads)
+    labelled = parallel_map(lambda rows: ndimage.label(unknown[rows[0]:rows[1]], structure=_FOUR_CONNECTED),
+                            bands, threads)
+    sets, firsts = UnionFind(), []
+    for labels, count in labelled:
+        firsts.append(sets.grow(count + 1))  # each band's id 0 (no label) too, never joined nor touching
+    for (labels, _), (below, _), first, next_first in zip(labelled, labelled[1:], firsts, firsts[1:]):
+        join_edge(sets, np.where(labels[-1] > 0, labels[-1] + first, -1),
+                  np.where(below[0] > 0, below[0] + next_first, -1), diagonal=False)
+    roots = sets.roots()
+    touching = np.zeros(len(roots), bool)
+    last = len(labelled) - 1
+    for index, ((labels, _), first) in enumerate(zip(labelled, firsts)):
+        edges = [labels[:, 0], labels[:, -1]] + ([labels[0]] if index == 0 else []) + \
+            ([labels[-1]] if index == last else [])
+        touching[roots[np.concatenate(edges) + first]] = True
+    is_background = touching[roots]
+    for first in firsts:
+        is_background[first] = False
+    background = np.empty(unknown.shape, bool)
+
+    def look(band: tuple[tuple[int, int], tuple[np.ndarray, int], int]) -> None:
+        (top, bottom), (labels, count), first = band
+        np.take(is_background[first: first + count + 1], labels, out=background[top:bottom])
+
+    parallel_map(look, list(zip(bands, labelled, firsts)), threads)
+    return background
 
 
-def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessOptions) -> CellTable:
-    positive, negative = classify_pixels(seg, options.seg_thresh)
-    background = mark_background(~(positive | negative))
+def lookup(table: np.ndarray, labels: np.ndarray, threads: int = 1) -> np.ndarray:
+    """`table[labels]`, band by band on `threads` threads."""
+    out = np.empty(labels.shape, table.dtype)
+
+    def look(rows: slice) -> None:
+        np.take(table, labels[rows], out=out[rows])
+
+    for_row_bands(look, len(labels), threads)
+    return out
+
+
+def counted_masks(labels: np.ndarray, counted: np.ndarray, is_positive: np.ndarray,
+                  threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel masks (in a counted cell, in a positive counted cell) from one lookup of a per-label code."""
+    code = counted.astype(np.uint8) + (counted & is_positive)  # 0 not counted, 1 negative, 2 positive
+    pixel_code = lookup(code, labels, threads)
+    in_counted, positive = np.empty(labels.shape, bool), np.empty(labels.shape, bool)
+
+    def split(rows: slice) -> None:
+        np.not_equal(pixel_code[rows], 0, out=in_counted[rows])
+        np.equal(pixel_code[rows], 2, out=positive[rows])
+
+    for_row_bands(split, len(labels), threads)
+    return in_counted, positive
+
+
+def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessOptions,
+               threads: int = 1) -> CellTable:
+    positive, negative = classify_pixels(seg, options.seg_thresh, threads)
+    background = mark_background(~(positive | negative), threads)
     labels, count = ndimage.label(~background, structure=_EIGHT_CONNECTED)
-    flat = labels.ravel()
-    sizes = np.bincount(flat, minlength=count + 1)
-    n_pos = np.bincount(flat, weights=positive.ravel(), minlength=count + 1)
-    n_neg = np.bincount(flat, weights=negative.ravel(), minlength=count + 1)
-    marker_values = np.zeros(count + 1, dtype=np.int64)
-    if marker is not None and count:
-        grey = marker.max(axis=2) if marker.ndim == 3 else marker
-        marker_values[1:] = ndimage.maximum(grey, labels, index=np.arange(1, count + 1))
-    present, first_index = np.unique(flat, return_index=True)
-    first = np.full(count + 1, -1, dtype=np.int64)  # -1 only for label 0 when nothing is background
-    first[present] = first_index
+    pixels = LabelledPixels.of(labels, count)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-counts") as pool:  # bincount frees the GIL
+        counts = pool.submit(lambda: (pixels.sizes(), pixels.count_true(positive) >= pixels.count_true(negative)))
+        marker_values = np.zeros(count + 1, np.int64) if marker is None else pixels.maximum(grey_levels(marker))
+        first = pixels.first_pixels()
+    sizes, is_positive = counts.result()
     kept = sizes > options.noise_thresh
     if options.large_noise_thresh is not None:
         kept &= sizes < options.large_noise_thresh
     kept[0] = False
-    return CellTable(labels, background, sizes, n_pos >= n_neg, marker_values, first, kept)
+    return CellTable(labels, background, sizes, is_positive, marker_values, first, kept, pixels)
 
 
-def kernel_density(values: np.ndarray, points: int = KDE_POINTS, bandwidth: float = 1.0) -> tuple[np.ndarray, float]:
-    """Gaussian KDE at `i * step`, `step = (max + 1) / points`, summed in DeepLIIF's order, kept in float32."""
+def kernel_density(values: np.ndarray, points: int = KDE_POINTS, bandwidth: float = 1.0,
+                   threads: int = 1) -> tuple[np.ndarray, float]:
+    """Gaussian KDE at `i * step`, `step = (max + 1) / points`, summed in DeepLIIF's order, kept in float32.
+    Each point's sum is its own, so the points are split across `threads` threads (same sums, same order)."""
     step = (float(values.max()) + 1) / points
     x = np.arange(points, dtype=np.float64) * step
     total = np.zeros(points, dtype=np.float64)
-    for chunk in np.array_split(values, max(1, len(values) // 4096)):
-        z = (x[:, None] - chunk[None, :]) / bandwidth
-        terms = np.exp(-(z * z / 2)) * (1 / np.sqrt(2 * np.pi))
-        total = np.cumsum(np.concatenate([total[:, None], terms], axis=1), axis=1)[:, -1]
+
+    def density(rows: slice) -> None:
+        at = x[rows, None]
+        for chunk in np.array_split(values, max(1, len(values) // 4096)):
+            z = (at - chunk[None, :]) / bandwidth
+            terms = np.exp(-(z * z / 2)) * (1 / np.sqrt(2 * np.pi))
+            total[rows] = np.cumsum(np.concatenate([total[rows, None], terms], axis=1), axis=1)[:, -1]
+
+    for_row_bands(density, points, threads)
     return (total / (len(values) * bandwidth)).astype(np.float32), step
 
 
-def default_size_threshold(sizes: np.ndarray, resolution: Resolution) -> int:
+def default_size_threshold(sizes: np.ndarray, resolution: Resolution, threads: int = 1) -> int:
     """Size at the first valley of the sqrt-size distribution, clamped to the resolution's range."""
     if len(sizes) <= 1:
         return 0
-    kde, step = kernel_density(np.sqrt(sizes.astype(np.float64)))
+    kde, step = kernel_density(np.sqrt(sizes.astype(np.float64)), threads=threads)
     valleys = np.flatnonzero((kde[1:-1] < kde[:-2]) & (kde[1:-1] < kde[2:])) + 1
     index = int(valleys[0]) if len(valleys) else 1
     thresh_sqrt = (index - 1) * step
@@ -164,7 +230,7 @@ def default_size_threshold(sizes: np.ndarray, resolution: Resolution) -> int:
 
 def default_marker_threshold(marker: np.ndarray) -> int:
     """90% of the way from the 0.1 to the 99.9 percentile of the non-zero Marker grey values."""
-    grey = marker.max(axis=2) if marker.ndim == 3 else marker
+    grey = grey_levels(marker)
     nonzero = grey[grey != 0]
     if nonzero.size == 0:
         return 0
@@ -172,22 +238,38 @@ def default_marker_threshold(marker: np.ndarray) -> int:
     return round((high - low) * 0.9) + low
 
 
-def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
-    """out[y, x] = mask[y + dy, x + dx], False outside the image."""
-    out = np.zeros_like(mask)
-    h, w = mask.shape
-    out[max(0, -dy): h - max(0, dy), max(0, -dx): w - max(0, dx)] = \
-        mask[max(0, dy): h - max(0, -dy), max(0, dx): w - max(0, -dx)]
-    return out
+def _overlap(dy: int, dx: int, shape: tuple[int, ...]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
+    """Slices (target, source) such that target[y, x] pairs with source[y + dy, x + dx] inside the image."""
+    h, w = shape[:2]
+    target = (slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx)))
+    source = (slice(max(0, dy), h - max(0, -dy)), slice(max(0, dx), w - max(0, -dx)))
+    return target, source
 
 
-def cell_borders(cells: CellTable, counted: np.ndarray, is_positive: np.ndarray, in_counted: np.ndarray,
-                 positive_pixels: np.ndarray, grow_steps: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Outlines of counted cells; `counted`/`is_positive` are per cell, `in_counted`/`positive_pixels` the
-    same as pixel masks. Returns (outline, outline_is_positive)."""
-    ids = np.flatnonzero(counted)
-    return outline(cells.background, in_counted, positive_pixels, cells.first_pixel[ids], is_positive[ids],
-                   grow_steps)
+OUTLINE_REACH = 3  # rows an outline pixel depends on each way: one step to the background, two growth steps
+
+
+def draw_overlays(orig: np.ndarray, background: np.ndarray, in_counted: np.ndarray, positive_pixels: np.ndarray,
+                  seeds: np.ndarray, seeds_positive: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """SegOverlaid and SegRefined, drawn in row bands on `threads` threads. Each band is outlined from its
+    rows plus `OUTLINE_REACH` rows of halo each side, so the result equals drawing the whole image at once."""
+    overlaid, refined = np.empty_like(orig), np.empty_like(orig)
+    width = orig.shape[1]
+    seed_rows = seeds // width
+
+    def band(rows: tuple[int, int]) -> None:
+        top, bottom = rows
+        low, high = max(0, top - OUTLINE_REACH), min(len(orig), bottom + OUTLINE_REACH)
+        inside = (seed_rows >= top) & (seed_rows < bottom)
+        window = slice(low, high)
+        border, border_positive = outline(background[window], in_counted[window], positive_pixels[window],
+                                          seeds[inside] - low * width, seeds_positive[inside])
+        drawn = paint(orig[window], border, border_positive, in_counted[window], positive_pixels[window])
+        for target, image in zip((overlaid, refined), drawn):
+            target[top:bottom] = image[top - low: bottom - low]
+
+    parallel_map(band, row_bands(len(orig), 2 * threads if threads > 1 else 1), threads)
+    return overlaid, refined
 
 
 def outline(background: np.ndarray, in_counted: np.ndarray, positive_pixels: np.ndarray, seeds: np.ndarray,
@@ -206,45 +288,49 @@ def outline(background: np.ndarray, in_counted: np.ndarray, positive_pixels: np.
     return border, border_positive & border
 
 
-def paint(orig: np.ndarray, border: np.ndarray, border_positive: np.ndarray, in_counted: np.ndarray,
-          positive_pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """SegOverlaid (outlines on the input: red positive, blue negative) and SegRefined (green outlines,
-    red/blue interiors on black)."""
-    interior = in_counted & ~border
-    interior_positive = interior & positive_pixels
-    overlaid = orig.copy()
-    overlaid[border & border_positive] = (255, 0, 0)
-    overlaid[border & ~border_positive] = (0, 0, 255)
-    refined = np.zeros_like(orig)
-    refined[border, 1] = 255
-    refined[interior_positive, 0] = 255
-    refined[interior & ~interior_positive, 2] = 255
-    return overlaid, refined
-
-
 def _grow(source: np.ndarray, source_positive: np.ndarray, allowed: np.ndarray,
           offsets: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Add allowed pixels next to `source` (at the given offsets, in raster order of the neighbour)."""
+    """Add allowed pixels next to `source` (at the given offsets, in raster order of the neighbour; a
+    later neighbour's positivity wins). Works on views of the overlapping parts, not shifted copies.
+    (Outlines are dense, about a sixth of a cell-dense image, so following only the newest outline
+    pixels by index was measured slower than these whole-array steps.)"""
     grown, grown_positive = source.copy(), source_positive.copy()
+    candidates = allowed & ~source
     for dy, dx in offsets:
-        reached = _shift(source, dy, dx) & allowed & ~source
-        grown |= reached
-        grown_positive[reached] = _shift(source_positive, dy, dx)[reached]
+        target, origin = _overlap(dy, dx, source.shape)
+        reached = source[origin] & candidates[target]
+        grown[target] |= reached
+        np.copyto(grown_positive[target], source_positive[origin], where=reached)
     return grown, grown_positive
 
 
+def paint(orig: np.ndarray, border: np.ndarray, border_positive: np.ndarray, in_counted: np.ndarray,
+          positive_pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SegOverlaid (outlines on the input: red positive, blue negative) and SegRefined (green outlines,
+    red/blue interiors on black). Outline pixels are written by flat index and SegRefined from three
+    stacked masks: boolean-mask assignment of colours to a 3-channel image is several times slower."""
+    overlaid = orig.copy()
+    outlined = np.flatnonzero(border)
+    overlaid.reshape(-1, 3)[outlined] = _OUTLINE_COLOURS[(~border_positive.ravel()[outlined]).view(np.uint8)]
+    interior = in_counted & ~border
+    planes = np.stack([interior & positive_pixels, border, interior & ~positive_pixels], axis=2)
+    return overlaid, planes.view(np.uint8) * np.uint8(255)
+
+
 def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, tile_size: int,
-                options: PostprocessOptions = PostprocessOptions()) -> PostprocessResult:
-    """Cells, counts and the two overlay images for one (stitched) image."""
+                options: PostprocessOptions = PostprocessOptions(), threads: int | None = None) -> PostprocessResult:
+    """Cells, counts and the two overlay images for one (stitched) image; the overlays are drawn on
+    `threads` threads (default: every CPU this process may use)."""
     if seg.shape[:2] != orig.shape[:2] or (marker is not None and marker.shape[:2] != orig.shape[:2]):
         raise ArgumentError(f"image sizes differ: input {orig.shape[:2]}, Seg {seg.shape[:2]}, "
                             f"Marker {None if marker is None else marker.shape[:2]}")
     if options.marker_thresh == "default" and marker is None:
         raise ArgumentError("marker_thresh 'default' needs the Marker image")
-    cells = find_cells(seg, marker, options)
+    threads = resolve_threads(threads)
+    cells = find_cells(seg, marker, options, threads)
     size_thresh = options.size_thresh
     if size_thresh == "default":
-        size_thresh = default_size_threshold(cells.sizes[cells.kept], Resolution.from_tile_size(tile_size))
+        size_thresh = default_size_threshold(cells.sizes[cells.kept], Resolution.from_tile_size(tile_size), threads)
     size_thresh = size_thresh or 0
     marker_thresh = default_marker_threshold(marker) if options.marker_thresh == "default" else options.marker_thresh
 
@@ -252,10 +338,12 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     if options.size_thresh_upper is not None:
         counted &= cells.sizes < options.size_thresh_upper
     is_positive = cells.positive | (cells.marker > (255 if marker_thresh is None else marker_thresh))
-    in_counted = counted[cells.labels]
-    positive_pixels = in_counted & is_positive[cells.labels]
-    border, border_positive = cell_borders(cells, counted, is_positive, in_counted, positive_pixels)
-    overlaid, refined = paint(orig, border, border_positive, in_counted, positive_pixels)
+    in_counted, positive_pixels = counted_masks(cells.labels, counted, is_positive, threads)
+    ids = np.flatnonzero(counted)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-table") as pool:
+        table = pool.submit(counted_cells, cells.labels, cells.pixels, ids, cells.sizes, is_positive, cells.marker)
+        overlaid, refined = draw_overlays(orig, cells.background, in_counted, positive_pixels,
+                                          cells.first_pixel[ids], is_positive[ids], threads)
 
     num_pos = int(np.count_nonzero(counted & is_positive))
     num_total = int(np.count_nonzero(counted))
@@ -269,5 +357,4 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
         "size_thresh_upper": options.size_thresh_upper,
         "marker_thresh": marker_thresh if marker is not None else None,
     }
-    cells_table = counted_cells(cells.labels, np.flatnonzero(counted), cells.sizes, is_positive, cells.marker)
-    return PostprocessResult(overlaid, refined, scoring, cells_table)
+    return PostprocessResult(overlaid, refined, scoring, table.result())

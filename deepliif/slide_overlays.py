@@ -12,10 +12,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .postprocessing import outline, paint
+from .postprocessing import OUTLINE_REACH, outline, paint
 from .slide_scoring import Bands, SlideScore
 
-OUTLINE_REACH = 3  # one step to the 4-adjacent background, then two growth steps
 Rows = Callable[[int, int], np.ndarray]  # (top, count) -> the input image's rows (RGB), for SegOverlaid
 OverlaySink = Callable[[int, np.ndarray, np.ndarray], None]  # (top, SegOverlaid rows, SegRefined rows)
 

@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from .cells import Cell
+from .label_stats import UnionFind, join_edge
 from .postprocessing import (_EIGHT_CONNECTED, _FOUR_CONNECTED, PostprocessOptions, Resolution, classify_pixels,
                              default_size_threshold)
 from .slides import open_slide
@@ -28,54 +29,6 @@ from .slides import open_slide
 Band = tuple[int, np.ndarray, np.ndarray | None]  # top row, Seg rows (RGB), Marker rows or None
 Bands = Callable[[], Iterator[Band]]  # called once per pass; yields the slide's bands top to bottom
 BAND_PIXELS = 4_000_000
-
-
-class UnionFind:
-    """Disjoint sets over ids 0..n-1, grown as bands add labels; the smaller id becomes the root."""
-
-    def __init__(self) -> None:
-        self.parent, self.size = np.zeros(1024, np.int64), 0
-
-    def grow(self, count: int) -> int:
-        """Add `count` ids; the first of them."""
-        first = self.size
-        if first + count > len(self.parent):  # capacity doubles: bands add labels many times
-            self.parent = np.concatenate([self.parent, np.zeros(max(first + count, 2 * len(self.parent)), np.int64)])
-        self.parent[first: first + count] = np.arange(first, first + count)
-        self.size += count
-        return first
-
-    def find(self, item: int) -> int:
-        root = item
-        while self.parent[root] != root:
-            root = self.parent[root]
-        while self.parent[item] != root:
-            self.parent[item], item = root, self.parent[item]
-        return root
-
-    def union_pairs(self, a: np.ndarray, b: np.ndarray) -> None:
-        for x, y in set(zip(a.tolist(), b.tolist())):
-            rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                self.parent[max(rx, ry)] = min(rx, ry)
-
-    def roots(self) -> np.ndarray:
-        parent = self.parent[: self.size].copy()
-        while True:  # pointer jumping: every id straight to its root
-            jumped = parent[parent]
-            if np.array_equal(jumped, parent):
-                return parent
-            parent = jumped
-
-
-def _join_edge(sets: UnionFind, above: np.ndarray, below: np.ndarray, diagonal: bool) -> None:
-    """Union the ids of two touching rows (-1: no label): same column, and diagonals for 8-connectivity."""
-    width = len(above)
-    for shift in (-1, 0, 1) if diagonal else (0,):
-        a = above[max(0, -shift): width - max(0, shift)]
-        b = below[max(0, shift): width - max(0, -shift)]
-        both = (a >= 0) & (b >= 0)
-        sets.union_pairs(a[both], b[both])
 
 
 def _global(labels: np.ndarray, first: int) -> np.ndarray:
@@ -98,7 +51,7 @@ def background_labels(bands: Bands, height: int, seg_thresh: int) -> tuple[list[
             ([ids[-1]] if top + len(seg) == height else [])
         touching.append(np.unique(np.concatenate(edges)))
         if previous is not None:
-            _join_edge(sets, previous, ids[0], diagonal=False)
+            join_edge(sets, previous, ids[0], diagonal=False)
         previous = ids[-1]
     roots = sets.roots()
     border = np.concatenate(touching) if touching else np.zeros(0, np.int64)
@@ -165,7 +118,7 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int) -> Slide
         cell_firsts.append(sets.grow(count))
         ids = _global(labels, cell_firsts[-1])
         if previous is not None:
-            _join_edge(sets, previous, ids[0], diagonal=True)
+            join_edge(sets, previous, ids[0], diagonal=True)
         previous = ids[-1]
         parts.append(_band_stats(labels, count, seg, grey, top, width, seg_thresh))
     cells, cell_of_label = _merge(sets.roots(), parts, histogram)

@@ -13,6 +13,7 @@ from deepliif.inference import OutputSet
 from deepliif.model_files import Layout
 from deepliif.postprocessing import DEFAULT_SEG_THRESH
 from deepliif.tiling import TILE_SIZE_MAX, TILE_SIZE_MIN
+from deepliif.workers import keep_freed_memory
 
 from calibration.cli import add_calibrate_parser
 from export.cli import add_export_parser
@@ -209,6 +210,7 @@ def _finish_subcommands(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

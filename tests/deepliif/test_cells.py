@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from deepliif.cells import cells_csv, cells_geojson, counted_cells
+from deepliif.label_stats import LabelledPixels
 from deepliif.imageio import read_image
 from deepliif.postprocessing import postprocess
 
@@ -37,7 +38,7 @@ def test_centroids_bounding_boxes_and_areas_of_known_cells() -> None:
     labels[2:5, 3:7] = 1    # 3 x 4 rectangle
     labels[10:19, 20:21] = 2  # a vertical line
     sizes = np.bincount(labels.ravel())
-    cells = counted_cells(labels, np.array([1, 2]), sizes, np.array([False, True, False]), np.array([0, 7, 200]))
+    cells = counted_cells(labels, LabelledPixels.of(labels, 2), np.array([1, 2]), sizes, np.array([False, True, False]), np.array([0, 7, 200]))
     assert [(c.centroid_x, c.centroid_y, c.bbox_x0, c.bbox_y0, c.bbox_x1, c.bbox_y1, c.area_px) for c in cells] == \
         [(4.5, 3.0, 3, 2, 7, 5, 12), (20.0, 14.0, 20, 10, 21, 19, 9)]
     assert [(c.id, c.classification, c.marker) for c in cells] == [(1, "Positive", 7), (2, "Negative", 200)]
