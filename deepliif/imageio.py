@@ -20,6 +20,7 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+import imagecodecs
 import numpy as np
 from PIL import Image
 
@@ -208,10 +209,15 @@ def _stamp(file: Path) -> list[int]:
     return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
+PNG_LEVEL, PNG_FILTER = 1, 16  # zlib level 1 with libpng's Sub filter on every row
+
+
 def encode_png(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    """Lossless PNG at memory speed. Chosen by measurement on seven 4096² outputs (docs/BENCHMARKS.md):
+    libpng through imagecodecs at level 1 with the Sub filter encodes them 3.3x faster than Pillow at
+    level 1 on one core (and frees the GIL, so outputs encode in parallel), for files 3% larger; the
+    pixels decode byte-identical either way."""
+    return bytes(imagecodecs.png_encode(np.ascontiguousarray(image), level=PNG_LEVEL, filter=PNG_FILTER))
 
 
 def write_png(path: Path, image: np.ndarray) -> None:

@@ -19,11 +19,13 @@ from .errors import ArgumentError, ChoiceEnum, ImageError
 from .postprocessing import PostprocessOptions, postprocess
 from .tile_loop import StitchedImage, Strategy, run_tile_loop
 from .tiling import TileGrid, check_tile_size
+from .workers import resolve_threads
 
 MAX_BATCH_SIZE = 256
 
 
-SEG_MASKS = ("Seg", "SegOverlaid", "SegRefined")
+OVERLAY_NAMES = ("SegOverlaid", "SegRefined")  # drawn by postprocessing, not by the network
+SEG_MASKS = ("Seg",) + OVERLAY_NAMES
 
 
 class OutputSet(ChoiceEnum):
@@ -63,9 +65,12 @@ class InferenceOptions:
     batch_size: int = 4
     outputs: OutputSet = OutputSet.ALL
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
+    threads: int | None = None  # CPU threads for postprocessing (None: every CPU this process may use)
 
     def __post_init__(self) -> None:
         check_tile_size(self.tile_size)
+        if self.threads is not None:
+            resolve_threads(self.threads)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
                 or not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise ArgumentError(f"batch_size must be an integer from 1 to {MAX_BATCH_SIZE}; got {self.batch_size!r}")
@@ -88,28 +93,38 @@ def check_image_array(image: np.ndarray) -> None:
                             f"{getattr(image, 'shape', None)} {getattr(image, 'dtype', type(image).__name__)}")
 
 
+Stitched = Callable[[int, dict[str, np.ndarray]], None]  # (image index, its five network outputs)
+
+
 def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
                  options: InferenceOptions) -> tuple[dict[str, np.ndarray], dict, list[Cell]]:
-    """Postprocess stitched network images: the selected output images, the scoring and the cells."""
+    """Postprocess stitched network images: the selected output images, the scoring and the cells. The
+    overlays are drawn only when one of them is selected."""
+    wanted = options.outputs.names
     post = postprocess(image, network_images["Seg"], network_images["Marker"], options.tile_size,
-                       options.postprocess)
+                       options.postprocess, options.threads, overlays=any(n in wanted for n in OVERLAY_NAMES))
     everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
-    return {name: everything[name] for name in options.outputs.names}, post.scoring, post.cells
+    return {name: everything[name] for name in wanted}, post.scoring, post.cells
 
 
 def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Sequence[np.ndarray],
                  options: InferenceOptions = InferenceOptions(), strategy: Strategy = Strategy.THREADED,
-                 progress: Callable[[int], None] | None = None) -> list[InferenceResult]:
+                 progress: Callable[[int], None] | None = None,
+                 stitched: Stitched | None = None) -> list[InferenceResult]:
     """DeepLIIF's `infer_modalities` for several RGB uint8 images through one tile loop (tiles of all of
     them batched together): images, scoring and timings per image. Each result's timings hold the stage
-    sums of the whole call (one image's own figures when called with one) and its own total."""
+    sums of the whole call (one image's own figures when called with one) and its own total.
+    `stitched(index, outputs)` hears each image's five network outputs as soon as they are stitched,
+    before postprocessing, so a caller can encode them while the cells are found."""
     for image in images:
         check_image_array(image)
 
-    def finish(stitched: StitchedImage) -> InferenceResult:
-        selected, scoring, cells = finish_image(images[stitched.index], stitched.images, options)
-        return InferenceResult(selected, scoring, {"total_seconds": time.perf_counter() - stitched.started},
-                               stitched.tiles, stitched.empty, cells)
+    def finish(done: StitchedImage) -> InferenceResult:
+        if stitched is not None:
+            stitched(done.index, done.images)
+        selected, scoring, cells = finish_image(images[done.index], done.images, options)
+        return InferenceResult(selected, scoring, {"total_seconds": time.perf_counter() - done.started},
+                               done.tiles, done.empty, cells)
 
     results, timings = run_tile_loop(run, images, options.tile_size, options.batch_size, finish, strategy, progress)
     for result in results:

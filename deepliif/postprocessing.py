@@ -95,8 +95,8 @@ class CellTable:
 
 @dataclass
 class PostprocessResult:
-    overlaid: np.ndarray
-    refined: np.ndarray
+    overlaid: np.ndarray | None  # None when the overlays were not asked for
+    refined: np.ndarray | None
     scoring: dict
     cells: list[Cell] = field(default_factory=list)  # every counted cell, for the per-cell table
 
@@ -318,9 +318,11 @@ def paint(orig: np.ndarray, border: np.ndarray, border_positive: np.ndarray, in_
 
 
 def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, tile_size: int,
-                options: PostprocessOptions = PostprocessOptions(), threads: int | None = None) -> PostprocessResult:
+                options: PostprocessOptions = PostprocessOptions(), threads: int | None = None,
+                overlays: bool = True) -> PostprocessResult:
     """Cells, counts and the two overlay images for one (stitched) image; the overlays are drawn on
-    `threads` threads (default: every CPU this process may use)."""
+    `threads` threads (default: every CPU this process may use), or not at all with `overlays=False`
+    (a caller that wants only the scoring and cells; `overlaid` and `refined` are then None)."""
     if seg.shape[:2] != orig.shape[:2] or (marker is not None and marker.shape[:2] != orig.shape[:2]):
         raise ArgumentError(f"image sizes differ: input {orig.shape[:2]}, Seg {seg.shape[:2]}, "
                             f"Marker {None if marker is None else marker.shape[:2]}")
@@ -338,12 +340,14 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     if options.size_thresh_upper is not None:
         counted &= cells.sizes < options.size_thresh_upper
     is_positive = cells.positive | (cells.marker > (255 if marker_thresh is None else marker_thresh))
-    in_counted, positive_pixels = counted_masks(cells.labels, counted, is_positive, threads)
+    in_counted, positive_pixels = counted_masks(cells.labels, counted, is_positive, threads) if overlays else (None, None)
     ids = np.flatnonzero(counted)
+    overlaid = refined = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-table") as pool:
         table = pool.submit(counted_cells, cells.labels, cells.pixels, ids, cells.sizes, is_positive, cells.marker)
-        overlaid, refined = draw_overlays(orig, cells.background, in_counted, positive_pixels,
-                                          cells.first_pixel[ids], is_positive[ids], threads)
+        if overlays:
+            overlaid, refined = draw_overlays(orig, cells.background, in_counted, positive_pixels,
+                                              cells.first_pixel[ids], is_positive[ids], threads)
 
     num_pos = int(np.count_nonzero(counted & is_positive))
     num_total = int(np.count_nonzero(counted))

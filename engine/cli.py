@@ -167,7 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "tiles (or --image itself) through every stage, on the first backend and batch size")
     bench.add_argument("--whole-process", action="store_true", help="instead: `infer` on --image as a whole "
                        "process (warm cache, first backend) vs the DeepLIIF way's process, interleaved")
-    bench.add_argument("--repeats", type=int, default=2, help="--whole-process pairs of runs (default 2)")
+    bench.add_argument("--repeats", type=int, default=2, help="--whole-process pairs of runs, or --pipeline runs "
+                       "(default 2)")
+    bench.add_argument("--pipeline", type=Path, metavar="IMAGE_OR_SLIDE", help="instead: `infer`'s own path on "
+                       "this image or slide, every output written, with the network replaced by --replay outputs")
+    bench.add_argument("--replay", type=Path, help="--pipeline: a folder of tile folders, each with Hema.png "
+                       "DAPI.png Lap2.png Marker.png Seg.png (512x512), handed back in sorted order")
+    bench.add_argument("--network-tiles-per-s", type=float, help="--pipeline: pace the stand-in network to this "
+                       "many tiles per second, as a GPU would (default: unpaced)")
+    bench.add_argument("--threads", type=_positive, help="--pipeline: CPU threads for the stages around the "
+                       "network (default: the CPUs this process may use)")
     bench.set_defaults(handler=cmd_bench)
 
     doctor = sub.add_parser("doctor", help="the first command on a new machine: versions, GPUs, providers, "

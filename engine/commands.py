@@ -23,6 +23,7 @@ from deepliif.postprocessing import PostprocessOptions, postprocess
 from engine.backends.precision import Precision
 
 from .backends import BackendKind
+from .image_files import infer_image_files
 from .session import Session
 from .slide_inference import infer_slide, postprocess_slide
 from .samples import benchmark_tiles, sample_images, synthetic_ihc
@@ -56,37 +57,14 @@ def check_inputs(images: list[Path], tile_size: int, max_pixels: int) -> tuple[l
 def infer_files(session: Session, images: list[Path], out: Path, options: InferenceOptions,
                 max_pixels: int = DEFAULT_MAX_PIXELS, quiet: bool = False, total_tiles: int | None = None
                 ) -> list[Path]:
-    """Infer each image and write `OUT/<stem>_<Name>.png` and `OUT/<stem>.json`; returns the JSON paths.
-    One progress bar runs over the tiles of all images."""
+    """Infer each image and write `OUT/<stem>_<Name>.png` and `OUT/<stem>.json` (`engine.image_files`);
+    returns the JSON paths. One progress bar runs over the tiles of all images."""
     prepare_out_dir(out)
-    written = []
+    describe = {"model": session.files.describe(), "startup_seconds": session.startup,
+                "backend": session.info.as_dict()}
     with tqdm(total=total_tiles, unit="tile", desc="tiles", disable=quiet, file=sys.stderr) as bar:
-        for path in images:
-            bar.set_postfix_str(path.name)
-            written.append(_infer_file(session, path, out, options, max_pixels, bar.update))
-    return written
-
-
-def _infer_file(session: Session, path: Path, out: Path, options: InferenceOptions, max_pixels: int,
-                progress) -> Path:
-    start = time.perf_counter()
-    image = read_image(path, max_pixels=max_pixels)
-    decoded = time.perf_counter()
-    (result,) = session.infer_many([image], options, progress=progress)
-    encode_start = time.perf_counter()
-    for name, array in result.images.items():
-        write_png(out / f"{path.stem}_{name}.png", array)
-    cell_files = write_cells(out, path.stem, result.cells)
-    timings = {"decode_seconds": decoded - start, **result.timings,
-               "encode_seconds": time.perf_counter() - encode_start}
-    record = {"image": str(path), "model": session.files.describe(), "startup_seconds": session.startup,
-              "backend": session.info.as_dict(), "tile_size": options.tile_size, "batch_size": options.batch_size,
-              "tiles": result.tiles, "empty_tiles": result.empty_tiles, "outputs": list(result.images),
-              "cells": [p.name for p in cell_files],
-              "scoring": result.scoring, "timings": timings}
-    write_json(out / f"{path.stem}.json", record)
-    logger.info("%s: %s", path.name, json.dumps(result.scoring))
-    return out / f"{path.stem}.json"
+        return infer_image_files(session, images, out, options, describe, max_pixels, bar.update,
+                                 lambda path: bar.set_postfix_str(path.name))
 
 
 def _open_session(args: argparse.Namespace, model_dir: Path) -> Session:
@@ -241,6 +219,8 @@ def _bench_end_to_end(args: argparse.Namespace, case: BenchCase, model_dir: Path
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.whole_process:
         return _bench_processes(args)
+    if args.pipeline:
+        return _bench_pipeline(args)
     from deepliif.demo import write_demo_model
     from deepliif.model_dir import load_model_dir
 
@@ -266,6 +246,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         write_json(args.json, report)
     if args.plot and plot(report, args.plot):
         print(f"plot: {args.plot}")
+    return 0
+
+
+def _bench_pipeline(args: argparse.Namespace) -> int:
+    from .pipeline_bench import bench_pipeline, format_pipeline
+    if args.replay is None:
+        raise ArgumentError("--pipeline needs --replay DIR (one folder per tile of real DeepLIIF outputs)")
+    report = bench_pipeline(args.pipeline, args.replay, args.network_tiles_per_s, args.threads,
+                            max(_csv(args.batch_sizes, int, "batch-sizes")), args.repeats)
+    print(format_pipeline(report))
+    if args.json:
+        prepare_out_dir(args.json.parent)
+        write_json(args.json, report)
     return 0
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from deepliif.contract import run_in_chunks
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, DeepLIIFError
-from deepliif.inference import InferenceOptions, InferenceResult, infer_images
+from deepliif.inference import InferenceOptions, InferenceResult, Stitched, infer_images
 from deepliif.model_files import ModelFiles, read_model_files
 
 from .artifacts import Artifact, ArtifactLoaders, Provenance
@@ -189,10 +189,12 @@ class Session:
 
     def infer_many(self, images: Sequence[np.ndarray], options: InferenceOptions | None = None,
                    progress: Callable[[int], None] | None = None,
-                   run: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None) -> list[InferenceResult]:
-        """The images through the threaded tile loop; `run` wraps `self.run` (the kernel takes turns per batch)."""
+                   run: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
+                   stitched: Stitched | None = None) -> list[InferenceResult]:
+        """The images through the threaded tile loop; `run` wraps `self.run` (the kernel takes turns per batch);
+        `stitched` hears each image's network outputs before postprocessing (see `infer_images`)."""
         options = options or InferenceOptions(batch_size=self.batch_size)
-        return infer_images(run or self.run, images, options, progress=progress)
+        return infer_images(run or self.run, images, options, progress=progress, stitched=stitched)
 
     def close(self) -> None:
         self.backend.close()

@@ -14,6 +14,7 @@ from deepliif.cells import write_cells
 from deepliif.contract import OUTPUT_NAMES
 from deepliif.errors import ArgumentError
 from deepliif.imageio import prepare_out_dir, write_json
+from deepliif.inference import OVERLAY_NAMES
 from deepliif.postprocessing import PostprocessOptions
 from deepliif.pyramid import StreamedLevel, assemble_pyramid
 from deepliif.slide_checkpoint import SlideCheckpoint, region_ends
@@ -26,9 +27,6 @@ from deepliif.tile_loop import Run
 from .session import Session
 
 logger = logging.getLogger("engine")
-
-OVERLAY_NAMES = ("SegOverlaid", "SegRefined")
-
 
 def slide_stem(path: Path) -> str:
     name = Path(path).name

@@ -1,0 +1,149 @@
+"""`infer` on image files as a pipeline: read ahead, tile loop, encode while postprocessing, publish.
+
+The stages overlap so the network is never the one waiting:
+- the next image is decoded on a reader thread while the current one is in the tile loop (one ahead);
+- each image's five network outputs are handed to the encoder pool the moment they are stitched, so they
+  are encoded while its cells are found and its overlays drawn; the overlays and the cells files follow;
+- an image's `<stem>.json` is written last, after every file of that image is published (by rename), and
+  only after the next image has gone through the tile loop, so at most two images' outputs are held.
+Outputs that were not asked for are neither drawn nor encoded. A failure anywhere stops the run: pools
+are shut down after their running tasks end, and the image without its JSON is the one that failed.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from deepliif.cells import write_cells
+from deepliif.contract import OUTPUT_NAMES
+from deepliif.imageio import DEFAULT_MAX_PIXELS, encode_png, read_image, write_atomically, write_json
+from deepliif.inference import InferenceOptions, InferenceResult, Stitched
+from deepliif.workers import resolve_threads
+
+logger = logging.getLogger("engine")
+
+
+class ImageSession(Protocol):
+    """What `infer` needs of a session (an `engine.Session`, or the replay stand-in of `engine.replay`)."""
+
+    startup: dict[str, float]
+
+    def infer_many(self, images, options=None, progress=None, run=None,
+                   stitched: Stitched | None = None) -> list[InferenceResult]: ...
+
+
+@dataclass
+class _Finishing:
+    """One image whose files are being written: what its JSON will say once they all are."""
+
+    record: dict
+    path: Path
+    writes: list[Future] = field(default_factory=list)
+
+
+class Encoders:
+    """A pool that encodes and publishes files; `busy_seconds` sums the time its tasks ran."""
+
+    def __init__(self, threads: int) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
+        self.busy_seconds = 0.0
+        self._lock = threading.Lock()
+
+    def png(self, path: Path, image: np.ndarray) -> Future:
+        return self.pool.submit(self._timed, lambda: write_atomically(path, encode_png(image)))
+
+    def call(self, function: Callable[[], object]) -> Future:
+        return self.pool.submit(self._timed, function)
+
+    def _timed(self, function: Callable[[], object]) -> float:
+        """Runs one task; its seconds (the future's result)."""
+        start = time.perf_counter()
+        try:
+            function()
+        finally:
+            seconds = time.perf_counter() - start
+            with self._lock:
+                self.busy_seconds += seconds
+        return seconds
+
+    def close(self, cancel: bool = False) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+def infer_image_files(session: ImageSession, images: list[Path], out: Path, options: InferenceOptions,
+                      describe: dict, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      progress: Callable[[int], None] | None = None,
+                      on_image: Callable[[Path], None] | None = None) -> list[Path]:
+    """Writes `OUT/<stem>_<Name>.png` for the selected outputs, `<stem>_cells.csv/.geojson` and
+    `<stem>.json` (with `describe` merged in) for each image; returns the JSON paths."""
+    threads = resolve_threads(options.threads)
+    encoders = Encoders(threads)
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+    written: list[Path] = []
+    finishing: _Finishing | None = None
+    ok = False
+    try:
+        upcoming = reader.submit(_decode, images[0], max_pixels) if images else None
+        for index, path in enumerate(images):
+            image, decode_seconds = upcoming.result()
+            upcoming = reader.submit(_decode, images[index + 1], max_pixels) if index + 1 < len(images) else None
+            if on_image:
+                on_image(path)
+            current = _infer_one(session, path, image, decode_seconds, out, options, describe, encoders, progress)
+            if finishing is not None:
+                written.append(_publish(finishing, encoders))
+            finishing = current
+        if finishing is not None:
+            written.append(_publish(finishing, encoders))
+        ok = True
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        encoders.close(cancel=not ok)
+    return written
+
+
+def _decode(path: Path, max_pixels: int) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    image = read_image(path, max_pixels=max_pixels)
+    return image, time.perf_counter() - start
+
+
+def _infer_one(session: ImageSession, path: Path, image: np.ndarray, decode_seconds: float, out: Path,
+               options: InferenceOptions, describe: dict, encoders: Encoders,
+               progress: Callable[[int], None] | None) -> _Finishing:
+    stem = path.stem
+    network_names = [name for name in options.outputs.names if name in OUTPUT_NAMES]
+    writes: list[Future] = []
+
+    def stitched(_: int, outputs: dict[str, np.ndarray]) -> None:
+        writes.extend(encoders.png(out / f"{stem}_{name}.png", outputs[name]) for name in network_names)
+
+    (result,) = session.infer_many([image], options, progress=progress, stitched=stitched)
+    writes.extend(encoders.png(out / f"{stem}_{name}.png", array) for name, array in result.images.items()
+                  if name not in network_names)
+    cells = encoders.call(lambda: write_cells(out, stem, result.cells))
+    record = {"image": str(path), **describe, "tile_size": options.tile_size, "batch_size": options.batch_size,
+              "tiles": result.tiles, "empty_tiles": result.empty_tiles, "outputs": list(result.images),
+              "cells": [f"{stem}_cells.csv", f"{stem}_cells.geojson"], "scoring": result.scoring,
+              "timings": {"decode_seconds": decode_seconds, **result.timings}}
+    logger.info("%s: %s", path.name, json.dumps(result.scoring))
+    return _Finishing(record, out / f"{stem}.json", writes + [cells])
+
+
+def _publish(finishing: _Finishing, encoders: Encoders) -> Path:
+    """Wait for every file of one image (re-raising the first failure), then write its JSON."""
+    start = time.perf_counter()
+    encode_seconds = sum(write.result() for write in finishing.writes)
+    finishing.record["timings"].update({"encode_seconds": encode_seconds,  # busy time, overlapping the rest
+                                        "encode_wait_seconds": time.perf_counter() - start})
+    write_json(finishing.path, finishing.record)
+    return finishing.path
