@@ -16,7 +16,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -172,28 +171,81 @@ def _serial(run: Run, items: Iterator[Item], merger: Merger, batch_size: int, ti
 
 
 def _threaded(run: Run, items: Iterator[Item], merger: Merger, batch_size: int, timings: TileTimings) -> None:
+    """Splitting, the network (this thread) and stitching overlap, with bounded hand-offs: at most
+    `4 * batch_size` tiles wait for the network and `STITCH_BACKLOG` batches of outputs for stitching, so
+    memory does not grow when one stage outruns another. A failure in any stage stops the others; every
+    thread has ended, and dropped what it held, before this returns or raises."""
+    stop = threading.Event()
     tiles: queue.Queue = queue.Queue(maxsize=4 * batch_size)
-    threading.Thread(target=_produce, args=(items, tiles), daemon=True, name="tile-split").start()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-merge") as stitcher:
-        futures = []
-        for group, to_run in batches(_drain(tiles), batch_size):
-            outputs = run_batch(run, group, timings) if to_run else None
-            futures.append(stitcher.submit(merger.add, group, outputs))
-        for future in futures:
-            future.result()  # re-raises a merging error in the caller's thread
+    outputs: queue.Queue = queue.Queue(maxsize=STITCH_BACKLOG)
+    failure: list[BaseException] = []
+    splitter = threading.Thread(target=_produce, args=(items, tiles, stop), daemon=True, name="tile-split")
+    stitcher = threading.Thread(target=_stitch, args=(outputs, merger, stop, failure), daemon=True,
+                                name="tile-merge")
+    splitter.start()
+    stitcher.start()
+    try:
+        for group, to_run in batches(_drain(tiles, stop), batch_size):
+            if not _put(outputs, (group, run_batch(run, group, timings) if to_run else None), stop):
+                break  # stitching failed: its error is raised below
+        _put(outputs, _DONE, stop)
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        stitcher.join()
+        stop.set()  # releases a splitter blocked on a full queue
+        splitter.join()
+    if failure:
+        raise failure[0]
 
 
-def _produce(items: Iterator[Item], out: queue.Queue) -> None:
+STITCH_BACKLOG = 2  # batches of network outputs that may wait for stitching
+_POLL_SECONDS = 0.05
+
+
+def _put(out: queue.Queue, item: object, stop: threading.Event) -> bool:
+    """Put, waiting for room unless `stop` is set; False when it was."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=_POLL_SECONDS)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _get(source: queue.Queue, stop: threading.Event) -> object:
+    """The next item, or _DONE once `stop` is set."""
+    while not stop.is_set():
+        try:
+            return source.get(timeout=_POLL_SECONDS)
+        except queue.Empty:
+            continue
+    return _DONE
+
+
+def _produce(items: Iterator[Item], out: queue.Queue, stop: threading.Event) -> None:
     try:
         for item in items:
-            out.put(item)
-        out.put(_DONE)
+            if not _put(out, item, stop):
+                return
+        _put(out, _DONE, stop)
     except BaseException as exc:  # handed to the consumer, which re-raises it in the caller's thread
-        out.put(exc)
+        _put(out, exc, stop)
 
 
-def _drain(tiles: queue.Queue) -> Iterator[Item]:
-    while (item := tiles.get()) is not _DONE:
+def _drain(tiles: queue.Queue, stop: threading.Event) -> Iterator[Item]:
+    while (item := _get(tiles, stop)) is not _DONE:
         if isinstance(item, BaseException):
             raise item
-        yield item
+        yield item  # type: ignore[misc]
+
+
+def _stitch(outputs: queue.Queue, merger: Merger, stop: threading.Event, failure: list[BaseException]) -> None:
+    try:
+        while (item := _get(outputs, stop)) is not _DONE:
+            merger.add(*item)  # type: ignore[misc]
+    except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        failure.append(exc)
+        stop.set()

@@ -25,7 +25,8 @@ import numpy as np
 
 from deepliif.cells import write_cells
 from deepliif.contract import OUTPUT_NAMES
-from deepliif.imageio import DEFAULT_MAX_PIXELS, encode_png, read_image, write_atomically, write_json
+from deepliif.imageio import (DEFAULT_MAX_PIXELS, encode_png, prepare_out_dir, read_image, write_atomically,
+                             write_json)
 from deepliif.inference import InferenceOptions, InferenceResult, Stitched
 from deepliif.workers import resolve_threads
 
@@ -85,6 +86,7 @@ def infer_image_files(session: ImageSession, images: list[Path], out: Path, opti
                       on_image: Callable[[Path], None] | None = None) -> list[Path]:
     """Writes `OUT/<stem>_<Name>.png` for the selected outputs, `<stem>_cells.csv/.geojson` and
     `<stem>.json` (with `describe` merged in) for each image; returns the JSON paths."""
+    prepare_out_dir(out)
     threads = resolve_threads(options.threads)
     encoders = Encoders(threads)
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")

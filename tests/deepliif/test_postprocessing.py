@@ -130,3 +130,24 @@ def test_seg_without_any_background_pixel() -> None:
     result = postprocess(np.full_like(seg, 255), seg, None, 512, PostprocessOptions(size_thresh=0))
     assert (result.scoring["num_pos"], result.scoring["num_neg"]) == (1, 0)  # one 8-connected cell, ties positive
     assert result.refined.any()
+
+
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_threads_give_the_same_cells_scoring_and_images(deepliif_fixtures: Path, threads: int) -> None:
+    """Bands of background labelling and of outline drawing (with their halos) meet exactly: a mosaic of
+    real DeepLIIF outputs postprocessed on several threads equals one thread, pixel for pixel."""
+    tiles = [_load(tile) for tile in _tiles(deepliif_fixtures)]
+    ihc, seg, marker = (np.concatenate([np.concatenate([t[k] for t in tiles], axis=1)] * 2) for k in range(3))
+    for options in (PostprocessOptions(), PostprocessOptions(marker_thresh="default")):
+        one = postprocess(ihc, seg, marker, 512, options, threads=1)
+        many = postprocess(ihc, seg, marker, 512, options, threads=threads)
+        assert many.scoring == one.scoring and many.cells == one.cells
+        assert np.array_equal(many.overlaid, one.overlaid) and np.array_equal(many.refined, one.refined)
+
+
+def test_overlays_not_asked_for_are_not_drawn(deepliif_fixtures: Path) -> None:
+    tile = _tiles(deepliif_fixtures)[0]
+    drawn = postprocess(*_load(tile), 512)
+    scored = postprocess(*_load(tile), 512, overlays=False)
+    assert scored.overlaid is None and scored.refined is None
+    assert scored.scoring == drawn.scoring and scored.cells == drawn.cells

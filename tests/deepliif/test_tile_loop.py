@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import gc
+import threading
+import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +12,8 @@ import pytest
 from deepliif.errors import ArgumentError
 from deepliif.inference import InferenceOptions, OutputSet, infer_image, infer_images
 from deepliif.model_dir import Layout, load_model_dir
-from deepliif.pipeline import FusedPipeline, TileRunner
+from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
+from deepliif.tile_loop import STITCH_BACKLOG, run_tile_loop
 from engine.samples import synthetic_ihc
 
 
@@ -52,3 +57,56 @@ def test_a_backend_error_reaches_the_caller(runner: TileRunner) -> None:
 def test_bad_images_are_named(runner: TileRunner, image) -> None:
     with pytest.raises(ArgumentError, match="RGB uint8 image"):
         infer_images(runner.run, [synthetic_ihc(seed=1), image], InferenceOptions())
+
+
+def _loop_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name in ("tile-split", "tile-merge")]
+
+
+def _replaying_run(batch: np.ndarray) -> dict[str, np.ndarray]:
+    """A network stand-in: every output is the input tile (no model needed to exercise the loop)."""
+    return {name: batch.copy() for name in OUTPUT_NAMES}
+
+
+@pytest.mark.parametrize("fail_in", ["network", "stitching"])
+def test_a_failure_stops_every_stage_and_frees_the_images(fail_in: str) -> None:
+    image = synthetic_ihc(2048, 2048, seed=4)  # 25 tiles: the splitter is ahead when the failure comes
+    held = weakref.ref(image)
+    calls = []
+
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(len(batch))
+        if fail_in == "network" and len(calls) == 2:
+            raise RuntimeError("device lost")
+        return _replaying_run(batch)
+
+    def progress(_: int) -> None:
+        if fail_in == "stitching":
+            raise OSError("disk full")
+
+    with pytest.raises(RuntimeError if fail_in == "network" else OSError):
+        run_tile_loop(run, [image], 512, 1, lambda done: done.images, progress=progress)
+    del image
+    gc.collect()
+    assert _loop_threads() == [] and held() is None  # no thread blocked on a queue, holding the image
+    assert len(calls) <= 2 + STITCH_BACKLOG + 1
+
+
+def test_network_outputs_wait_for_stitching_in_a_bounded_queue() -> None:
+    """A stitcher slower than the network: the network runs at most the backlog (plus the batch in its
+    hands) ahead of what has been stitched, so outputs do not pile up in memory."""
+    calls, stitched, ahead = [], [], []
+
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(len(batch))
+        ahead.append(len(calls) - len(stitched))
+        return _replaying_run(batch)
+
+    def slow_progress(count: int) -> None:
+        time.sleep(0.01)
+        stitched.append(count)
+
+    image = synthetic_ihc(2048, 2048, seed=5)
+    results, _ = run_tile_loop(run, [image], 512, 1, lambda done: done.images, progress=slow_progress)
+    assert len(calls) == len(stitched) == 25 and max(ahead) <= STITCH_BACKLOG + 2
+    assert np.array_equal(results[0]["Hema"], image)  # every tile pasted back in place

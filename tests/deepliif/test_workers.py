@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from deepliif.errors import ArgumentError
+from deepliif.workers import available_cpus, parallel_map, resolve_threads, row_bands
+
+
+def test_the_cgroup_quota_caps_the_affinity(tmp_path: Path) -> None:
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # 1.5 CPUs: two threads may run
+    assert available_cpus(quota) == min(2, available_cpus(tmp_path / "absent"))
+    quota.write_text("max 100000\n")
+    assert available_cpus(quota) == available_cpus(tmp_path / "absent") >= 1
+
+
+def test_threads_are_checked() -> None:
+    assert resolve_threads(3) == 3 and resolve_threads(None) >= 1
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ArgumentError, match="threads must be a positive integer"):
+            resolve_threads(bad)
+
+
+def test_row_bands_cover_every_row_once() -> None:
+    for height, parts in ((10, 3), (2, 8), (4096, 4), (1, 1)):
+        bands = row_bands(height, parts)
+        assert bands[0][0] == 0 and bands[-1][1] == height
+        assert all(a[1] == b[0] for a, b in zip(bands, bands[1:])) and all(t < b for t, b in bands)
+
+
+def test_parallel_map_keeps_order_and_waits_for_every_part_before_raising() -> None:
+    finished = []
+
+    def part(index: int) -> int:
+        if index == 0:
+            raise ValueError("part 0 failed")
+        finished.append(index)
+        return index
+
+    assert parallel_map(lambda i: i * i, range(6), 3) == [0, 1, 4, 9, 16, 25]
+    with pytest.raises(ValueError, match="part 0"):
+        parallel_map(part, range(4), 2)
+    assert sorted(finished) == [1, 2, 3]  # nothing left running on shared buffers
+    assert not [t for t in threading.enumerate() if t.name.startswith("cpu-stage")]

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deepliif.imageio import read_image
+from deepliif.inference import InferenceOptions, OutputSet
+from deepliif.postprocessing import postprocess
+from engine import image_files
+from engine.image_files import infer_image_files
+from engine.replay import ReplaySession
+
+
+def _inputs(replay: Path, into: Path) -> list[Path]:
+    """The replay tiles' IHC inputs under their folder names (22_2.png, ...)."""
+    into.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for folder in sorted(replay.iterdir()):
+        paths.append(into / f"{folder.name}.png")
+        paths[-1].write_bytes((folder / "IHC.png").read_bytes())
+    return paths
+
+
+def _threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("encode", "decode", "tile-"))]
+
+
+def test_every_image_gets_its_files_and_json_equal_to_postprocessing_its_outputs(
+        deepliif_fixtures: Path, tmp_path: Path) -> None:
+    replay = deepliif_fixtures / "replay"
+    inputs = _inputs(replay, tmp_path / "in")
+    written = infer_image_files(ReplaySession(replay), inputs, tmp_path / "out", InferenceOptions(threads=2), {})
+    assert [p.name for p in written] == [f"{p.stem}.json" for p in inputs]
+    for folder in sorted(replay.iterdir()):  # the stand-in answers the tiles in this order, one per image
+        expected = postprocess(read_image(folder / "IHC.png"), read_image(folder / "Seg.png"),
+                               read_image(folder / "Marker.png"), 512)
+        out = tmp_path / "out" / folder.name
+        assert np.array_equal(read_image(f"{out}_SegRefined.png"), expected.refined)
+        assert np.array_equal(read_image(f"{out}_SegOverlaid.png"), expected.overlaid)
+        assert np.array_equal(read_image(f"{out}_Hema.png"), read_image(folder / "Hema.png"))
+        assert json.loads(Path(f"{out}.json").read_text())["scoring"] == expected.scoring
+    assert _threads() == []
+
+
+def test_outputs_not_asked_for_are_not_written(deepliif_fixtures: Path, tmp_path: Path) -> None:
+    replay = deepliif_fixtures / "replay"
+    options = InferenceOptions(outputs=OutputSet.MODALITIES)
+    infer_image_files(ReplaySession(replay), _inputs(replay, tmp_path / "in")[:1], tmp_path / "out", options, {})
+    stem = sorted(replay.iterdir())[0].name
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        [f"{stem}.json", f"{stem}_cells.csv", f"{stem}_cells.geojson"]
+        + [f"{stem}_{n}.png" for n in OutputSet.MODALITIES.names])
+
+
+def test_a_failed_write_stops_the_run_leaves_no_json_and_no_thread(deepliif_fixtures: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    replay = deepliif_fixtures / "replay"
+    real = image_files.encode_png
+
+    def failing(image: np.ndarray) -> bytes:
+        if image.shape[0] and threading.current_thread().name.startswith("encode") and failing.calls == 3:
+            raise OSError("no space left on device")
+        failing.calls += 1
+        return real(image)
+
+    failing.calls = 0
+    monkeypatch.setattr(image_files, "encode_png", failing)
+    with pytest.raises(OSError, match="no space"):
+        infer_image_files(ReplaySession(replay), _inputs(replay, tmp_path / "in"), tmp_path / "out",
+                          InferenceOptions(threads=2), {})
+    assert not list((tmp_path / "out").glob("*.json")) and not list((tmp_path / "out").glob(".*tmp"))
+    assert _threads() == []
