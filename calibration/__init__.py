@@ -2,6 +2,6 @@
 pipeline, and the accuracy gate on cell counts that every INT8/FP16 graph must pass before it is served."""
 from __future__ import annotations
 
-import logging
+from deepliif.logs import project_logger
 
-logger = logging.getLogger("calibration")
+logger = project_logger("calibration")

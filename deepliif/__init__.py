@@ -4,8 +4,8 @@ This package imports no serving code; `engine`, `export` and `kernel.py` build o
 """
 from __future__ import annotations
 
-import logging
+from .logs import project_logger
 
-logger = logging.getLogger("deepliif")
+logger = project_logger("deepliif")
 
 __all__ = ["logger"]

@@ -18,7 +18,7 @@ from .contract import MODALITIES
 from .errors import ArgumentError, ChoiceEnum, ImageError
 from .postprocessing import PostprocessOptions, postprocess
 from .tile_loop import StitchedImage, Strategy, run_tile_loop
-from .tiling import TileGrid, check_tile_size
+from .tiling import DEFAULT_TILE_SIZE, TileGrid, check_tile_size
 from .workers import resolve_threads
 
 MAX_BATCH_SIZE = 256
@@ -61,7 +61,7 @@ class TileBatchRunner(Protocol):
 
 @dataclass(frozen=True)
 class InferenceOptions:
-    tile_size: int = 512
+    tile_size: int = DEFAULT_TILE_SIZE
     batch_size: int = 4
     outputs: OutputSet = OutputSet.ALL
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import fcntl
 import json
-import logging
 import os
 import shutil
 from dataclasses import asdict
@@ -28,8 +27,9 @@ from .errors import DeepLIIFError
 from .imageio import write_json
 from .pyramid import StreamedLevel
 from .slide_loop import SlidePosition
+from .logs import project_logger
 
-logger = logging.getLogger("deepliif")
+logger = project_logger("deepliif")
 
 MANIFEST = "checkpoint.json"
 REGION_PIXELS = 32_000_000  # a killed run loses at most about this much inference

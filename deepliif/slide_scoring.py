@@ -21,9 +21,10 @@ import numpy as np
 from scipy import ndimage
 
 from .cells import Cell
-from .label_stats import UnionFind, join_edge
+from .label_stats import LabelledPixels, UnionFind, grey_levels, join_edge
 from .postprocessing import (_EIGHT_CONNECTED, _FOUR_CONNECTED, PostprocessOptions, Resolution, classify_pixels,
                              default_size_threshold)
+from .pyramid import LevelRows
 from .slides import open_slide
 
 Band = tuple[int, np.ndarray, np.ndarray | None]  # top row, Seg rows (RGB), Marker rows or None
@@ -110,7 +111,7 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int) -> Slide
     no_cell_firsts, is_background = background_labels(bands, height, seg_thresh)
     sets, previous, parts, histogram, cell_firsts = UnionFind(), None, [], np.zeros(256, np.int64), []
     for (top, seg, marker), first in zip(bands(), no_cell_firsts):
-        grey = None if marker is None else marker.max(axis=2) if marker.ndim == 3 else marker
+        grey = None if marker is None else grey_levels(marker)
         if grey is not None:
             histogram += np.bincount(grey.ravel(), minlength=256)
         background = band_background(seg, seg_thresh, first, is_background)
@@ -129,21 +130,14 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int) -> Slide
 def _band_stats(labels: np.ndarray, count: int, seg: np.ndarray, grey: np.ndarray | None, top: int,
                 width: int, seg_thresh: int) -> dict[str, np.ndarray]:
     positive, negative = classify_pixels(seg, seg_thresh)
-    flat, index = labels.ravel(), np.arange(1, count + 1)
-    ys, xs = np.divmod(np.arange(flat.size, dtype=np.int64), labels.shape[1])
-
-    def per_label(weights: np.ndarray | None) -> np.ndarray:
-        return np.bincount(flat, weights=weights, minlength=count + 1)[1:]
-    present, first = np.unique(flat, return_index=True)
-    first_pixel = np.zeros(count + 1, np.int64)
-    first_pixel[present] = first + top * width
+    pixels = LabelledPixels.of(labels, count)
+    rows, cols = pixels.coordinates()
+    sizes = pixels.sizes()[1:]
     boxes = ndimage.find_objects(labels, max_label=count)
-    return {"sizes": per_label(None).astype(np.int64), "positive": per_label(positive.ravel()).astype(np.int64),
-            "negative": per_label(negative.ravel()).astype(np.int64),
-            "marker": (ndimage.maximum(grey, labels, index) if grey is not None and count else np.zeros(count))
-            .astype(np.int64), "first_pixel": first_pixel[1:],
-            "sum_x": per_label(xs.astype(np.float64)).astype(np.int64),
-            "sum_y": (per_label(ys.astype(np.float64)) + top * per_label(None)).astype(np.int64),
+    return {"sizes": sizes, "positive": pixels.count_true(positive)[1:], "negative": pixels.count_true(negative)[1:],
+            "marker": pixels.maximum(grey)[1:] if grey is not None else np.zeros(count, np.int64),
+            "first_pixel": pixels.first_pixels()[1:] + top * width,
+            "sum_x": pixels.sums(cols)[1:], "sum_y": pixels.sums(rows)[1:] + top * sizes,
             "x0": np.array([b[1].start for b in boxes], np.int64), "x1": np.array([b[1].stop for b in boxes], np.int64),
             "y0": np.array([b[0].start + top for b in boxes], np.int64),
             "y1": np.array([b[0].stop + top for b in boxes], np.int64)}
@@ -266,4 +260,20 @@ def slide_bands(seg_path: Path, marker_path: Path | None) -> Bands:
                 count = min(rows, height - top)
                 yield (top, seg.read_region(0, top, width, count),
                        None if marker is None else marker.read_region(0, top, width, count))
+    return bands
+
+
+def region_bands(seg_regions: list[Path], marker_regions: list[Path] | None) -> Bands:
+    """Bands of level 0 of the network's Seg (and Marker) as a slide run keeps them: tiled TIFF regions,
+    top to bottom. Scoring reads these rather than the published pyramids, so it needs no pyramid of an
+    output nobody asked for, and does not wait for the pyramids."""
+
+    def bands() -> Iterator[Band]:
+        with contextlib.ExitStack() as stack:
+            seg = stack.enter_context(LevelRows(seg_regions))
+            marker = stack.enter_context(LevelRows(marker_regions)) if marker_regions is not None else None
+            rows = band_rows(seg.width)
+            for top in range(0, seg.height, rows):
+                count = min(rows, seg.height - top)
+                yield top, seg.rows(top, count), None if marker is None else marker.rows(top, count)
     return bands

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import io
-import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageError
+from .logs import project_logger
+from .tiling import tile_size_for
 
-logger = logging.getLogger("deepliif")
+logger = project_logger("deepliif")
 
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic TIFF and BigTIFF, both byte orders
-TILE_SIZE_BY_OBJECTIVE = {40: 512, 20: 256, 10: 128}  # DeepLIIF's tile size per magnification
-DEFAULT_SLIDE_TILE = 512
 
 
 @dataclass(frozen=True)
@@ -44,10 +43,7 @@ class SlideInfo:
 
     def tile_size(self) -> int:
         """DeepLIIF's tile size for the slide's magnification (40x: 512, 20x: 256, 10x: 128)."""
-        if self.objective_power is None:
-            return DEFAULT_SLIDE_TILE
-        nearest = min(TILE_SIZE_BY_OBJECTIVE, key=lambda power: abs(power - self.objective_power))
-        return TILE_SIZE_BY_OBJECTIVE[nearest]
+        return tile_size_for(self.objective_power)
 
 
 class Slide(abc.ABC):

@@ -19,6 +19,8 @@ from .errors import ArgumentError
 
 TILE_SIZE_MIN = 64
 TILE_SIZE_MAX = 4096
+DEFAULT_TILE_SIZE = 512  # DeepLIIF's tile size for images (40x), and for slides that state no magnification
+TILE_SIZE_BY_OBJECTIVE = {40: 512, 20: 256, 10: 128}  # DeepLIIF's tile size per magnification
 EMPTY_VARIANCE = 9.0
 
 # What DeepLIIF returns for a tile it does not run (too uniform to hold tissue).
@@ -29,6 +31,14 @@ EMPTY_TILE_COLOURS = {
     "Marker": (10, 10, 10),
     "Seg": (0, 0, 0),
 }
+
+
+def tile_size_for(objective_power: float | None) -> int:
+    """DeepLIIF's tile size for a magnification (the nearest of 40x, 20x, 10x); the default when unknown."""
+    if objective_power is None:
+        return DEFAULT_TILE_SIZE
+    nearest = min(TILE_SIZE_BY_OBJECTIVE, key=lambda power: abs(power - objective_power))
+    return TILE_SIZE_BY_OBJECTIVE[nearest]
 
 
 def check_tile_size(tile_size: object) -> int:

@@ -5,9 +5,9 @@ needs them, so this package imports on a CPU-only machine.
 """
 from __future__ import annotations
 
-import logging
+from deepliif.logs import project_logger
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 
 def __getattr__(name: str):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import importlib.metadata
 import json
-import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE
 from deepliif.errors import AccuracyGateError, ArgumentError, ArtifactError
 from deepliif.imageio import file_sha256, write_json
+from deepliif.logs import project_logger
 from deepliif.model_files import ModelFiles
 
 from calibration.gate import ACCURACY_FILE, require_passed
@@ -38,7 +38,7 @@ from .samples import synthetic_ihc
 if TYPE_CHECKING:
     from deepliif.model_dir import DeepLIIFModel
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 OPTIMIZED_ONNX = "deepliif.ort-optimized.onnx"
 SANITY_FILE = "sanity-check.json"

@@ -7,8 +7,6 @@ a matrix-product peak measured in the same process (so "how close to the hardwar
 """
 from __future__ import annotations
 
-import logging
-
 import contextlib
 import copy
 import resource
@@ -24,6 +22,7 @@ from torch import nn
 from deepliif.errors import DeepLIIFError
 from deepliif.imageio import encode_png, read_image
 from deepliif.inference import InferenceOptions
+from deepliif.logs import project_logger
 from deepliif.model_dir import DeepLIIFModel
 from deepliif.pipeline import NETWORK_TILE, DeepLIIFWayRunner, FusedPipeline
 from deepliif.tables import format_rows
@@ -33,7 +32,7 @@ from engine.backends.precision import Precision
 from .backends import BackendKind
 from .session import Session
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 
 @dataclass(frozen=True)

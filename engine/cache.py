@@ -11,7 +11,6 @@ does not reread a 1.5 GB ONNX; any change of those and the file is hashed in ful
 """
 from __future__ import annotations
 
-import logging
 
 import contextlib
 import fcntl
@@ -27,8 +26,9 @@ from pathlib import Path
 
 from deepliif.errors import ArgumentError, ArtifactError
 from deepliif.imageio import HashMemo, file_sha256, write_json
+from deepliif.logs import project_logger
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 
 MANIFEST = "artifact.json"

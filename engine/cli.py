@@ -10,6 +10,7 @@ from pathlib import Path
 from deepliif.errors import DeepLIIFError
 from deepliif.imageio import DEFAULT_MAX_PIXELS
 from deepliif.inference import OutputSet
+from deepliif.logs import project_logger
 from deepliif.model_files import Layout
 from deepliif.postprocessing import DEFAULT_SEG_THRESH
 from deepliif.tiling import TILE_SIZE_MAX, TILE_SIZE_MIN
@@ -24,7 +25,7 @@ from .edi.cli import add_edi_parsers
 from .edi.deploy_cli import add_deploy_parsers
 from .commands import DEMO_MODEL_DIR, cmd_bench, cmd_demo, cmd_demo_model, cmd_doctor, cmd_infer, cmd_postprocess
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 
 
@@ -97,6 +98,8 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                         "modalities, seg_masks, or one image (Hema, DAPI, Lap2, Marker, Seg, SegOverlaid, SegRefined)")
     parser.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, help="refuse larger images "
                         "before decoding them")
+    parser.add_argument("--threads", type=_positive, help="CPU threads for postprocessing and encoding (default: "
+                        "the CPUs this process may use: its affinity, capped by its cgroup's CPU quota)")
     _add_postprocess_args(parser)
 
 

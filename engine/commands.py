@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import tempfile
 import time
@@ -17,8 +16,10 @@ from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import (DEFAULT_MAX_PIXELS, expand_inputs, prepare_out_dir, probe_image, read_image,
                              write_json, write_png)
 from deepliif.inference import InferenceOptions, OutputSet, check_working_size, tile_count
+from deepliif.logs import project_logger
 from deepliif.model_files import Layout
 from deepliif.slides import is_slide, open_slide
+from deepliif.tiling import DEFAULT_TILE_SIZE
 from deepliif.postprocessing import PostprocessOptions, postprocess
 from engine.backends.precision import Precision
 
@@ -28,14 +29,13 @@ from .session import Session
 from .slide_inference import infer_slide, postprocess_slide
 from .samples import benchmark_tiles, sample_images, synthetic_ihc
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 if TYPE_CHECKING:  # torch-heavy; imported by the commands that use them
     from .bench import BenchCase
 
 
 DEMO_MODEL_DIR = Path(".demo-model")
-DEFAULT_TILE_SIZE = 512  # DeepLIIF's for images (40x)
 
 
 def _postprocess_options(args: argparse.Namespace) -> PostprocessOptions:
@@ -84,12 +84,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
     postprocess_options = _postprocess_options(args)
     with _open_session(args, args.model_dir) as session:
         options = InferenceOptions(tile_size=tile_size, batch_size=args.batch_size or session.batch_size,
-                                   outputs=OutputSet.parse(args.outputs), postprocess=postprocess_options)
+                                   outputs=OutputSet.parse(args.outputs), postprocess=postprocess_options,
+                                   threads=args.threads)
         if images:
             infer_files(session, images, args.out, options, args.max_pixels, args.quiet, total)
         for path in slides:
             with tqdm(unit="tile", desc=path.name, disable=args.quiet, file=sys.stderr) as bar:
-                infer_slide(session, path, args.out, args.tile_size, bar.update, postprocess=postprocess_options)
+                infer_slide(session, path, args.out, args.tile_size, bar.update, postprocess=postprocess_options,
+                            outputs=options.outputs)
     print(f"results in {args.out}/")
     return 0
 
@@ -155,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         write_png(generated, synthetic_ihc(1024, 1024))
         images = [generated]
         logger.warning("no sample tiles found; using a generated image %s", generated)
-    images, total = check_inputs(images, 512, DEFAULT_MAX_PIXELS)
+    images, total = check_inputs(images, DEFAULT_TILE_SIZE, DEFAULT_MAX_PIXELS)
     with _open_session(args, Path(model_dir)) as session:
         options = InferenceOptions(batch_size=args.batch_size or session.batch_size)
         records = infer_files(session, images, args.out, options, quiet=args.quiet, total_tiles=total)

@@ -12,7 +12,6 @@ are shut down after their running tasks end, and the image without its JSON is t
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from collections.abc import Callable
@@ -28,9 +27,10 @@ from deepliif.contract import OUTPUT_NAMES
 from deepliif.imageio import (DEFAULT_MAX_PIXELS, encode_png, prepare_out_dir, read_image, write_atomically,
                              write_json)
 from deepliif.inference import InferenceOptions, InferenceResult, Stitched
+from deepliif.logs import project_logger
 from deepliif.workers import resolve_threads
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 
 class ImageSession(Protocol):

@@ -7,7 +7,6 @@ reads each process's own JSON for the time spent inferring tiles; the rest is ov
 """
 from __future__ import annotations
 
-import logging
 
 import json
 import os
@@ -20,9 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from deepliif.errors import ArgumentError
+from deepliif.logs import project_logger
 from deepliif.tables import format_rows
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 
 

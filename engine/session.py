@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 from deepliif.contract import run_in_chunks
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, DeepLIIFError
 from deepliif.inference import InferenceOptions, InferenceResult, Stitched, infer_images
+from deepliif.logs import project_logger
 from deepliif.model_files import ModelFiles, read_model_files
 
 from .artifacts import Artifact, ArtifactLoaders, Provenance
@@ -31,7 +31,7 @@ from .samples import synthetic_ihc
 if TYPE_CHECKING:  # PyTorch loads only for the torch backend and for exports (see `Session.model`)
     from deepliif.model_dir import DeepLIIFModel
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 # fastest first, per device class (docs/BENCHMARKS.md: onnxruntime beat eager torch on the CPU machine)
 GPU_ORDER = (BackendKind.TENSORRT, BackendKind.ONNXRUNTIME, BackendKind.TORCH)

@@ -3,7 +3,6 @@ pyramidal OME-TIFF, with the slide's scoring, its cells, and a JSON record of th
 time by stage."""
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -14,19 +13,20 @@ from deepliif.cells import write_cells
 from deepliif.contract import OUTPUT_NAMES
 from deepliif.errors import ArgumentError
 from deepliif.imageio import prepare_out_dir, write_json
-from deepliif.inference import OVERLAY_NAMES
+from deepliif.inference import OVERLAY_NAMES, OutputSet
+from deepliif.logs import project_logger
 from deepliif.postprocessing import PostprocessOptions
 from deepliif.pyramid import StreamedLevel, assemble_pyramid
 from deepliif.slide_checkpoint import SlideCheckpoint, region_ends
 from deepliif.slide_loop import SlideRun, run_slide, slide_releases
 from deepliif.slide_overlays import draw_slide
-from deepliif.slide_scoring import SlideScore, score_slide, slide_bands
+from deepliif.slide_scoring import SlideScore, region_bands, score_slide, slide_bands
 from deepliif.slides import SlideInfo, open_slide
 from deepliif.tile_loop import Run
 
 from .session import Session
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 def slide_stem(path: Path) -> str:
     name = Path(path).name
@@ -79,13 +79,15 @@ def fingerprint(session: Session, path: Path, tile_size: int) -> dict:
 def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None = None,
                 progress: Callable[[int], None] | None = None, run: Run | None = None,
                 stem: str | None = None, postprocess: PostprocessOptions = PostprocessOptions(),
-                checkpoint_dir: Path | None = None, stage: Callable[[str], None] = lambda name: None) -> Path:
+                checkpoint_dir: Path | None = None, stage: Callable[[str], None] = lambda name: None,
+                outputs: OutputSet = OutputSet.ALL) -> Path:
     """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and SegOverlaid/SegRefined, the
     slide's cells (`<stem>_cells.csv`, `.geojson`) and `OUT/<stem>.json` with its scoring. `run` wraps
     `session.run` (the kernel takes turns per batch); `stem` names the outputs (default: the file's).
     The network outputs' level 0 is checkpointed region by region in `checkpoint_dir` (default
     `OUT/.<stem>.resume`): a rerun after a kill resumes from the last whole region. `stage` hears each
-    stage as it begins: tiles, pyramids, scoring, overlays."""
+    stage as it begins: tiles, pyramids, scoring, overlays. Only the `outputs` asked for are written as
+    pyramids; scoring reads the network's Seg and Marker from the run's own regions either way."""
     clock = [time.perf_counter()]
     out, stem = prepare_out_dir(Path(out)), stem or slide_stem(path)
     with open_slide(path) as slide:
@@ -99,17 +101,21 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
                                   start, checkpoint.row_done)
             clock.append(time.perf_counter())
             stage("pyramids")
-            outputs = publish_pyramids(out, stem, {name: checkpoint.level0(name) for name in OUTPUT_NAMES}, info.mpp)
+            wanted = outputs.names
+            published = publish_pyramids(out, stem, {name: checkpoint.level0(name) for name in OUTPUT_NAMES
+                                                     if name in wanted}, info.mpp)
             clock.append(time.perf_counter())
             stage("scoring")
-            bands = slide_bands(out / f"{stem}_Seg.ome.tif", out / f"{stem}_Marker.ome.tif")
+            bands = region_bands(checkpoint.level0("Seg"), checkpoint.level0("Marker"))
             score = score_slide(bands, info.width, info.height, chosen, True, postprocess)
             write_cells(out, stem, score.cells, info.mpp)
             clock.append(time.perf_counter())
             stage("overlays")
-            outputs.update(_draw_overlays(path, out, stem, info, bands, score))
+            overlays = tuple(name for name in OVERLAY_NAMES if name in wanted)
+            if overlays:
+                published.update(_draw_overlays(path, out, stem, info, bands, score, overlays))
             clock.append(time.perf_counter())
-            record = _record(session, info, tile_size, chosen, slide_run, outputs, score, stem, clock)
+            record = _record(session, info, tile_size, chosen, slide_run, published, score, stem, clock)
             write_json(out / f"{stem}.json", record)
             checkpoint.remove()
     logger.info("%s: %d tiles (%d empty) at tile size %d, %.1f s", path.name, slide_run.tiles,
@@ -149,8 +155,9 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
     return out / f"{stem}.json"
 
 
-def _draw_overlays(path: Path, out: Path, stem: str, info: SlideInfo, bands, score: SlideScore) -> dict[str, dict]:
-    overlays = SlideOutputs(out, stem, OVERLAY_NAMES, info)
+def _draw_overlays(path: Path, out: Path, stem: str, info: SlideInfo, bands, score: SlideScore,
+                   names: tuple[str, ...] = OVERLAY_NAMES) -> dict[str, dict]:
+    overlays = SlideOutputs(out, stem, names, info)
     with open_slide(path) as slide:
         draw_slide(bands, lambda top, count: slide.read_region(0, top, info.width, count), score, info.width,
                    info.height, lambda top, overlaid, refined: overlays.add(dict(zip(OVERLAY_NAMES, (overlaid, refined)))))

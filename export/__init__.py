@@ -1,6 +1,6 @@
 """Artifacts from a DeepLIIF model: validated ONNX, TensorRT plans, Triton model repositories."""
 from __future__ import annotations
 
-import logging
+from deepliif.logs import project_logger
 
-logger = logging.getLogger("export")
+logger = project_logger("export")

@@ -97,3 +97,23 @@ def fake_tensorrt(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(GpuInfo, "current", classmethod(current))
     monkeypatch.setattr(tensorrt_backend, "open_stream", lambda index: HostStream())
     return module
+
+
+def _write_svs_style(path: Path, image: np.ndarray, mpp: float, power: int) -> Path:
+    """Aperio's layout as tifffile writes it: a tiled baseline whose description carries AppMag and MPP,
+    then a stripped thumbnail (uncompressed, so pixels compare exactly)."""
+    import tifffile
+    height, width = image.shape[:2]
+    description = (f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] (256x256) RAW"
+                   f"|AppMag = {power}|MPP = {mpp}|Filename = fixture")
+    with tifffile.TiffWriter(path) as tiff:
+        tiff.write(image, tile=(256, 256), photometric="rgb", description=description)
+        tiff.write(np.ascontiguousarray(image[::16, ::16]), photometric="rgb",
+                   description="Aperio Image Library v12.0.15 thumbnail")
+    return path
+
+
+@pytest.fixture
+def write_svs_style():
+    """Writes an SVS-style slide: `write_svs_style(path, image, mpp, power)`."""
+    return _write_svs_style

@@ -1,7 +1,6 @@
 """ONNX Runtime on the fused ONNX: TensorRT EP, then CUDA EP, then CPU EP, whichever the package offers."""
 from __future__ import annotations
 
-import logging
 
 import os
 from pathlib import Path
@@ -10,12 +9,13 @@ import numpy as np
 
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE, run_in_chunks
+from deepliif.logs import project_logger
 
 from engine.backends.precision import Precision
 
 from .base import Backend, BackendInfo
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 INSTALL_HINT = "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA/TensorRT execution providers)"

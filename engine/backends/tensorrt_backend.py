@@ -8,7 +8,6 @@ and `execute_async_v3` False) is turned into an error that says what failed.
 """
 from __future__ import annotations
 
-import logging
 
 import contextlib
 from pathlib import Path
@@ -17,13 +16,14 @@ import numpy as np
 
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE, OUTPUT_NAMES
+from deepliif.logs import project_logger
 
 from engine.backends.precision import Precision
 from .tensorrt_plan import METADATA_FILE, EngineMetadata, GpuInfo, tensorrt_module
 
 from .base import Backend, BackendInfo
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 
 class CudaStream:

@@ -2,7 +2,6 @@
 optionally channels_last and, on CUDA, CUDA-graph replay per batch size."""
 from __future__ import annotations
 
-import logging
 
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from deepliif.errors import ArgumentError, BackendUnavailableError
+from deepliif.logs import project_logger
 from deepliif.model_dir import DeepLIIFModel
 from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES, FusedPipeline, TileRunner
 
@@ -18,7 +18,7 @@ from engine.backends.precision import Precision
 
 from .base import Backend, BackendInfo
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 
 def configure_tf32(precision: Precision) -> None:

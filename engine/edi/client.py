@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import logging
 import random
 import ssl
 import threading
@@ -14,8 +13,9 @@ import urllib.error
 import urllib.request
 
 from deepliif.errors import DeepLIIFError
+from deepliif.logs import project_logger
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 FATAL_STATUSES = {401, 403, 404, 405}

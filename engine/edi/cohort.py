@@ -15,7 +15,6 @@ import enum
 import hashlib
 import io
 import json
-import logging
 import os
 import re
 import threading
@@ -25,10 +24,11 @@ from pathlib import Path
 
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import write_atomically
+from deepliif.logs import project_logger
 
 from .client import EdiClient, EndpointRefusedError, EndpointUnavailableError
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 JOURNAL = "journal.jsonl"
 TABLE = "cohort.csv"

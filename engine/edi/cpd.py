@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import posixpath
 import threading
 import time
@@ -14,8 +13,9 @@ from dataclasses import dataclass
 
 from .client import tls_context
 from .volume import NotFoundError, StorageError, Volume, clean_relative_path
+from deepliif.logs import project_logger
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 
 @dataclass(frozen=True)

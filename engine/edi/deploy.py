@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import os
 import shlex
 import shutil
@@ -21,8 +20,9 @@ from pathlib import Path
 
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import write_json
+from deepliif.logs import project_logger
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 TOKEN_ENV = "USER_ACCESS_TOKEN"
 PROFILE_TEMPLATE = "model-profile.json"

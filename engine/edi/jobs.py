@@ -2,7 +2,6 @@
 shutdown that finishes queued work within a grace period and settles what it cannot finish."""
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
@@ -12,8 +11,9 @@ from .layout import now
 from .reader import LoadedImage
 from .records import RequestRecords
 from .requests import InferenceRequest, RetryLaterError
+from deepliif.logs import project_logger
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 Job = tuple[InferenceRequest, LoadedImage]
 

@@ -1,21 +1,25 @@
-"""The engine's log records on the kernel's own log: WMLA shows what a kernel passes to `log_info` /
-`log_error` on its console, so a `logging.Handler` forwards the `engine` logger there and library code
-logs as everywhere else (no kernel object threaded through it)."""
+"""The project's log records on the kernel's own log: WMLA shows what a kernel passes to `log_info` /
+`log_error` on its console, so a `logging.Handler` forwards the project's logger tree there (the model
+floor, the engine, export and calibration alike) and library code logs as everywhere else (no kernel
+object threaded through it). While attached, the tree does not also propagate to the process's root
+handlers: each line reaches the operator once, on the kernel's console."""
 from __future__ import annotations
 
 import logging
 import threading
 
-ENGINE_LOGGER = "engine"
+from deepliif.logs import LOG_ROOT
+
 
 
 class KernelLogHandler(logging.Handler):
     """ERROR and above to `log_error`, the rest to `log_info`. A record the kernel's own logging sends
-    back into the `engine` logger is dropped rather than forwarded again."""
+    back into the project's loggers is dropped rather than forwarded again."""
 
     def __init__(self, kernel, level: int = logging.INFO) -> None:
         super().__init__(level)
         self.kernel = kernel
+        self.propagated = True  # the tree's setting before this handler took over
         self._inside = threading.local()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -32,14 +36,18 @@ class KernelLogHandler(logging.Handler):
 
 
 def attach_kernel_log(kernel) -> KernelLogHandler:
-    logger = logging.getLogger(ENGINE_LOGGER)
+    logger = logging.getLogger(LOG_ROOT)
     handler = KernelLogHandler(kernel)
+    handler.propagated = logger.propagate
     logger.addHandler(handler)
+    logger.propagate = False
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
-        logger.setLevel(logging.INFO)  # the kernel's console shows the engine's INFO records
+        logger.setLevel(logging.INFO)  # the kernel's console shows the project's INFO records
     return handler
 
 
 def detach_kernel_log(handler: KernelLogHandler | None) -> None:
     if handler is not None:
-        logging.getLogger(ENGINE_LOGGER).removeHandler(handler)
+        logger = logging.getLogger(LOG_ROOT)
+        logger.removeHandler(handler)
+        logger.propagate = handler.propagated

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import http.client
 import json
-import logging
 import os
 import signal
 import socket
@@ -26,8 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepliif.errors import DeepLIIFError
+from deepliif.logs import project_logger
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 START_TIMEOUT_S = 900.0
 FORWARD_TIMEOUT_S = 3600.0

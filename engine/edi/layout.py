@@ -1,4 +1,4 @@
-"""Where a deployment keeps things on its volume (DESIGN.md §4), and the status of async requests.
+"""Where a deployment keeps things on its volume, and the status of async requests.
 
     edi_deployments/<deployment>/<request_id>/input_dir/<input file>
     edi_deployments/<deployment>/<request_id>/output_dir/<stem>_<Name>.png, <stem>_scoring.json
@@ -20,6 +20,9 @@ from .storage import NotFoundError, StorageError, Volume
 
 ROOT = "edi_deployments"
 STATUS_FILE = "status.json"
+LOGS_DIR = "edi_logs"  # the pods' inference logs
+KERNELS_DIR = "edi_kernels"  # the kernels' heartbeats
+RESERVED_NAMES = (LOGS_DIR, KERNELS_DIR)  # folders of the deployment's own, beside its requests' folders
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -49,7 +52,7 @@ class DeploymentLayout:
 
     @property
     def log_file(self) -> str:
-        return f"{self.base}/edi_logs/{self.pod}_inference.log"
+        return f"{self.base}/{LOGS_DIR}/{self.pod}_inference.log"
 
 
 class StatusStore:

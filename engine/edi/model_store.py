@@ -11,7 +11,6 @@ nothing loads and the next fetcher removes.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -21,11 +20,12 @@ from pathlib import Path
 
 from deepliif.errors import ArgumentError, ArtifactError
 from deepliif.imageio import HashMemo, file_sha256, write_json
+from deepliif.logs import project_logger
 
 from ..cache import exclusive_lock
 from .volume import StorageError, Volume, clean_relative_path
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 MANIFEST = "model-manifest.json"   # on the volume, beside the model's files; written last by an upload
 FETCHED = ".fetched-from.json"     # in a fetched model folder: the manifest it was checked against

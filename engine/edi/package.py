@@ -8,7 +8,6 @@ and renamed into place, so a half-assembled one never looks ready.
 """
 from __future__ import annotations
 
-import logging
 
 import json
 import os
@@ -20,11 +19,12 @@ from pathlib import Path
 from deepliif.contract import FUSED_GRAPH
 from deepliif.errors import ArgumentError
 from deepliif.imageio import file_sha256, write_json
+from deepliif.logs import project_logger
 
 from ..artifacts import ArtifactKind, published_entries
 from ..cache import default_cache_dir
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FILES = ("kernel.py", "model.json", "model-profile.json", "README.md", "pyproject.toml")

@@ -63,7 +63,7 @@ class RequestReader:
                                if request.image_path else "a whole slide cannot come as base64 (it is far over the "
                                "body limit): put it on the volume and send img_path_on_pvc; it runs async")
         array = read_image(data, max_pixels=self.settings.max_pixels, name=label)
-        check_working_size(array.shape[1], array.shape[0], request.tile_size, self.settings.max_pixels, label)
+        check_working_size(array.shape[1], array.shape[0], request.image_tile_size, self.settings.max_pixels, label)
         return LoadedImage(array, data, name, stem, time.perf_counter() - start)
 
     def _slide_on_volume(self, path: str) -> SlideInfo | None:
@@ -90,8 +90,10 @@ class RequestReader:
 
     @staticmethod
     def estimate_tiles(request: InferenceRequest, image: LoadedImage) -> int:
-        height, width = (image.slide.height, image.slide.width) if image.slide is not None else image.array.shape[:2]
-        return tile_count(width, height, request.tile_size)
+        if image.slide is not None:
+            return tile_count(image.slide.width, image.slide.height, request.tile_size or image.slide.tile_size())
+        height, width = image.array.shape[:2]
+        return tile_count(width, height, request.image_tile_size)
 
     def estimate(self, request: InferenceRequest, image: LoadedImage, seconds_per_tile: float) -> float:
         return self.estimate_tiles(request, image) * seconds_per_tile

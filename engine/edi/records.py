@@ -22,20 +22,20 @@ import traceback
 import uuid
 
 from deepliif.errors import DeepLIIFError
+from deepliif.logs import project_logger
 
-from .layout import DeploymentLayout, StatusStore, now
+from .layout import KERNELS_DIR, RESERVED_NAMES, DeploymentLayout, StatusStore, now
 from .requests import (InferenceRequest, RequestError, RequestIdTakenError, RequestInUseError, RetryLaterError,
                        check_request_id)
 from .storage import NotFoundError, StorageError, Volume
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 UNFINISHED = ("submitted", "running")
 HEARTBEAT_S = 10.0
 STALE_AFTER_S = 60.0  # a kernel silent this long is gone (six missed heartbeats)
 LEGACY_STALE_AFTER_S = 900.0  # a record without a kernel stamp: not updated this long (or 3x its estimate)
 CLAIM_FILE = "claim.json"
-KERNELS_DIR = "edi_kernels"
 NEVER = "1970-01-01T00:00:00+00:00"
 
 
@@ -150,7 +150,7 @@ class RequestRecords:
         beating, and remove the partial output folders of requests no live kernel is writing."""
         settled = 0
         for request_id in self.volume.list(self.layout.base):
-            if request_id in (KERNELS_DIR, "edi_logs") or request_id.startswith("."):
+            if request_id in RESERVED_NAMES or request_id.startswith("."):
                 continue
             try:
                 record = self.status.read(request_id)

@@ -20,12 +20,12 @@ from deepliif.errors import DeepLIIFError, parse_enum
 from deepliif.inference import OutputSet
 from deepliif.contract import check_seg_weights
 from deepliif.postprocessing import PostprocessOptions
-from deepliif.tiling import check_tile_size
+from deepliif.tiling import DEFAULT_TILE_SIZE, check_tile_size
 
+from .layout import RESERVED_NAMES
 from .storage import clean_relative_path
 
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
-RESERVED_IDS = ("edi_logs",)  # folders of the deployment's own on the volume
 INFERENCE_FIELDS = {"type", "img_path_on_pvc", "local_input_image", "tile_size", "images_to_return",
                     "request_id", "async", "seg_weights", "seg_thresh", "size_thresh", "size_thresh_upper",
                     "marker_thresh"}
@@ -71,11 +71,16 @@ class InferenceRequest:
     request_id: str
     image_path: str | None          # relative to the volume root
     image_base64: str | None
-    tile_size: int = 512
+    tile_size: int | None = None    # None: DeepLIIF's default (images), by magnification (slides)
     outputs: OutputSet = OutputSet.ALL
     run_async: bool | None = None   # None: decided by the estimated run time
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     warnings: tuple[str, ...] = ()
+
+    @property
+    def image_tile_size(self) -> int:
+        """The tile size for an image (slides take theirs from the magnification when none is given)."""
+        return self.tile_size or DEFAULT_TILE_SIZE
 
     def decode_image_bytes(self) -> bytes:
         """The base64 payload as bytes (strict: a stray character is an error, not silently dropped)."""
@@ -119,8 +124,9 @@ def _field(parse, value):
 
 
 def check_request_id(value: object) -> str:
-    if isinstance(value, str) and value.lower() in RESERVED_IDS:
-        raise RequestError(f"request_id {value!r} is reserved (the deployment's log folder); choose another")
+    if isinstance(value, str) and value.lower() in RESERVED_NAMES:
+        raise RequestError(f"request_id {value!r} is reserved (a folder of the deployment's own: "
+                           f"{', '.join(RESERVED_NAMES)}); choose another")
     if not isinstance(value, str) or not REQUEST_ID_PATTERN.fullmatch(value) or ".." in value:
         raise RequestError("request_id must be 1-128 characters of letters, digits, '.', '_' or '-', starting "
                            f"with a letter or digit, without '..' or '/'; got {value!r}")
@@ -141,7 +147,8 @@ def _inference(record: dict) -> InferenceRequest:
     elif not isinstance(image, str) or not image:
         raise RequestError(f"local_input_image must be a non-empty base64 string; got {type(image).__name__}")
     request_id = check_request_id(record["request_id"]) if "request_id" in record else str(uuid.uuid4())
-    tile_size = _field(check_tile_size, record.get("tile_size", 512))
+    tile_size = record.get("tile_size")
+    tile_size = None if tile_size is None else _field(check_tile_size, tile_size)
     outputs = _field(lambda v: parse_enum(OutputSet, v, "images_to_return"), record.get("images_to_return", "all"))
     run_async = record.get("async")
     if run_async is not None and not isinstance(run_async, bool):

@@ -7,7 +7,6 @@ the kernel can batch their tiles. Every answer is JSON. Requests the kernel sees
 """
 from __future__ import annotations
 
-import logging
 
 import json
 import queue
@@ -19,8 +18,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from .tasks import KernelCallbacks, chain_tasks, start_kernel
+from deepliif.logs import project_logger
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 API_PREFIX = "/dlim/v1/inference/"
 DEFAULT_MAX_BODY = 256 << 20

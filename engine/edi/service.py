@@ -10,13 +10,13 @@ request does can stop the kernel.
 from __future__ import annotations
 
 import json
-import logging
 import shutil
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from deepliif.inference import InferenceOptions, InferenceResult
+from deepliif.logs import project_logger
 from deepliif.slide_checkpoint import CheckpointBusyError
 
 from ..session import Session
@@ -32,7 +32,7 @@ from .storage import MountedVolume, StorageError, Volume, open_volume
 from .turns import EngineTurns
 from .writer import ResultWriter
 
-logger = logging.getLogger("engine")
+logger = project_logger("engine")
 
 SyncJob = tuple[int, InferenceRequest, LoadedImage, float]  # response index, request, image, start time
 
@@ -112,7 +112,7 @@ class EdiService:
             self.session.close()
 
     def _options(self, request: InferenceRequest) -> InferenceOptions:
-        return InferenceOptions(tile_size=request.tile_size, batch_size=self.session.batch_size,
+        return InferenceOptions(tile_size=request.image_tile_size, batch_size=self.session.batch_size,
                                 outputs=request.outputs, postprocess=request.postprocess)
 
     def _infer(self, images: list, options: InferenceOptions, sync: bool) -> list[InferenceResult]:
@@ -163,7 +163,8 @@ class EdiService:
             with self.volume.local_file(request.image_path) as local:
                 record_path = infer_slide(self.session, local, self.state.local_dir(staging), request.tile_size,
                                           progress.add, self.turns.taking_turns(self.session.run, sync=False),
-                                          slide.stem, request.postprocess, checkpoint, progress.stage)
+                                          slide.stem, request.postprocess, checkpoint, progress.stage,
+                                          request.outputs)
         except CheckpointBusyError:
             raise
         except Exception:

@@ -132,7 +132,7 @@ def test_option_and_weight_disagreement_is_reported(generated_models: dict[Layou
     model_dir = _copy(generated_models[Layout.CHECKPOINT], tmp_path)
     options = (model_dir / "train_opt.txt").read_text().replace("padding: 'reflect'", "padding: 'zero'")
     (model_dir / "train_opt.txt").write_text(options)
-    with caplog.at_level(logging.WARNING, logger="deepliif"):
+    with caplog.at_level(logging.WARNING, logger="deepliif_engine.deepliif"):
         model = load_model_dir(model_dir)
     assert model.generators["G1"].spec.padding is Padding.REFLECT
     assert "weights use reflect padding" in caplog.text

@@ -127,21 +127,8 @@ def test_a_slide_infers_exactly_like_the_same_pixels_as_an_image(generated_model
         assert [row.rsplit(",", 2)[0] for row in slide_cells] == [row.rsplit(",", 2)[0] for row in image_cells]
 
 
-def write_svs_style(path: Path, image: np.ndarray, mpp: float, power: int) -> Path:
-    """Aperio's layout as tifffile writes it: a tiled baseline whose description carries AppMag and MPP,
-    then a stripped thumbnail (uncompressed, so pixels compare exactly)."""
-    height, width = image.shape[:2]
-    description = (f"Aperio Image Library v12.0.15 \r\n{width}x{height} [0,0 {width}x{height}] (256x256) RAW"
-                   f"|AppMag = {power}|MPP = {mpp}|Filename = fixture")
-    with tifffile.TiffWriter(path) as tiff:
-        tiff.write(image, tile=(256, 256), photometric="rgb", description=description)
-        tiff.write(np.ascontiguousarray(image[::16, ::16]), photometric="rgb",
-                   description="Aperio Image Library v12.0.15 thumbnail")
-    return path
-
-
 def test_an_svs_style_slide_gives_its_magnification_the_tile_size_and_infers_like_the_image(
-        generated_models: dict[Layout, Path], slide_image: np.ndarray, tmp_path: Path) -> None:
+        generated_models: dict[Layout, Path], slide_image: np.ndarray, tmp_path: Path, write_svs_style) -> None:
     svs = write_svs_style(tmp_path / "case.svs", slide_image, mpp=0.5, power=20)
     assert is_slide(svs)
     with open_slide(svs) as slide:

@@ -76,7 +76,7 @@ def test_auto_falls_back_on_any_backend_failure(fake_tensorrt, model_dir, refere
     """Regression: auto used to fall back only on 'unavailable'; a failed plan build stopped the kernel."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU order: tensorrt first
     fake_tensorrt.STATE[failure] = True
-    with caplog.at_level(logging.WARNING, logger="engine"), \
+    with caplog.at_level(logging.WARNING, logger="deepliif_engine.engine"), \
             Session(model_dir, backend="auto", cache_dir=tmp_path, batch_size=2) as session:
         assert session.info.name == "onnxruntime"
         _close(session.run(TILES), reference)
@@ -128,7 +128,7 @@ def test_timing_cache_from_another_device_is_replaced(fake_tensorrt, onnx_path, 
     build_plan(onnx_path, tmp_path / "a100", TensorRTBuildConfig(1, 1, 2, workspace_gib=1, timing_cache=cache))
     assert json.loads(cache.read_bytes())["compute_capability"] == "8.0"
     fake_tensorrt.DEVICE["compute_capability"] = "9.0"
-    with caplog.at_level(logging.WARNING, logger="export"):
+    with caplog.at_level(logging.WARNING, logger="deepliif_engine.export"):
         build_plan(onnx_path, tmp_path / "h100", TensorRTBuildConfig(1, 1, 2, workspace_gib=1, timing_cache=cache))
     assert any("another device" in r.getMessage() for r in caplog.records)
     refused, accepted = [c for c in fake_tensorrt.CALLS if c[0] == "set_timing_cache"][-2:]

@@ -87,7 +87,7 @@ def test_a_burst_of_connections_is_answered(echo_server: EdiHttpServer) -> None:
 
 def test_request_ids_are_matched_whole_and_reserved_names_refused() -> None:
     assert check_request_id("abc-1") == "abc-1"
-    for bad in ("abc\n", "edi_logs", "EDI_LOGS", "a/b", "..x"):
+    for bad in ("abc\n", "edi_logs", "EDI_LOGS", "edi_kernels", "EDI_Kernels", ".hidden", "a/b", "..x"):
         with pytest.raises(RequestError):
             check_request_id(bad)
 
@@ -359,3 +359,25 @@ def test_a_slide_request_retried_after_its_kernel_died_resumes_from_the_last_reg
     assert record["resumed"]["tiles_done_before"] == 3 and record["tiles"]["tiles"] == 6
     assert not checkpoint.exists()  # gone once the outputs are published
     assert (service.volume.root / record["output_dir"] / "resume_SegRefined.ome.tif").is_file()
+
+
+def test_a_20x_slide_by_path_is_tiled_by_its_magnification_and_writes_only_what_was_asked(
+        service: EdiService, write_svs_style) -> None:
+    """Regressions: EDI filled in tile_size 512 before the slide's magnification could choose (a 20x
+    slide ran at 512, its record saying "given"), and images_to_return was dropped for slides."""
+    from engine.samples import synthetic_ihc
+    image = np.full((700, 900, 3), 236, np.uint8)
+    image[50:600, 100:800] = synthetic_ihc(550, 700, seed=8)
+    write_svs_style(service.volume.root / "slides" / "x20.svs", image, mpp=0.5, power=20)
+    (answer,) = (json.loads(r) for r in service.handle([json.dumps(
+        {"img_path_on_pvc": "slides/x20.svs", "request_id": "x20", "images_to_return": "modalities"})]))
+    assert answer["status"] == "submitted"
+    record = until_done(service, "x20")
+    assert record["status"] == "finished", record
+    assert record["tiles"]["tile_size"] == 256
+    output = service.volume.root / record["output_dir"]
+    details = json.loads((output / "x20.json").read_text())
+    assert details["tile_size_from"] == "magnification"
+    assert sorted(p.name for p in output.glob("*.ome.tif")) == sorted(
+        f"x20_{n}.ome.tif" for n in ("Hema", "DAPI", "Lap2", "Marker"))
+    assert record["scoring"] == details["scoring"]  # scored from the run's own Seg, which was not asked for
