@@ -91,7 +91,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         for path in slides:
             with tqdm(unit="tile", desc=path.name, disable=args.quiet, file=sys.stderr) as bar:
                 infer_slide(session, path, args.out, args.tile_size, bar.update, postprocess=postprocess_options,
-                            outputs=options.outputs)
+                            outputs=options.outputs, threads=args.threads)
     print(f"results in {args.out}/")
     return 0
 

@@ -85,7 +85,7 @@ def _bench_once(session: ReplaySession, source: Path, threads: int, batch_size: 
 
 def _run(session: ReplaySession, source: Path, out: Path, threads: int, batch_size: int, slide: bool) -> Path:
     if slide:
-        return infer_slide(session, source, out)
+        return infer_slide(session, source, out, threads=threads)
     options = InferenceOptions(batch_size=batch_size, threads=threads)
     describe = {"model": session.files.describe(), "backend": session.info.as_dict()}
     return infer_image_files(session, [source], out, options, describe)[0]

@@ -4,6 +4,7 @@ time by stage."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from deepliif.slide_overlays import draw_slide
 from deepliif.slide_scoring import SlideScore, region_bands, score_slide, slide_bands
 from deepliif.slides import SlideInfo, open_slide
 from deepliif.tile_loop import Run
+from deepliif.workers import resolve_threads
 
 from .session import Session
 
@@ -80,15 +82,17 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
                 progress: Callable[[int], None] | None = None, run: Run | None = None,
                 stem: str | None = None, postprocess: PostprocessOptions = PostprocessOptions(),
                 checkpoint_dir: Path | None = None, stage: Callable[[str], None] = lambda name: None,
-                outputs: OutputSet = OutputSet.ALL) -> Path:
+                outputs: OutputSet = OutputSet.ALL, threads: int | None = None) -> Path:
     """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and SegOverlaid/SegRefined, the
     slide's cells (`<stem>_cells.csv`, `.geojson`) and `OUT/<stem>.json` with its scoring. `run` wraps
     `session.run` (the kernel takes turns per batch); `stem` names the outputs (default: the file's).
     The network outputs' level 0 is checkpointed region by region in `checkpoint_dir` (default
     `OUT/.<stem>.resume`): a rerun after a kill resumes from the last whole region. `stage` hears each
     stage as it begins: tiles, pyramids, scoring, overlays. Only the `outputs` asked for are written as
-    pyramids; scoring reads the network's Seg and Marker from the run's own regions either way."""
-    clock = [time.perf_counter()]
+    pyramids; scoring reads the network's Seg and Marker from the run's own regions either way, so the
+    pyramids are written on `threads` threads (default: the CPUs this process may use) while the slide
+    is scored and its overlays drawn."""
+    started = time.perf_counter()
     out, stem = prepare_out_dir(Path(out)), stem or slide_stem(path)
     with open_slide(path) as slide:
         info, chosen = slide.info, tile_size or slide.info.tile_size()
@@ -99,27 +103,15 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
             stage("tiles")
             slide_run = run_slide(run or session.run, slide, chosen, session.batch_size, checkpoint.add, progress,
                                   start, checkpoint.row_done)
-            clock.append(time.perf_counter())
-            stage("pyramids")
-            wanted = outputs.names
-            published = publish_pyramids(out, stem, {name: checkpoint.level0(name) for name in OUTPUT_NAMES
-                                                     if name in wanted}, info.mpp)
-            clock.append(time.perf_counter())
-            stage("scoring")
-            bands = region_bands(checkpoint.level0("Seg"), checkpoint.level0("Marker"))
-            score = score_slide(bands, info.width, info.height, chosen, True, postprocess)
-            write_cells(out, stem, score.cells, info.mpp)
-            clock.append(time.perf_counter())
-            stage("overlays")
-            overlays = tuple(name for name in OVERLAY_NAMES if name in wanted)
-            if overlays:
-                published.update(_draw_overlays(path, out, stem, info, bands, score, overlays))
-            clock.append(time.perf_counter())
-            record = _record(session, info, tile_size, chosen, slide_run, published, score, stem, clock)
+            seconds: dict[str, float] = {}
+            published = _pyramids_beside_scoring(checkpoint, path, out, stem, info, chosen, postprocess,
+                                                 outputs.names, stage, seconds, resolve_threads(threads))
+            score = published.pop("score")
+            record = _record(session, info, tile_size, chosen, slide_run, published, score, stem, seconds, started)
             write_json(out / f"{stem}.json", record)
             checkpoint.remove()
     logger.info("%s: %d tiles (%d empty) at tile size %d, %.1f s", path.name, slide_run.tiles,
-                slide_run.empty_tiles, chosen, time.perf_counter() - clock[0])
+                slide_run.empty_tiles, chosen, time.perf_counter() - started)
     return out / f"{stem}.json"
 
 
@@ -155,6 +147,31 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
     return out / f"{stem}.json"
 
 
+def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, out: Path, stem: str, info: SlideInfo,
+                             tile_size: int, postprocess: PostprocessOptions, wanted: tuple[str, ...],
+                             stage: Callable[[str], None], seconds: dict[str, float], threads: int) -> dict:
+    """The wanted network outputs' pyramids, assembled from the regions on a pool, while the slide is
+    scored from the same regions and its overlays drawn; `seconds` gets each stage's own duration."""
+    begun = time.perf_counter()
+    stage("pyramids")
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyramid") as pool:
+        pyramids = {name: pool.submit(publish_pyramids, out, stem, {name: checkpoint.level0(name)}, info.mpp)
+                    for name in OUTPUT_NAMES if name in wanted}
+        stage("scoring")
+        bands = region_bands(checkpoint.level0("Seg"), checkpoint.level0("Marker"))
+        score = score_slide(bands, info.width, info.height, tile_size, True, postprocess)
+        write_cells(out, stem, score.cells, info.mpp)
+        scored = time.perf_counter()
+        stage("overlays")
+        overlays = tuple(name for name in OVERLAY_NAMES if name in wanted)
+        published = _draw_overlays(path, out, stem, info, bands, score, overlays) if overlays else {}
+        drawn = time.perf_counter()
+        for future in pyramids.values():
+            published.update(future.result())
+    seconds.update({"pyramid": time.perf_counter() - begun, "scoring": scored - begun, "overlay": drawn - scored})
+    return {**published, "score": score}
+
+
 def _draw_overlays(path: Path, out: Path, stem: str, info: SlideInfo, bands, score: SlideScore,
                    names: tuple[str, ...] = OVERLAY_NAMES) -> dict[str, dict]:
     overlays = SlideOutputs(out, stem, names, info)
@@ -165,18 +182,16 @@ def _draw_overlays(path: Path, out: Path, stem: str, info: SlideInfo, bands, sco
 
 
 def _record(session: Session, info: SlideInfo, given: int | None, chosen: int, slide_run: SlideRun,
-            outputs: dict[str, dict], score: SlideScore, stem: str, clock: list[float]) -> dict:
-    started, streamed, pyramids, scored, drawn = clock
+            outputs: dict[str, dict], score: SlideScore, stem: str, seconds: dict[str, float],
+            started: float) -> dict:
     return {"slide": info.as_dict(), "model": session.files.describe(), "backend": session.info.as_dict(),
             "tile_size": chosen, "tile_size_from": "given" if given else
             ("magnification" if info.objective_power else "default (no magnification in the slide)"),
             "batch_size": session.batch_size, "tiles": slide_run.tiles, "empty_tiles": slide_run.empty_tiles,
             "run_tiles": slide_run.tiles - slide_run.empty_tiles, "outputs": outputs,
             "timings": {**slide_run.timings.as_dict(), "stream_seconds": round(slide_run.seconds, 3),
-                        "pyramid_seconds": round(pyramids - streamed, 3),
-                        "scoring_seconds": round(scored - pyramids, 3),
-                        "overlay_seconds": round(drawn - scored, 3),
-                        "total_seconds": round(time.perf_counter() - started, 3)},
+                        **{f"{stage}_seconds": round(seconds[stage], 3) for stage in ("pyramid", "scoring", "overlay")},
+                        "total_seconds": round(time.perf_counter() - started, 3)},  # pyramids overlap the rest
             "resumed": None if slide_run.resumed_from is None else {
                 "from_row": slide_run.resumed_from.rows_done, "tiles_done_before": slide_run.resumed_from.tiles_done},
             "scoring": score.scoring, "cells": {"csv": f"{stem}_cells.csv", "geojson": f"{stem}_cells.geojson"}}

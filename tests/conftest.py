@@ -117,3 +117,16 @@ def _write_svs_style(path: Path, image: np.ndarray, mpp: float, power: int) -> P
 def write_svs_style():
     """Writes an SVS-style slide: `write_svs_style(path, image, mpp, power)`."""
     return _write_svs_style
+
+
+def _reference_image(case: Path, name: str) -> Path:
+    """A fixture case's `<Name>.png`, or `mod<k>-<Name>.png` as DeepLIIF 1.2.7 names modality outputs
+    when it knows the modality names (outputs/mini/)."""
+    named = sorted(case.glob(f"mod[0-9]-{name}.png"))
+    return named[0] if named else case / f"{name}.png"
+
+
+@pytest.fixture
+def reference_image():
+    """`reference_image(case_dir, name)`: the path of one of a fixture case's reference outputs."""
+    return _reference_image

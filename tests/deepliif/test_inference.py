@@ -19,14 +19,8 @@ def _cases(fixtures: Path) -> list[Path]:
     return sorted(p for p in (fixtures / "outputs").glob("*/*") if p.is_dir())
 
 
-def reference_image(case: Path, name: str) -> Path:
-    """`<Name>.png`, or `mod<k>-<Name>.png` as DeepLIIF 1.2.7 names modalities when it knows their names."""
-    named = sorted(case.glob(f"mod[0-9]-{name}.png"))
-    return named[0] if named else case / f"{name}.png"
-
-
 @pytest.mark.slow
-def test_parity_with_every_fixture_case(deepliif_fixtures: Path) -> None:
+def test_parity_with_every_fixture_case(deepliif_fixtures: Path, reference_image) -> None:
     cases = _cases(deepliif_fixtures)
     assert len(cases) >= 5
     for case in cases:

@@ -51,7 +51,8 @@ def test_fused_onnx_matches_torch_at_batch_1_and_4(fused_onnx: Path,
 
 @pytest.mark.slow
 @pytest.mark.shared
-def test_fused_onnx_reproduces_the_deepliif_fixture_outputs(deepliif_fixtures: Path, tmp_path: Path) -> None:
+def test_fused_onnx_reproduces_the_deepliif_fixture_outputs(deepliif_fixtures: Path, tmp_path: Path,
+                                                            reference_image) -> None:
     cases = sorted(p for p in (deepliif_fixtures / "outputs").glob("*/*") if p.is_dir())
     assert len(cases) >= 5
     backends = {}
@@ -64,7 +65,7 @@ def test_fused_onnx_reproduces_the_deepliif_fixture_outputs(deepliif_fixtures: P
         result = infer_image(backends[case.parent.name], read_image(case / "input.png"),
                              InferenceOptions(tile_size=reference["tile_size"], batch_size=4))
         for name in OUTPUT_NAMES:
-            diff = np.abs(result.images[name].astype(int) - read_image(case / f"{name}.png"))
+            diff = np.abs(result.images[name].astype(int) - read_image(reference_image(case, name)))
             assert diff.max() <= 1 and diff.mean() <= 0.01, (case, name, diff.max(), diff.mean())
         assert result.scoring == reference["scoring"], case
 
