@@ -19,7 +19,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("calibration", ("calibration",)),
     ("artifacts", ("engine.cache", "engine.artifacts")),
     ("session", ("engine.session", "engine.slide_inference", "engine.bench", "engine.process_bench", "engine.doctor",
-                 "engine.deepliif_way")),
+                 "engine.deepliif_way", "engine.image_files", "engine.replay", "engine.pipeline_bench")),
     ("kernel", ("engine.edi",)),
     ("commands", ("engine", "engine.cli", "engine.commands", "export.cli", "calibration.cli", "engine.edi.cli",
                   "engine.edi.deploy_cli",
