@@ -27,7 +27,7 @@ from .backends import BackendKind
 from .image_files import infer_image_files
 from .session import Session
 from .slide_inference import infer_slide, postprocess_slide
-from .samples import benchmark_tiles, sample_images, synthetic_ihc
+from .samples import benchmark_tiles, mini_model_dir, sample_images, synthetic_ihc
 
 logger = project_logger("engine")
 
@@ -148,8 +148,21 @@ def _demo_model(ngf: int) -> Path:
     return directory
 
 
+def _demo_model_choice(args: argparse.Namespace) -> tuple[Path, str]:
+    """The demo's model and why: the one given, else the mini model of ../shared, else random weights."""
+    if args.model_dir is not None:
+        return Path(args.model_dir), f"the model given ({args.model_dir})"
+    mini = mini_model_dir()
+    if mini is not None:
+        return mini, (f"the mini DeepLIIF of ../shared ({mini}): small and trained on DeepLIIF's sample tiles, "
+                      "so it finds cells on them; a demo model, NOT a clinical one")
+    return _demo_model(args.ngf), ("a full-size model with RANDOM weights (../shared is absent, so no trained "
+                                   "model is at hand): images and counts are meaningless; plumbing and speed only")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    model_dir = args.model_dir or _demo_model(args.ngf)
+    model_dir, why = _demo_model_choice(args)
+    print(f"demo model: {why}")
     images = sample_images()
     if not images:
         generated = args.out / "generated_ihc.png"
@@ -158,19 +171,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         images = [generated]
         logger.warning("no sample tiles found; using a generated image %s", generated)
     images, total = check_inputs(images, DEFAULT_TILE_SIZE, DEFAULT_MAX_PIXELS)
-    with _open_session(args, Path(model_dir)) as session:
+    with _open_session(args, model_dir) as session:
         options = InferenceOptions(batch_size=args.batch_size or session.batch_size)
         records = infer_files(session, images, args.out, options, quiet=args.quiet, total_tiles=total)
-    if args.model_dir is None:
-        print("NOTE: the demo model has RANDOM weights: images and counts are meaningless; "
-              "this shows plumbing and speed.")
     for record in records:
-        print(f"  {record}")
+        scoring = json.loads(record.read_text())["scoring"]
+        stem = record.stem
+        print(f"  {stem}: {scoring['num_total']} cells, {scoring['num_pos']} positive ({scoring['percent_pos']}%); "
+              f"QuPath: {record.with_name(f'{stem}_cells.geojson')}; overlay: {record.with_name(f'{stem}_SegOverlaid.png')}")
     print(f"demo results in {args.out.resolve()}/ ({len(records)} images, PNGs and JSON per image)")
     if args.edi:
         from .edi.demo import round_trip
-        for line in round_trip(Path(model_dir), images[0], args.out / "edi", args.cache_dir, args.backend,
-                               args.device):
+        for line in round_trip(model_dir, images[0], args.out / "edi", args.cache_dir, args.backend, args.device):
             print(line)
     return 0
 

@@ -15,12 +15,22 @@ SAMPLE_DIR_ENV = "DEEPLIIF_SAMPLE_DIR"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 
 
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"  # ../shared beside the project checkout
+MINI_MODEL = SHARED_DIR / "fixtures" / "deepliif" / "models" / "mini"
+
+
 def sample_dir() -> Path:
     """`$DEEPLIIF_SAMPLE_DIR`, else `../shared/data/ihc` beside the project checkout."""
     override = os.environ.get(SAMPLE_DIR_ENV)
     if override:
         return Path(override)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ihc"
+    return SHARED_DIR / "data" / "ihc"
+
+
+def mini_model_dir() -> Path | None:
+    """The small trained DeepLIIF of `../shared` (finds cells on the sample tiles; a demo and test model,
+    not a clinical one), when that folder is beside the checkout."""
+    return MINI_MODEL if (MINI_MODEL / "train_opt.txt").is_file() else None
 
 
 def sample_images() -> list[Path]:

@@ -108,3 +108,31 @@ def test_the_engine_refuses_a_graph_without_a_passed_report(tmp_path: Path, capl
     with pytest.raises(AccuracyGateError, match="unreadable"):
         require_passed(passed)
     assert json.loads((tmp_path / "b" / ACCURACY_FILE).read_text())["passed"] is False
+
+
+@pytest.mark.slow
+def test_the_gate_refuses_a_damaged_candidate_of_the_trained_mini_model(deepliif_fixtures: Path,
+                                                                         sample_dir: Path) -> None:
+    """On weights that find cells the gate has something to judge: the mini DeepLIIF against itself
+    passes; with its segmentation weights perturbed by 10% noise it is refused, naming an image."""
+    import copy
+
+    import torch
+
+    from deepliif.imageio import read_image
+    from deepliif.model_dir import load_model_dir
+    from deepliif.pipeline import FusedPipeline, TileRunner
+    model = load_model_dir(deepliif_fixtures / "models" / "mini")
+    images = [(name, read_image(sample_dir / name)) for name in ("Lung1.png", "34_3.png")]
+    reference = TileRunner(FusedPipeline(model))
+    same = evaluate(reference, TileRunner(FusedPipeline(model)), images, GateThresholds())
+    assert same["passed"] and min(e["reference"]["num_total"] for e in same["images"]) > 20  # it finds cells
+    damaged = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for segmenter in damaged.segmenters:
+            for weight in segmenter.parameters():
+                weight.mul_(1 + 0.1 * torch.randn(weight.shape, generator=generator))
+    report = evaluate(reference, TileRunner(FusedPipeline(damaged)), images, GateThresholds())
+    assert not report["passed"] and report["worst_image"] in {name for name, _ in images}
+    assert any("percent positive" in failure or "cell" in failure for failure in report["failures"])

@@ -143,3 +143,12 @@ def test_bench_end_to_end(generated_models: dict[Layout, Path], tmp_path: Path,
     assert set(result["stage_seconds"]) == {"decode", "tiling", "inference", "stitching", "postprocess", "encoding"}
     assert all(v >= 0 for v in result["stage_seconds"].values()) and result["wall_seconds"] > 0
     assert "end to end: 1024x1024" in capsys.readouterr().out
+
+
+def test_the_demo_uses_the_trained_mini_model_when_shared_is_present(deepliif_fixtures: Path) -> None:
+    import argparse
+    from engine.commands import _demo_model_choice
+    model, why = _demo_model_choice(argparse.Namespace(model_dir=None, ngf=64))
+    assert model.resolve() == (deepliif_fixtures / "models" / "mini").resolve() and "NOT a clinical one" in why
+    given, why = _demo_model_choice(argparse.Namespace(model_dir=Path("/x/model"), ngf=64))
+    assert given == Path("/x/model") and "given" in why
