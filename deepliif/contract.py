@@ -5,7 +5,7 @@ this instead of `deepliif.pipeline`, so a process that serves an exported graph 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,9 +48,6 @@ class GraphContract:
     def tensor_names(self) -> tuple[str, ...]:
         return (self.input_name, *self.onnx_output_names)
 
-    def tile_shape(self, batch: int | str | None) -> tuple:
-        return (batch, self.tile, self.tile, self.channels)
-
     def by_output_name(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Arrays keyed by tensor name, re-keyed by DeepLIIF's output names in pipeline order."""
         return {name: arrays[onnx_name] for name, onnx_name in self.onnx_outputs.items()}
@@ -72,9 +69,6 @@ class GraphContract:
                     problems.append(f"{group} {name} is {dtype} {list(shape)}, expected {self.dtype} "
                                     f"[{self.batch_axis}, {self.tile}, {self.tile}, {self.channels}]")
         return problems
-
-    def missing(self, names: Iterable[str]) -> list[str]:
-        return sorted(set(self.tensor_names) - set(names))
 
 
 FUSED_GRAPH = GraphContract()

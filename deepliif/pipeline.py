@@ -74,7 +74,7 @@ class FusedPipeline(nn.Module):
     def __init__(self, model: DeepLIIFModel, seg_weights: Sequence[float] | None = None,
                  compute_dtype: torch.dtype = torch.float32) -> None:
         """`compute_dtype` float16/bfloat16 runs the convolutions in that type on copies of the weights;
-        normalisation statistics, the Seg average and the uint8 conversion stay fp32 (DESIGN.md §5)."""
+        normalisation statistics, the Seg average and the uint8 conversion stay fp32."""
         super().__init__()
         if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ArgumentError(f"compute_dtype must be float32, float16 or bfloat16; got {compute_dtype}")

@@ -28,8 +28,8 @@ from deepliif.model_files import ModelFiles
 from calibration.gate import ACCURACY_FILE, require_passed
 from export.config import OnnxExportConfig, Tolerance
 from export.onnx_checks import check_fused_signature, check_onnx
-from export.tensorrt_build import PLAN_FILE, GpuInfo, TensorRTBuildConfig, onnx_precision, tensorrt_module, \
-    timing_cache_path
+from export.tensorrt_build import (PLAN_FILE, GpuInfo, TensorRTBuildConfig, build_plan, onnx_precision,
+                                   tensorrt_module, timing_cache_path)
 
 from .backends.precision import Precision
 from .cache import MANIFEST, ArtifactCache, cache_key, cpu_signature
@@ -217,7 +217,6 @@ class ArtifactLoaders:
         return Artifact(entry / OPTIMIZED_ONNX, provenance)
 
     def plan(self, build_config: TensorRTBuildConfig, rebuild: bool = False) -> Artifact:
-        from export.tensorrt_build import build_plan
         tensorrt = tensorrt_module()
         gpu = GpuInfo.current()
         source = self.onnx()

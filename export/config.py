@@ -45,7 +45,7 @@ class Tolerance:
 
     @classmethod
     def for_precision(cls, precision: Precision) -> Tolerance:
-        """fp32 must agree to one grey level (issue 3); reduced precision is judged by image quality
+        """fp32 must agree to one grey level (as DeepLIIF's own outputs do); reduced precision is judged by image quality
         and by the clinical number, the percentage of positive cells."""
         if precision is Precision.FP32:
             return cls(max_abs=1)

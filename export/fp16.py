@@ -1,4 +1,5 @@
-"""fp32 ONNX -> fp16 ONNX, keeping what DESIGN.md §5 keeps in fp32.
+"""fp32 ONNX -> fp16 ONNX, keeping in fp32 what must stay fp32: the input normalisation, every
+normalisation layer's statistics, the Seg average and the conversion back to uint8.
 
 Converting at the graph level (instead of tracing a half-precision PyTorch module) takes seconds; tracing
 runs the model, and half-precision convolutions on a CPU took over five minutes for the full-size model.

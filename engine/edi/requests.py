@@ -1,4 +1,4 @@
-"""The EDI request contract (DESIGN.md §4), parsed and checked up front.
+"""The EDI request contract (README, "EDI request/response contract"), parsed and checked up front.
 
 Every problem becomes a `RequestError` whose message names the field and what was received; the
 kernel turns it into `status: error` and goes on serving. Unknown fields are not errors (clients add
