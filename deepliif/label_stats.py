@@ -81,18 +81,6 @@ class LabelledPixels:
         """Per-label sums of one value per listed pixel, as exact int64."""
         return np.bincount(self.owner, weights=values, minlength=self.count + 1).astype(np.int64)
 
-    def bounds(self, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, ...]:
-        """(y0, x0, y1, x1) per label, the stops exclusive, as `ndimage.find_objects` slices give them."""
-        y0 = np.full(self.count + 1, _NO_PIXEL, np.int64)
-        x0 = y0.copy()
-        y1 = np.full(self.count + 1, -1, np.int64)
-        x1 = y1.copy()
-        np.minimum.at(y0, self.owner, rows)
-        np.minimum.at(x0, self.owner, cols)
-        np.maximum.at(y1, self.owner, rows)
-        np.maximum.at(x1, self.owner, cols)
-        return y0, x0, y1 + 1, x1 + 1
-
 
 class UnionFind:
     """Disjoint sets over ids 0..n-1, grown as bands add labels; the smaller id becomes the root."""

@@ -24,7 +24,7 @@ from deepliif.postprocessing import PostprocessOptions, postprocess
 from engine.backends.precision import Precision
 
 from .backends import BackendKind
-from .image_files import infer_image_files
+from .image_files import describe_session, infer_image_files
 from .session import Session
 from .slide_inference import infer_slide, postprocess_slide
 from .samples import benchmark_tiles, mini_model_dir, sample_images, synthetic_ihc
@@ -59,12 +59,9 @@ def infer_files(session: Session, images: list[Path], out: Path, options: Infere
                 ) -> list[Path]:
     """Infer each image and write `OUT/<stem>_<Name>.png` and `OUT/<stem>.json` (`engine.image_files`);
     returns the JSON paths. One progress bar runs over the tiles of all images."""
-    prepare_out_dir(out)
-    describe = {"model": session.files.describe(), "startup_seconds": session.startup,
-                "backend": session.info.as_dict()}
     with tqdm(total=total_tiles, unit="tile", desc="tiles", disable=quiet, file=sys.stderr) as bar:
-        return infer_image_files(session, images, out, options, describe, max_pixels, bar.update,
-                                 lambda path: bar.set_postfix_str(path.name))
+        return infer_image_files(session, images, out, options, describe_session(session), max_pixels,
+                                 bar.update, lambda path: bar.set_postfix_str(path.name))
 
 
 def _open_session(args: argparse.Namespace, model_dir: Path) -> Session:

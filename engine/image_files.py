@@ -12,7 +12,6 @@ are shut down after their running tasks end, and the image without its JSON is t
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,12 +51,10 @@ class _Finishing:
 
 
 class Encoders:
-    """A pool that encodes and publishes files; `busy_seconds` sums the time its tasks ran."""
+    """A pool that encodes and publishes files; each task's future gives the seconds it ran."""
 
     def __init__(self, threads: int) -> None:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
-        self.busy_seconds = 0.0
-        self._lock = threading.Lock()
 
     def png(self, path: Path, image: np.ndarray) -> Future:
         return self.pool.submit(self._timed, lambda: write_atomically(path, encode_png(image)))
@@ -68,16 +65,17 @@ class Encoders:
     def _timed(self, function: Callable[[], object]) -> float:
         """Runs one task; its seconds (the future's result)."""
         start = time.perf_counter()
-        try:
-            function()
-        finally:
-            seconds = time.perf_counter() - start
-            with self._lock:
-                self.busy_seconds += seconds
-        return seconds
+        function()
+        return time.perf_counter() - start
 
     def close(self, cancel: bool = False) -> None:
         self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+def describe_session(session) -> dict:
+    """What each image's JSON record says of the session that made it."""
+    return {"model": session.files.describe(), "startup_seconds": session.startup,
+            "backend": session.info.as_dict()}
 
 
 def infer_image_files(session: ImageSession, images: list[Path], out: Path, options: InferenceOptions,

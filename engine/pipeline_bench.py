@@ -26,7 +26,7 @@ from deepliif.slides import is_slide, open_slide
 from deepliif.tables import format_rows
 from deepliif.workers import resolve_threads
 
-from .image_files import infer_image_files
+from .image_files import describe_session, infer_image_files
 from .replay import ReplaySession
 from .slide_inference import infer_slide
 
@@ -87,8 +87,7 @@ def _run(session: ReplaySession, source: Path, out: Path, threads: int, batch_si
     if slide:
         return infer_slide(session, source, out, threads=threads)
     options = InferenceOptions(batch_size=batch_size, threads=threads)
-    describe = {"model": session.files.describe(), "backend": session.info.as_dict()}
-    return infer_image_files(session, [source], out, options, describe)[0]
+    return infer_image_files(session, [source], out, options, describe_session(session))[0]
 
 
 def _pixels(source: Path, slide: bool) -> int:
