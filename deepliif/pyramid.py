@@ -1,17 +1,27 @@
 """Tiled pyramidal OME-TIFF outputs written as rows arrive, in memory that does not grow with the image.
 
-Level 0 of each output is streamed to a temporary tiled TIFF while the slide is inferred (tifffile pulls
-tiles from a bounded queue on its own thread). Each reduced level is then made from the one above it, a
-band of two tile rows at a time (2x2 area average), and the final file is assembled from those: level 0
-plus SubIFDs, lossless (deflate), with the input's physical pixel size. It is written under a temporary name
-and renamed into place, so a killed run never leaves a file that looks complete.
+Level 0 of each output is streamed to a temporary tiled TIFF (or several, stacked top to bottom) while
+the slide is inferred; tifffile pulls tiles from a bounded queue on its own thread. The reduced levels
+are made from the same rows as they pass (2x2 area average, each level half the one above by floor
+division), each into its own temporary. The final file is then assembled from tiles that are already
+compressed: nothing is decoded or compressed twice. It is lossless (deflate), carries the input's
+physical pixel size, and is written under a temporary name and renamed into place, so a killed run never
+leaves a file that looks complete.
+
+Readers disagree on where a TIFF keeps its reduced levels: OME-TIFF readers (Bio-Formats, tifffile,
+tiffslide) follow the SubIFDs of the first page, OpenSlide's generic-TIFF reader walks only the main
+chain of pages. tifffile writes the SubIFDs of one page as a chain of their own; linking the first page
+to the head of that chain puts every level in both places, so every one of those readers sees them all.
 """
 from __future__ import annotations
 
 import os
 import queue
+import struct
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +29,49 @@ import numpy as np
 from .errors import ImageError
 
 TIFF_TILE = 256
+
+
+@dataclass(frozen=True)
+class Codec:
+    """How tiles are compressed: tifffile's arguments, and the TIFF Compression values that mean it (a
+    stored tile is copied into a pyramid only when its file used the same codec)."""
+    compression: str
+    level: int
+    predictor: int | None
+    tags: tuple[int, ...]
+
+    def arguments(self) -> dict:
+        extra = {} if self.predictor is None else {"predictor": self.predictor}
+        return {"compression": self.compression, "compressionargs": {"level": self.level}, **extra}
+
+
 # Lossless deflate at level 1 with the horizontal predictor, chosen by measurement (docs/BENCHMARKS.md):
 # on a 4096² IHC-like image 2.2x faster to write than deflate's default level and 23% smaller; every
 # TIFF reader (libtiff, so OpenSlide and QuPath; tifffile and tiffslide; Bio-Formats) decodes it.
-COMPRESSION = {"compression": "zlib", "compressionargs": {"level": 1}, "predictor": 2}
+DEFLATE = Codec("zlib", 1, 2, (8, 32946))
+# JPEG at quality 90 in RGB (no chroma subsampling, so coloured outlines keep their colour), 6x faster
+# than DEFLATE and 7x smaller on DeepLIIF's display images, mean error 2-3.5 grey levels (measured).
+JPEG = Codec("jpeg", 90, None, (7,))
+# Outputs that are only looked at; the others (Seg, Marker, SegRefined) are read back for scoring and
+# counting and stay lossless whatever is chosen.
+DISPLAY_OUTPUTS = ("Hema", "DAPI", "Lap2", "SegOverlaid")
+
+
+class PyramidCompression(str, Enum):
+    """`--pyramid-compression`: DEFLATE writes every output losslessly; JPEG writes the display outputs
+    as JPEG (q90, 4:4:4) and the rest losslessly."""
+    DEFLATE = "deflate"
+    JPEG = "jpeg"
+
+    def codec(self, output: str) -> Codec:
+        return JPEG if self is PyramidCompression.JPEG and output in DISPLAY_OUTPUTS else DEFLATE
 
 
 class StreamedLevel:
     """One image written tile row by tile row: `add(rows)` in order, then `close()`."""
 
-    def __init__(self, path: Path, width: int, height: int, tile: int = TIFF_TILE) -> None:
-        self.path, self.width, self.height, self.tile = Path(path), width, height, tile
+    def __init__(self, path: Path, width: int, height: int, tile: int = TIFF_TILE, codec: Codec = DEFLATE) -> None:
+        self.path, self.width, self.height, self.tile, self.codec = Path(path), width, height, tile, codec
         self._pending = np.zeros((0, width, 3), np.uint8)
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
@@ -65,7 +107,7 @@ class StreamedLevel:
         try:
             with tifffile.TiffWriter(self.path, bigtiff=True) as tiff:
                 tiff.write(self._tiles(), shape=(self.height, self.width, 3), dtype=np.uint8,
-                           tile=(self.tile, self.tile), photometric="rgb", **COMPRESSION)
+                           tile=(self.tile, self.tile), photometric="rgb", **self.codec.arguments())
         except BaseException as exc:  # handed to the caller in close()
             self._error = exc
 
@@ -83,6 +125,106 @@ def band_tiles(band: np.ndarray, tile: int) -> Iterator[np.ndarray]:
             padded[: piece.shape[0], : piece.shape[1]] = piece
             piece = padded
         yield piece
+
+
+def level_sizes(height: int, width: int, tile: int = TIFF_TILE) -> list[tuple[int, int]]:
+    """(height, width) of every level: each half the one above by floor division, down to one tile."""
+    sizes = [(height, width)]
+    while max(sizes[-1]) > tile and min(sizes[-1]) >= 2:
+        sizes.append((sizes[-1][0] // 2, sizes[-1][1] // 2))
+    return sizes
+
+
+class ReducedLevels:
+    """Levels 1.. of an image made from its level-0 rows as they pass, each streamed to `<base>.level<k>.tif`."""
+
+    def __init__(self, base: Path, height: int, width: int, tile: int = TIFF_TILE, codec: Codec = DEFLATE) -> None:
+        self.sizes = level_sizes(height, width, tile)
+        self.writers = [StreamedLevel(Path(f"{base}.level{k}.tif"), w, h, tile, codec)
+                        for k, (h, w) in enumerate(self.sizes[1:], start=1)]
+        self._pending = [np.zeros((0, w, 3), np.uint8) for _, w in self.sizes[:-1]]
+        self._rows_in = [0] * len(self.writers)
+
+    def add(self, rows: np.ndarray) -> None:
+        for k, writer in enumerate(self.writers):
+            wanted = 2 * writer.height - self._rows_in[k]  # the last odd row of a level makes no row below
+            rows = rows[:wanted]
+            self._rows_in[k] += len(rows)
+            pending = np.concatenate([self._pending[k], rows]) if len(self._pending[k]) else rows
+            even = len(pending) - len(pending) % 2
+            self._pending[k] = pending[even:]
+            if not even:
+                return
+            rows = average_2x2(pending[:even, : 2 * writer.width])
+            writer.add(rows)
+
+    def close(self) -> list[Path]:
+        errors = []
+        for writer in self.writers:
+            try:
+                writer.close()
+            except ImageError as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+        return [writer.path for writer in self.writers]
+
+    def remove(self) -> None:
+        for writer in self.writers:
+            writer.path.unlink(missing_ok=True)
+
+
+def average_2x2(rows: np.ndarray) -> np.ndarray:
+    """An even number of rows and columns averaged over 2x2 pixels, rounding halves up."""
+    wide = rows.astype(np.uint16)
+    summed = wide[0::2, 0::2] + wide[1::2, 0::2] + wide[0::2, 1::2] + wide[1::2, 1::2]
+    return ((summed + 2) >> 2).astype(np.uint8)
+
+
+class PyramidWriter:
+    """One output written as rows arrive: level 0 and the reduced levels stream to hidden temporaries;
+    `publish` assembles them into the final file, `discard` removes them."""
+
+    def __init__(self, base: Path, width: int, height: int, tile: int = TIFF_TILE, codec: Codec = DEFLATE) -> None:
+        self.level0 = StreamedLevel(Path(f"{base}.level0.tif"), width, height, tile, codec)
+        self.reduced = ReducedLevels(base, height, width, tile, codec)
+        self.tile, self.codec = tile, codec
+
+    def add(self, rows: np.ndarray) -> None:
+        self.level0.add(rows)
+        self.reduced.add(rows)
+
+    def publish(self, out: Path, mpp: float | None) -> int:
+        try:
+            self.level0.close()
+            return assemble_pyramid([[self.level0.path], *[[path] for path in self.reduced.close()]], out, mpp,
+                                    self.tile, self.codec)
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        for step in (self.level0.close, self.reduced.close):
+            try:
+                step()
+            except ImageError:
+                pass
+        self.level0.path.unlink(missing_ok=True)
+        self.reduced.remove()
+
+
+def pyramid_from_regions(level0: list[Path], out: Path, mpp: float | None, tile: int = TIFF_TILE,
+                         codec: Codec = DEFLATE) -> int:
+    """The pyramid of an image whose level 0 is already written as tiled TIFF regions, top to bottom (a
+    slide run's checkpoint): level 0 is read once to make the reduced levels, and copied as it is stored."""
+    with LevelRows(level0) as rows:
+        reduced = ReducedLevels(Path(f"{level0[0]}"), rows.height, rows.width, tile, codec)
+        try:
+            for y in range(0, rows.height, 2 * tile):
+                reduced.add(rows.rows(y, 2 * tile))
+            levels = [list(level0), *[[path] for path in reduced.close()]]
+            return assemble_pyramid(levels, out, mpp, tile, codec)
+        finally:
+            reduced.remove()
 
 
 class LevelRows:
@@ -123,21 +265,56 @@ class LevelRows:
         self.close()
 
 
-def _halve(source: LevelRows, out: Path, tile: int) -> tuple[int, int]:
-    """The next level: `source` averaged over 2x2 pixels, read and written two tile rows at a time."""
-    size = ((source.height + 1) // 2, (source.width + 1) // 2)
-    writer = StreamedLevel(out, size[1], size[0], tile)
-    for y in range(0, source.height, 2 * tile):
-        writer.add(_average_2x2(source.rows(y, 2 * tile)))
-    writer.close()
-    return size
+def assemble_pyramid(levels: list[list[Path]], out: Path, mpp: float | None, tile: int = TIFF_TILE,
+                     codec: Codec = DEFLATE) -> int:
+    """The pyramidal OME-TIFF at `out` from every level given as tiled TIFF regions, top to bottom, largest
+    level first; returns the number of levels. The regions are the caller's to remove."""
+    import tifffile
+    shapes = []
+    for paths in levels:
+        with LevelRows(paths) as rows:
+            shapes.append((rows.height, rows.width))
+    metadata = {"axes": "YXS"}
+    if mpp:
+        metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
+    staging = out.with_name(f".{out.name}.partial")
+    try:
+        with tifffile.TiffWriter(staging, bigtiff=True, ome=True) as tiff:
+            for factor, (paths, (height, width)) in enumerate(zip(levels, shapes)):
+                extra = {"subifds": len(levels) - 1, "metadata": metadata} if factor == 0 else {"subfiletype": 1}
+                tiles = _stored_tiles(paths) if _copyable(paths, tile, codec) else _level_tiles(paths, tile)
+                tiff.write(tiles, shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                           **codec.arguments(), **extra, **_resolution(mpp, 2 ** factor))
+        _chain_subifds(staging)
+        os.replace(staging, out)
+        return len(levels)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
-def _average_2x2(rows: np.ndarray) -> np.ndarray:
-    height, width = rows.shape[:2]
-    padded = np.pad(rows, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge").astype(np.uint16)
-    summed = padded[0::2, 0::2] + padded[1::2, 0::2] + padded[0::2, 1::2] + padded[1::2, 1::2]
-    return ((summed + 2) // 4).astype(np.uint8)
+def _copyable(paths: list[Path], tile: int, codec: Codec) -> bool:
+    """Whether the regions' stored tiles are the final file's as they are: the same tiling, compression and
+    predictor, and every region but the last a whole number of tile rows."""
+    import tifffile
+    for index, path in enumerate(paths):
+        with tifffile.TiffFile(path) as tiff:
+            page = tiff.pages[0]
+            if (page.tilewidth, page.tilelength) != (tile, tile) or page.compression not in codec.tags or \
+                    (page.predictor or 1) != (codec.predictor or 1) or page.samplesperpixel != 3 or \
+                    (index < len(paths) - 1 and page.imagelength % tile):
+                return False
+    return True
+
+
+def _stored_tiles(paths: list[Path]) -> Iterator[bytes]:
+    """The regions' compressed tiles in the final file's order (tifffile writes bytes as they are)."""
+    import tifffile
+    for path in paths:
+        with tifffile.TiffFile(path) as tiff:
+            page, handle = tiff.pages[0], tiff.filehandle
+            for offset, count in zip(page.dataoffsets, page.databytecounts):
+                handle.seek(offset)
+                yield handle.read(count)
 
 
 def _level_tiles(paths: list[Path], tile: int) -> Iterator[np.ndarray]:
@@ -146,33 +323,25 @@ def _level_tiles(paths: list[Path], tile: int) -> Iterator[np.ndarray]:
             yield from band_tiles(level.rows(y, tile), tile)
 
 
-def assemble_pyramid(level0: list[Path], out: Path, mpp: float | None, tile: int = TIFF_TILE) -> int:
-    """The pyramidal OME-TIFF at `out` from level 0 given as tiled TIFF regions, top to bottom; returns the
-    number of levels. Reduced levels go down to one tile; they are temporaries, removed here. The regions
-    are the caller's (a resumable run keeps them until every output is written)."""
+def _chain_subifds(path: Path) -> None:
+    """Links the first page to its SubIFDs' chain, so readers that walk only the main chain see every level."""
     import tifffile
-    with LevelRows(level0) as rows:
-        shape = (rows.height, rows.width)
-    levels, reduced = [(list(level0), shape)], []
-    staging = out.with_name(f".{out.name}.partial")
-    try:
-        while max(levels[-1][1]) > tile:
-            reduced.append(Path(f"{level0[0]}.level{len(levels)}.tif"))
-            with LevelRows(levels[-1][0]) as source:
-                levels.append(([reduced[-1]], _halve(source, reduced[-1], tile)))
-        metadata = {"axes": "YXS"}
-        if mpp:
-            metadata.update(PhysicalSizeX=mpp, PhysicalSizeXUnit="µm", PhysicalSizeY=mpp, PhysicalSizeYUnit="µm")
-        with tifffile.TiffWriter(staging, bigtiff=True, ome=True) as tiff:
-            for factor, (paths, (height, width)) in enumerate(levels):
-                extra = {"subifds": len(levels) - 1, "metadata": metadata} if factor == 0 else {"subfiletype": 1}
-                tiff.write(_level_tiles(paths, tile), shape=(height, width, 3), dtype=np.uint8, tile=(tile, tile),
-                           photometric="rgb", **COMPRESSION, **extra, **_resolution(mpp, 2 ** factor))
-        os.replace(staging, out)
-        return len(levels)
-    finally:
-        for path in [*reduced, staging]:
-            path.unlink(missing_ok=True)
+    with tifffile.TiffFile(path) as tiff:
+        if not tiff.is_bigtiff:
+            raise ImageError(f"{path}: expected a BigTIFF")
+        first, subifds = tiff.pages[0].offset, tiff.pages[0].subifds
+    if not subifds:
+        return
+    with open(path, "r+b") as handle:
+        handle.seek(first)
+        (tags,) = struct.unpack("<Q", handle.read(8))
+        next_field = first + 8 + 20 * tags  # BigTIFF: 8-byte tag count, 20-byte entries, 8-byte next offset
+        handle.seek(next_field)
+        (following,) = struct.unpack("<Q", handle.read(8))
+        if following not in (0, subifds[0]):
+            raise ImageError(f"{path}: its first page already has a next page")
+        handle.seek(next_field)
+        handle.write(struct.pack("<Q", subifds[0]))
 
 
 def _resolution(mpp: float | None, factor: int) -> dict:

@@ -1,14 +1,17 @@
 """Resuming a slide run killed midway from its last completed region.
 
-Level 0 of every output is written as regions: bands of tile rows ending where the slide loop hands rows
-over (`release_points`), each region one tiled TIFF per output. A region counts only once all of its
-files are closed, flushed to disk (fsync) and listed, with their sizes and the run's position after it,
-in `checkpoint.json`, which is replaced atomically. A rerun reads that manifest: the same slide (path,
-size, modification time), model, backend, tile size and regions, or it starts afresh; files that are not
-listed, or whose size changed, are deleted, and the run restarts at the tile row after the last region
-that is whole. The folder is hidden and holds no final output, so nothing here ever looks complete; the
-outputs are assembled from the regions only after the last one, and the folder goes once they are
-published. An exclusive, non-blocking lock on the folder keeps a second run off the same checkpoint.
+Level 0 of every output is written as regions: bands of whole TIFF tile rows (the last region takes what
+is left), each region one tiled TIFF per output, so the published pyramids copy their tiles as they are
+stored. A region counts only once all of its files are closed, flushed to disk (fsync) and listed, with
+their sizes and where to resume after it, in `checkpoint.json`, which is replaced atomically. Regions end
+on TIFF tile rows but the slide loop hands rows over at its own release points, so the place to resume
+after a region is the last release point at or above its end: a resumed run hands over some rows the
+region already holds, and they are dropped. A rerun reads the manifest: the same slide (path, size,
+modification time), model, backend, tile size and regions, or it starts afresh; files that are not
+listed, or whose size changed, are deleted. The folder is hidden and holds no final output, so nothing here
+ever looks complete; the outputs are assembled from the regions only after the last one, and the folder
+goes once they are published. An exclusive, non-blocking lock on the folder keeps a second run off the
+same checkpoint.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ import numpy as np
 
 from .errors import DeepLIIFError
 from .imageio import write_json
-from .pyramid import StreamedLevel
+from .pyramid import DEFLATE, TIFF_TILE, Codec, StreamedLevel
 from .slide_loop import SlidePosition
 from .logs import project_logger
 
@@ -39,22 +42,27 @@ class CheckpointBusyError(DeepLIIFError):
     """Another run holds the checkpoint of the same outputs."""
 
 
-def region_ends(releases: list[int], width: int) -> list[int]:
-    """Every k-th release point, k tile rows making about `REGION_PIXELS`; the last is the slide's height."""
-    rows_per_region = max(1, round(REGION_PIXELS / max(1, width * (releases[0] if releases else 1))))
-    ends = releases[rows_per_region - 1::rows_per_region]
-    return ends if ends and ends[-1] == releases[-1] else [*ends, releases[-1]]
+def region_ends(height: int, width: int, tile: int = TIFF_TILE) -> list[int]:
+    """Where regions end: every whole number of TIFF tile rows making about `REGION_PIXELS`, then the
+    slide's height."""
+    rows = max(1, round(REGION_PIXELS / max(1, width * tile))) * tile
+    return [*range(rows, height, rows), height]
 
 
 class SlideCheckpoint:
     """The level-0 regions of one slide's outputs in `folder`; a context manager that holds its lock."""
 
     def __init__(self, folder: Path, fingerprint: dict, names: tuple[str, ...], width: int,
-                 ends: list[int]) -> None:
+                 ends: list[int], codecs: dict[str, Codec] | None = None) -> None:
         self.folder, self.names, self.width, self.ends = Path(folder), names, width, ends
-        self.fingerprint = {**fingerprint, "names": list(names), "region_ends": ends}
+        self.codecs = {name: (codecs or {}).get(name, DEFLATE) for name in names}
+        self.fingerprint = {**fingerprint, "names": list(names), "region_ends": ends,
+                            "codecs": {name: codec.compression for name, codec in self.codecs.items()}}
         self.regions: list[dict] = []
         self._writers: dict[str, StreamedLevel] = {}
+        self._written = 0  # rows of level 0 in closed or open regions
+        self._closed: list[dict[str, dict]] = []  # files of regions written whole, not yet listed
+        self._before = SlidePosition()  # the run's last position at or above the oldest unlisted region's end
         self._lock: int | None = None
 
     def __enter__(self) -> SlideCheckpoint:
@@ -90,6 +98,7 @@ class SlideCheckpoint:
         if not self.regions:
             return None
         position = SlidePosition(**self.regions[-1]["position"])
+        self._written, self._before = self.regions[-1]["rows"][1], position
         logger.info("resuming %s at row %d (%d tiles done)", self.folder.name, position.rows_done,
                     position.tiles_done)
         return position
@@ -109,20 +118,26 @@ class SlideCheckpoint:
                    (self.folder / entry["file"]).stat().st_size == entry["bytes"] for entry in region["files"].values())
 
     def add(self, top: int, rows: dict[str, np.ndarray]) -> None:
-        """Rows handed over by the slide loop, into the open region (opened on first use)."""
-        index = len(self.regions)
-        start = self.ends[index - 1] if index else 0
-        if not self._writers:
-            self._writers = {name: StreamedLevel(self.folder / f"{name}.{index:05d}.tif", self.width,
-                                                 self.ends[index] - start) for name in self.names}
-        for name, writer in self._writers.items():
-            writer.add(rows[name])
+        """Rows handed over by the slide loop, into the open region (opened on first use); rows a resumed
+        run hands over again are dropped, rows past the open region's end go to the next."""
+        skip = self._written - top
+        count = len(next(iter(rows.values()))) - max(skip, 0)
+        rows = {name: part[max(skip, 0):] for name, part in rows.items()}
+        while count > 0:
+            index = len(self.regions) + len(self._closed)
+            start, end = (self.ends[index - 1] if index else 0), self.ends[index]
+            if not self._writers:
+                self._writers = {name: StreamedLevel(self.folder / f"{name}.{index:05d}.tif", self.width, end - start,
+                                                     codec=self.codecs[name]) for name in self.names}
+            taken = min(count, end - self._written)
+            for name, writer in self._writers.items():
+                writer.add(rows[name][:taken])
+            rows, count, self._written = {name: part[taken:] for name, part in rows.items()}, count - taken, \
+                self._written + taken
+            if self._written == end:
+                self._closed.append(self._close_region())
 
-    def row_done(self, position: SlidePosition) -> None:
-        """Closes the open region when the run has handed over all of its rows."""
-        index = len(self.regions)
-        if index >= len(self.ends) or position.rows_done != self.ends[index]:
-            return
+    def _close_region(self) -> dict[str, dict]:
         files = {}
         for name, writer in self._writers.items():
             writer.close()
@@ -130,9 +145,21 @@ class SlideCheckpoint:
                 os.fsync(handle.fileno())
             files[name] = {"file": writer.path.name, "bytes": writer.path.stat().st_size}
         self._writers = {}
-        self.regions.append({"index": index, "rows": [self.ends[index - 1] if index else 0, self.ends[index]],
-                             "files": files, "position": asdict(position)})
-        self._save()
+        return files
+
+    def row_done(self, position: SlidePosition) -> None:
+        """Lists the regions written whole once the run has handed over all of their rows, each with the
+        run's last position at or above its end (where a rerun resumes)."""
+        while self._closed:
+            index = len(self.regions)
+            end = self.ends[index]
+            if position.rows_done < end:
+                break
+            resume = position if position.rows_done == end else self._before
+            self.regions.append({"index": index, "rows": [self.ends[index - 1] if index else 0, end],
+                                 "files": self._closed.pop(0), "position": asdict(resume)})
+            self._save()
+        self._before = position
 
     def _save(self) -> None:
         write_json(self.folder / MANIFEST, {"fingerprint": self.fingerprint, "regions": self.regions})

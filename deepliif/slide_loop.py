@@ -85,11 +85,6 @@ class _Band:
             self.top = until
 
 
-def slide_releases(info: SlideInfo, tile_size: int) -> list[int]:
-    """The release points of a slide's tile rows (where a checkpoint's regions may end)."""
-    return release_points(tile_rows(slide_grid(info, tile_size)), info.height)
-
-
 def slide_grid(info: SlideInfo, tile_size: int) -> TileGrid:
     if info.width < tile_size or info.height < tile_size:
         raise ImageError(f"{info.path}: a {info.width}x{info.height} slide is smaller than one {tile_size}-pixel "

@@ -88,7 +88,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         for path in slides:
             with tqdm(unit="tile", desc=path.name, disable=args.quiet, file=sys.stderr) as bar:
                 infer_slide(session, path, args.out, args.tile_size, bar.update, postprocess=postprocess_options,
-                            outputs=options.outputs, threads=args.threads)
+                            outputs=options.outputs, threads=args.threads, compression=args.pyramid_compression)
     print(f"results in {args.out}/")
     return 0
 
@@ -265,7 +265,7 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     if args.replay is None:
         raise ArgumentError("--pipeline needs --replay DIR (one folder per tile of real DeepLIIF outputs)")
     report = bench_pipeline(args.pipeline, args.replay, args.network_tiles_per_s, args.threads,
-                            max(_csv(args.batch_sizes, int, "batch-sizes")), args.repeats)
+                            max(_csv(args.batch_sizes, int, "batch-sizes")), args.repeats, args.pyramid_compression)
     print(format_pipeline(report))
     if args.json:
         prepare_out_dir(args.json.parent)

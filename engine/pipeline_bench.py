@@ -22,6 +22,7 @@ from pathlib import Path
 from deepliif.errors import ArgumentError
 from deepliif.imageio import probe_image
 from deepliif.inference import InferenceOptions
+from deepliif.pyramid import PyramidCompression
 from deepliif.slides import is_slide, open_slide
 from deepliif.tables import format_rows
 from deepliif.workers import resolve_threads
@@ -35,7 +36,8 @@ SLIDE_STAGES = ("tiling", "inference", "stitching", "stream", "pyramid", "scorin
 
 
 def bench_pipeline(source: Path, replay: Path, tiles_per_second: float | None = None, threads: int | None = None,
-                   batch_size: int = 8, repeats: int = 2) -> dict:
+                   batch_size: int = 8, repeats: int = 2,
+                   compression: PyramidCompression = PyramidCompression.DEFLATE) -> dict:
     """Runs `infer` on `source` `repeats` times against the replay stand-in; the report of the last run."""
     if repeats < 1:
         raise ArgumentError(f"--repeats must be at least 1; got {repeats}")
@@ -44,7 +46,8 @@ def bench_pipeline(source: Path, replay: Path, tiles_per_second: float | None = 
     walls, report = [], {}
     with cpus_limited_to(threads):
         for _ in range(repeats):
-            report = _bench_once(ReplaySession(replay, tiles_per_second, batch_size), source, threads, batch_size, slide)
+            report = _bench_once(ReplaySession(replay, tiles_per_second, batch_size), source, threads, batch_size, slide,
+                                 compression)
             walls.append(report["wall_s"])
     report["runs_wall_s"] = walls
     report["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
@@ -67,10 +70,11 @@ def cpus_limited_to(threads: int) -> Iterator[None]:
         os.sched_setaffinity(0, allowed)
 
 
-def _bench_once(session: ReplaySession, source: Path, threads: int, batch_size: int, slide: bool) -> dict:
+def _bench_once(session: ReplaySession, source: Path, threads: int, batch_size: int, slide: bool,
+                compression: PyramidCompression) -> dict:
     with tempfile.TemporaryDirectory(prefix="deepliif-pipeline-") as scratch:
         start = time.perf_counter()
-        record_path = _run(session, source, Path(scratch), threads, batch_size, slide)
+        record_path = _run(session, source, Path(scratch), threads, batch_size, slide, compression)
         wall = time.perf_counter() - start
         record = json.loads(record_path.read_text())
     stages = SLIDE_STAGES if slide else IMAGE_STAGES
@@ -80,12 +84,14 @@ def _bench_once(session: ReplaySession, source: Path, threads: int, batch_size: 
             "network_tiles_per_s": session.tiles_per_second,
             "stages": {name: round(record["timings"].get(f"{name}_seconds", 0.0), 3) for name in stages},
             "tiles": record["tiles"], "network_tiles": session.tiles, "pixels": _pixels(source, slide),
-            "threads": threads, "batch_size": batch_size, "scoring": record["scoring"]}
+            "threads": threads, "batch_size": batch_size, "scoring": record["scoring"],
+            **({"pyramid_compression": compression.value} if slide else {})}
 
 
-def _run(session: ReplaySession, source: Path, out: Path, threads: int, batch_size: int, slide: bool) -> Path:
+def _run(session: ReplaySession, source: Path, out: Path, threads: int, batch_size: int, slide: bool,
+         compression: PyramidCompression) -> Path:
     if slide:
-        return infer_slide(session, source, out, threads=threads)
+        return infer_slide(session, source, out, threads=threads, compression=compression)
     options = InferenceOptions(batch_size=batch_size, threads=threads)
     return infer_image_files(session, [source], out, options, describe_session(session))[0]
 

@@ -4,8 +4,9 @@ time by stage."""
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,9 @@ from deepliif.imageio import prepare_out_dir, write_json
 from deepliif.inference import OVERLAY_NAMES, OutputSet
 from deepliif.logs import project_logger
 from deepliif.postprocessing import PostprocessOptions
-from deepliif.pyramid import StreamedLevel, assemble_pyramid
+from deepliif.pyramid import PyramidCompression, PyramidWriter, pyramid_from_regions
 from deepliif.slide_checkpoint import SlideCheckpoint, region_ends
-from deepliif.slide_loop import SlideRun, run_slide, slide_releases
+from deepliif.slide_loop import SlideRun, run_slide
 from deepliif.slide_overlays import draw_slide
 from deepliif.slide_scoring import SlideScore, region_bands, score_slide, slide_bands
 from deepliif.slides import SlideInfo, open_slide
@@ -38,33 +39,51 @@ def slide_stem(path: Path) -> str:
     return Path(path).stem
 
 
-class SlideOutputs:
-    """Level 0 of some outputs, streamed to hidden temporaries as rows arrive; `finish` turns each into
-    `OUT/<stem>_<Name>.ome.tif` (published by rename) and says how many levels it has."""
+@dataclass(frozen=True)
+class Destination:
+    """Where a slide's outputs go and how they are written: `OUT/<stem>_<Name>.ome.tif`, with the slide's
+    pixel size, compressed as `compression` says for each output."""
+    out: Path
+    stem: str
+    info: SlideInfo
+    compression: PyramidCompression = PyramidCompression.DEFLATE
 
-    def __init__(self, out: Path, stem: str, names: tuple[str, ...], info: SlideInfo) -> None:
-        self.out, self.stem, self.mpp = out, stem, info.mpp
-        self.levels = {name: StreamedLevel(out / f".{stem}_{name}.level0.tif", info.width, info.height)
-                       for name in names}
+    def path(self, name: str) -> Path:
+        return self.out / f"{self.stem}_{name}.ome.tif"
+
+    def described(self, name: str, levels: int) -> dict[str, dict]:
+        return {name: {"file": self.path(name).name, "levels": levels,
+                       "compression": self.compression.codec(name).compression}}
+
+    def from_regions(self, name: str, regions: list[Path]) -> dict[str, dict]:
+        """The pyramid of `name` from level 0 as a slide run's checkpoint holds it."""
+        levels = pyramid_from_regions(regions, self.path(name), self.info.mpp, codec=self.compression.codec(name))
+        return self.described(name, levels)
+
+
+class SlideOutputs:
+    """Some outputs written as rows arrive, every level streamed to hidden temporaries; `finish` publishes
+    each (by rename) and says how many levels it has."""
+
+    def __init__(self, destination: Destination, names: tuple[str, ...]) -> None:
+        self.destination, info = destination, destination.info
+        self.pyramids = {name: PyramidWriter(destination.out / f".{destination.stem}_{name}", info.width, info.height,
+                                             codec=destination.compression.codec(name)) for name in names}
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
-        for name, writer in self.levels.items():
+        for name, writer in self.pyramids.items():
             writer.add(rows[name])
 
     def finish(self) -> dict[str, dict]:
-        for writer in self.levels.values():
-            writer.close()
+        published: dict[str, dict] = {}
         try:
-            return publish_pyramids(self.out, self.stem, {name: [w.path] for name, w in self.levels.items()}, self.mpp)
+            for name, writer in self.pyramids.items():
+                levels = writer.publish(self.destination.path(name), self.destination.info.mpp)
+                published.update(self.destination.described(name, levels))
+            return published
         finally:
-            for writer in self.levels.values():
-                writer.path.unlink(missing_ok=True)
-
-
-def publish_pyramids(out: Path, stem: str, level0: dict[str, list[Path]], mpp: float | None) -> dict[str, dict]:
-    return {name: {"file": f"{stem}_{name}.ome.tif",
-                   "levels": assemble_pyramid(regions, out / f"{stem}_{name}.ome.tif", mpp)}
-            for name, regions in level0.items()}
+            for writer in self.pyramids.values():
+                writer.discard()
 
 
 def fingerprint(session: Session, path: Path, tile_size: int) -> dict:
@@ -82,7 +101,8 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
                 progress: Callable[[int], None] | None = None, run: Run | None = None,
                 stem: str | None = None, postprocess: PostprocessOptions = PostprocessOptions(),
                 checkpoint_dir: Path | None = None, stage: Callable[[str], None] = lambda name: None,
-                outputs: OutputSet = OutputSet.ALL, threads: int | None = None) -> Path:
+                outputs: OutputSet = OutputSet.ALL, threads: int | None = None,
+                compression: PyramidCompression = PyramidCompression.DEFLATE) -> Path:
     """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and SegOverlaid/SegRefined, the
     slide's cells (`<stem>_cells.csv`, `.geojson`) and `OUT/<stem>.json` with its scoring. `run` wraps
     `session.run` (the kernel takes turns per batch); `stem` names the outputs (default: the file's).
@@ -91,21 +111,23 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
     stage as it begins: tiles, pyramids, scoring, overlays. Only the `outputs` asked for are written as
     pyramids; scoring reads the network's Seg and Marker from the run's own regions either way, so the
     pyramids are written on `threads` threads (default: the CPUs this process may use) while the slide
-    is scored and its overlays drawn."""
+    is scored and its overlays drawn. `compression` chooses each output's codec (lossless by default)."""
     started = time.perf_counter()
     out, stem = prepare_out_dir(Path(out)), stem or slide_stem(path)
     with open_slide(path) as slide:
         info, chosen = slide.info, tile_size or slide.info.tile_size()
-        ends = region_ends(slide_releases(info, chosen), info.width)
+        ends = region_ends(info.height, info.width)
+        destination = Destination(out, stem, info, compression)
         with SlideCheckpoint(checkpoint_dir or out / f".{stem}.resume", fingerprint(session, path, chosen),
-                             OUTPUT_NAMES, info.width, ends) as checkpoint:
+                             OUTPUT_NAMES, info.width, ends,
+                             {name: compression.codec(name) for name in OUTPUT_NAMES}) as checkpoint:
             start = checkpoint.resume()
             stage("tiles")
             slide_run = run_slide(run or session.run, slide, chosen, session.batch_size, checkpoint.add, progress,
                                   start, checkpoint.row_done)
             seconds: dict[str, float] = {}
-            published = _pyramids_beside_scoring(checkpoint, path, out, stem, info, chosen, postprocess,
-                                                 outputs.names, stage, seconds, resolve_threads(threads))
+            published = _pyramids_beside_scoring(checkpoint, path, destination, chosen, postprocess, outputs.names,
+                                                 stage, seconds, resolve_threads(threads))
             score = published.pop("score")
             record = _record(session, info, tile_size, chosen, slide_run, published, score, stem, seconds, started)
             write_json(out / f"{stem}.json", record)
@@ -137,7 +159,7 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
     score = score_slide(bands, info.width, info.height, tile_size, marker is not None, options)
     write_cells(out, stem, score.cells, info.mpp)
     scored = time.perf_counter()
-    outputs = _draw_overlays(image, out, stem, info, bands, score)
+    outputs = _draw_overlays(image, Destination(out, stem, info), bands, score)
     write_json(out / f"{stem}.json", {
         "slide": info.as_dict(), "seg": str(seg), "marker": None if marker is None else str(marker),
         "tile_size": tile_size, "outputs": outputs, "scoring": score.scoring,
@@ -147,24 +169,25 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
     return out / f"{stem}.json"
 
 
-def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, out: Path, stem: str, info: SlideInfo,
-                             tile_size: int, postprocess: PostprocessOptions, wanted: tuple[str, ...],
+def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, destination: Destination, tile_size: int,
+                             postprocess: PostprocessOptions, wanted: tuple[str, ...],
                              stage: Callable[[str], None], seconds: dict[str, float], threads: int) -> dict:
     """The wanted network outputs' pyramids, assembled from the regions on a pool, while the slide is
     scored from the same regions and its overlays drawn; `seconds` gets each stage's own duration."""
     begun = time.perf_counter()
     stage("pyramids")
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyramid") as pool:
-        pyramids = {name: pool.submit(publish_pyramids, out, stem, {name: checkpoint.level0(name)}, info.mpp)
+        pyramids = {name: pool.submit(destination.from_regions, name, checkpoint.level0(name))
                     for name in OUTPUT_NAMES if name in wanted}
         stage("scoring")
+        info = destination.info
         bands = region_bands(checkpoint.level0("Seg"), checkpoint.level0("Marker"))
         score = score_slide(bands, info.width, info.height, tile_size, True, postprocess)
-        write_cells(out, stem, score.cells, info.mpp)
+        write_cells(destination.out, destination.stem, score.cells, info.mpp)
         scored = time.perf_counter()
         stage("overlays")
         overlays = tuple(name for name in OVERLAY_NAMES if name in wanted)
-        published = _draw_overlays(path, out, stem, info, bands, score, overlays) if overlays else {}
+        published = _draw_overlays(path, destination, bands, score, overlays) if overlays else {}
         drawn = time.perf_counter()
         for future in pyramids.values():
             published.update(future.result())
@@ -172,9 +195,9 @@ def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, out: Path,
     return {**published, "score": score}
 
 
-def _draw_overlays(path: Path, out: Path, stem: str, info: SlideInfo, bands, score: SlideScore,
+def _draw_overlays(path: Path, destination: Destination, bands, score: SlideScore,
                    names: tuple[str, ...] = OVERLAY_NAMES) -> dict[str, dict]:
-    overlays = SlideOutputs(out, stem, names, info)
+    overlays, info = SlideOutputs(destination, names), destination.info
     with open_slide(path) as slide:
         draw_slide(bands, lambda top, count: slide.read_region(0, top, info.width, count), score, info.width,
                    info.height, lambda top, overlaid, refined: overlays.add(dict(zip(OVERLAY_NAMES, (overlaid, refined)))))

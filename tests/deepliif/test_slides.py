@@ -11,7 +11,6 @@ import tifffile
 from deepliif.errors import ImageError
 from deepliif.imageio import read_image, write_png
 from deepliif.model_dir import Layout
-from deepliif.pyramid import StreamedLevel, assemble_pyramid
 from deepliif.slides import is_slide, open_slide
 from engine.cli import main
 from engine.samples import synthetic_ihc
@@ -71,29 +70,6 @@ def test_slides_are_told_by_content_and_bad_ones_refused(slide_image: np.ndarray
 def test_the_tile_size_follows_the_magnification(power, tile) -> None:
     from deepliif.slides import SlideInfo
     assert SlideInfo(Path("x"), "tiff", 1, 1, ((1, 1),), None, power).tile_size() == tile
-
-
-def test_a_pyramid_is_written_whole_with_its_pixel_size(tmp_path: Path) -> None:
-    """Level 0 comes as two regions whose edge is not on a TIFF tile, each streamed in bands that are not either."""
-    image = np.random.default_rng(0).integers(0, 255, (700, 1100, 3), dtype=np.uint8)
-    regions = []
-    for index, (top, bottom) in enumerate([(0, 333), (333, 700)]):
-        regions.append(StreamedLevel(tmp_path / f".l0.{index}.tif", 1100, bottom - top, tile=128))
-        for y in range(top, bottom, 150):
-            regions[-1].add(image[y: min(y + 150, bottom)])
-        regions[-1].close()
-    levels = assemble_pyramid([region.path for region in regions], tmp_path / "out.ome.tif", 0.5, tile=128)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".l0.0.tif", ".l0.1.tif", "out.ome.tif"]  # no partial
-    with tifffile.TiffFile(tmp_path / "out.ome.tif") as tiff:
-        series = tiff.series[0]
-        assert tiff.is_ome and levels == len(series.levels) == 5
-        assert [level.shape[:2] for level in series.levels] == [(700, 1100), (350, 550), (175, 275), (88, 138),
-                                                                 (44, 69)]
-        assert np.array_equal(series.levels[0].asarray(), image) and series.pages[0].is_tiled
-        assert 'PhysicalSizeX="0.5"' in tiff.ome_metadata
-        half = series.levels[1].asarray().astype(int)
-        expected = image[:2, :2].reshape(-1, 3).mean(axis=0)
-        assert np.abs(half[0, 0] - expected).max() <= 1
 
 
 def test_a_slide_infers_exactly_like_the_same_pixels_as_an_image(generated_models: dict[Layout, Path],

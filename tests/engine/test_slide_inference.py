@@ -178,3 +178,30 @@ def test_a_slide_of_real_tissue_through_the_trained_mini_model_scores_its_cells_
     assert [tuple(row.split(",")[1:9]) for row in rows] == [
         tuple(str(v) for v in (c.centroid_x, c.centroid_y, c.bbox_x0, c.bbox_y0, c.bbox_x1, c.bbox_y1, c.area_px,
                                c.positive)) for c in image.cells]
+
+
+def test_every_output_opens_in_openslide_with_all_levels_and_jpeg_only_where_asked(session: Session,
+                                                                                   tmp_path: Path) -> None:
+    import openslide
+    from deepliif.pyramid import PyramidCompression
+    slide = write_ome_pyramid(tmp_path / "slide.ome.tif", glass_with_tissue())
+    lossless = json.loads(infer_slide(session, slide, tmp_path / "deflate", TILE).read_text())
+    lossy = json.loads(infer_slide(session, slide, tmp_path / "jpeg", TILE,
+                                   compression=PyramidCompression.JPEG).read_text())
+    assert lossy["scoring"] == lossless["scoring"]
+    for name in SLIDE_OUTPUTS:
+        for folder, record in (("deflate", lossless), ("jpeg", lossy)):
+            path = tmp_path / folder / f"slide_{name}.ome.tif"
+            with tifffile.TiffFile(path) as tiff:
+                levels = [level.shape[:2] for level in tiff.series[0].levels]
+                codec = tiff.pages[0].compression
+            with openslide.OpenSlide(str(path)) as opened:
+                assert [(h, w) for w, h in opened.level_dimensions] == levels, (folder, name)
+            assert len(levels) == record["outputs"][name]["levels"] == 4  # 1300x1500 down to one 256 tile
+            display = folder == "jpeg" and name in ("Hema", "DAPI", "Lap2", "SegOverlaid")
+            assert (codec == tifffile.COMPRESSION.JPEG) == display, (folder, name)
+            assert record["outputs"][name]["compression"] == ("jpeg" if display else "zlib")
+        exact, approximate = level0(tmp_path / "deflate" / f"slide_{name}.ome.tif"), \
+            level0(tmp_path / "jpeg" / f"slide_{name}.ome.tif")
+        error = np.abs(exact.astype(int) - approximate).mean()
+        assert error == 0 if name not in ("Hema", "DAPI", "Lap2", "SegOverlaid") else 0 < error < 4, (name, error)

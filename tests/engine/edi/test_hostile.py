@@ -337,10 +337,12 @@ def test_a_slide_request_retried_after_its_kernel_died_resumes_from_the_last_reg
     from deepliif import slide_checkpoint
     from engine.samples import synthetic_ihc
     from engine.slide_inference import infer_slide
-    slide = np.full((900, 1100, 3), 236, np.uint8)
-    slide[100:800, 200:900] = synthetic_ihc(700, 700, seed=5)
+    slide = np.full((1300, 1100, 3), 236, np.uint8)
+    slide[100:1200, 200:900] = synthetic_ihc(1100, 700, seed=5)
     tifffile.imwrite(service.volume.root / "slides" / "resume.tif", slide, tile=(256, 256), photometric="rgb")
-    monkeypatch.setattr(slide_checkpoint, "REGION_PIXELS", 1100 * 448)  # one tile row per region: two regions
+    # regions of 512 rows; the tile rows of 512 hand rows over at 480, 820 and 1300, so the first region is
+    # listed after the second tile row with its resume point after the first
+    monkeypatch.setattr(slide_checkpoint, "REGION_PIXELS", 1100 * 512)
     checkpoint = service.slide_checkpoint(service.records.layout.output_dir("slide-resume"))
 
     def dies_after_one_region(batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -356,7 +358,7 @@ def test_a_slide_request_retried_after_its_kernel_died_resumes_from_the_last_reg
     assert answer["status"] == "submitted"
     record = until_done(service, "slide-resume")
     assert record["status"] == "finished", record
-    assert record["resumed"]["tiles_done_before"] == 3 and record["tiles"]["tiles"] == 6
+    assert record["resumed"]["tiles_done_before"] == 3 and record["tiles"]["tiles"] == 9
     assert not checkpoint.exists()  # gone once the outputs are published
     assert (service.volume.root / record["output_dir"] / "resume_SegRefined.ome.tif").is_file()
 

@@ -1,0 +1,107 @@
+"""Pyramidal OME-TIFF outputs: every level visible to OpenSlide, tiffslide and tifffile, level 0 stored once."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+import tiffslide
+
+from deepliif.pyramid import PyramidWriter, StreamedLevel, average_2x2, level_sizes, pyramid_from_regions
+
+TILE = 128
+
+
+def random_image(height: int = 700, width: int = 1100) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+def expected_levels(image: np.ndarray) -> list[np.ndarray]:
+    """Each level the 2x2 mean of the one above, its odd last row and column dropped (floor division)."""
+    levels = [image]
+    while max(levels[-1].shape[:2]) > TILE:
+        above = levels[-1]
+        height, width = above.shape[0] // 2 * 2, above.shape[1] // 2 * 2
+        wide = above[:height, :width].astype(np.uint16)
+        levels.append(((wide[0::2, 0::2] + wide[1::2, 0::2] + wide[0::2, 1::2] + wide[1::2, 1::2] + 2) // 4)
+                      .astype(np.uint8))
+    return levels
+
+
+def streamed_regions(image: np.ndarray, folder: Path, bounds: list[tuple[int, int]], band: int) -> list[Path]:
+    paths = []
+    for index, (top, bottom) in enumerate(bounds):
+        region = StreamedLevel(folder / f".l0.{index}.tif", image.shape[1], bottom - top, tile=TILE)
+        for y in range(top, bottom, band):
+            region.add(image[y: min(y + band, bottom)])
+        region.close()
+        paths.append(region.path)
+    return paths
+
+
+def assert_every_reader_sees_every_level(path: Path, levels: list[np.ndarray], mpp: float) -> None:
+    dimensions = tuple((level.shape[1], level.shape[0]) for level in levels)
+    with tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        assert tiff.is_ome and len(tiff.series) == 1 and f'PhysicalSizeX="{mpp}"' in tiff.ome_metadata
+        for stored, level in zip(series.levels, levels, strict=True):
+            np.testing.assert_array_equal(stored.asarray(), level)
+    with openslide.OpenSlide(str(path)) as slide:
+        assert slide.level_dimensions == dimensions
+        last = len(levels) - 1
+        region = np.asarray(slide.read_region((0, 0), last, dimensions[last]).convert("RGB"))
+        np.testing.assert_array_equal(region, levels[last])
+    with tiffslide.TiffSlide(path) as slide:
+        assert slide.level_dimensions == dimensions
+        assert float(slide.properties[tiffslide.PROPERTY_NAME_MPP_X]) == pytest.approx(mpp)
+
+
+def test_levels_halve_by_floor_division_down_to_one_tile() -> None:
+    assert level_sizes(700, 1100, TILE) == [(700, 1100), (350, 550), (175, 275), (87, 137), (43, 68)]
+    assert level_sizes(100, 90, TILE) == [(100, 90)]
+    rows = np.array([[[0], [1]], [[1], [1]]], np.uint8)  # mean 0.75 rounds to 1
+    assert average_2x2(rows).tolist() == [[[1]]]
+
+
+def test_a_pyramid_from_unaligned_regions_is_whole_and_every_reader_sees_its_levels(tmp_path: Path) -> None:
+    """Regions whose edge is not on a TIFF tile row are re-tiled; the file is still exact."""
+    image = random_image()
+    regions = streamed_regions(image, tmp_path, [(0, 333), (333, 700)], band=150)
+    levels = pyramid_from_regions(regions, tmp_path / "out.ome.tif", 0.5, tile=TILE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".l0.0.tif", ".l0.1.tif", "out.ome.tif"]  # no partial
+    assert levels == 5
+    assert_every_reader_sees_every_level(tmp_path / "out.ome.tif", expected_levels(image), 0.5)
+
+
+def test_aligned_regions_are_copied_as_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Level 0 in regions of whole tile rows goes into the pyramid without being decoded or compressed again."""
+    from deepliif import pyramid
+    image = random_image()
+    regions = streamed_regions(image, tmp_path, [(0, 256), (256, 512), (512, 700)], band=100)
+    stored = [tifffile.TiffFile(path) for path in regions]
+    stored_bytes = [len(region.read_bytes()) for region in regions]
+    [tiff.close() for tiff in stored]
+    recompressed = []
+    monkeypatch.setattr(pyramid, "_level_tiles", lambda paths, tile: recompressed.append(paths) or iter(()))
+    pyramid_from_regions(regions, tmp_path / "out.ome.tif", 0.25, tile=TILE)
+    assert recompressed == []
+    assert_every_reader_sees_every_level(tmp_path / "out.ome.tif", expected_levels(image), 0.25)
+    with tifffile.TiffFile(tmp_path / "out.ome.tif") as tiff:
+        assert sum(tiff.pages[0].databytecounts) <= sum(stored_bytes)
+
+
+def test_a_streamed_pyramid_is_published_whole_or_not_at_all(tmp_path: Path) -> None:
+    image = random_image(400, 520)
+    writer = PyramidWriter(tmp_path / ".x", 520, 400, tile=TILE)
+    for y in range(0, 400, 90):
+        writer.add(image[y: y + 90])
+    assert writer.publish(tmp_path / "x.ome.tif", 0.5) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ome.tif"]  # every temporary removed
+    assert_every_reader_sees_every_level(tmp_path / "x.ome.tif", expected_levels(image), 0.5)
+
+    broken = PyramidWriter(tmp_path / ".y", 520, 400, tile=TILE)
+    broken.add(image[:90])
+    broken.discard()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ome.tif"]
