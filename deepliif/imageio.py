@@ -130,18 +130,25 @@ def to_rgb_array(image: Image.Image, label: str = "image") -> np.ndarray:
         raise ImageError(f"{label}: images of mode {mode} cannot be converted to RGB") from exc
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, then rename: never a half-written file."""
+@contextlib.contextmanager
+def open_atomically(path: Path) -> Iterator:
+    """A binary file at a temporary name in the same directory, renamed to `path` once the block ends
+    without error and removed otherwise: never a half-written file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results and artifacts are shared with other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    with open_atomically(path) as handle:
+        handle.write(data)
 
 
 def write_json(path: Path, record: dict) -> None:

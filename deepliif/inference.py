@@ -13,10 +13,10 @@ from typing import Protocol
 
 import numpy as np
 
-from .cells import Cell
+from .cells import Cell, CellGeometry, Outline
 from .contract import MODALITIES
 from .errors import ArgumentError, ChoiceEnum, ImageError
-from .postprocessing import PostprocessOptions, postprocess
+from .postprocessing import PostprocessOptions, PostprocessResult, postprocess
 from .tile_loop import StitchedImage, Strategy, run_tile_loop
 from .tiling import DEFAULT_TILE_SIZE, TileGrid, check_tile_size
 from .workers import resolve_threads
@@ -66,6 +66,8 @@ class InferenceOptions:
     outputs: OutputSet = OutputSet.ALL
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     threads: int | None = None  # CPU threads for postprocessing (None: every CPU this process may use)
+    # what the cells GeoJSON holds, outlines or centroids; None: no cells file is written, nothing is traced
+    cell_geometry: CellGeometry | None = CellGeometry.POLYGONS
 
     def __post_init__(self) -> None:
         check_tile_size(self.tile_size)
@@ -84,6 +86,7 @@ class InferenceResult:
     tiles: int
     empty_tiles: int
     cells: list[Cell] = field(default_factory=list)  # every counted cell (the per-cell table)
+    outlines: dict[int, Outline] | None = None  # cell id -> outline, with CellGeometry.POLYGONS
 
 
 def check_image_array(image: np.ndarray) -> None:
@@ -97,14 +100,15 @@ Stitched = Callable[[int, dict[str, np.ndarray]], None]  # (image index, its fiv
 
 
 def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
-                 options: InferenceOptions) -> tuple[dict[str, np.ndarray], dict, list[Cell]]:
-    """Postprocess stitched network images: the selected output images, the scoring and the cells. The
-    overlays are drawn only when one of them is selected."""
+                 options: InferenceOptions) -> tuple[dict[str, np.ndarray], PostprocessResult]:
+    """Postprocess stitched network images: the selected output images, and the scoring and cells. The
+    overlays are drawn only when one of them is selected, the outlines only when polygons are."""
     wanted = options.outputs.names
     post = postprocess(image, network_images["Seg"], network_images["Marker"], options.tile_size,
-                       options.postprocess, options.threads, overlays=any(n in wanted for n in OVERLAY_NAMES))
+                       options.postprocess, options.threads, overlays=any(n in wanted for n in OVERLAY_NAMES),
+                       outlines=options.cell_geometry is CellGeometry.POLYGONS)
     everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
-    return {name: everything[name] for name in wanted}, post.scoring, post.cells
+    return {name: everything[name] for name in wanted}, post
 
 
 def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Sequence[np.ndarray],
@@ -122,9 +126,9 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
     def finish(done: StitchedImage) -> InferenceResult:
         if stitched is not None:
             stitched(done.index, done.images)
-        selected, scoring, cells = finish_image(images[done.index], done.images, options)
-        return InferenceResult(selected, scoring, {"total_seconds": time.perf_counter() - done.started},
-                               done.tiles, done.empty, cells)
+        selected, post = finish_image(images[done.index], done.images, options)
+        return InferenceResult(selected, post.scoring, {"total_seconds": time.perf_counter() - done.started},
+                               done.tiles, done.empty, post.cells, post.outlines)
 
     results, timings = run_tile_loop(run, images, options.tile_size, options.batch_size, finish, strategy, progress)
     for result in results:

@@ -81,6 +81,10 @@ class LabelledPixels:
         """Per-label sums of one value per listed pixel, as exact int64."""
         return np.bincount(self.owner, weights=values, minlength=self.count + 1).astype(np.int64)
 
+    def image_sums(self, image: np.ndarray) -> np.ndarray:
+        """Per-label sums of an image's values (one per pixel of the labelled image), as exact int64."""
+        return self.sums(image.ravel()[self.where])
+
 
 class UnionFind:
     """Disjoint sets over ids 0..n-1, grown as bands add labels; the smaller id becomes the root."""

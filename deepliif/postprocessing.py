@@ -13,7 +13,8 @@ from typing import Literal
 import numpy as np
 from scipy import ndimage
 
-from .cells import Cell, counted_cells
+from .cell_outlines import OutlineTracer
+from .cells import Cell, Outline, counted_cells
 from .errors import ArgumentError
 from .label_stats import LabelledPixels, UnionFind, grey_levels, join_edge
 from .workers import for_row_bands, parallel_map, resolve_threads, row_bands
@@ -88,6 +89,7 @@ class CellTable:
     sizes: np.ndarray
     positive: np.ndarray  # bool: positive pixels >= negative pixels
     marker: np.ndarray  # max Marker grey value over the cell (0 without a Marker image)
+    marker_sum: np.ndarray | None  # sum of the Marker grey values over the cell (None without a Marker image)
     first_pixel: np.ndarray  # flat index of each cell's first pixel in raster order
     kept: np.ndarray  # bool: above the noise threshold
     pixels: LabelledPixels  # the labelled pixels, for further per-cell reductions
@@ -99,6 +101,7 @@ class PostprocessResult:
     refined: np.ndarray | None
     scoring: dict
     cells: list[Cell] = field(default_factory=list)  # every counted cell, for the per-cell table
+    outlines: dict[int, Outline] | None = None  # cell id -> its outline, when asked for
 
 
 def classify_pixels(seg: np.ndarray, seg_thresh: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -183,14 +186,16 @@ def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessO
     pixels = LabelledPixels.of(labels, count)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-counts") as pool:  # bincount frees the GIL
         counts = pool.submit(lambda: (pixels.sizes(), pixels.count_true(positive) >= pixels.count_true(negative)))
-        marker_values = np.zeros(count + 1, np.int64) if marker is None else pixels.maximum(grey_levels(marker))
+        grey = None if marker is None else grey_levels(marker)
+        marker_values = np.zeros(count + 1, np.int64) if grey is None else pixels.maximum(grey)
+        marker_sum = None if grey is None else pixels.image_sums(grey)
         first = pixels.first_pixels()
     sizes, is_positive = counts.result()
     kept = sizes > options.noise_thresh
     if options.large_noise_thresh is not None:
         kept &= sizes < options.large_noise_thresh
     kept[0] = False
-    return CellTable(labels, background, sizes, is_positive, marker_values, first, kept, pixels)
+    return CellTable(labels, background, sizes, is_positive, marker_values, marker_sum, first, kept, pixels)
 
 
 def kernel_density(values: np.ndarray, points: int = KDE_POINTS, bandwidth: float = 1.0,
@@ -319,10 +324,11 @@ def paint(orig: np.ndarray, border: np.ndarray, border_positive: np.ndarray, in_
 
 def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, tile_size: int,
                 options: PostprocessOptions = PostprocessOptions(), threads: int | None = None,
-                overlays: bool = True) -> PostprocessResult:
+                overlays: bool = True, outlines: bool = False) -> PostprocessResult:
     """Cells, counts and the two overlay images for one (stitched) image; the overlays are drawn on
     `threads` threads (default: every CPU this process may use), or not at all with `overlays=False`
-    (a caller that wants only the scoring and cells; `overlaid` and `refined` are then None)."""
+    (a caller that wants only the scoring and cells; `overlaid` and `refined` are then None). With
+    `outlines`, each counted cell's outline is traced too (beside the overlays)."""
     if seg.shape[:2] != orig.shape[:2] or (marker is not None and marker.shape[:2] != orig.shape[:2]):
         raise ArgumentError(f"image sizes differ: input {orig.shape[:2]}, Seg {seg.shape[:2]}, "
                             f"Marker {None if marker is None else marker.shape[:2]}")
@@ -344,7 +350,7 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     ids = np.flatnonzero(counted)
     overlaid = refined = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-table") as pool:
-        table = pool.submit(counted_cells, cells.labels, cells.pixels, ids, cells.sizes, is_positive, cells.marker)
+        table = pool.submit(_cell_table, cells, ids, is_positive, outlines)
         if overlays:
             overlaid, refined = draw_overlays(orig, cells.background, in_counted, positive_pixels,
                                               cells.first_pixel[ids], is_positive[ids], threads)
@@ -361,4 +367,16 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
         "size_thresh_upper": options.size_thresh_upper,
         "marker_thresh": marker_thresh if marker is not None else None,
     }
-    return PostprocessResult(overlaid, refined, scoring, table.result())
+    return PostprocessResult(overlaid, refined, scoring, *table.result())
+
+
+def _cell_table(cells: CellTable, ids: np.ndarray, is_positive: np.ndarray, outlines: bool
+                ) -> tuple[list[Cell], dict[int, Outline] | None]:
+    table = counted_cells(cells.labels, cells.pixels, ids, cells.sizes, is_positive, cells.marker, cells.marker_sum)
+    if not outlines:
+        return table, None
+    owner = np.zeros(len(cells.sizes), np.int32)
+    owner[ids] = np.arange(1, len(ids) + 1)
+    tracer = OutlineTracer(table)
+    tracer.add(0, owner[cells.labels])
+    return table, tracer.outlines

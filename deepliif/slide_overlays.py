@@ -12,8 +12,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .cell_outlines import OutlineTracer
 from .postprocessing import OUTLINE_REACH, outline, paint
 from .slide_scoring import Bands, SlideScore
+from .workers import ordered_map
 
 Rows = Callable[[int, int], np.ndarray]  # (top, count) -> the input image's rows (RGB), for SegOverlaid
 OverlaySink = Callable[[int, np.ndarray, np.ndarray], None]  # (top, SegOverlaid rows, SegRefined rows)
@@ -39,21 +41,33 @@ class _Window:
         self.top += cut
 
 
-def _band_masks(score: SlideScore, index: int, seg: np.ndarray) -> list[np.ndarray]:
+def _band_masks(score: SlideScore, index: int, seg: np.ndarray, owners: bool) -> tuple[list[np.ndarray],
+                                                                                       np.ndarray | None]:
+    """The band's masks, and with `owners` the id of the counted cell each pixel is in (0: none)."""
     cell = score.labels.cells(index, seg)
     in_cell = cell >= 0
     in_counted, positive = np.zeros_like(in_cell), np.zeros_like(in_cell)
     in_counted[in_cell] = score.counted[cell[in_cell]]
     positive[in_cell] = in_counted[in_cell] & score.is_positive[cell[in_cell]]
-    return [~in_cell, in_counted, positive]
+    owner = None
+    if owners:
+        owner = np.zeros(cell.shape, np.int32)
+        owner[in_counted] = score.counted_ids[cell[in_counted]]
+    return [~in_cell, in_counted, positive], owner
 
 
-def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: int, sink: OverlaySink) -> None:
-    """Hands `sink` the SegOverlaid and SegRefined rows of the whole slide, top to bottom, band by band.
-    `bands` must be the bands the slide was scored with."""
+def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: int, sink: OverlaySink,
+               threads: int = 1, tracer: OutlineTracer | None = None) -> None:
+    """Hands `sink` the SegOverlaid and SegRefined rows of the whole slide, top to bottom, band by band,
+    and `tracer` (if any) each band's counted cells. `bands` must be the bands the slide was scored with.
+    The next bands' masks are made on `threads` threads while a band is drawn."""
     window, drawn = _Window(width), 0
-    for index, (top, seg, _) in enumerate(bands()):
-        window.extend(_band_masks(score, index, seg))
+    masks = ordered_map(lambda item: (item[1][0], *_band_masks(score, item[0], item[1][1], tracer is not None)),
+                        enumerate(bands()), threads)
+    for top, band_masks, owner in masks:
+        if tracer is not None:
+            tracer.add(top, owner)
+        window.extend(band_masks)
         ready = height if window.bottom >= height else window.bottom - OUTLINE_REACH
         if ready > drawn:
             _draw(window, rows, score, drawn, ready, width, sink)

@@ -26,6 +26,7 @@ from .postprocessing import (_EIGHT_CONNECTED, _FOUR_CONNECTED, PostprocessOptio
                              default_size_threshold)
 from .pyramid import LevelRows
 from .slides import open_slide
+from .workers import ordered_map
 
 Band = tuple[int, np.ndarray, np.ndarray | None]  # top row, Seg rows (RGB), Marker rows or None
 Bands = Callable[[], Iterator[Band]]  # called once per pass; yields the slide's bands top to bottom
@@ -41,15 +42,17 @@ def _unknown_labels(seg: np.ndarray, seg_thresh: int) -> tuple[np.ndarray, int]:
     return ndimage.label(~(positive | negative), structure=_FOUR_CONNECTED)
 
 
-def background_labels(bands: Bands, height: int, seg_thresh: int) -> tuple[list[int], np.ndarray]:
-    """Pass one: per band, the first id of its no-cell labels; per id, whether it is background."""
+def background_labels(bands: Bands, height: int, seg_thresh: int, threads: int = 1) -> tuple[list[int], np.ndarray]:
+    """Pass one: per band, the first id of its no-cell labels; per id, whether it is background. Bands are
+    labelled on `threads` threads; their labels are numbered and joined in band order."""
     sets, firsts, touching, previous = UnionFind(), [], [], None
-    for top, seg, _ in bands():
-        labels, count = _unknown_labels(seg, seg_thresh)
+    labelled = ordered_map(lambda band: (band[0], len(band[1]), _unknown_labels(band[1], seg_thresh)), bands(),
+                           threads)
+    for top, rows, (labels, count) in labelled:
         firsts.append(sets.grow(count))
         ids = _global(labels, firsts[-1])
         edges = [ids[:, 0], ids[:, -1]] + ([ids[0]] if top == 0 else []) + \
-            ([ids[-1]] if top + len(seg) == height else [])
+            ([ids[-1]] if top + rows == height else [])
         touching.append(np.unique(np.concatenate(edges)))
         if previous is not None:
             join_edge(sets, previous, ids[0], diagonal=False)
@@ -95,6 +98,7 @@ class SlideCells:
     sizes: np.ndarray
     positive: np.ndarray
     marker: np.ndarray
+    marker_sum: np.ndarray
     first_pixel: np.ndarray
     sum_x: np.ndarray
     sum_y: np.ndarray
@@ -106,22 +110,29 @@ class SlideCells:
     labels: SlideLabels | None = None
 
 
-def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int) -> SlideCells:
-    """Pass two: the cells, merged across bands and ordered by their first pixel."""
-    no_cell_firsts, is_background = background_labels(bands, height, seg_thresh)
-    sets, previous, parts, histogram, cell_firsts = UnionFind(), None, [], np.zeros(256, np.int64), []
-    for (top, seg, marker), first in zip(bands(), no_cell_firsts):
+def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads: int = 1) -> SlideCells:
+    """Pass two: the cells, merged across bands and ordered by their first pixel. Bands are labelled and
+    measured on `threads` threads; their labels are numbered and joined in band order."""
+    no_cell_firsts, is_background = background_labels(bands, height, seg_thresh, threads)
+
+    def measured(item: tuple[Band, int]) -> tuple[np.ndarray, int, dict[str, np.ndarray], np.ndarray | None]:
+        (top, seg, marker), first = item
         grey = None if marker is None else grey_levels(marker)
-        if grey is not None:
-            histogram += np.bincount(grey.ravel(), minlength=256)
         background = band_background(seg, seg_thresh, first, is_background)
         labels, count = ndimage.label(~background, structure=_EIGHT_CONNECTED)
+        histogram = None if grey is None else np.bincount(grey.ravel(), minlength=256)
+        return labels, count, _band_stats(labels, count, seg, grey, top, width, seg_thresh), histogram
+
+    sets, previous, parts, histogram, cell_firsts = UnionFind(), None, [], np.zeros(256, np.int64), []
+    for labels, count, stats, band_histogram in ordered_map(measured, zip(bands(), no_cell_firsts), threads):
+        if band_histogram is not None:
+            histogram += band_histogram
         cell_firsts.append(sets.grow(count))
         ids = _global(labels, cell_firsts[-1])
         if previous is not None:
             join_edge(sets, previous, ids[0], diagonal=True)
         previous = ids[-1]
-        parts.append(_band_stats(labels, count, seg, grey, top, width, seg_thresh))
+        parts.append(stats)
     cells, cell_of_label = _merge(sets.roots(), parts, histogram)
     cells.labels = SlideLabels(seg_thresh, no_cell_firsts, is_background, cell_firsts, cell_of_label)
     return cells
@@ -136,6 +147,7 @@ def _band_stats(labels: np.ndarray, count: int, seg: np.ndarray, grey: np.ndarra
     boxes = ndimage.find_objects(labels, max_label=count)
     return {"sizes": sizes, "positive": pixels.count_true(positive)[1:], "negative": pixels.count_true(negative)[1:],
             "marker": pixels.maximum(grey)[1:] if grey is not None else np.zeros(count, np.int64),
+            "marker_sum": pixels.image_sums(grey)[1:] if grey is not None else np.zeros(count, np.int64),
             "first_pixel": pixels.first_pixels()[1:] + top * width,
             "sum_x": pixels.sums(cols)[1:], "sum_y": pixels.sums(rows)[1:] + top * sizes,
             "x0": np.array([b[1].start for b in boxes], np.int64), "x1": np.array([b[1].stop for b in boxes], np.int64),
@@ -158,9 +170,9 @@ def _merge(roots: np.ndarray, parts: list[dict[str, np.ndarray]], histogram: np.
     order = np.argsort(first, kind="stable")
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
-    sums = {key: reduce(key, "sum")[order] for key in ("sizes", "positive", "negative", "sum_x", "sum_y")}
+    sums = {key: reduce(key, "sum")[order] for key in ("sizes", "positive", "negative", "marker_sum", "sum_x", "sum_y")}
     cells = SlideCells(sums["sizes"], sums["positive"] >= sums["negative"], reduce("marker", "max")[order],
-                       first[order], sums["sum_x"], sums["sum_y"], reduce("x0", "min")[order],
+                       sums["marker_sum"], first[order], sums["sum_x"], sums["sum_y"], reduce("x0", "min")[order],
                        reduce("y0", "min")[order], reduce("x1", "max")[order], reduce("y1", "max")[order], histogram)
     return cells, rank[cell.reshape(-1)]
 
@@ -197,12 +209,14 @@ class SlideScore:
     seeds: np.ndarray
     seeds_positive: np.ndarray
     labels: SlideLabels
+    counted_ids: np.ndarray  # per merged cell: its number in `cells` (1..), 0 if it is not counted
 
 
 def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marker: bool,
-                options: PostprocessOptions = PostprocessOptions()) -> SlideScore:
-    """The scoring `postprocess` gives for the same pixels as one image, and its counted cells."""
-    cells = slide_cells(bands, width, height, options.seg_thresh)
+                options: PostprocessOptions = PostprocessOptions(), threads: int = 1) -> SlideScore:
+    """The scoring `postprocess` gives for the same pixels as one image, and its counted cells; bands are
+    worked on `threads` threads."""
+    cells = slide_cells(bands, width, height, options.seg_thresh, threads)
     kept = cells.sizes > options.noise_thresh
     if options.large_noise_thresh is not None:
         kept &= cells.sizes < options.large_noise_thresh
@@ -228,10 +242,14 @@ def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marke
         size = int(cells.sizes[i])
         centroid_x = round(int(cells.x0[i]) + (int(cells.sum_x[i]) - size * int(cells.x0[i])) / size, 2)
         centroid_y = round(int(cells.y0[i]) + (int(cells.sum_y[i]) - size * int(cells.y0[i])) / size, 2)
+        marker_mean = round(int(cells.marker_sum[i]) / size, 2) if has_marker else 0.0
         table.append(Cell(len(table) + 1, centroid_x, centroid_y, int(cells.x0[i]), int(cells.y0[i]),
-                          int(cells.x1[i]), int(cells.y1[i]), size, bool(is_positive[i]), int(cells.marker[i])))
+                          int(cells.x1[i]), int(cells.y1[i]), size, bool(is_positive[i]), int(cells.marker[i]),
+                          marker_mean))
+    counted_ids = np.zeros(len(counted), np.int32)
+    counted_ids[counted] = np.arange(1, len(table) + 1)
     return SlideScore(scoring, table, counted, is_positive, cells.first_pixel[counted], is_positive[counted],
-                      cells.labels)
+                      cells.labels, counted_ids)
 
 
 def array_bands(seg: np.ndarray, marker: np.ndarray | None, rows: int) -> Bands:

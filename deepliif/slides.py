@@ -220,3 +220,18 @@ def open_slide(path: Path | str) -> Slide:
     logger.info("slide %s: %dx%d, %d levels, %s µm/px, %sx", path.name, slide.info.width, slide.info.height,
                 len(slide.info.level_dimensions), slide.info.mpp, slide.info.objective_power)
     return slide
+
+
+def fits_in_a_tile(info: SlideInfo, tile_size: int) -> bool:
+    """A slide narrower or lower than one tile has no tile grid of its own: it is inferred as an image."""
+    return info.width < tile_size or info.height < tile_size
+
+
+def read_whole_slide(path: Path | str, max_pixels: int) -> np.ndarray:
+    """Level 0 of a small slide as one RGB array (a DICOM or SVS smaller than a tile goes through the
+    image path); refused above `max_pixels`, as images are."""
+    with open_slide(path) as slide:
+        width, height = slide.info.width, slide.info.height
+        if width * height > max_pixels:
+            raise ImageError(f"{path}: a {width}x{height} slide is over the {max_pixels}-pixel image limit")
+        return slide.read_region(0, 0, width, height)

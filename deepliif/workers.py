@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
@@ -51,6 +52,27 @@ def parallel_map(function: Callable[[Item], Result], items: Iterable[Item], thre
     with ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="cpu-stage") as pool:
         futures = [pool.submit(function, item) for item in items]
     return [future.result() for future in futures]
+
+
+def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], threads: int) -> Iterator[Result]:
+    """`function(item)` for each item, yielded in order, with at most `threads` parts running or waiting to
+    be taken, so a stream of large items (slide bands) stays bounded. Items are pulled in the caller's
+    thread. An error is raised in order; parts not yet started are cancelled and started ones finish."""
+    if threads <= 1:
+        yield from map(function, items)
+        return
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cpu-stage") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) >= threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def row_bands(height: int, parts: int) -> Sequence[tuple[int, int]]:

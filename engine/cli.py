@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from deepliif.cells import CellGeometry
 from deepliif.errors import DeepLIIFError
 from deepliif.imageio import DEFAULT_MAX_PIXELS
 from deepliif.inference import OutputSet
@@ -73,6 +74,9 @@ def _add_postprocess_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size-thresh-upper", type=int, default=None, help="largest cell in pixels (none: no limit)")
     parser.add_argument("--marker-thresh", type=_threshold, default=None, help="Marker grey level for a positive "
                         "cell: N, 'default' (automatic), or none (DeepLIIF's colour rule)")
+    parser.add_argument("--cell-geometry", type=CellGeometry, choices=list(CellGeometry),
+                        default=CellGeometry.POLYGONS, help="cells in the GeoJSON: their outlines (polygons) or "
+                        "their centroids (points)")
 
 
 def _add_backend_args(parser: argparse.ArgumentParser, default_backend: str = "auto") -> None:

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from deepliif.cells import write_cells
+from deepliif.cells import CellGeometry, write_cells
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import (DEFAULT_MAX_PIXELS, expand_inputs, prepare_out_dir, probe_image, read_image,
                              write_json, write_png)
 from deepliif.inference import InferenceOptions, OutputSet, check_working_size, tile_count
 from deepliif.logs import project_logger
 from deepliif.model_files import Layout
-from deepliif.slides import is_slide, open_slide
+from deepliif.slides import fits_in_a_tile, is_slide, open_slide
 from deepliif.tiling import DEFAULT_TILE_SIZE
 from deepliif.postprocessing import PostprocessOptions, postprocess
 from engine.backends.precision import Precision
@@ -43,12 +43,16 @@ def _postprocess_options(args: argparse.Namespace) -> PostprocessOptions:
                               size_thresh_upper=args.size_thresh_upper, marker_thresh=args.marker_thresh)
 
 
+def _polygons(args: argparse.Namespace) -> bool:
+    return args.cell_geometry is CellGeometry.POLYGONS
+
+
 def check_inputs(images: list[Path], tile_size: int, max_pixels: int) -> tuple[list[Path], int]:
     """Every input opened (header only) before any model loads: the files, and the tiles they hold."""
     files = expand_inputs(images)
     total = 0
     for path in files:
-        width, height = probe_image(path, max_pixels)
+        width, height = _probe_slide(path) if is_slide(path) else probe_image(path, max_pixels)
         check_working_size(width, height, tile_size, max_pixels, str(path))
         total += tile_count(width, height, tile_size)
     return files, total
@@ -70,25 +74,43 @@ def _open_session(args: argparse.Namespace, model_dir: Path) -> Session:
                    force_ungated=args.force_ungated)
 
 
+def _probe_slide(path: Path) -> tuple[int, int]:
+    with open_slide(path) as slide:
+        return slide.info.width, slide.info.height
+
+
+def _streamed_slides(files: list[Path], tile_size: int | None) -> list[Path]:
+    """The slides among `files` that are streamed, each opened first so a bad slide is refused before
+    the model loads; a slide smaller than one tile (a small DICOM or SVS) is left to the image path."""
+    streamed = []
+    for path in (p for p in files if is_slide(p)):
+        with open_slide(path) as slide:
+            if fits_in_a_tile(slide.info, tile_size or slide.info.tile_size()):
+                logger.info("%s: %dx%d is smaller than one tile; inferred as an image", path.name,
+                            slide.info.width, slide.info.height)
+            else:
+                streamed.append(path)
+    return streamed
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     """Images are decoded whole; whole slides (tiled or pyramidal TIFF, told by content) are streamed."""
     files = expand_inputs(args.images)
-    slides = [path for path in files if is_slide(path)]
-    for path in slides:
-        open_slide(path).close()  # a bad slide is refused before the model loads
+    slides = _streamed_slides(files, args.tile_size)
     tile_size = args.tile_size or DEFAULT_TILE_SIZE
     images, total = check_inputs([p for p in files if p not in slides], tile_size, args.max_pixels)
     postprocess_options = _postprocess_options(args)
     with _open_session(args, args.model_dir) as session:
         options = InferenceOptions(tile_size=tile_size, batch_size=args.batch_size or session.batch_size,
                                    outputs=OutputSet.parse(args.outputs), postprocess=postprocess_options,
-                                   threads=args.threads)
+                                   threads=args.threads, cell_geometry=args.cell_geometry)
         if images:
             infer_files(session, images, args.out, options, args.max_pixels, args.quiet, total)
         for path in slides:
             with tqdm(unit="tile", desc=path.name, disable=args.quiet, file=sys.stderr) as bar:
                 infer_slide(session, path, args.out, args.tile_size, bar.update, postprocess=postprocess_options,
-                            outputs=options.outputs, threads=args.threads, compression=args.pyramid_compression)
+                            outputs=options.outputs, threads=args.threads, compression=args.pyramid_compression,
+                            cell_geometry=args.cell_geometry)
     print(f"results in {args.out}/")
     return 0
 
@@ -105,12 +127,13 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
     seg = read_image(args.seg, max_pixels=args.max_pixels)
     marker = read_image(args.marker, max_pixels=args.max_pixels) if args.marker else None
     start = time.perf_counter()
-    result = postprocess(image, seg, marker, args.tile_size or DEFAULT_TILE_SIZE, _postprocess_options(args))
+    result = postprocess(image, seg, marker, args.tile_size or DEFAULT_TILE_SIZE, _postprocess_options(args),
+                         outlines=_polygons(args))
     out = prepare_out_dir(args.out)
     stem = args.image.stem
     write_png(out / f"{stem}_SegOverlaid.png", result.overlaid)
     write_png(out / f"{stem}_SegRefined.png", result.refined)
-    cell_files = write_cells(out, stem, result.cells)
+    cell_files = write_cells(out, stem, result.cells, outlines=result.outlines)
     write_json(out / f"{stem}.json", {"image": str(args.image), "seg": str(args.seg),
                                          "marker": str(args.marker) if args.marker else None,
                                          "scoring": result.scoring, "cells": [p.name for p in cell_files],
@@ -124,7 +147,8 @@ def _postprocess_slide(args: argparse.Namespace) -> int:
         if path is not None and not is_slide(path):
             raise ArgumentError(f"{path} is not a slide but the image {args.image} is; give its outputs as slides "
                                 "(the .ome.tif pyramids infer writes)")
-    record = postprocess_slide(args.image, args.seg, args.marker, args.out, args.tile_size, _postprocess_options(args))
+    record = postprocess_slide(args.image, args.seg, args.marker, args.out, args.tile_size, _postprocess_options(args),
+                               cell_geometry=args.cell_geometry)
     print(json.dumps(json.loads(record.read_text())["scoring"]))
     return 0
 

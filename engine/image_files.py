@@ -21,12 +21,13 @@ from typing import Protocol
 
 import numpy as np
 
-from deepliif.cells import write_cells
+from deepliif.cells import cells_file_names, write_cells
 from deepliif.contract import OUTPUT_NAMES
 from deepliif.imageio import (DEFAULT_MAX_PIXELS, encode_png, prepare_out_dir, read_image, write_atomically,
                              write_json)
 from deepliif.inference import InferenceOptions, InferenceResult, Stitched
 from deepliif.logs import project_logger
+from deepliif.slides import is_slide, read_whole_slide
 from deepliif.workers import resolve_threads
 
 logger = project_logger("engine")
@@ -113,7 +114,7 @@ def infer_image_files(session: ImageSession, images: list[Path], out: Path, opti
 
 def _decode(path: Path, max_pixels: int) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
-    image = read_image(path, max_pixels=max_pixels)
+    image = read_whole_slide(path, max_pixels) if is_slide(path) else read_image(path, max_pixels=max_pixels)
     return image, time.perf_counter() - start
 
 
@@ -130,10 +131,10 @@ def _infer_one(session: ImageSession, path: Path, image: np.ndarray, decode_seco
     (result,) = session.infer_many([image], options, progress=progress, stitched=stitched)
     writes.extend(encoders.png(out / f"{stem}_{name}.png", array) for name, array in result.images.items()
                   if name not in network_names)
-    cells = encoders.call(lambda: write_cells(out, stem, result.cells))
+    cells = encoders.call(lambda: write_cells(out, stem, result.cells, outlines=result.outlines))
     record = {"image": str(path), **describe, "tile_size": options.tile_size, "batch_size": options.batch_size,
               "tiles": result.tiles, "empty_tiles": result.empty_tiles, "outputs": list(result.images),
-              "cells": [f"{stem}_cells.csv", f"{stem}_cells.geojson"], "scoring": result.scoring,
+              "cells": list(cells_file_names(stem).values()), "scoring": result.scoring,
               "timings": {"decode_seconds": decode_seconds, **result.timings}}
     logger.info("%s: %s", path.name, json.dumps(result.scoring))
     return _Finishing(record, out / f"{stem}.json", writes + [cells])

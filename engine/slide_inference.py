@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deepliif.cells import write_cells
+from deepliif.cell_outlines import OutlineTracer
+from deepliif.cells import CellGeometry, cells_file_names, write_cells
 from deepliif.contract import OUTPUT_NAMES
 from deepliif.errors import ArgumentError
 from deepliif.imageio import prepare_out_dir, write_json
@@ -47,6 +48,7 @@ class Destination:
     stem: str
     info: SlideInfo
     compression: PyramidCompression = PyramidCompression.DEFLATE
+    cell_geometry: CellGeometry = CellGeometry.POLYGONS
 
     def path(self, name: str) -> Path:
         return self.out / f"{self.stem}_{name}.ome.tif"
@@ -102,9 +104,10 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
                 stem: str | None = None, postprocess: PostprocessOptions = PostprocessOptions(),
                 checkpoint_dir: Path | None = None, stage: Callable[[str], None] = lambda name: None,
                 outputs: OutputSet = OutputSet.ALL, threads: int | None = None,
-                compression: PyramidCompression = PyramidCompression.DEFLATE) -> Path:
+                compression: PyramidCompression = PyramidCompression.DEFLATE,
+                cell_geometry: CellGeometry = CellGeometry.POLYGONS) -> Path:
     """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and SegOverlaid/SegRefined, the
-    slide's cells (`<stem>_cells.csv`, `.geojson`) and `OUT/<stem>.json` with its scoring. `run` wraps
+    slide's cells (`<stem>_cells.csv`, `.geojson.gz`, outlines or centroids by `cell_geometry`) and `OUT/<stem>.json` with its scoring. `run` wraps
     `session.run` (the kernel takes turns per batch); `stem` names the outputs (default: the file's).
     The network outputs' level 0 is checkpointed region by region in `checkpoint_dir` (default
     `OUT/.<stem>.resume`): a rerun after a kill resumes from the last whole region. `stage` hears each
@@ -117,7 +120,7 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
     with open_slide(path) as slide:
         info, chosen = slide.info, tile_size or slide.info.tile_size()
         ends = region_ends(info.height, info.width)
-        destination = Destination(out, stem, info, compression)
+        destination = Destination(out, stem, info, compression, cell_geometry)
         with SlideCheckpoint(checkpoint_dir or out / f".{stem}.resume", fingerprint(session, path, chosen),
                              OUTPUT_NAMES, info.width, ends,
                              {name: compression.codec(name) for name in OUTPUT_NAMES}) as checkpoint:
@@ -138,7 +141,8 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
 
 
 def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, tile_size: int | None,
-                      options: PostprocessOptions = PostprocessOptions()) -> Path:
+                      options: PostprocessOptions = PostprocessOptions(), threads: int | None = None,
+                      cell_geometry: CellGeometry = CellGeometry.POLYGONS) -> Path:
     """`postprocess` of slide files (the IHC slide, its Seg and Marker as pyramids such as `infer` writes):
     scoring, cells and SegOverlaid/SegRefined pyramids, exactly as whole-image postprocessing of the same
     pixels, in bounded memory. Writes `OUT/<stem>.json` and returns its path."""
@@ -156,14 +160,14 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
                                         f"{info.width}x{info.height}; give the outputs of that slide")
     out, stem = prepare_out_dir(Path(out)), slide_stem(image)
     bands = slide_bands(seg, marker)
-    score = score_slide(bands, info.width, info.height, tile_size, marker is not None, options)
-    write_cells(out, stem, score.cells, info.mpp)
+    threads = resolve_threads(threads)
+    score = score_slide(bands, info.width, info.height, tile_size, marker is not None, options, threads)
     scored = time.perf_counter()
-    outputs = _draw_overlays(image, Destination(out, stem, info), bands, score)
+    outputs = _cells_and_overlays(image, Destination(out, stem, info, cell_geometry=cell_geometry), bands, score,
+                                  OVERLAY_NAMES, threads)
     write_json(out / f"{stem}.json", {
         "slide": info.as_dict(), "seg": str(seg), "marker": None if marker is None else str(marker),
-        "tile_size": tile_size, "outputs": outputs, "scoring": score.scoring,
-        "cells": {"csv": f"{stem}_cells.csv", "geojson": f"{stem}_cells.geojson"},
+        "tile_size": tile_size, "outputs": outputs, "scoring": score.scoring, "cells": cells_file_names(stem, True),
         "timings": {"scoring_seconds": round(scored - start, 3), "overlay_seconds": round(time.perf_counter() - scored, 3),
                     "total_seconds": round(time.perf_counter() - start, 3)}})
     return out / f"{stem}.json"
@@ -182,12 +186,11 @@ def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, destinatio
         stage("scoring")
         info = destination.info
         bands = region_bands(checkpoint.level0("Seg"), checkpoint.level0("Marker"))
-        score = score_slide(bands, info.width, info.height, tile_size, True, postprocess)
-        write_cells(destination.out, destination.stem, score.cells, info.mpp)
+        score = score_slide(bands, info.width, info.height, tile_size, True, postprocess, threads)
         scored = time.perf_counter()
         stage("overlays")
         overlays = tuple(name for name in OVERLAY_NAMES if name in wanted)
-        published = _draw_overlays(path, destination, bands, score, overlays) if overlays else {}
+        published = _cells_and_overlays(path, destination, bands, score, overlays, threads)
         drawn = time.perf_counter()
         for future in pyramids.values():
             published.update(future.result())
@@ -195,13 +198,24 @@ def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, destinatio
     return {**published, "score": score}
 
 
-def _draw_overlays(path: Path, destination: Destination, bands, score: SlideScore,
-                   names: tuple[str, ...] = OVERLAY_NAMES) -> dict[str, dict]:
-    overlays, info = SlideOutputs(destination, names), destination.info
-    with open_slide(path) as slide:
-        draw_slide(bands, lambda top, count: slide.read_region(0, top, info.width, count), score, info.width,
-                   info.height, lambda top, overlaid, refined: overlays.add(dict(zip(OVERLAY_NAMES, (overlaid, refined)))))
-    return overlays.finish()
+def _cells_and_overlays(path: Path, destination: Destination, bands, score: SlideScore, names: tuple[str, ...],
+                        threads: int) -> dict[str, dict]:
+    """The cells files and the overlays `names` (perhaps none) from one more pass over the bands: the
+    pass that draws the overlays also traces the cells' outlines."""
+    info, polygons = destination.info, destination.cell_geometry is CellGeometry.POLYGONS
+    tracer = OutlineTracer(score.cells) if polygons else None
+    published: dict[str, dict] = {}
+    if names or tracer is not None:
+        overlays = SlideOutputs(destination, names)
+        with open_slide(path) as slide:
+            draw_slide(bands, lambda top, count: slide.read_region(0, top, info.width, count), score, info.width,
+                       info.height, lambda top, overlaid, refined: overlays.add(dict(zip(OVERLAY_NAMES,
+                                                                                      (overlaid, refined)))),
+                       threads, tracer)
+        published = overlays.finish()
+    write_cells(destination.out, destination.stem, score.cells, info.mpp,
+                None if tracer is None else tracer.outlines, slide=True)
+    return published
 
 
 def _record(session: Session, info: SlideInfo, given: int | None, chosen: int, slide_run: SlideRun,
@@ -217,4 +231,4 @@ def _record(session: Session, info: SlideInfo, given: int | None, chosen: int, s
                         "total_seconds": round(time.perf_counter() - started, 3)},  # pyramids overlap the rest
             "resumed": None if slide_run.resumed_from is None else {
                 "from_row": slide_run.resumed_from.rows_done, "tiles_done_before": slide_run.resumed_from.tiles_done},
-            "scoring": score.scoring, "cells": {"csv": f"{stem}_cells.csv", "geojson": f"{stem}_cells.geojson"}}
+            "scoring": score.scoring, "cells": cells_file_names(stem, slide=True)}

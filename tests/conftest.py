@@ -43,6 +43,12 @@ def deepliif_fixtures() -> Path:
 
 
 @pytest.fixture(scope="session")
+def slide_fixtures() -> Path:
+    """Real scanner files: an Aperio SVS, a DICOM WSI, a damaged SVS (see their README)."""
+    return _require(SHARED / "fixtures" / "slides")
+
+
+@pytest.fixture(scope="session")
 def sample_dir() -> Path:
     return _require(SHARED / "data" / "ihc")
 

@@ -113,7 +113,8 @@ class EdiService:
 
     def _options(self, request: InferenceRequest) -> InferenceOptions:
         return InferenceOptions(tile_size=request.image_tile_size, batch_size=self.session.batch_size,
-                                outputs=request.outputs, postprocess=request.postprocess)
+                                outputs=request.outputs, postprocess=request.postprocess,
+                                cell_geometry=None)  # an image request's answer holds no cells file
 
     def _infer(self, images: list, options: InferenceOptions, sync: bool) -> list[InferenceResult]:
         return self.session.infer_many(images, options, run=self.turns.taking_turns(self.session.run, sync))

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import numpy as np
 
-from deepliif.cells import cells_csv, cells_geojson, counted_cells
+from deepliif.cells import cell_features, cells_csv, counted_cells, write_cells
 from deepliif.label_stats import LabelledPixels
 from deepliif.imageio import read_image
 from deepliif.postprocessing import postprocess
+
+from ..qupath_rules import assert_outlines_trace_the_cells, assert_qupath_imports, read_geojson
+
+
+def list_features(image: str, cells, outlines) -> dict:
+    return {"type": "FeatureCollection", "features": list(cell_features(image, cells, None, outlines))}
 
 
 def test_the_cell_table_lists_every_counted_cell_of_the_real_fixtures(deepliif_fixtures: Path) -> None:
@@ -27,10 +33,10 @@ def test_the_cell_table_lists_every_counted_cell_of_the_real_fixtures(deepliif_f
         rows = list(csv.DictReader(io.StringIO(cells_csv(cells, mpp=0.5).decode())))
         assert len(rows) == len(cells) and rows[0]["area_um2"] == str(round(cells[0].area_px * 0.25, 3))
         assert {row["classification"] for row in rows} <= {"Positive", "Negative"}
-        features = json.loads(cells_geojson(cells))["features"]
-        assert len(features) == len(cells)
-        assert features[0]["geometry"]["coordinates"] == [cells[0].centroid_x, cells[0].centroid_y]
-        assert features[0]["properties"]["classification"]["name"] == cells[0].classification
+        points = assert_qupath_imports(json.loads(json.dumps(list_features(tile.name, cells, None))),
+                                       expected, polygons=False)
+        assert points[0]["geometry"]["coordinates"] == [cells[0].centroid_x, cells[0].centroid_y]
+        assert points[0]["properties"]["classification"]["name"] == cells[0].classification
 
 
 def test_centroids_bounding_boxes_and_areas_of_known_cells() -> None:
@@ -38,7 +44,53 @@ def test_centroids_bounding_boxes_and_areas_of_known_cells() -> None:
     labels[2:5, 3:7] = 1    # 3 x 4 rectangle
     labels[10:19, 20:21] = 2  # a vertical line
     sizes = np.bincount(labels.ravel())
-    cells = counted_cells(labels, LabelledPixels.of(labels, 2), np.array([1, 2]), sizes, np.array([False, True, False]), np.array([0, 7, 200]))
+    pixels = LabelledPixels.of(labels, 2)
+    marker = np.zeros(labels.shape, np.int64)
+    marker[2:5, 3:5] = 9  # 6 of the rectangle's 12 pixels
+    cells = counted_cells(labels, pixels, np.array([1, 2]), sizes, np.array([False, True, False]),
+                          np.array([0, 7, 200]), pixels.image_sums(marker))
     assert [(c.centroid_x, c.centroid_y, c.bbox_x0, c.bbox_y0, c.bbox_x1, c.bbox_y1, c.area_px) for c in cells] == \
         [(4.5, 3.0, 3, 2, 7, 5, 12), (20.0, 14.0, 20, 10, 21, 19, 9)]
-    assert [(c.id, c.classification, c.marker) for c in cells] == [(1, "Positive", 7), (2, "Negative", 200)]
+    assert [(c.id, c.classification, c.marker, c.marker_mean) for c in cells] == \
+        [(1, "Positive", 7, 4.5), (2, "Negative", 200, 0.0)]
+
+
+def test_qupath_imports_the_outlined_cells_of_the_real_fixtures(deepliif_fixtures: Path, tmp_path: Path) -> None:
+    """Every counted cell is a valid polygon through exactly its own pixels, classes as the scoring counts;
+    the file is the same on a second run (UUIDs derived from the image and the cell)."""
+    for tile in sorted((deepliif_fixtures / "postprocess").iterdir()):
+        result = postprocess(read_image(tile / "IHC.png"), read_image(tile / "Seg.png"),
+                             read_image(tile / "Marker.png"), 512, outlines=True)
+        (tmp_path / "a").mkdir(exist_ok=True)
+        first = write_cells(tmp_path / "a", tile.name, result.cells, 0.5, result.outlines)
+        features = assert_qupath_imports(read_geojson(first[1]), result.scoring)
+        assert_outlines_trace_the_cells(features)
+        assert features[0]["properties"]["measurements"]["Area µm^2"] == round(result.cells[0].area_px * 0.25, 3)
+        (tmp_path / "b").mkdir(exist_ok=True)
+        again = write_cells(tmp_path / "b", tile.name, result.cells, 0.5, result.outlines)
+        assert again[1].read_bytes() == first[1].read_bytes()
+
+
+def test_outlines_of_thin_diagonal_and_one_pixel_cells_are_valid_polygons() -> None:
+    """Shapes where pixel-centre tracing doubles back on itself: a one-pixel line, a diagonal chain
+    (8-connected), a single pixel, a ring-like hook."""
+    from deepliif.cell_outlines import OutlineTracer
+    labels = np.zeros((30, 40), np.int32)
+    labels[2, 3:15] = 1
+    for k in range(6):
+        labels[5 + k, 20 + k] = 2
+    labels[20, 5] = 3
+    labels[15:25, 25:35] = 4
+    labels[17:23, 27:33] = 0
+    labels[20, 27:29] = 4  # a spur into the hole
+    labels[17:23, 30] = 0
+    count = 4
+    sizes = np.bincount(labels.ravel())
+    pixels = LabelledPixels.of(labels, count)
+    cells = counted_cells(labels, pixels, np.arange(1, count + 1), sizes, np.zeros(count + 1, bool),
+                          np.zeros(count + 1, np.int64))
+    tracer = OutlineTracer(cells)
+    tracer.add(0, labels)
+    features = assert_qupath_imports(list_features("shapes", cells, tracer.outlines))
+    assert_outlines_trace_the_cells(features)
+    assert [len(f["geometry"]["coordinates"]) for f in features] == [1, 1, 1, 2]  # the last one has a hole

@@ -29,12 +29,13 @@ def on_glass(deepliif_fixtures: Path) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 @pytest.mark.parametrize("variant", sorted(ARGUMENT_SETS))
-@pytest.mark.parametrize("rows", [97, 512])
-def test_band_scoring_equals_whole_image_postprocessing(deepliif_fixtures: Path, variant: str, rows: int) -> None:
+@pytest.mark.parametrize("rows, threads", [(97, 1), (97, 3), (512, 2)])
+def test_band_scoring_equals_whole_image_postprocessing(deepliif_fixtures: Path, variant: str, rows: int,
+                                                       threads: int) -> None:
     orig, seg, marker = on_glass(deepliif_fixtures)
     options = PostprocessOptions(**ARGUMENT_SETS[variant])
     whole = postprocess(orig, seg, marker, 512, options)
-    score = score_slide(array_bands(seg, marker, rows), seg.shape[1], seg.shape[0], 512, True, options)
+    score = score_slide(array_bands(seg, marker, rows), seg.shape[1], seg.shape[0], 512, True, options, threads)
     assert score.scoring == whole.scoring and whole.scoring["num_total"] > 100
     assert score.cells == whole.cells  # every counted cell: centroid, box, area, class, marker
 
@@ -103,30 +104,31 @@ def test_scoring_read_back_from_written_pyramids_equals_the_whole_image(deepliif
 
 
 def drawn(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, rows: int,
-          options: PostprocessOptions) -> tuple[np.ndarray, np.ndarray]:
+          options: PostprocessOptions, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """SegOverlaid and SegRefined drawn band by band, stitched back to whole images for comparison."""
     height, width = seg.shape[:2]
     bands = array_bands(seg, marker, rows)
-    score = score_slide(bands, width, height, 512, marker is not None, options)
+    score = score_slide(bands, width, height, 512, marker is not None, options, threads)
     overlaid, refined, tops = np.zeros_like(orig), np.zeros_like(orig), []
 
     def sink(top: int, overlaid_rows: np.ndarray, refined_rows: np.ndarray) -> None:
         tops.append(top)
         overlaid[top: top + len(overlaid_rows)], refined[top: top + len(refined_rows)] = overlaid_rows, refined_rows
-    draw_slide(bands, lambda top, count: orig[top: top + count], score, width, height, sink)
+    draw_slide(bands, lambda top, count: orig[top: top + count], score, width, height, sink, threads)
     assert tops == sorted(tops) and tops[0] == 0  # handed over top to bottom
     return overlaid, refined
 
 
 @pytest.mark.parametrize("variant", sorted(ARGUMENT_SETS))
-@pytest.mark.parametrize("rows", [5, 97, 512])
-def test_band_overlays_equal_whole_image_overlays(deepliif_fixtures: Path, variant: str, rows: int) -> None:
+@pytest.mark.parametrize("rows, threads", [(5, 1), (97, 3), (512, 2)])
+def test_band_overlays_equal_whole_image_overlays(deepliif_fixtures: Path, variant: str, rows: int,
+                                                  threads: int) -> None:
     """Outlines that cross band edges, meet other cells' outlines or start at a seed in a halo row are
     drawn as the whole image draws them: pixel for pixel."""
     orig, seg, marker = on_glass(deepliif_fixtures)
     options = PostprocessOptions(**ARGUMENT_SETS[variant])
     whole = postprocess(orig, seg, marker, 512, options)
-    overlaid, refined = drawn(orig, seg, marker, rows, options)
+    overlaid, refined = drawn(orig, seg, marker, rows, options, threads)
     assert np.count_nonzero(whole.refined[..., 1]) > 10_000  # plenty of outline pixels to get wrong
     np.testing.assert_array_equal(overlaid, whole.overlaid)
     np.testing.assert_array_equal(refined, whole.refined)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from deepliif.errors import ArgumentError
-from deepliif.workers import available_cpus, parallel_map, resolve_threads, row_bands
+from deepliif.workers import available_cpus, ordered_map, parallel_map, resolve_threads, row_bands
 
 
 def test_the_cgroup_quota_caps_the_affinity(tmp_path: Path) -> None:
@@ -44,4 +44,39 @@ def test_parallel_map_keeps_order_and_waits_for_every_part_before_raising() -> N
     with pytest.raises(ValueError, match="part 0"):
         parallel_map(part, range(4), 2)
     assert sorted(finished) == [1, 2, 3]  # nothing left running on shared buffers
+    assert not [t for t in threading.enumerate() if t.name.startswith("cpu-stage")]
+
+
+def test_ordered_map_yields_in_order_pulls_a_bounded_stream_and_stops_on_failure() -> None:
+    pulled, running, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def items():
+        for index in range(20):
+            pulled.append(index)
+            yield index
+
+    def part(index: int) -> int:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        threading.Event().wait(0.002 * (index % 3))  # parts finish out of order
+        with lock:
+            running[0] -= 1
+        return index * 10
+
+    results = []
+    for result in ordered_map(part, items(), 3):
+        results.append(result)
+        assert len(pulled) <= len(results) + 3  # never more than 3 parts ahead of the consumer
+    assert results == [i * 10 for i in range(20)] and most[0] <= 3
+
+    def failing(index: int) -> int:
+        if index == 4:
+            raise ValueError("band 4 failed")
+        return index
+    pulled.clear()
+    with pytest.raises(ValueError, match="band 4"):
+        list(ordered_map(failing, items(), 2))
+    assert len(pulled) <= 7  # the stream stopped soon after the failure
     assert not [t for t in threading.enumerate() if t.name.startswith("cpu-stage")]

@@ -15,6 +15,7 @@ from engine.session import Session
 from engine.slide_inference import infer_slide
 
 from ..deepliif.test_slides import SLIDE_OUTPUTS, glass_with_tissue, write_ome_pyramid
+from ..qupath_rules import assert_outlines_trace_the_cells, assert_qupath_imports, read_geojson
 
 TILE = 256  # 6 tile rows of 224 on a 1300-row slide; regions of 2 tile rows: 3 regions
 
@@ -178,6 +179,11 @@ def test_a_slide_of_real_tissue_through_the_trained_mini_model_scores_its_cells_
     assert [tuple(row.split(",")[1:9]) for row in rows] == [
         tuple(str(v) for v in (c.centroid_x, c.centroid_y, c.bbox_x0, c.bbox_y0, c.bbox_x1, c.bbox_y1, c.area_px,
                                c.positive)) for c in image.cells]
+    # the QuPath file: outlines traced band by band across the slide equal the whole image's, cell for cell
+    features = assert_qupath_imports(read_geojson(tmp_path / "slide" / "tissue_cells.geojson.gz"), record["scoring"])
+    assert_outlines_trace_the_cells(features)
+    assert [f["geometry"]["coordinates"] for f in features] == \
+        [[[list(point) for point in ring] for ring in image.outlines[c.id]] for c in image.cells]
 
 
 def test_every_output_opens_in_openslide_with_all_levels_and_jpeg_only_where_asked(session: Session,

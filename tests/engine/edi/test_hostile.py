@@ -324,7 +324,7 @@ def test_a_whole_slide_by_path_runs_async_into_pyramids_and_base64_is_refused(se
     output = service.volume.root / record["output_dir"]
     assert sorted(p.name for p in output.iterdir()) == sorted(
         [f"slide_{n}.ome.tif" for n in ("DAPI", "Hema", "Lap2", "Marker", "Seg", "SegOverlaid", "SegRefined")] +
-        ["slide.json", "slide_cells.csv", "slide_cells.geojson"])
+        ["slide.json", "slide_cells.csv", "slide_cells.geojson.gz"])
     assert record["scoring"] == json.loads((output / "slide.json").read_text())["scoring"]
     assert record["scoring"]["num_total"] >= 0 and f"{record['scoring']['num_total']} cells" in record["msg"]
     with tifffile.TiffFile(output / "slide_Seg.ome.tif") as tiff:
