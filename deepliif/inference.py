@@ -13,10 +13,12 @@ from typing import Protocol
 
 import numpy as np
 
+from .cell_data import CELL_DATA_VERSIONS
 from .cells import Cell, CellGeometry, Outline
 from .contract import MODALITIES
 from .errors import ArgumentError, ChoiceEnum, ImageError
-from .postprocessing import PostprocessOptions, PostprocessResult, postprocess
+from .postprocessing import PostprocessResult, postprocess
+from .scoring_rules import PostprocessOptions
 from .tile_loop import StitchedImage, Strategy, run_tile_loop
 from .tiling import DEFAULT_TILE_SIZE, TileGrid, check_tile_size
 from .workers import resolve_threads
@@ -68,6 +70,7 @@ class InferenceOptions:
     threads: int | None = None  # CPU threads for postprocessing (None: every CPU this process may use)
     # what the cells GeoJSON holds, outlines or centroids; None: no cells file is written, nothing is traced
     cell_geometry: CellGeometry | None = CellGeometry.POLYGONS
+    cell_data: int | None = None  # also DeepLIIF 1.2.7's per-cell data of this version (3 to 6)
 
     def __post_init__(self) -> None:
         check_tile_size(self.tile_size)
@@ -76,6 +79,8 @@ class InferenceOptions:
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) \
                 or not 1 <= self.batch_size <= MAX_BATCH_SIZE:
             raise ArgumentError(f"batch_size must be an integer from 1 to {MAX_BATCH_SIZE}; got {self.batch_size!r}")
+        if self.cell_data is not None and self.cell_data not in CELL_DATA_VERSIONS:
+            raise ArgumentError(f"cell_data must be one of {CELL_DATA_VERSIONS}; got {self.cell_data!r}")
 
 
 @dataclass
@@ -87,6 +92,7 @@ class InferenceResult:
     empty_tiles: int
     cells: list[Cell] = field(default_factory=list)  # every counted cell (the per-cell table)
     outlines: dict[int, Outline] | None = None  # cell id -> outline, with CellGeometry.POLYGONS
+    cell_data: dict | None = None  # DeepLIIF 1.2.7's per-cell data, with InferenceOptions.cell_data
 
 
 def check_image_array(image: np.ndarray) -> None:
@@ -106,7 +112,7 @@ def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
     wanted = options.outputs.names
     post = postprocess(image, network_images["Seg"], network_images["Marker"], options.tile_size,
                        options.postprocess, options.threads, overlays=any(n in wanted for n in OVERLAY_NAMES),
-                       outlines=options.cell_geometry is CellGeometry.POLYGONS)
+                       outlines=options.cell_geometry is CellGeometry.POLYGONS, cell_data=options.cell_data)
     everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
     return {name: everything[name] for name in wanted}, post
 
@@ -128,7 +134,7 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
             stitched(done.index, done.images)
         selected, post = finish_image(images[done.index], done.images, options)
         return InferenceResult(selected, post.scoring, {"total_seconds": time.perf_counter() - done.started},
-                               done.tiles, done.empty, post.cells, post.outlines)
+                               done.tiles, done.empty, post.cells, post.outlines, post.cell_data)
 
     results, timings = run_tile_loop(run, images, options.tile_size, options.batch_size, finish, strategy, progress)
     for result in results:

@@ -5,80 +5,27 @@ DeepLIIF does this with per-pixel flood fills under a JIT; here every step is a 
 """
 from __future__ import annotations
 
-import enum
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
+from .cell_data import CELL_DATA_VERSIONS, cell_data_document, cell_records, uses_optical_density
 from .cell_outlines import OutlineTracer
 from .cells import Cell, Outline, counted_cells
 from .errors import ArgumentError
+from .scoring_rules import PostprocessOptions, Resolution, optical_density
 from .label_stats import LabelledPixels, UnionFind, grey_levels, join_edge
 from .workers import for_row_bands, parallel_map, resolve_threads, row_bands
 
-DEFAULT_SEG_THRESH = 120
-DEFAULT_NOISE_THRESH = 4
 KDE_POINTS = 500
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 _EIGHT_CONNECTED = ndimage.generate_binary_structure(2, 2)
 # Neighbour offsets (dy, dx) in the raster order of the *source* pixel relative to its target.
-_RASTER_NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
-_RASTER_FOUR_NEIGHBOURS = [(-1, 0), (0, -1), (0, 1), (1, 0)]
+RASTER_NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
+RASTER_FOUR_NEIGHBOURS = [(-1, 0), (0, -1), (0, 1), (1, 0)]
 _OUTLINE_COLOURS = np.array([(255, 0, 0), (0, 0, 255)], np.uint8)  # positive, negative
-
-Threshold = int | Literal["default"] | None
-
-
-class Resolution(enum.Enum):
-    """Magnification implied by the tile size, with its (min, default, max) sqrt-size thresholds."""
-
-    X40 = "40x"
-    X20 = "20x"
-    X10 = "10x"
-
-    @classmethod
-    def from_tile_size(cls, tile_size: int) -> Resolution:
-        return cls.X40 if tile_size > 384 else cls.X20 if tile_size > 192 else cls.X10
-
-    @property
-    def sqrt_size_range(self) -> tuple[int, int, int]:
-        return {"40x": (4, 7, 10), "20x": (3, 4, 6), "10x": (2, 2, 3)}[self.value]
-
-
-@dataclass(frozen=True)
-class PostprocessOptions:
-    seg_thresh: int = DEFAULT_SEG_THRESH
-    size_thresh: Threshold = "default"
-    size_thresh_upper: int | None = None
-    marker_thresh: Threshold = None
-    noise_thresh: int = DEFAULT_NOISE_THRESH
-    large_noise_thresh: int | None = None
-
-    def __post_init__(self) -> None:
-        _check_int("seg_thresh", self.seg_thresh, 0, 510)
-        _check_threshold("size_thresh", self.size_thresh)
-        _check_threshold("marker_thresh", self.marker_thresh)
-        for name in ("size_thresh_upper", "large_noise_thresh"):
-            if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 0, None)
-        _check_int("noise_thresh", self.noise_thresh, 0, None)
-
-
-def _check_int(name: str, value: object, low: int, high: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ArgumentError(f"{name} must be an integer; got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise ArgumentError(f"{name} must be {bound}; got {value}")
-
-
-def _check_threshold(name: str, value: object) -> None:
-    if value is not None and value != "default":
-        _check_int(name, value, 0, None)
-
 
 @dataclass
 class CellTable:
@@ -90,6 +37,7 @@ class CellTable:
     positive: np.ndarray  # bool: positive pixels >= negative pixels
     marker: np.ndarray  # max Marker grey value over the cell (0 without a Marker image)
     marker_sum: np.ndarray | None  # sum of the Marker grey values over the cell (None without a Marker image)
+    od: np.ndarray | None  # mean optical density of the IHC over the cell, when an od threshold is set
     first_pixel: np.ndarray  # flat index of each cell's first pixel in raster order
     kept: np.ndarray  # bool: above the noise threshold
     pixels: LabelledPixels  # the labelled pixels, for further per-cell reductions
@@ -102,6 +50,7 @@ class PostprocessResult:
     scoring: dict
     cells: list[Cell] = field(default_factory=list)  # every counted cell, for the per-cell table
     outlines: dict[int, Outline] | None = None  # cell id -> its outline, when asked for
+    cell_data: dict | None = None  # DeepLIIF 1.2.7's per-cell data document, when asked for
 
 
 def classify_pixels(seg: np.ndarray, seg_thresh: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +128,10 @@ def counted_masks(labels: np.ndarray, counted: np.ndarray, is_positive: np.ndarr
 
 
 def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessOptions,
-               threads: int = 1) -> CellTable:
+               threads: int = 1, resolution: Resolution = Resolution.X40, orig: np.ndarray | None = None
+               ) -> CellTable:
+    """The cells of a Seg; with an optical-density threshold in `options`, their mean optical density
+    over `orig` (the input IHC) too."""
     positive, negative = classify_pixels(seg, options.seg_thresh, threads)
     background = mark_background(~(positive | negative), threads)
     labels, count = ndimage.label(~background, structure=_EIGHT_CONNECTED)
@@ -190,12 +142,15 @@ def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessO
         marker_values = np.zeros(count + 1, np.int64) if grey is None else pixels.maximum(grey)
         marker_sum = None if grey is None else pixels.image_sums(grey)
         first = pixels.first_pixels()
+        density = pixels.image_sums(optical_density(orig)) if options.uses_optical_density else None
     sizes, is_positive = counts.result()
+    od = None if density is None else np.rint(density / np.maximum(sizes, 1)).astype(np.int64)
     kept = sizes > options.noise_thresh
-    if options.large_noise_thresh is not None:
-        kept &= sizes < options.large_noise_thresh
+    large_noise = options.large_noise_size(resolution)
+    if large_noise is not None:
+        kept &= sizes < large_noise
     kept[0] = False
-    return CellTable(labels, background, sizes, is_positive, marker_values, marker_sum, first, kept, pixels)
+    return CellTable(labels, background, sizes, is_positive, marker_values, marker_sum, od, first, kept, pixels)
 
 
 def kernel_density(values: np.ndarray, points: int = KDE_POINTS, bandwidth: float = 1.0,
@@ -279,24 +234,26 @@ def draw_overlays(orig: np.ndarray, background: np.ndarray, in_counted: np.ndarr
 
 def outline(background: np.ndarray, in_counted: np.ndarray, positive_pixels: np.ndarray, seeds: np.ndarray,
             seeds_positive: np.ndarray, grow_steps: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Background pixels 4-adjacent to a counted cell, grown `grow_steps` times (8-neighbourhood) into
-    background; where outlines of two cells meet, the later in raster order wins. DeepLIIF also marks each
+    """Background pixels 4-adjacent to a counted cell (where two cells reach one, the later neighbour in
+    raster order gives its class), grown `grow_steps` times (8-neighbourhood) into background, each new
+    pixel taking the class of the first outline pixel next to it in raster order, as DeepLIIF's in-place
+    raster scan decides (measured: half the differences from DeepLIIF's images of the other choice). DeepLIIF also marks each
     cell's first pixel (its flood-fill seed, a flat index in `seeds`) as outline; so does this. Every step
     looks one pixel away, so a pixel's outline depends on pixels at most `1 + grow_steps` rows away: a band
     with that many rows of halo each side is drawn exactly."""
-    border, border_positive = _grow(in_counted, positive_pixels, background, _RASTER_FOUR_NEIGHBOURS)
+    border, border_positive = grow(in_counted, positive_pixels, background, RASTER_FOUR_NEIGHBOURS)
     border &= background
     for _ in range(grow_steps):
-        border, border_positive = _grow(border, border_positive, background, _RASTER_NEIGHBOURS)
+        border, border_positive = grow(border, border_positive, background, RASTER_NEIGHBOURS[::-1])
     border.ravel()[seeds] = True
     border_positive.ravel()[seeds] = seeds_positive
     return border, border_positive & border
 
 
-def _grow(source: np.ndarray, source_positive: np.ndarray, allowed: np.ndarray,
+def grow(source: np.ndarray, source_positive: np.ndarray, allowed: np.ndarray,
           offsets: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Add allowed pixels next to `source` (at the given offsets, in raster order of the neighbour; a
-    later neighbour's positivity wins). Works on views of the overlapping parts, not shifted copies.
+    """Add allowed pixels next to `source` (at the given offsets of the neighbour; where several reach one
+    pixel, the last offset's positivity wins, so offsets in reverse raster order let the first win). Works on views of the overlapping parts, not shifted copies.
     (Outlines are dense, about a sixth of a cell-dense image, so following only the newest outline
     pixels by index was measured slower than these whole-array steps.)"""
     grown, grown_positive = source.copy(), source_positive.copy()
@@ -324,28 +281,29 @@ def paint(orig: np.ndarray, border: np.ndarray, border_positive: np.ndarray, in_
 
 def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, tile_size: int,
                 options: PostprocessOptions = PostprocessOptions(), threads: int | None = None,
-                overlays: bool = True, outlines: bool = False) -> PostprocessResult:
+                overlays: bool = True, outlines: bool = False, cell_data: int | None = None) -> PostprocessResult:
     """Cells, counts and the two overlay images for one (stitched) image; the overlays are drawn on
     `threads` threads (default: every CPU this process may use), or not at all with `overlays=False`
     (a caller that wants only the scoring and cells; `overlaid` and `refined` are then None). With
-    `outlines`, each counted cell's outline is traced too (beside the overlays)."""
+    `outlines`, each counted cell's outline is traced too (beside the overlays); with `cell_data` (3 to
+    6), DeepLIIF 1.2.7's per-cell data of that version is made too."""
     if seg.shape[:2] != orig.shape[:2] or (marker is not None and marker.shape[:2] != orig.shape[:2]):
         raise ArgumentError(f"image sizes differ: input {orig.shape[:2]}, Seg {seg.shape[:2]}, "
                             f"Marker {None if marker is None else marker.shape[:2]}")
     if options.marker_thresh == "default" and marker is None:
         raise ArgumentError("marker_thresh 'default' needs the Marker image")
     threads = resolve_threads(threads)
-    cells = find_cells(seg, marker, options, threads)
-    size_thresh = options.size_thresh
-    if size_thresh == "default":
-        size_thresh = default_size_threshold(cells.sizes[cells.kept], Resolution.from_tile_size(tile_size), threads)
-    size_thresh = size_thresh or 0
+    resolution = Resolution.from_tile_size(tile_size)
+    cells = find_cells(seg, marker, options, threads, resolution, orig)
+    default_size = default_size_threshold(cells.sizes[cells.kept], resolution, threads) \
+        if options.size_thresh == "default" or cell_data is not None else None
+    size_thresh = (default_size if options.size_thresh == "default" else options.size_thresh) or 0
     marker_thresh = default_marker_threshold(marker) if options.marker_thresh == "default" else options.marker_thresh
 
     counted = cells.kept & (cells.sizes > size_thresh)
     if options.size_thresh_upper is not None:
         counted &= cells.sizes < options.size_thresh_upper
-    is_positive = cells.positive | (cells.marker > (255 if marker_thresh is None else marker_thresh))
+    is_positive = options.positive(cells.positive, cells.marker if cells.od is None else cells.od, marker_thresh)
     in_counted, positive_pixels = counted_masks(cells.labels, counted, is_positive, threads) if overlays else (None, None)
     ids = np.flatnonzero(counted)
     overlaid = refined = None
@@ -367,7 +325,30 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
         "size_thresh_upper": options.size_thresh_upper,
         "marker_thresh": marker_thresh if marker is not None else None,
     }
-    return PostprocessResult(overlaid, refined, scoring, *table.result())
+    document = None if cell_data is None else \
+        _cell_data(cells, cell_data, orig, marker, options, resolution, default_size)
+    return PostprocessResult(overlaid, refined, scoring, *table.result(), document)
+
+
+def _cell_data(cells: CellTable, version: int, orig: np.ndarray, marker: np.ndarray | None,
+               options: PostprocessOptions, resolution: Resolution, default_size: int) -> dict:
+    """DeepLIIF 1.2.7's `compute_cell_results` document of `version` for every cell above the noise."""
+    if version not in CELL_DATA_VERSIONS:
+        raise ArgumentError(f"cell data version must be one of {CELL_DATA_VERSIONS}; got {version!r}")
+    by_density = uses_optical_density(version)
+    if by_density:
+        values = np.rint(cells.pixels.image_sums(optical_density(orig)) / np.maximum(cells.sizes, 1)).astype(np.int64)
+    else:
+        values = cells.marker
+    rows, cols = cells.pixels.coordinates()
+    records = cell_records(cells.labels, np.flatnonzero(cells.kept), cells.sizes, cells.positive, values,
+                           cells.first_pixel, cells.pixels.sums(cols), cells.pixels.sums(rows),
+                           "od" if by_density else "marker")
+    settings = {"default_size_thresh": int(default_size), "noise_thresh": options.noise_thresh,
+                "large_noise_thresh": options.large_noise_size(resolution), "seg_thresh": options.seg_thresh}
+    if not by_density:
+        settings["default_marker_thresh"] = None if marker is None else default_marker_threshold(marker)
+    return cell_data_document(records, version, settings)
 
 
 def _cell_table(cells: CellTable, ids: np.ndarray, is_positive: np.ndarray, outlines: bool

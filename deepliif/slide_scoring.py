@@ -21,8 +21,10 @@ import numpy as np
 from scipy import ndimage
 
 from .cells import Cell
+from .errors import ArgumentError
 from .label_stats import LabelledPixels, UnionFind, grey_levels, join_edge
-from .postprocessing import (_EIGHT_CONNECTED, _FOUR_CONNECTED, PostprocessOptions, Resolution, classify_pixels,
+from .scoring_rules import PostprocessOptions, Resolution
+from .postprocessing import (_EIGHT_CONNECTED, _FOUR_CONNECTED, classify_pixels,
                              default_size_threshold)
 from .pyramid import LevelRows
 from .slides import open_slide
@@ -215,14 +217,20 @@ class SlideScore:
 def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marker: bool,
                 options: PostprocessOptions = PostprocessOptions(), threads: int = 1) -> SlideScore:
     """The scoring `postprocess` gives for the same pixels as one image, and its counted cells; bands are
-    worked on `threads` threads."""
+    worked on `threads` threads. Optical-density thresholds need the IHC's pixels, which slide bands do
+    not carry: they are refused."""
+    if options.uses_optical_density:
+        raise ArgumentError("od_thresh_lower/od_thresh_upper are not available for whole slides yet (the slide "
+                            "is scored from its Seg and Marker bands); score by colour or Marker threshold")
+    resolution = Resolution.from_tile_size(tile_size)
     cells = slide_cells(bands, width, height, options.seg_thresh, threads)
     kept = cells.sizes > options.noise_thresh
-    if options.large_noise_thresh is not None:
-        kept &= cells.sizes < options.large_noise_thresh
+    large_noise = options.large_noise_size(resolution)
+    if large_noise is not None:
+        kept &= cells.sizes < large_noise
     size_thresh = options.size_thresh
     if size_thresh == "default":
-        size_thresh = default_size_threshold(cells.sizes[kept], Resolution.from_tile_size(tile_size))
+        size_thresh = default_size_threshold(cells.sizes[kept], resolution)
     size_thresh = size_thresh or 0
     marker_thresh = options.marker_thresh
     if marker_thresh == "default":
@@ -230,7 +238,7 @@ def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marke
     counted = kept & (cells.sizes > size_thresh)
     if options.size_thresh_upper is not None:
         counted &= cells.sizes < options.size_thresh_upper
-    is_positive = cells.positive | (cells.marker > (255 if marker_thresh is None else marker_thresh))
+    is_positive = options.positive(cells.positive, cells.marker, marker_thresh)
     num_total, num_pos = int(counted.sum()), int((counted & is_positive).sum())
     scoring = {"num_total": num_total, "num_pos": num_pos, "num_neg": num_total - num_pos,
                "percent_pos": round(num_pos / num_total * 100, 1) if num_pos > 0 else 0,

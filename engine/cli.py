@@ -7,13 +7,14 @@ import logging
 import sys
 from pathlib import Path
 
+from deepliif.cell_data import CELL_DATA_VERSIONS
 from deepliif.cells import CellGeometry
 from deepliif.errors import DeepLIIFError
 from deepliif.imageio import DEFAULT_MAX_PIXELS
 from deepliif.inference import OutputSet
 from deepliif.logs import project_logger
 from deepliif.model_files import Layout
-from deepliif.postprocessing import DEFAULT_SEG_THRESH
+from deepliif.scoring_rules import DEFAULT_SEG_THRESH
 from deepliif.pyramid import PyramidCompression
 from deepliif.tiling import TILE_SIZE_MAX, TILE_SIZE_MIN
 from deepliif.workers import keep_freed_memory
@@ -25,7 +26,7 @@ from engine.backends.precision import Precision
 from .backends import BackendKind
 from .edi.cli import add_edi_parsers
 from .edi.deploy_cli import add_deploy_parsers
-from .commands import DEMO_MODEL_DIR, cmd_bench, cmd_demo, cmd_demo_model, cmd_doctor, cmd_infer, cmd_postprocess
+from .commands import DEMO_MODEL_DIR, cmd_bench, cmd_demo, cmd_demo_model, cmd_doctor, cmd_infer, cmd_postprocess, cmd_rescore
 
 logger = project_logger("engine")
 
@@ -66,17 +67,30 @@ def _threshold(value: str) -> int | str:
         raise argparse.ArgumentTypeError(f"expected an integer or 'default', got {value!r}") from None
 
 
-def _add_postprocess_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seg-thresh", type=int, default=DEFAULT_SEG_THRESH, help="Seg grey level that makes a "
-                        "pixel part of a cell")
+def _add_threshold_args(parser: argparse.ArgumentParser) -> None:
+    """The thresholds that decide which cells count and how they are classed (postprocess and rescore)."""
     parser.add_argument("--size-thresh", type=_threshold, default="default", help="smallest cell in pixels: N, or "
                         "'default' (DeepLIIF's automatic threshold)")
     parser.add_argument("--size-thresh-upper", type=int, default=None, help="largest cell in pixels (none: no limit)")
     parser.add_argument("--marker-thresh", type=_threshold, default=None, help="Marker grey level for a positive "
                         "cell: N, 'default' (automatic), or none (DeepLIIF's colour rule)")
+    parser.add_argument("--od-thresh-lower", type=int, default=None, help="a cell is positive only if the IHC's mean "
+                        "optical density over it is at least N (DeepLIIF 1.2.7; 100 x the sum of log10(255/v) over RGB)")
+    parser.add_argument("--od-thresh-upper", type=int, default=None, help="... and at most N")
+
+
+def _add_postprocess_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seg-thresh", type=int, default=DEFAULT_SEG_THRESH, help="Seg grey level that makes a "
+                        "pixel part of a cell")
+    _add_threshold_args(parser)
+    parser.add_argument("--large-noise-thresh", type=_threshold, default=None, help="components of N pixels or "
+                        "more are noise: N, 'default' (by magnification: 40x 16000, 20x 4000, 10x 1000), or none")
     parser.add_argument("--cell-geometry", type=CellGeometry, choices=list(CellGeometry),
                         default=CellGeometry.POLYGONS, help="cells in the GeoJSON: their outlines (polygons) or "
                         "their centroids (points)")
+    parser.add_argument("--cell-data", type=int, choices=CELL_DATA_VERSIONS, default=None, help="also write "
+                        "<stem>_cells.json in DeepLIIF 1.2.7's cell-data format of this version (3/4: Marker value, "
+                        "5/6: optical density; 4/6 packed), for `rescore`")
 
 
 def _add_backend_args(parser: argparse.ArgumentParser, default_backend: str = "auto") -> None:
@@ -142,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
                       f"(default {DEFAULT_MAX_PIXELS}); slides are read band by band whatever their size")
     _add_postprocess_args(post)
     post.set_defaults(handler=cmd_postprocess)
+
+    again = sub.add_parser("rescore", help="scoring, SegOverlaid and SegRefined again from a cell-data file "
+                           "(postprocess/infer --cell-data, or DeepLIIF 1.2.7's), without the Seg")
+    again.add_argument("--cells", type=Path, required=True, help="<stem>_cells.json (data version 3 to 6)")
+    again.add_argument("--image", type=Path, required=True, help="the IHC image the cell data was made from")
+    again.add_argument("--out", type=Path, required=True, help="output folder: <stem>_SegOverlaid.png, "
+                       "<stem>_SegRefined.png, <stem>.json")
+    again.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, help="largest image decoded")
+    _add_threshold_args(again)
+    again.set_defaults(handler=cmd_rescore)
 
     demo_model = sub.add_parser("demo-model", help="write a DeepLIIF directory with random weights")
     demo_model.add_argument("--out", type=Path, required=True, help="folder to write the model to")

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+from deepliif.cell_data import read_cell_data, uses_optical_density, write_cell_data
 from deepliif.cells import CellGeometry, write_cells
+from deepliif.rescore import rescore
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import (DEFAULT_MAX_PIXELS, expand_inputs, prepare_out_dir, probe_image, read_image,
                              write_json, write_png)
@@ -20,7 +22,8 @@ from deepliif.logs import project_logger
 from deepliif.model_files import Layout
 from deepliif.slides import fits_in_a_tile, is_slide, open_slide
 from deepliif.tiling import DEFAULT_TILE_SIZE
-from deepliif.postprocessing import PostprocessOptions, postprocess
+from deepliif.postprocessing import postprocess
+from deepliif.scoring_rules import PostprocessOptions
 from engine.backends.precision import Precision
 
 from .backends import BackendKind
@@ -40,7 +43,18 @@ DEMO_MODEL_DIR = Path(".demo-model")
 
 def _postprocess_options(args: argparse.Namespace) -> PostprocessOptions:
     return PostprocessOptions(seg_thresh=args.seg_thresh, size_thresh=args.size_thresh,
-                              size_thresh_upper=args.size_thresh_upper, marker_thresh=args.marker_thresh)
+                              size_thresh_upper=args.size_thresh_upper, marker_thresh=args.marker_thresh,
+                              large_noise_thresh=args.large_noise_thresh, od_thresh_lower=args.od_thresh_lower,
+                              od_thresh_upper=args.od_thresh_upper)
+
+
+def _refuse_for_slides(args: argparse.Namespace, options: PostprocessOptions) -> None:
+    """What slides cannot do yet, refused before any model loads or output is written."""
+    if args.cell_data is not None:
+        raise ArgumentError("--cell-data is not available for whole slides yet; it is for images and tiles")
+    if options.uses_optical_density:
+        raise ArgumentError("--od-thresh-lower/--od-thresh-upper are not available for whole slides yet (a slide is "
+                            "scored from its Seg and Marker bands)")
 
 
 def _polygons(args: argparse.Namespace) -> bool:
@@ -100,10 +114,12 @@ def cmd_infer(args: argparse.Namespace) -> int:
     tile_size = args.tile_size or DEFAULT_TILE_SIZE
     images, total = check_inputs([p for p in files if p not in slides], tile_size, args.max_pixels)
     postprocess_options = _postprocess_options(args)
+    if slides:
+        _refuse_for_slides(args, postprocess_options)
     with _open_session(args, args.model_dir) as session:
         options = InferenceOptions(tile_size=tile_size, batch_size=args.batch_size or session.batch_size,
                                    outputs=OutputSet.parse(args.outputs), postprocess=postprocess_options,
-                                   threads=args.threads, cell_geometry=args.cell_geometry)
+                                   threads=args.threads, cell_geometry=args.cell_geometry, cell_data=args.cell_data)
         if images:
             infer_files(session, images, args.out, options, args.max_pixels, args.quiet, total)
         for path in slides:
@@ -128,12 +144,14 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
     marker = read_image(args.marker, max_pixels=args.max_pixels) if args.marker else None
     start = time.perf_counter()
     result = postprocess(image, seg, marker, args.tile_size or DEFAULT_TILE_SIZE, _postprocess_options(args),
-                         outlines=_polygons(args))
+                         outlines=_polygons(args), cell_data=args.cell_data)
     out = prepare_out_dir(args.out)
     stem = args.image.stem
     write_png(out / f"{stem}_SegOverlaid.png", result.overlaid)
     write_png(out / f"{stem}_SegRefined.png", result.refined)
     cell_files = write_cells(out, stem, result.cells, outlines=result.outlines)
+    if result.cell_data is not None:
+        cell_files.append(write_cell_data(out, stem, result.cell_data))
     write_json(out / f"{stem}.json", {"image": str(args.image), "seg": str(args.seg),
                                          "marker": str(args.marker) if args.marker else None,
                                          "scoring": result.scoring, "cells": [p.name for p in cell_files],
@@ -142,7 +160,29 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rescore(args: argparse.Namespace) -> int:
+    """DeepLIIF 1.2.7's `cells_to_final_results`: the scoring and both overlays from cell data alone."""
+    cells, settings, version = read_cell_data(args.cells)
+    options = PostprocessOptions(size_thresh=args.size_thresh, size_thresh_upper=args.size_thresh_upper,
+                                 marker_thresh=None if uses_optical_density(version) else args.marker_thresh,
+                                 od_thresh_lower=args.od_thresh_lower, od_thresh_upper=args.od_thresh_upper)
+    if is_slide(args.image):
+        raise ArgumentError(f"{args.image}: rescoring a whole slide is not available yet; give an image")
+    image = read_image(args.image, max_pixels=args.max_pixels)
+    start = time.perf_counter()
+    result = rescore(cells, settings, version, image, options)
+    out, stem = prepare_out_dir(args.out), args.image.stem
+    write_png(out / f"{stem}_SegOverlaid.png", result.overlaid)
+    write_png(out / f"{stem}_SegRefined.png", result.refined)
+    write_json(out / f"{stem}.json", {"image": str(args.image), "cells": str(args.cells), "data_version": version,
+                                      "scoring": result.scoring,
+                                      "timings": {"rescore_seconds": round(time.perf_counter() - start, 4)}})
+    print(json.dumps(result.scoring))
+    return 0
+
+
 def _postprocess_slide(args: argparse.Namespace) -> int:
+    _refuse_for_slides(args, _postprocess_options(args))
     for path in (args.seg, args.marker):
         if path is not None and not is_slide(path):
             raise ArgumentError(f"{path} is not a slide but the image {args.image} is; give its outputs as slides "

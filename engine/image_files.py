@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from deepliif.cell_data import cell_data_file_name, write_cell_data
 from deepliif.cells import cells_file_names, write_cells
 from deepliif.contract import OUTPUT_NAMES
 from deepliif.imageio import (DEFAULT_MAX_PIXELS, encode_png, prepare_out_dir, read_image, write_atomically,
@@ -132,9 +133,13 @@ def _infer_one(session: ImageSession, path: Path, image: np.ndarray, decode_seco
     writes.extend(encoders.png(out / f"{stem}_{name}.png", array) for name, array in result.images.items()
                   if name not in network_names)
     cells = encoders.call(lambda: write_cells(out, stem, result.cells, outlines=result.outlines))
+    cell_files = list(cells_file_names(stem).values())
+    if result.cell_data is not None:
+        writes.append(encoders.call(lambda: write_cell_data(out, stem, result.cell_data)))
+        cell_files.append(cell_data_file_name(stem))
     record = {"image": str(path), **describe, "tile_size": options.tile_size, "batch_size": options.batch_size,
               "tiles": result.tiles, "empty_tiles": result.empty_tiles, "outputs": list(result.images),
-              "cells": list(cells_file_names(stem).values()), "scoring": result.scoring,
+              "cells": cell_files, "scoring": result.scoring,
               "timings": {"decode_seconds": decode_seconds, **result.timings}}
     logger.info("%s: %s", path.name, json.dumps(result.scoring))
     return _Finishing(record, out / f"{stem}.json", writes + [cells])

@@ -18,7 +18,7 @@ from deepliif.errors import ArgumentError
 from deepliif.imageio import prepare_out_dir, write_json
 from deepliif.inference import OVERLAY_NAMES, OutputSet
 from deepliif.logs import project_logger
-from deepliif.postprocessing import PostprocessOptions
+from deepliif.scoring_rules import PostprocessOptions
 from deepliif.pyramid import PyramidCompression, PyramidWriter, pyramid_from_regions
 from deepliif.slide_checkpoint import SlideCheckpoint, region_ends
 from deepliif.slide_loop import SlideRun, run_slide

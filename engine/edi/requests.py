@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from deepliif.errors import DeepLIIFError, parse_enum
 from deepliif.inference import OutputSet
 from deepliif.contract import check_seg_weights
-from deepliif.postprocessing import PostprocessOptions
+from deepliif.scoring_rules import PostprocessOptions
 from deepliif.tiling import DEFAULT_TILE_SIZE, check_tile_size
 
 from .layout import RESERVED_NAMES
@@ -28,7 +28,7 @@ from .storage import clean_relative_path
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
 INFERENCE_FIELDS = {"type", "img_path_on_pvc", "local_input_image", "tile_size", "images_to_return",
                     "request_id", "async", "seg_weights", "seg_thresh", "size_thresh", "size_thresh_upper",
-                    "marker_thresh"}
+                    "marker_thresh", "large_noise_thresh", "od_thresh_lower", "od_thresh_upper"}
 EQUAL_SEG_WEIGHTS = check_seg_weights(None)
 
 
@@ -176,6 +176,7 @@ def _check_seg_weights(value: object) -> None:
 
 
 def _postprocess(record: dict) -> PostprocessOptions:
-    keys = ("seg_thresh", "size_thresh", "size_thresh_upper", "marker_thresh")
+    keys = ("seg_thresh", "size_thresh", "size_thresh_upper", "marker_thresh", "large_noise_thresh",
+            "od_thresh_lower", "od_thresh_upper")
     given = {key: record[key] for key in keys if key in record}
     return _field(lambda kwargs: PostprocessOptions(**kwargs), given)

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from deepliif.imageio import read_image
-from deepliif.postprocessing import PostprocessOptions, postprocess
+from deepliif.postprocessing import postprocess
+from deepliif.scoring_rules import PostprocessOptions
 from deepliif.slide_overlays import draw_slide
 from deepliif.slide_scoring import UnionFind, array_bands, percentile_from_histogram, score_slide
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deepliif.imageio import read_image, write_png
@@ -152,3 +153,37 @@ def test_the_demo_uses_the_trained_mini_model_when_shared_is_present(deepliif_fi
     assert model.resolve() == (deepliif_fixtures / "models" / "mini").resolve() and "NOT a clinical one" in why
     given, why = _demo_model_choice(argparse.Namespace(model_dir=Path("/x/model"), ngf=64))
     assert given == Path("/x/model") and "given" in why
+
+
+def test_postprocess_writes_deepliif_cell_data_and_rescore_redraws_from_it_alone(deepliif_fixtures: Path,
+                                                                                tmp_path: Path) -> None:
+    tile = deepliif_fixtures / "postprocess" / "22_2"
+    reference = deepliif_fixtures / "postprocess-1.2.7" / "22_2"
+    assert main(["-q", "postprocess", "--image", str(tile / "IHC.png"), "--seg", str(tile / "Seg.png"),
+                 "--marker", str(tile / "Marker.png"), "--cell-data", "4", "--out", str(tmp_path / "p")]) == 0
+    written = tmp_path / "p" / "IHC_cells.json"
+    assert json.loads(written.read_text()) == json.loads((reference / "cells_v4.json").read_text())
+    assert "IHC_cells.json" in json.loads((tmp_path / "p" / "IHC.json").read_text())["cells"]
+    assert main(["-q", "rescore", "--cells", str(written), "--image", str(tile / "IHC.png"),
+                 "--marker-thresh", "default", "--out", str(tmp_path / "r")]) == 0
+    case = json.loads((reference / "reference.json").read_text())["cases"]["rescore_v4_marker_default"]
+    record = json.loads((tmp_path / "r" / "IHC.json").read_text())
+    assert record["scoring"] == case["scoring"] and record["data_version"] == 4
+    for name in ("SegOverlaid", "SegRefined"):
+        np.testing.assert_array_equal(read_image(tmp_path / "r" / f"IHC_{name}.png"),
+                                      read_image(reference / f"rescore_v4_marker_default_{name}.png"))
+    assert main(["-q", "rescore", "--cells", str(tile / "Seg.png"), "--image", str(tile / "IHC.png"),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()
+
+
+def test_optical_density_thresholds_and_cell_data_are_refused_for_slides_before_the_model_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    import tifffile
+    slide = tmp_path / "s.tif"
+    tifffile.imwrite(slide, np.full((1100, 1100, 3), 236, np.uint8), tile=(256, 256), photometric="rgb")
+    for extra, message in ((["--od-thresh-lower", "50"], "od-thresh"), (["--cell-data", "3"], "--cell-data")):
+        assert main(["-q", "infer", "--model-dir", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"),
+                     *extra, str(slide)]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -114,7 +114,8 @@ def test_postprocess_of_real_outputs_on_a_slide_over_the_image_limit_equals_the_
     """DeepLIIF's own Seg and Marker of the fixture tiles, placed on a slide larger than `--max-pixels`:
     the same counts, thresholds, cells and overlays as postprocessing the pixels as one image."""
     from deepliif.imageio import write_png
-    from deepliif.postprocessing import PostprocessOptions, postprocess
+    from deepliif.postprocessing import postprocess
+    from deepliif.scoring_rules import PostprocessOptions
     from engine.cli import main
 
     from ..deepliif.test_slide_scoring import on_glass

@@ -153,3 +153,22 @@ def test_a_kernel_killed_mid_request_leaves_nothing_that_looks_complete(edi_mode
     restarted = EdiService(settings_for(edi_model, volume, edi_cache, tmp_path / "state", pod="doomed"))
     restarted.close()
     assert not list(request_dir.glob(".output_dir.partial-*"))  # ... a starting kernel removes
+
+
+def test_optical_density_thresholds_reach_postprocessing_and_are_refused_for_slides(service: EdiService) -> None:
+    import numpy as np
+    import tifffile
+    from engine.edi.requests import parse_request
+    request = parse_request(json.dumps({"img_path_on_pvc": "slides/tile.png", "request_id": "od-parse",
+                                        "od_thresh_lower": 56, "od_thresh_upper": 73,
+                                        "large_noise_thresh": "default"}).encode())
+    assert (request.postprocess.od_thresh_lower, request.postprocess.od_thresh_upper,
+            request.postprocess.large_noise_thresh) == (56, 73, "default") and not request.warnings
+    (image,) = _call(service, {"img_path_on_pvc": "slides/tile.png", "request_id": "od-image",
+                               "od_thresh_lower": 56})
+    assert image["status"] == "finished", image
+    slide = np.full((1100, 1100, 3), 236, np.uint8)
+    tifffile.imwrite(service.volume.root / "slides" / "od-slide.tif", slide, tile=(256, 256), photometric="rgb")
+    (refused,) = _call(service, {"img_path_on_pvc": "slides/od-slide.tif", "request_id": "od-slide",
+                                 "od_thresh_lower": 56})
+    assert refused["status"] == "error" and "not available for whole slides" in refused["msg"]
