@@ -1,9 +1,9 @@
 """A whole slide through the engine in row bands, with memory that does not grow with the slide.
 
 The slide is cut into the same global `TileGrid` as a whole image of its size (no region seams): each row
-of tiles is read as one band of level 0, its non-empty tiles are batched through `run` (the tile loop's
-`batches`/`run_batch`), and results are pasted in DeepLIIF's order into a buffer a little more than one
-tile row high. Rows above the next tile row's kept area can no longer be overwritten, so they are handed
+of tiles is read as one band of level 0 (the splitter), its non-empty tiles are batched through `run` by
+the one tile loop (`tile_loop.run_tiles`, batches spanning rows), and results are pasted in DeepLIIF's
+order into a buffer a little more than one tile row high (the merger). Rows above the next tile row's kept area can no longer be overwritten, so they are handed
 to `sink(top, rows)` and dropped. Output pixels equal `infer` on the same pixels given as one image.
 
 A run can start at any tile row: rows below the last release are all overwritten by the next tile row
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +22,7 @@ import numpy as np
 from .contract import NETWORK_TILE, OUTPUT_NAMES
 from .errors import ArgumentError, ImageError
 from .slides import Slide, SlideInfo
-from .tile_loop import Item, Run, TileTimings, batches, run_batch
+from .tile_loop import Item, Run, Strategy, TileTimings, run_tiles
 from .tiling import EMPTY_TILE_COLOURS, Tile, TileGrid, is_empty_tile, resize_tile
 
 Sink = Callable[[int, dict[str, np.ndarray]], None]
@@ -94,8 +94,11 @@ def slide_grid(info: SlideInfo, tile_size: int) -> TileGrid:
 
 def run_slide(run: Run, slide: Slide, tile_size: int, batch_size: int, sink: Sink,
               progress: Callable[[int], None] | None = None, start: SlidePosition | None = None,
-              row_done: Callable[[SlidePosition], None] | None = None) -> SlideRun:
-    """Every tile row from `start` (default: the top); `row_done` hears the position after each one."""
+              row_done: Callable[[SlidePosition], None] | None = None,
+              strategy: Strategy = Strategy.THREADED) -> SlideRun:
+    """Every tile row from `start` (default: the top) through the one tile loop (`run_tiles`): rows are
+    read and split on one thread, batched through `run` (batches span rows), pasted and handed over on
+    another; `row_done` hears the position after each tile row."""
     begin = time.perf_counter()
     grid, timings = slide_grid(slide.info, tile_size), TileTimings()
     rows = tile_rows(grid)
@@ -103,66 +106,68 @@ def run_slide(run: Run, slide: Slide, tile_size: int, batch_size: int, sink: Sin
     if position.next_row and (position.next_row > len(rows) or position.rows_done != releases[position.next_row - 1]):
         raise ArgumentError(f"cannot resume at tile row {position.next_row} with {position.rows_done} rows done: "
                             "not a tile row's end on this slide's grid")
-    band = _Band(slide.info.width, position.rows_done)
     if progress and position.tiles_done:
         progress(position.tiles_done)
-    for index in range(position.next_row, len(rows)):
-        empty = _run_row(run, slide, rows[index], tile_size, band, batch_size, timings, progress)
-        band.release(releases[index], sink)
-        position = SlidePosition(index + 1, releases[index], position.tiles_done + len(rows[index]),
-                                 position.empty_tiles + empty)
-        if row_done:
-            row_done(position)
-    return SlideRun(tile_size, len(grid), position.empty_tiles, timings, time.perf_counter() - begin, start)
+    merger = _SlideMerger(rows, releases, _Band(slide.info.width, position.rows_done), position, sink, row_done,
+                          progress, tile_size, timings)
+    run_tiles(run, _slide_tiles(slide, rows[position.next_row:], tile_size, timings), merger, batch_size, timings,
+              strategy)
+    return SlideRun(tile_size, len(grid), merger.position.empty_tiles, timings, time.perf_counter() - begin, start)
 
 
-def _run_row(run: Run, slide: Slide, row: list[Tile], tile_size: int, band: _Band, batch_size: int,
-             timings: TileTimings, progress: Callable[[int], None] | None) -> int:
-    """One tile row read as a band, its non-empty tiles batched, results pasted; returns its empty tiles."""
-    read = time.perf_counter()
-    pixels = slide.read_region(0, row[0].y, slide.info.width, tile_size)
-    timings.add("tiling", read)
-    band.cover(row[0].y + tile_size)
-    items = list(_split_row(row, pixels, timings))
-    paster = _OrderedRow(band, row)
-    for group, to_run in batches(iter(items), batch_size):
-        outputs = run_batch(run, group, timings) if to_run else None
-        _paste(paster, group, outputs, tile_size, timings)
-        if progress:
-            progress(len(group))
-    return sum(item[2] is None for item in items)
+def _slide_tiles(slide: Slide, rows: list[list[Tile]], tile_size: int, timings: TileTimings) -> Iterator[Item]:
+    """The splitter: each tile row read as one band of level 0, its tiles cut from it."""
+    for row in rows:
+        read = time.perf_counter()
+        pixels = slide.read_region(0, row[0].y, slide.info.width, tile_size)
+        timings.add("tiling", read)
+        for tile in row:
+            start = time.perf_counter()
+            crop = pixels[:, tile.x: tile.x + tile_size]
+            network_tile = None if is_empty_tile(crop) else resize_tile(crop, NETWORK_TILE)
+            timings.add("tiling", start)
+            yield 0, tile, network_tile
 
 
-def _split_row(row: list[Tile], pixels: np.ndarray, timings: TileTimings):
-    for tile in row:
-        start = time.perf_counter()
-        crop = pixels[:, tile.x: tile.x + len(pixels)]
-        network_tile = None if is_empty_tile(crop) else resize_tile(crop, NETWORK_TILE)
-        timings.add("tiling", start)
-        yield tile.index, tile, network_tile
+class _SlideMerger:
+    """The merger: pastes tiles in tile order (later tiles overwrite earlier ones where they overlap),
+    however batches complete, and hands rows over as each tile row completes."""
 
-
-class _OrderedRow:
-    """Pastes a row's tiles in tile order (later tiles overwrite earlier ones where they overlap), however
-    batches complete: empty tiles come back before the batch of non-empty tiles left of them."""
-
-    def __init__(self, band: _Band, row: list[Tile]) -> None:
-        self.band, self.row, self.next = band, row, 0
+    def __init__(self, rows: list[list[Tile]], releases: list[int], band: _Band, position: SlidePosition,
+                 sink: Sink, row_done: Callable[[SlidePosition], None] | None,
+                 progress: Callable[[int], None] | None, tile_size: int, timings: TileTimings) -> None:
+        self.rows, self.releases, self.band, self.position = rows, releases, band, position
+        self.sink, self.row_done, self.progress, self.tile_size, self.timings = sink, row_done, progress, \
+            tile_size, timings
         self.ready: dict[int, dict[str, np.ndarray] | None] = {}
+        self.row, self.column, self.row_empty = position.next_row, 0, 0
 
-    def add(self, tile: Tile, results: dict[str, np.ndarray] | None) -> None:
-        self.ready[tile.index] = results
-        while self.next < len(self.row) and self.row[self.next].index in self.ready:
-            tile = self.row[self.next]
-            self.band.paste(tile, self.ready.pop(tile.index))
-            self.next += 1
+    def add(self, items: Sequence[Item], outputs: dict[str, np.ndarray] | None) -> None:
+        start = time.perf_counter()
+        for k, (_, tile, _) in enumerate(items):
+            self.ready[tile.index] = None if outputs is None else \
+                {name: resize_tile(outputs[name][k], self.tile_size) for name in OUTPUT_NAMES}
+        while self.row < len(self.rows) and self.rows[self.row][self.column].index in self.ready:
+            self._paste(self.rows[self.row][self.column])
+        self.timings.add("stitching", start)
 
+    def _paste(self, tile: Tile) -> None:
+        if self.column == 0:
+            self.band.cover(tile.y + self.tile_size)
+        results = self.ready.pop(tile.index)
+        self.band.paste(tile, results)
+        self.row_empty += results is None
+        self.column += 1
+        if self.progress:
+            self.progress(1)
+        if self.column == len(self.rows[self.row]):
+            self._row_complete()
 
-def _paste(paster: _OrderedRow, group: list[Item], outputs: dict[str, np.ndarray] | None, tile_size: int,
-           timings: TileTimings) -> None:
-    start = time.perf_counter()
-    for position, (_, tile, _) in enumerate(group):
-        results = None if outputs is None else \
-            {name: resize_tile(outputs[name][position], tile_size) for name in OUTPUT_NAMES}
-        paster.add(tile, results)
-    timings.add("stitching", start)
+    def _row_complete(self) -> None:
+        self.band.release(self.releases[self.row], self.sink)
+        done = self.position
+        self.position = SlidePosition(self.row + 1, self.releases[self.row], done.tiles_done + self.column,
+                                      done.empty_tiles + self.row_empty)
+        self.row, self.column, self.row_empty = self.row + 1, 0, 0
+        if self.row_done:
+            self.row_done(self.position)

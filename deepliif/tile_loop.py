@@ -1,13 +1,14 @@
-"""The one tile loop: every image of a call cut into DeepLIIF's tile grid, non-empty tiles batched across
-images through a backend's `run`, results pasted back in DeepLIIF's tile order.
+"""The one tile loop, for images and whole slides: tiles cut in DeepLIIF's grid, non-empty ones batched
+through a backend's `run`, results pasted back in DeepLIIF's tile order.
 
-Shaped like MONAI's `PatchInferer(splitter, merger)`: `split` is the splitter (mirror extension, empty-tile
-test, resize to the network tile), `Merger` the merger (resize back, ordered paste, finish an image when its
-last tile lands). A `Strategy` says how the three stages run: `SERIAL` in the caller's thread (the accuracy
-gate, reference runs), `THREADED` with splitting and merging on their own threads so they overlap the
-backend calls (serving: numpy, PIL and the backends release the GIL in their heavy parts). Both give the
-same pixels, whatever the batch size, because the networks normalise per sample and tiles are pasted in
-DeepLIIF's order.
+Shaped like MONAI's `PatchInferer(splitter, merger)`: `run_tiles` takes a splitter (an iterator of tiles
+with their network-size crops) and a `Merger` (what `add` does with each batch's results). Images use
+`split` and `ImageMerger` (mirror extension, whole-image stitching, finish an image when its last tile
+lands); slides use `slide_loop`'s row-band splitter and band merger. A `Strategy` says how the three
+stages run: `SERIAL` in the caller's thread (the accuracy gate, reference runs), `THREADED` with splitting
+and merging on their own threads so they overlap the backend calls (serving: numpy, PIL and the backends
+release the GIL in their heavy parts). Both give the same pixels, whatever the batch size, because the
+networks normalise per sample and tiles are pasted in DeepLIIF's order.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 
@@ -89,7 +90,14 @@ def split(states: Sequence[_ImageState], timings: TileTimings) -> Iterator[Item]
             yield index, tile, network_tile
 
 
-class Merger(Generic[Result]):
+class Merger(Protocol):
+    """Where a batch's results go: `outputs[name][k]` belongs to `items[k]`; `outputs` is None for a run
+    of empty tiles, which the network never sees."""
+
+    def add(self, items: Sequence[Item], outputs: dict[str, np.ndarray] | None) -> None: ...
+
+
+class ImageMerger(Generic[Result]):
     """Pastes results strictly in tile order however batches complete (DeepLIIF's overwrite order) and
     finishes each image as soon as its last tile is pasted."""
 
@@ -137,10 +145,17 @@ def run_tile_loop(run: Run, images: Sequence[np.ndarray], tile_size: int, batch_
     is the number of tiles per `run` call; tiles of several images share a batch."""
     timings = TileTimings()
     states = [_ImageState(image, tile_size) for image in images]
-    merger = Merger(states, tile_size, timings, finish, progress)
-    loop = _serial if strategy is Strategy.SERIAL else _threaded
-    loop(run, split(states, timings), merger, batch_size, timings)
+    merger = ImageMerger(states, tile_size, timings, finish, progress)
+    run_tiles(run, split(states, timings), merger, batch_size, timings, strategy)
     return merger.results, timings  # type: ignore[return-value]
+
+
+def run_tiles(run: Run, items: Iterator[Item], merger: Merger, batch_size: int, timings: TileTimings,
+              strategy: Strategy = Strategy.THREADED) -> None:
+    """Every item from the splitter `items` through `run` in batches of `batch_size` non-empty tiles, and
+    each batch's results into `merger`."""
+    loop = _serial if strategy is Strategy.SERIAL else _threaded
+    loop(run, items, merger, batch_size, timings)
 
 
 def run_batch(run: Run, pending: list[Item], timings: TileTimings) -> dict[str, np.ndarray]:
