@@ -15,7 +15,7 @@ import numpy as np
 
 from .cell_data import CELL_DATA_VERSIONS
 from .cells import Cell, CellGeometry, Outline
-from .contract import MODALITIES
+from .contract import MODALITIES, NETWORK_TILE
 from .errors import ArgumentError, ChoiceEnum, ImageError
 from .postprocessing import PostprocessResult, postprocess
 from .scoring_rules import PostprocessOptions
@@ -62,7 +62,25 @@ class TileBatchRunner(Protocol):
 
 
 @dataclass(frozen=True)
+class TileSpec:
+    """What decides how an image is tiled and batched; images that share one share network batches,
+    whatever each asks back. The overlap and the network tile follow from DeepLIIF's rules."""
+    tile_size: int = DEFAULT_TILE_SIZE
+    batch_size: int = 4
+
+    @property
+    def overlap(self) -> int:
+        return self.tile_size // 16
+
+    @property
+    def network_tile(self) -> int:
+        return NETWORK_TILE
+
+
+@dataclass(frozen=True)
 class InferenceOptions:
+    """One request's options: its `tile_spec` (how it is tiled) and what it wants back (outputs,
+    postprocessing, cells files), which the tile loop applies per image."""
     tile_size: int = DEFAULT_TILE_SIZE
     batch_size: int = 4
     outputs: OutputSet = OutputSet.ALL
@@ -81,6 +99,10 @@ class InferenceOptions:
             raise ArgumentError(f"batch_size must be an integer from 1 to {MAX_BATCH_SIZE}; got {self.batch_size!r}")
         if self.cell_data is not None and self.cell_data not in CELL_DATA_VERSIONS:
             raise ArgumentError(f"cell_data must be one of {CELL_DATA_VERSIONS}; got {self.cell_data!r}")
+
+    @property
+    def tile_spec(self) -> TileSpec:
+        return TileSpec(self.tile_size, self.batch_size)
 
 
 @dataclass
@@ -118,25 +140,33 @@ def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
 
 
 def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Sequence[np.ndarray],
-                 options: InferenceOptions = InferenceOptions(), strategy: Strategy = Strategy.THREADED,
-                 progress: Callable[[int], None] | None = None,
+                 options: InferenceOptions | Sequence[InferenceOptions] = InferenceOptions(),
+                 strategy: Strategy = Strategy.THREADED, progress: Callable[[int], None] | None = None,
                  stitched: Stitched | None = None) -> list[InferenceResult]:
     """DeepLIIF's `infer_modalities` for several RGB uint8 images through one tile loop (tiles of all of
-    them batched together): images, scoring and timings per image. Each result's timings hold the stage
-    sums of the whole call (one image's own figures when called with one) and its own total.
-    `stitched(index, outputs)` hears each image's five network outputs as soon as they are stitched,
-    before postprocessing, so a caller can encode them while the cells are found."""
+    them batched together): images, scoring and timings per image. `options` is one for all, or one per
+    image: they must share a `TileSpec`, and each image gets back what its own options ask for. Each
+    result's timings hold the stage sums of the whole call (one image's own figures when called with one)
+    and its own total. `stitched(index, outputs)` hears each image's five network outputs as soon as they
+    are stitched, before postprocessing, so a caller can encode them while the cells are found."""
     for image in images:
         check_image_array(image)
+    per_image = [options] * len(images) if isinstance(options, InferenceOptions) else list(options)
+    if len(per_image) != len(images):
+        raise ArgumentError(f"{len(per_image)} options for {len(images)} images")
+    specs = {o.tile_spec for o in per_image}
+    if len(specs) > 1:
+        raise ArgumentError(f"images inferred together must share one tile spec; got {sorted(specs, key=str)}")
+    spec = specs.pop() if specs else InferenceOptions().tile_spec
 
     def finish(done: StitchedImage) -> InferenceResult:
         if stitched is not None:
             stitched(done.index, done.images)
-        selected, post = finish_image(images[done.index], done.images, options)
+        selected, post = finish_image(images[done.index], done.images, per_image[done.index])
         return InferenceResult(selected, post.scoring, {"total_seconds": time.perf_counter() - done.started},
                                done.tiles, done.empty, post.cells, post.outlines, post.cell_data)
 
-    results, timings = run_tile_loop(run, images, options.tile_size, options.batch_size, finish, strategy, progress)
+    results, timings = run_tile_loop(run, images, spec.tile_size, spec.batch_size, finish, strategy, progress)
     for result in results:
         result.timings = {**timings.as_dict(), **result.timings}
     return results

@@ -187,7 +187,8 @@ class Session:
     def infer(self, image: np.ndarray, options: InferenceOptions | None = None) -> InferenceResult:
         return self.infer_many([image], options)[0]
 
-    def infer_many(self, images: Sequence[np.ndarray], options: InferenceOptions | None = None,
+    def infer_many(self, images: Sequence[np.ndarray],
+                   options: InferenceOptions | Sequence[InferenceOptions] | None = None,
                    progress: Callable[[int], None] | None = None,
                    run: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
                    stitched: Stitched | None = None) -> list[InferenceResult]:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from deepliif.inference import InferenceOptions, InferenceResult
+from deepliif.inference import InferenceOptions, InferenceResult, TileSpec
 from deepliif.logs import project_logger
 from deepliif.slide_checkpoint import CheckpointBusyError
 
@@ -119,17 +119,20 @@ class EdiService:
                                 outputs=request.outputs, postprocess=request.postprocess,
                                 cell_geometry=None)  # an image request's answer holds no cells file
 
-    def _infer(self, images: list, options: InferenceOptions, sync: bool) -> list[InferenceResult]:
+    def _infer(self, images: list, options: InferenceOptions | list[InferenceOptions], sync: bool
+               ) -> list[InferenceResult]:
         return self.session.infer_many(images, options, run=self.turns.taking_turns(self.session.run, sync))
 
     def _run_sync(self, jobs: list[SyncJob]) -> Iterator[tuple[int, dict]]:
-        """Requests with the same options run as one tile stream (batched across requests)."""
-        groups: dict[InferenceOptions, list[SyncJob]] = {}
+        """Requests tiled alike (one `TileSpec`) run as one tile stream, batched across requests, whatever
+        each asks back (outputs, thresholds)."""
+        groups: dict[TileSpec, list[SyncJob]] = {}
         for job in jobs:
-            groups.setdefault(self._options(job[1]), []).append(job)
-        for options, group in groups.items():
+            groups.setdefault(self._options(job[1]).tile_spec, []).append(job)
+        for group in groups.values():
             try:
-                results = self._infer([job[2].array for job in group], options, sync=True)
+                results = self._infer([job[2].array for job in group], [self._options(job[1]) for job in group],
+                                      sync=True)
             except Exception as exc:  # noqa: BLE001
                 results = [exc] * len(group)
             for (index, request, image, started), result in zip(group, results):

@@ -110,3 +110,25 @@ def test_network_outputs_wait_for_stitching_in_a_bounded_queue() -> None:
     results, _ = run_tile_loop(run, [image], 512, 1, lambda done: done.images, progress=slow_progress)
     assert len(calls) == len(stitched) == 25 and max(ahead) <= STITCH_BACKLOG + 2
     assert np.array_equal(results[0]["Hema"], image)  # every tile pasted back in place
+
+
+def test_images_that_share_a_tile_spec_share_batches_whatever_they_ask_back(runner: TileRunner) -> None:
+    from deepliif.scoring_rules import PostprocessOptions
+    images = [synthetic_ihc(600, 530, seed=1), synthetic_ihc(530, 600, seed=2)]
+    calls = []
+
+    def counting_run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(len(batch))
+        return runner.run(batch)
+
+    asks = [InferenceOptions(batch_size=3, outputs=OutputSet.MODALITIES),
+            InferenceOptions(batch_size=3, outputs=OutputSet.SEG_MASKS, postprocess=PostprocessOptions(size_thresh=0))]
+    results = infer_images(counting_run, images, asks)
+    alone = [infer_image(runner, image, ask) for image, ask in zip(images, asks)]
+    assert sum(calls) == 8 and len(calls) == 3  # 4 + 4 tiles in batches of 3: one batch mixes the two images
+    for got, want, ask in zip(results, alone, asks):
+        assert tuple(got.images) == ask.outputs.names and got.scoring == want.scoring
+        for name in ask.outputs.names:
+            np.testing.assert_array_equal(got.images[name], want.images[name])
+    with pytest.raises(ArgumentError, match="share one tile spec"):
+        infer_images(counting_run, images, [asks[0], InferenceOptions(tile_size=256, batch_size=3)])

@@ -27,8 +27,11 @@ def test_tasks_of_one_call_share_one_engine_pass_and_fail_alone(service: EdiServ
                       {"img_path_on_pvc": "slides/tile.png", "images_to_return": "seg_masks", "request_id": "t4"})
     assert [r["status"] for r in responses] == ["finished", "error", "finished", "finished"]
     assert [r["request_id"] for r in responses] == ["t1", "t2", "t3", "t4"]
-    assert calls == [2, 1]  # t1 and t3 batched together; t4 asks for other outputs
-    assert responses[0]["scoring"] == responses[2]["scoring"]
+    assert calls == [3]  # t1, t3 and t4 share one tile stream though t4 asks for other outputs
+    assert responses[0]["scoring"] == responses[2]["scoring"] == responses[3]["scoring"]
+    returned = sorted(p.name for p in (service.volume.root / responses[3]["output_dir"]).iterdir())
+    assert [name for name in returned if name.endswith(".png")] == \
+        ["tile_Seg.png", "tile_SegOverlaid.png", "tile_SegRefined.png"]  # only what t4 asked for
 
 
 def test_a_request_over_the_sync_budget_goes_async(edi_model: Path, edi_cache: Path, tmp_path: Path) -> None:
