@@ -26,8 +26,7 @@ from scipy import ndimage
 from .imageio import open_atomically, write_atomically
 from .label_stats import LabelledPixels
 
-Ring = list[tuple[float, float]]  # closed: the last point is the first
-Outline = list[Ring]  # the shell, then any holes
+Outline = list[np.ndarray]  # closed (n, 2) rings of level-0 (x, y): the shell, then any holes
 
 CLASS_COLOURS = {"Positive": (255, 0, 0), "Negative": (0, 0, 255)}  # QuPath's own: red, blue
 # The namespace of cell UUIDs: uuid5 of it and "<image>/<cell>" names a cell the same way every run.
@@ -108,7 +107,7 @@ def cell_features(image: str, cells: list[Cell], mpp: float | None,
     """One GeoJSON feature per cell: its outline from `outlines` (cell id -> rings), else its centroid."""
     for cell in cells:
         rings = None if outlines is None else outlines.get(cell.id)
-        geometry = {"type": "Polygon", "coordinates": rings} if rings else \
+        geometry = {"type": "Polygon", "coordinates": [ring.tolist() for ring in rings]} if rings else \
             {"type": "Point", "coordinates": [cell.centroid_x, cell.centroid_y]}
         yield {"type": "Feature", "id": cell_uuid(image, cell), "geometry": geometry,
                "properties": {"objectType": "detection", "name": f"cell {cell.id}",
