@@ -1,9 +1,9 @@
 """Cell outlines as polygons QuPath accepts: closed, simple, tracing each counted cell's pixels.
 
-An outline is the 0.5 iso-line of the cell's mask (marching squares, `skimage.measure.find_contours`): it
-runs through the midpoints between the cell's boundary pixels and their outside neighbours, so it never
-crosses or touches itself, even where the cell is one pixel wide. Cells are 8-connected, so diagonal
-neighbours join (`fully_connected="high"`). Coordinates are QuPath's: pixel (x, y) of level 0 covers
+An outline is the 0.5 iso-line of the cell's mask (marching squares, `marching_squares.iso_rings`, the
+lines scikit-image's `find_contours` gives): it runs through the midpoints between the cell's boundary
+pixels and their outside neighbours, so it never crosses or touches itself, even where the cell is one
+pixel wide. Cells are 8-connected, so diagonal neighbours join. Coordinates are QuPath's: pixel (x, y) of level 0 covers
 [x, x+1) x [y, y+1), so a pixel's centre is (x + 0.5, y + 0.5).
 
 Images and slides trace the same way: an `OutlineTracer` is handed, band by band from the top, which
@@ -19,8 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from .cells import Cell, Outline
-
-Ring = np.ndarray  # (n, 2) float64 (x, y), closed: the last point is the first
+from .marching_squares import iso_lines
 
 
 class OutlineTracer:
@@ -46,7 +45,7 @@ class OutlineTracer:
         self._trace_band(whole, owner, top)
         for cell_id in [c for c in self._pending if self.cells[c - 1].bbox_y1 <= bottom]:
             cell = self.cells[cell_id - 1]
-            self.outlines[cell_id] = _rings(_contours(self._pending.pop(cell_id)), cell.bbox_x0, cell.bbox_y0)
+            self.outlines[cell_id] = trace(self._pending.pop(cell_id), cell.bbox_x0, cell.bbox_y0)
 
     def _gather(self, cell: Cell, top: int, owner: np.ndarray, found: tuple[slice, slice]) -> None:
         mask = self._pending.get(cell.id)
@@ -58,49 +57,53 @@ class OutlineTracer:
              cols.start - cell.bbox_x0: cols.stop - cell.bbox_x0] |= owner[rows, cols] == cell.id
 
     def _trace_band(self, whole: np.ndarray, owner: np.ndarray, top: int) -> None:
-        by_cell: dict[int, list[np.ndarray]] = {}
-        for contour in _contours(whole):
-            by_cell.setdefault(_owner_beside(contour[0], owner), []).append(contour)
-        for cell_id, contours in by_cell.items():
-            self.outlines[cell_id] = _rings(contours, 0, top)
+        rings, firsts = _rings_of(whole, 0, top)
+        if not rings:
+            return
+        by_cell: dict[int, Outline] = {}
+        for cell_id, ring in zip(_owners_beside(firsts, owner, top).tolist(), rings):
+            by_cell.setdefault(cell_id, []).append(ring)
+        for cell_id, cell_rings in by_cell.items():
+            self.outlines[cell_id] = cell_rings
 
 
 def trace(mask: np.ndarray, x0: int, y0: int) -> Outline:
     """The outline of the pixels of `mask` (one cell), whose pixel (0, 0) is level-0 pixel (x0, y0)."""
-    return _rings(_contours(mask), x0, y0)
+    return _rings_of(mask, x0, y0)[0]
 
 
-def _contours(mask: np.ndarray) -> list[np.ndarray]:
-    """Marching-squares contours of a mask, as (row, column) of the mask padded by one pixel."""
-    from skimage.measure import find_contours
-    return find_contours(np.pad(mask, 1).astype(np.uint8), 0.5, fully_connected="high")
+def _rings_of(mask: np.ndarray, x0: int, y0: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """The mask's iso-lines as closed level-0 (x, y) rings without the vertices that lie on a straight
+    line, largest first (a cell's shell before any hole: the rings of one mask never cross); and each
+    ring's first vertex before that, as (row, column) of the padded mask."""
+    points, lengths = iso_lines(mask)
+    if not len(lengths):
+        return [], np.zeros((0, 2))
+    count, ring_of = len(lengths), np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    firsts = points[starts]
+    xy = np.column_stack([points[:, 1] + (x0 - 0.5), points[:, 0] + (y0 - 0.5)])
+    index = np.arange(len(xy))
+    before = np.where(index == starts[ring_of], index + lengths[ring_of] - 1, index - 1)
+    after = np.where(index == starts[ring_of] + lengths[ring_of] - 1, starts[ring_of], index + 1)
+    turn = (xy[:, 0] - xy[before, 0]) * (xy[after, 1] - xy[:, 1]) - (xy[:, 1] - xy[before, 1]) * (xy[after, 0] - xy[:, 0])
+    area = np.abs(np.bincount(ring_of, xy[:, 0] * xy[after, 1] - xy[after, 0] * xy[:, 1], minlength=count)) / 2
+    kept = turn != 0
+    xy, ring_of = xy[kept], ring_of[kept]
+    kept_lengths = np.bincount(ring_of, minlength=count)
+    closed = np.insert(xy, np.cumsum(kept_lengths), xy[np.cumsum(kept_lengths) - kept_lengths], axis=0)
+    rings = np.split(closed, np.cumsum(kept_lengths + 1)[:-1])
+    order = np.argsort(-area, kind="stable")
+    return [rings[k] for k in order], firsts[order]
 
 
-def _owner_beside(vertex: np.ndarray, owner: np.ndarray) -> int:
-    """The owner of the inside pixel next to a contour vertex, which lies midway between two pixels."""
-    row, column = vertex - 1  # the contour is of the padded mask
-    pixels = [(int(row), int(np.floor(column))), (int(row), int(np.ceil(column)))] if row == int(row) else \
-        [(int(np.floor(row)), int(column)), (int(np.ceil(row)), int(column))]
-    return max(int(owner[y, x]) for y, x in pixels if 0 <= y < owner.shape[0] and 0 <= x < owner.shape[1])
-
-
-def _rings(contours: list[np.ndarray], x0: int, y0: int) -> Outline:
-    """Contours to closed level-0 (x, y) rings without the vertices on straight lines, shell first."""
-    rings = [_ring(contour, x0, y0) for contour in contours]
-    rings.sort(key=lambda ring: -abs(_area(ring)))
-    return rings
-
-
-def _ring(contour: np.ndarray, x0: int, y0: int) -> Ring:
-    points = np.column_stack([contour[:, 1] + (x0 - 0.5), contour[:, 0] + (y0 - 0.5)])
-    body = points[:-1] if np.array_equal(points[0], points[-1]) else points
-    before, after = np.roll(body, 1, axis=0), np.roll(body, -1, axis=0)
-    cross = (body[:, 0] - before[:, 0]) * (after[:, 1] - body[:, 1]) - \
-        (body[:, 1] - before[:, 1]) * (after[:, 0] - body[:, 0])
-    kept = body[cross != 0]
-    return np.vstack([kept, kept[:1]])
-
-
-def _area(ring: Ring) -> float:
-    xs, ys = ring[:, 0], ring[:, 1]
-    return float(np.dot(xs[:-1], ys[1:]) - np.dot(xs[1:], ys[:-1])) / 2
+def _owners_beside(firsts: np.ndarray, owner: np.ndarray, top: int) -> np.ndarray:
+    """Per ring, the owner of the inside pixel next to its first vertex, which lies midway between two
+    pixels of one row (padded coordinates)."""
+    row = firsts[:, 0].astype(np.int64) - 1
+    left = np.floor(firsts[:, 1]).astype(np.int64) - 1
+    right = left + 1
+    width = owner.shape[1]
+    at_left = np.where(left >= 0, owner[row, np.clip(left, 0, width - 1)], 0)
+    at_right = np.where(right < width, owner[row, np.clip(right, 0, width - 1)], 0)
+    return np.maximum(at_left, at_right)
