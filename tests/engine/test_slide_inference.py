@@ -2,6 +2,7 @@
 was never killed; nothing it leaves behind looks complete."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -32,13 +33,26 @@ def session(generated_models: dict[Layout, Path], tmp_path: Path, monkeypatch: p
         yield live
 
 
-def counting(session: Session, tiles: list[int], kill_when=lambda: False):
+def counting(session: Session, tiles: list[int]):
     def run(batch: np.ndarray) -> dict[str, np.ndarray]:
-        if kill_when():
-            raise Killed()
         tiles.append(len(batch))
         return session.run(batch)
     return run
+
+
+@contextlib.contextmanager
+def killed_after(regions: int):
+    """The run dies once `regions` regions are listed: in the merger, right after the listing, whatever
+    how far the network has run ahead."""
+    listed = slide_checkpoint.SlideCheckpoint.row_done
+
+    def dying(self, position) -> None:
+        listed(self, position)
+        if len(self.regions) >= regions:
+            raise Killed()
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Killed):
+        patch.setattr(slide_checkpoint.SlideCheckpoint, "row_done", dying)
+        yield
 
 
 def listed_regions(folder: Path) -> int:
@@ -60,8 +74,8 @@ def test_a_killed_slide_run_resumes_from_its_last_region_with_identical_outputs(
     infer_slide(session, slide, tmp_path / "whole", TILE, run=counting(session, whole_tiles))
 
     out, folder = tmp_path / "killed", tmp_path / "killed" / ".slide.resume"
-    with pytest.raises(Killed):
-        infer_slide(session, slide, out, TILE, run=counting(session, [], lambda: listed_regions(folder) >= 1))
+    with killed_after(1):
+        infer_slide(session, slide, out, TILE)
     assert [p.name for p in out.iterdir() if not p.name.startswith(".")] == []  # nothing looks complete
     assert listed_regions(folder) == 1
 
@@ -85,16 +99,16 @@ def test_a_killed_slide_run_resumes_from_its_last_region_with_identical_outputs(
 def test_a_damaged_region_or_a_changed_slide_is_not_reused(session: Session, tmp_path: Path) -> None:
     slide = write_ome_pyramid(tmp_path / "slide.ome.tif", glass_with_tissue())
     out, folder = tmp_path / "out", tmp_path / "out" / ".slide.resume"
-    with pytest.raises(Killed):
-        infer_slide(session, slide, out, TILE, run=counting(session, [], lambda: listed_regions(folder) >= 2))
+    with killed_after(2):
+        infer_slide(session, slide, out, TILE)
     region = json.loads((folder / "checkpoint.json").read_text())["regions"][1]
     damaged = folder / region["files"]["Seg"]["file"]
     damaged.write_bytes(damaged.read_bytes()[:-100])  # cut short: the second region is redone
     record = json.loads(infer_slide(session, slide, out, TILE).read_text())
     assert record["resumed"]["tiles_done_before"] == 14
 
-    with pytest.raises(Killed):
-        infer_slide(session, slide, out, TILE, run=counting(session, [], lambda: listed_regions(folder) >= 1))
+    with killed_after(1):
+        infer_slide(session, slide, out, TILE)
     slide.touch()  # the slide changed since: every region is stale
     record = json.loads(infer_slide(session, slide, out, TILE).read_text())
     assert record["resumed"] is None

@@ -345,14 +345,17 @@ def test_a_slide_request_retried_after_its_kernel_died_resumes_from_the_last_reg
     monkeypatch.setattr(slide_checkpoint, "REGION_PIXELS", 1100 * 512)
     checkpoint = service.slide_checkpoint(service.records.layout.output_dir("slide-resume"))
 
-    def dies_after_one_region(batch: np.ndarray) -> dict[str, np.ndarray]:
-        if (checkpoint / "checkpoint.json").exists() and \
-                json.loads((checkpoint / "checkpoint.json").read_text())["regions"]:
+    listed = slide_checkpoint.SlideCheckpoint.row_done
+
+    def dies_after_one_region(self, position) -> None:
+        listed(self, position)
+        if self.regions:
             raise KeyboardInterrupt  # stands for the kernel's death: nothing of the request's code runs after it
-        return service.session.run(batch)
-    with service.volume.local_file("slides/resume.tif") as local, pytest.raises(KeyboardInterrupt):
-        infer_slide(service.session, local, checkpoint.parent / "elsewhere", None, run=dies_after_one_region,
-                    stem="resume", checkpoint_dir=checkpoint)
+    with monkeypatch.context() as dying, service.volume.local_file("slides/resume.tif") as local, \
+            pytest.raises(KeyboardInterrupt):
+        dying.setattr(slide_checkpoint.SlideCheckpoint, "row_done", dies_after_one_region)
+        infer_slide(service.session, local, checkpoint.parent / "elsewhere", None, stem="resume",
+                    checkpoint_dir=checkpoint)
     (answer,) = (json.loads(r) for r in service.handle([json.dumps(
         {"img_path_on_pvc": "slides/resume.tif", "request_id": "slide-resume"})]))
     assert answer["status"] == "submitted"
