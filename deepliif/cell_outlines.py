@@ -41,7 +41,9 @@ class OutlineTracer:
                 self._gather(cell, top, owner, found)
         whole = owner > 0
         if crossing:
-            whole &= ~np.isin(owner, crossing)
+            is_crossing = np.zeros(len(self.cells) + 1, bool)
+            is_crossing[crossing] = True
+            whole &= ~is_crossing[owner]
         self._trace_band(whole, owner, top)
         for cell_id in [c for c in self._pending if self.cells[c - 1].bbox_y1 <= bottom]:
             cell = self.cells[cell_id - 1]
