@@ -86,25 +86,41 @@ def iso_lines(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.column_stack([row, col]), lengths
 
 
+_SMALL = 4096  # below this many vertices, cycles are found by doubling alone (no sparse-graph set-up)
+
+
 def _cycles(successor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A permutation's cycles: every index in cycle order, each cycle from its smallest index, cycles in
     order of their smallest index; and each cycle's length."""
     n = len(successor)
-    count, label = connected_components(csr_matrix((np.ones(n, np.int8), (np.arange(n), successor)), shape=(n, n)),
-                                        directed=True, connection="weak")
-    lengths = np.bincount(label, minlength=count)
-    root = np.full(count, n, np.int64)
-    np.minimum.at(root, label, np.arange(n))
+    root_of = _smallest_in_cycle(successor)
+    roots = np.flatnonzero(root_of == np.arange(n))  # ascending: cycles in order of their smallest index
+    size_of = np.bincount(root_of, minlength=n)
     predecessor = np.empty(n, np.int64)
     predecessor[successor] = np.arange(n)
-    tail = predecessor[root]  # the cycle cut before its root: each index's distance to its tail
+    tail = predecessor[roots]  # each cycle cut before its root: each index's distance to its tail
     ahead, distance = successor.copy(), np.ones(n, np.int64)
     ahead[tail], distance[tail] = tail, 0
-    for _ in range(int(np.ceil(np.log2(max(int(lengths.max()), 2))))):
+    longest = int(size_of.max())
+    for _ in range(int(np.ceil(np.log2(max(longest, 2))))):
         distance, ahead = distance + distance[ahead], ahead[ahead]
-    position = lengths[label] - 1 - distance
-    by_root = np.argsort(root)  # cycles in order of their smallest index
-    rank = np.empty(count, np.int64)
-    rank[by_root] = np.arange(count)
-    walk = np.argsort(rank[label] * (int(lengths.max()) + 1) + position, kind="stable")
-    return walk, lengths[by_root]
+    position = size_of[root_of] - 1 - distance
+    rank = np.zeros(n, np.int64)
+    rank[roots] = np.arange(len(roots))
+    return np.argsort(rank[root_of] * (longest + 1) + position), size_of[roots]
+
+
+def _smallest_in_cycle(successor: np.ndarray) -> np.ndarray:
+    """Per index, the smallest index of its cycle: by doubling for small permutations (one cell's
+    outline), through scipy's connected components for large ones (a band's)."""
+    n = len(successor)
+    if n <= _SMALL:
+        smallest, ahead = np.arange(n), successor.copy()
+        for _ in range(int(np.ceil(np.log2(max(n, 2))))):
+            smallest, ahead = np.minimum(smallest, smallest[ahead]), ahead[ahead]
+        return smallest
+    _, label = connected_components(csr_matrix((np.ones(n, np.int8), (np.arange(n), successor)), shape=(n, n)),
+                                    directed=True, connection="weak")
+    smallest = np.full(int(label.max()) + 1, n, np.int64)
+    np.minimum.at(smallest, label, np.arange(n))
+    return smallest[label]

@@ -32,3 +32,13 @@ def test_a_diagonal_pair_is_one_ring_and_an_empty_mask_none() -> None:
     (ring,) = iso_rings(mask)
     assert len(ring) - 1 == 8 and iso_rings(np.zeros((3, 3), bool)) == []
     assert tuple(ring[0]) == (2.0, 1.5)  # the top-most, left-most vertex between two pixels of one row (padded)
+
+
+def test_large_masks_take_the_sparse_graph_path_with_the_same_rings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepliif import marching_squares
+    mask = np.random.default_rng(5).random((300, 300)) < 0.45  # over a million vertices' worth of quads
+    through_graph = iso_rings(mask)
+    monkeypatch.setattr(marching_squares, "_SMALL", 10 ** 9)
+    assert [ring.tolist() for ring in iso_rings(mask)] == [ring.tolist() for ring in through_graph]
+    theirs = find_contours(np.pad(mask, 1).astype(np.uint8), 0.5, fully_connected="high")
+    assert vertex_sets(through_graph) == vertex_sets(theirs) and len(through_graph) > 1000
