@@ -17,6 +17,7 @@ import numpy as np
 
 from deepliif.contract import run_in_chunks
 from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, DeepLIIFError
+from deepliif.imageio import file_sha256
 from deepliif.inference import InferenceOptions, InferenceResult, Stitched, infer_images
 from deepliif.logs import project_logger
 from deepliif.model_files import ModelFiles, read_model_files
@@ -48,6 +49,15 @@ def choose_batch_size(free_bytes: int | None, precision: Precision, cap: int | N
     else:
         size = max(1, min(32, int(free_bytes * 0.8) // GPU_BYTES_PER_TILE[precision]))
     return min(size, cap) if cap else size
+
+
+def tensorrt_ep_cache_dir(root: Path, artifact: Artifact) -> Path:
+    """Where ONNX Runtime's TensorRT EP keeps this graph's engines and timing cache: a folder per artifact.
+    The EP names its cached engines from the graph's file name, node and input names and library versions,
+    not its weights, so one shared folder would hand a second model of the same architecture, a model
+    updated in place or a re-calibrated INT8 graph (same names, new scales) the first one's engine."""
+    key = artifact.provenance.cache_key or file_sha256(artifact.path)[:24]
+    return Path(root) / "onnxruntime-tensorrt" / key
 
 
 class Session:
@@ -141,9 +151,9 @@ class Session:
             if providers == ["CPUExecutionProvider"] and self.loaders.given is None:
                 return self._open_cached(self.loaders.ort_optimized, lambda artifact: OnnxRuntimeBackend(
                     artifact.path, "cpu", self.precision, preoptimized=True))
-            engines = self.loaders.cache.root / "onnxruntime-tensorrt"  # the TensorRT EP's engine and timing caches
             return self._open_cached(self.loaders.onnx, lambda artifact: OnnxRuntimeBackend(
-                artifact.path, self.device, self.precision, cache_dir=engines))
+                artifact.path, self.device, self.precision,
+                cache_dir=tensorrt_ep_cache_dir(self.loaders.cache.root, artifact)))
         from .backends.tensorrt_backend import TensorRTBackend
         from .backends.tensorrt_plan import tensorrt_module
         from export.tensorrt_build import TensorRTBuildConfig

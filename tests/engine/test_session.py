@@ -182,3 +182,21 @@ def test_the_optimised_graph_keeps_its_weights_in_a_file_the_manifest_covers(mod
         after = session.run(np.full((1, 512, 512, 3), 128, np.uint8))
     assert "stale or corrupt" in caplog.text
     assert all(np.array_equal(before[name], after[name]) for name in before)
+
+
+def test_each_graph_gets_its_own_tensorrt_ep_engine_folder(tmp_path: Path) -> None:
+    """ONNX Runtime's TensorRT EP names cached engines by the graph's file and node names, not its weights:
+    two graphs of one architecture (other weights, a re-calibration) must never share an engine folder."""
+    from engine.artifacts import Artifact, ArtifactKind, Provenance
+    from engine.backends.precision import Precision
+    from engine.session import tensorrt_ep_cache_dir
+    first, second = tmp_path / "a" / "deepliif.onnx", tmp_path / "b" / "deepliif.onnx"
+    for path, payload in ((first, b"weights one"), (second, b"weights two")):
+        path.parent.mkdir()
+        path.write_bytes(payload)
+    given = [Artifact(p, Provenance(ArtifactKind.ONNX, Precision.INT8, None)) for p in (first, second)]
+    cached = [Artifact(first, Provenance(ArtifactKind.ONNX, Precision.FP16, "m", key)) for key in ("k1", "k2")]
+    folders = [tensorrt_ep_cache_dir(tmp_path / "cache", artifact) for artifact in given + cached]
+    assert len(set(folders)) == 4 and all(f.parent == tmp_path / "cache" / "onnxruntime-tensorrt" for f in folders)
+    assert folders[0].name == file_sha256(first)[:24] and folders[2].name == "k1"
+    assert tensorrt_ep_cache_dir(tmp_path / "cache", given[0]) == folders[0]  # the same graph keeps its engines
