@@ -115,8 +115,9 @@ def _strongly_typed_flags(trt) -> int:
 def _tf32_allowed(precision: Precision) -> bool:
     """TF32 rounds fp32 convolution inputs to 10-bit mantissas (TensorRT enables it by default). An fp32
     plan promises the fp32 contract (within one grey level of PyTorch fp32), which TF32 is not validated
-    against here, so it is off; reduced-precision graphs are judged by their own gate."""
-    return precision is not Precision.FP32
+    against here, so it is off. An INT8 Q/DQ graph keeps its edge convolutions in fp32 and passed its gate
+    without TF32 (ONNX Runtime on the CPU), so it is off there too; an fp16 graph's convolutions are fp16."""
+    return precision is Precision.FP16
 
 
 def _builder_config(trt, builder, config: TensorRTBuildConfig, precision: Precision):

@@ -54,7 +54,7 @@ def provider_options(provider: str, precision: Precision, cache_dir: Path | None
     TensorRT EP: engines and timing caches persist under the artifact cache (else it rebuilds every engine
     at every start); the batch dimension gets an explicit profile (else a new engine per new batch size);
     fp16 kernels only for an fp16 request; int8 only for a Q/DQ graph (explicit scales, no calibration
-    table). CUDA EP: TF32 only where the precision is already reduced.
+    table). CUDA EP: TF32 only for fp16 graphs.
     """
     precision = Precision.parse(precision)
     if provider == "TensorrtExecutionProvider":
@@ -71,7 +71,9 @@ def provider_options(provider: str, precision: Precision, cache_dir: Path | None
                             "trt_timing_cache_enable": True, "trt_timing_cache_path": path})
         return options
     if provider == "CUDAExecutionProvider":
-        return {"device_id": device_id, "use_tf32": 0 if precision is Precision.FP32 else 1}
+        # TF32 only where every convolution is already fp16: INT8 Q/DQ graphs keep fp32 edge convolutions,
+        # and their gate measured them without TF32
+        return {"device_id": device_id, "use_tf32": 1 if precision is Precision.FP16 else 0}
     return {}
 
 

@@ -186,3 +186,15 @@ def test_the_double_parser_refuses_uint8_inside_the_graph(fake_tensorrt, tmp_pat
     parser = trt.OnnxParser(trt.Builder(trt.Logger()).create_network(), trt.Logger())
     assert not parser.parse_from_file(str(path))
     assert "UINT8 types for intermediate tensors" in str(parser.get_error(0)) and "/Transpose" in str(parser.get_error(0))
+
+
+@pytest.mark.parametrize("precision, tf32", [("fp32", False), ("int8", False), ("fp16", True)])
+def test_tf32_stays_on_only_where_the_gate_measured_nothing_it_could_change(fake_tensorrt, precision: str,
+                                                                            tf32: bool) -> None:
+    """INT8 plans keep edge convolutions in fp32, and their gate ran without TF32: TF32 must be cleared."""
+    from engine.backends.precision import Precision
+    from export.tensorrt_build import _builder_config
+    builder = fake_tensorrt.Builder(fake_tensorrt.Logger())
+    config = _builder_config(fake_tensorrt, builder, TensorRTBuildConfig(1, 2, 4, workspace_gib=1),
+                             Precision.parse(precision))
+    assert (fake_tensorrt.BuilderFlag.TF32 in config.flags) is tf32

@@ -71,6 +71,7 @@ def test_cuda_ep_keeps_fp32_off_tf32() -> None:
     fp32 = provider_options("CUDAExecutionProvider", Precision.FP32, None)
     assert set(fp32) <= DOCUMENTED["CUDAExecutionProvider"] and fp32["use_tf32"] == 0
     assert provider_options("CUDAExecutionProvider", Precision.FP16, None)["use_tf32"] == 1
+    assert provider_options("CUDAExecutionProvider", Precision.INT8, None)["use_tf32"] == 0  # fp32 edge convs
     assert provider_options("CPUExecutionProvider", Precision.FP32, None) == {}
 
 
