@@ -3,7 +3,8 @@ optionally channels_last and, on CUDA, CUDA-graph replay per batch size."""
 from __future__ import annotations
 
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,13 +22,20 @@ from .base import Backend, BackendInfo
 logger = project_logger("engine")
 
 
-def configure_tf32(precision: Precision) -> None:
-    """fp32 must stay within one grey level of the CPU reference, a promise TF32 convolutions (on by
-    default for cuDNN in PyTorch) are not validated against; reduced precision is gated on its own.
-    These switches are process-wide, as PyTorch documents them."""
+@contextlib.contextmanager
+def tf32_for(precision: Precision) -> Iterator[None]:
+    """TF32 as this precision needs it, for the calls inside the block only. fp32 must stay within one
+    grey level of the CPU reference, a promise TF32 convolutions (on by default for cuDNN in PyTorch) are
+    not validated against; reduced precision is gated on its own. PyTorch's switches are process-wide, so
+    they are set around each call and restored after it: a torch fp16 session opened after an fp32 one
+    (as `bench` does) must not turn TF32 on for the fp32 one."""
     allowed = precision is not Precision.FP32
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    torch.backends.cudnn.allow_tf32 = allowed
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @dataclass
@@ -96,8 +104,6 @@ class TorchBackend(Backend):
         if channels_last:
             pipeline = pipeline.to(memory_format=torch.channels_last)
         self.runner = TileRunner(pipeline, self.device, micro_batch)
-        if self.device.type == "cuda":
-            configure_tf32(precision)
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
         self.graphs = GraphReplayer(self._capture) if cuda_graphs else None
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
@@ -106,9 +112,8 @@ class TorchBackend(Backend):
         self.info = BackendInfo("torch", self.device.type, precision, None, detail)
 
     def run_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        if self.graphs is None:
-            return self.runner.run(batch)
-        return self.graphs.run(batch)
+        with tf32_for(self.info.precision):  # a graph captures with the switches its capture saw
+            return self.runner.run(batch) if self.graphs is None else self.graphs.run(batch)
 
     def _capture(self, size: int) -> CapturedGraph:
         """Warm up and capture on one side stream, into the memory pool every captured graph shares, so

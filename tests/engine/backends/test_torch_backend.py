@@ -6,7 +6,7 @@ import torch
 
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
-from engine.backends.torch_backend import CapturedGraph, GraphReplayer, captured_size, configure_tf32
+from engine.backends.torch_backend import CapturedGraph, GraphReplayer, captured_size, tf32_for
 from engine.samples import synthetic_ihc
 from engine.backends.precision import Precision
 
@@ -38,12 +38,36 @@ def test_batches_are_padded_to_few_captured_sizes(generated_models) -> None:
     assert captured == [4, 1, 8, 2] and [captured_size(n) for n in (1, 2, 3, 5, 16, 17)] == [1, 2, 4, 8, 16, 32]
 
 
-def test_tf32_is_off_for_fp32_only() -> None:
-    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+def _tf32() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def test_tf32_is_off_for_fp32_inside_the_call_only() -> None:
+    before = _tf32()
     try:
-        configure_tf32(Precision.FP32)
-        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
-        configure_tf32(Precision.FP16)
-        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        with tf32_for(Precision.FP32):
+            assert _tf32() == (False, False)
+            with tf32_for(Precision.FP16):
+                assert _tf32() == (True, True)
+            assert _tf32() == (False, False)
+        assert _tf32() == (True, True)  # restored: another session's setting is not changed
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_an_fp32_session_runs_without_tf32_whatever_another_session_set(generated_models) -> None:
+    """bench opens a torch fp16 session after an fp32 one: TF32 must be off in the fp32 one's calls."""
+    from deepliif.model_dir import Layout, load_model_dir
+    from engine.backends.torch_backend import TorchBackend
+    backend = TorchBackend(load_model_dir(generated_models[Layout.TORCHSCRIPT]), "cpu", Precision.FP32)
+    seen = []
+    run = backend.runner.run
+    backend.runner.run = lambda batch: (seen.append(_tf32()), run(batch))[1]
+    before = _tf32()
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as an fp16 session left it
+        backend.run(np.zeros((1, 512, 512, 3), np.uint8))
+        assert seen == [(False, False)] and _tf32() == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
