@@ -26,7 +26,7 @@ from .artifacts import Artifact, ArtifactLoaders, Provenance
 from .backends import Backend, BackendKind
 from .backends.precision import Precision
 from .cache import ArtifactCache
-from .devices import cuda_available, free_cuda_memory
+from .devices import cuda_available, free_cuda_memory, is_sticky_cuda_fault
 from .samples import synthetic_ihc
 
 if TYPE_CHECKING:  # PyTorch loads only for the torch backend and for exports (see `Session.model`)
@@ -115,8 +115,9 @@ class Session:
         every candidate would meet, stop the search. `self.skipped` says why each earlier one was not used."""
         if kind is not BackendKind.AUTO:
             return self._open_kind(kind, options)
-        order = GPU_ORDER if self.device != "cpu" and cuda_available() else CPU_ORDER
-        for candidate in order:
+        order = list(GPU_ORDER if self.device != "cpu" and cuda_available() else CPU_ORDER)
+        while order:
+            candidate = order.pop(0)
             backend = None
             try:
                 backend = self._open_kind(candidate, options)
@@ -130,11 +131,22 @@ class Session:
                 self.skipped.append(f"{candidate.value}: {reason}")
                 log = logger.info if isinstance(exc, BackendUnavailableError) else logger.warning
                 log("auto: %s cannot serve here: %s", candidate.value, reason)
+                if self.device != "cpu" and is_sticky_cuda_fault(exc):
+                    order = self._after_cuda_fault(order)
                 continue
             logger.info("auto: chose %s%s", candidate.value,
                         f" (not {'; '.join(self.skipped)})" if self.skipped else " (first choice)")
             return backend
         raise BackendUnavailableError("no backend can run here: " + "; ".join(self.skipped))
+
+    def _after_cuda_fault(self, remaining: list[BackendKind]) -> list[BackendKind]:
+        """A device fault is sticky for the process: no other CUDA backend may be tried in it; the
+        remaining candidates run on the CPU, and the log says why."""
+        self.device = "cpu"
+        self.skipped.append("cuda: a device fault stays for the life of the process; the rest run on the CPU")
+        logger.warning("auto: a CUDA device fault leaves this process's GPU unusable until it restarts; "
+                       "falling back to the CPU (restart the process to use the GPU again)")
+        return [kind for kind in CPU_ORDER if kind in remaining]
 
     def _open_kind(self, kind: BackendKind, options: dict) -> Backend:
         if kind is BackendKind.TORCH:

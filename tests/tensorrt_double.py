@@ -30,7 +30,7 @@ from onnx import TensorProto
 
 __version__ = "11.4.0.106"
 DEVICE = {"name": "Fake GPU (test double)", "compute_capability": "9.0"}
-STATE = {"build_fails": False, "execute_fails": False, "timing_cache_none": False}
+STATE = {"build_fails": False, "execute_fails": False, "timing_cache_none": False, "device_fault": False}
 CALLS: list[tuple] = []
 MAGIC = b"FAKE-TENSORRT-PLAN\n"
 
@@ -314,6 +314,8 @@ class IExecutionContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         CALLS.append(("execute", stream_handle))
+        if STATE["device_fault"]:  # what the CUDA runtime reports for a kernel's out-of-bounds access
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (cudaErrorIllegalAddress)")
         inputs = [n for n, (mode, _) in self.engine.tensors.items() if mode == TensorIOMode.INPUT]
         if STATE["execute_fails"] or set(self.addresses) != set(self.engine.tensors) or \
                 any(n not in self.shapes for n in inputs):

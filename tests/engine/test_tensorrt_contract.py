@@ -86,6 +86,26 @@ def test_auto_falls_back_on_any_backend_failure(fake_tensorrt, model_dir, refere
     assert any("tensorrt cannot serve here" in r.getMessage() for r in caplog.records)
 
 
+def test_after_a_cuda_device_fault_auto_falls_back_to_the_cpu_not_to_another_cuda_backend(
+        fake_tensorrt, model_dir, reference, tmp_path, monkeypatch, caplog) -> None:
+    """A device-side fault is sticky for the process: every later CUDA call fails the same way."""
+    from engine.devices import is_sticky_cuda_fault
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake_tensorrt.STATE["device_fault"] = True
+    with caplog.at_level(logging.WARNING, logger="deepliif_engine.engine"), \
+            Session(model_dir, backend="auto", cache_dir=tmp_path, batch_size=2) as session:
+        assert (session.info.name, session.info.device, session.device) == ("onnxruntime", "cpu", "cpu")
+        _close(session.run(TILES), reference)
+    assert session.skipped[0].startswith("tensorrt: ") and "illegal memory access" in session.skipped[0]
+    assert "device fault stays for the life of the process" in session.skipped[1]
+    assert any("falling back to the CPU" in r.getMessage() for r in caplog.records)
+    assert is_sticky_cuda_fault(RuntimeError("wrapped")) is False
+    try:
+        raise RuntimeError("probe failed") from RuntimeError("CUDA error: unspecified launch failure")
+    except RuntimeError as chained:
+        assert is_sticky_cuda_fault(chained)
+
+
 def test_auto_falls_back_when_a_plan_does_not_deserialise(fake_tensorrt, model_dir, tmp_path, monkeypatch) -> None:
     """A plan that TensorRT refuses (here: built on another device, hidden from the sidecar check) is
     rebuilt once; when that fails too, auto moves on."""
