@@ -32,6 +32,7 @@ __version__ = "11.4.0.106"
 DEVICE = {"name": "Fake GPU (test double)", "compute_capability": "9.0"}
 STATE = {"build_fails": False, "execute_fails": False, "timing_cache_none": False, "device_fault": False}
 CALLS: list[tuple] = []
+NETWORK_TILE = 512  # the fused graph's tile (the double knows the contract it stands in for)
 MAGIC = b"FAKE-TENSORRT-PLAN\n"
 
 
@@ -307,10 +308,19 @@ class IExecutionContext:
         return True
 
     def set_tensor_address(self, name: str, address: int) -> bool:
+        CALLS.append(("set_tensor_address", name))
         if name not in self.engine.tensors:
             return False
         self.addresses[name] = address
         return True
+
+    def get_tensor_shape(self, name: str) -> tuple:
+        """An input's shape as set; an output's as the set input shapes give it (the fused graph keeps the
+        batch and the 512x512x3 tile); -1 where not yet known, as TensorRT reports it."""
+        if self.engine.get_tensor_mode(name) == TensorIOMode.INPUT:
+            return self.shapes.get(name, (-1, NETWORK_TILE, NETWORK_TILE, 3))
+        batch = next(iter(self.shapes.values()), (-1,))[0]
+        return (batch, NETWORK_TILE, NETWORK_TILE, 3)
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         CALLS.append(("execute", stream_handle))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,7 @@ class TensorRTBackend(Backend):
             raise ArtifactError(f"TensorRT could not create an execution context for {plan_path} "
                                 "(out of device memory?)")
         self.min_batch = metadata.profile["min"][0]
+        self._buffers: _Buffers | None = None
         self.info = BackendInfo("tensorrt", "cuda", Precision.parse(metadata.precision), metadata.profile["max"][0],
                                 f"{metadata.gpu_name}; TensorRT {trt.__version__}; profile {metadata.profile}")
         logger.info("TensorRT plan %s loaded: %s", plan_path, self.info.detail)
@@ -82,33 +84,65 @@ class TensorRTBackend(Backend):
     def run_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         import torch
         size = len(batch)
-        padded = batch
-        if size < self.min_batch:  # the profile's minimum: pad with copies, drop their results
-            padded = np.concatenate([batch, np.repeat(batch[-1:], self.min_batch - size, axis=0)])
-        shape = (len(padded), NETWORK_TILE, NETWORK_TILE, 3)
-        device = self.stream.device
+        padded = max(size, self.min_batch)  # the profile's minimum: padded with copies, their results dropped
+        shape = (padded, NETWORK_TILE, NETWORK_TILE, 3)
+        buffers = self._buffers_for(padded)
         with self.stream.scope():
-            tiles = torch.from_numpy(np.ascontiguousarray(padded)).to(device)
-            outputs = {name: torch.empty(shape, dtype=torch.uint8, device=device) for name in OUTPUT_NAMES}
+            tiles = buffers.tiles[:padded]
+            tiles[:size].copy_(torch.from_numpy(np.ascontiguousarray(batch)))
+            if padded > size:
+                tiles[size:].copy_(tiles[size - 1: size].expand(padded - size, -1, -1, -1))
             if not self.context.set_input_shape(FUSED_GRAPH.input_name, shape):
                 raise ArgumentError(f"TensorRT refused input shape {shape}: outside the plan's profile "
                                     f"(batch {self.min_batch}..{self.info.max_batch})")
-            self._bind(FUSED_GRAPH.input_name, tiles.data_ptr())
-            for name, tensor in outputs.items():
-                self._bind(FUSED_GRAPH.onnx_outputs[name], tensor.data_ptr())
+            for name in OUTPUT_NAMES:
+                planned = tuple(self.context.get_tensor_shape(FUSED_GRAPH.onnx_outputs[name]))
+                if planned != shape:
+                    raise ArtifactError(f"TensorRT plan gives {name} the shape {planned} for input {shape}; the "
+                                        "fused graph keeps the batch and the tile")
             if not self.context.execute_async_v3(self.stream.handle):
                 raise ArtifactError("TensorRT execution failed (see the TensorRT messages above)")
-            host = {name: tensor[:size].to("cpu", non_blocking=True) for name, tensor in outputs.items()}
+            for name in OUTPUT_NAMES:
+                buffers.host[name][:size].copy_(buffers.outputs[name][:size], non_blocking=True)
         self.stream.synchronize()
-        return {name: tensor.numpy() for name, tensor in host.items()}
+        return {name: buffers.host[name][:size].numpy().copy() for name in OUTPUT_NAMES}  # the buffers are reused
+
+    def _buffers_for(self, batch: int) -> _Buffers:
+        """Device buffers (and pinned host copies) for batches up to the largest seen, allocated and bound
+        once, as Polygraphy's TrtRunner does: a smaller batch uses their first rows, whose addresses are
+        the same; only a larger batch allocates and binds again."""
+        if self._buffers is None or self._buffers.capacity < batch:
+            self._buffers = _Buffers.allocate(batch, self.stream.device)
+            self._bind(FUSED_GRAPH.input_name, self._buffers.tiles.data_ptr())
+            for name, tensor in self._buffers.outputs.items():
+                self._bind(FUSED_GRAPH.onnx_outputs[name], tensor.data_ptr())
+        return self._buffers
 
     def _bind(self, name: str, address: int) -> None:
         if not self.context.set_tensor_address(name, address):
             raise ArtifactError(f"TensorRT refused the address of tensor {name!r}")
 
     def close(self) -> None:
+        self._buffers = None
         self.context = None
         self.engine = None
+
+
+@dataclass
+class _Buffers:
+    capacity: int
+    tiles: object  # torch.Tensor on the device, (capacity, 512, 512, 3) uint8
+    outputs: dict  # name -> device torch.Tensor of the same shape
+    host: dict  # name -> host torch.Tensor (pinned on a GPU) for the copies back
+
+    @classmethod
+    def allocate(cls, capacity: int, device) -> _Buffers:
+        import torch
+        shape = (capacity, NETWORK_TILE, NETWORK_TILE, 3)
+        pinned = device.type == "cuda"
+        return cls(capacity, torch.empty(shape, dtype=torch.uint8, device=device),
+                   {name: torch.empty(shape, dtype=torch.uint8, device=device) for name in OUTPUT_NAMES},
+                   {name: torch.empty(shape, dtype=torch.uint8, pin_memory=pinned) for name in OUTPUT_NAMES})
 
 
 def check_engine_io(trt, engine, plan_path: Path) -> None:

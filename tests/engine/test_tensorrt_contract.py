@@ -218,3 +218,22 @@ def test_tf32_stays_on_only_where_the_gate_measured_nothing_it_could_change(fake
     config = _builder_config(fake_tensorrt, builder, TensorRTBuildConfig(1, 2, 4, workspace_gib=1),
                              Precision.parse(precision))
     assert (fake_tensorrt.BuilderFlag.TF32 in config.flags) is tf32
+
+
+def test_device_buffers_are_allocated_and_bound_once_and_results_do_not_alias_them(
+        fake_tensorrt, onnx_path, reference, tmp_path) -> None:
+    """Polygraphy's TrtRunner shape: buffers for the largest batch so far, bound once; smaller batches use
+    their first rows. Results are copies: the next batch must not overwrite what stitching still holds."""
+    build_plan(onnx_path, tmp_path, TensorRTBuildConfig(1, 2, 4, workspace_gib=1))
+    with TensorRTBackend(tmp_path / PLAN_FILE) as backend:
+        fake_tensorrt.CALLS.clear()
+        first = backend.run(TILES[:2])
+        kept = {name: array.copy() for name, array in first.items()}
+        for size in (1, 2, 2):
+            _close(backend.run(TILES[:size]), {k: v[:size] for k, v in reference.items()})
+        binds = [c for c in fake_tensorrt.CALLS if c[0] == "set_tensor_address"]
+        assert len(binds) == 6  # the input and five outputs, once
+        backend.run(TILES[:3])  # a larger batch: new buffers, bound again
+        assert len([c for c in fake_tensorrt.CALLS if c[0] == "set_tensor_address"]) == 12
+    for name in OUTPUT_NAMES:
+        np.testing.assert_array_equal(first[name], kept[name], err_msg=name)
