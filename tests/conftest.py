@@ -82,6 +82,16 @@ class HostStream:
     def scope(self):
         return contextlib.nullcontext()
 
+    @contextlib.contextmanager
+    def device_scope(self):
+        """Records that the block ran with the backend's device current (`tensorrt_double.DEVICE["current"]`)."""
+        import tensorrt
+        tensorrt.DEVICE["current"] = True
+        try:
+            yield
+        finally:
+            tensorrt.DEVICE["current"] = False
+
     def synchronize(self) -> None:
         pass
 

@@ -29,7 +29,9 @@ import onnx
 from onnx import TensorProto
 
 __version__ = "11.4.0.106"
-DEVICE = {"name": "Fake GPU (test double)", "compute_capability": "9.0"}
+# "current": whether the backend made its device current (TensorRT deserialises engines and creates
+# contexts on the current device); deserialising or creating a context without it is refused
+DEVICE = {"name": "Fake GPU (test double)", "compute_capability": "9.0", "current": False}
 STATE = {"build_fails": False, "execute_fails": False, "timing_cache_none": False, "device_fault": False}
 CALLS: list[tuple] = []
 NETWORK_TILE = 512  # the fused graph's tile (the double knows the contract it stands in for)
@@ -254,6 +256,9 @@ class Runtime:
         if not bytes(data).startswith(MAGIC):
             self.logger.log("magic tag does not match")
             return None
+        if not DEVICE["current"]:
+            self.logger.log("deserialised with no device made current: the engine lands on GPU 0")
+            return None
         header_line, onnx_bytes = bytes(data)[len(MAGIC):].split(b"\n", 1)
         header = json.loads(header_line)
         if header["compute_capability"] != DEVICE["compute_capability"]:
@@ -288,7 +293,9 @@ class ICudaEngine:
     def get_tensor_dtype(self, name: str) -> str:
         return self.tensors[name][1]["dtype"]
 
-    def create_execution_context(self) -> IExecutionContext:
+    def create_execution_context(self) -> IExecutionContext | None:
+        if not DEVICE["current"]:
+            return None  # on the wrong device: what the backend must not do
         return IExecutionContext(self)
 
 

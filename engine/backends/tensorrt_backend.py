@@ -45,6 +45,12 @@ class CudaStream:
         import torch
         return torch.cuda.stream(self._stream)
 
+    def device_scope(self) -> contextlib.AbstractContextManager:
+        """The device current while the block runs: TensorRT deserialises engines and creates execution
+        contexts on the current device, so without it any index but 0 would put the engine on GPU 0."""
+        import torch
+        return torch.cuda.device(self.device)
+
     def synchronize(self) -> None:
         self._stream.synchronize()
 
@@ -67,11 +73,12 @@ class TensorRTBackend(Backend):
             # a version-compatible plan carries its own lean runtime (host code); TensorRT refuses to run
             # it unless allowed (TensorRT "Version Compatibility": trust only plans you built). Ours are.
             self.runtime.engine_host_code_allowed = True
-        self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
-        if self.engine is None:
-            raise ArtifactError(f"TensorRT could not deserialise {plan_path} (see the TensorRT messages above)")
-        check_engine_io(trt, self.engine, plan_path)
-        self.context = self.engine.create_execution_context()
+        with self.stream.device_scope():
+            self.engine = self.runtime.deserialize_cuda_engine(plan_path.read_bytes())
+            if self.engine is None:
+                raise ArtifactError(f"TensorRT could not deserialise {plan_path} (see the TensorRT messages above)")
+            check_engine_io(trt, self.engine, plan_path)
+            self.context = self.engine.create_execution_context()
         if self.context is None:
             raise ArtifactError(f"TensorRT could not create an execution context for {plan_path} "
                                 "(out of device memory?)")

@@ -5,6 +5,7 @@ replaced (host buffers, see `HostStream`). Results are compared with the PyTorch
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -126,7 +127,9 @@ def test_version_compatible_plans_allow_host_code(fake_tensorrt, onnx_path, tmp_
     config = TensorRTBuildConfig(1, 2, 4, workspace_gib=1, version_compatible=True)
     build_plan(onnx_path, tmp_path, config)
     runtime = fake_tensorrt.Runtime(fake_tensorrt.Logger())
+    fake_tensorrt.DEVICE["current"] = True  # only host code is missing
     assert runtime.deserialize_cuda_engine((tmp_path / PLAN_FILE).read_bytes()) is None  # the double enforces it
+    fake_tensorrt.DEVICE["current"] = False
     with TensorRTBackend(tmp_path / PLAN_FILE) as backend:
         assert backend.runtime.engine_host_code_allowed is True
         assert backend.info.max_batch == 4
@@ -237,3 +240,17 @@ def test_device_buffers_are_allocated_and_bound_once_and_results_do_not_alias_th
         assert len([c for c in fake_tensorrt.CALLS if c[0] == "set_tensor_address"]) == 12
     for name in OUTPUT_NAMES:
         np.testing.assert_array_equal(first[name], kept[name], err_msg=name)
+
+
+def test_the_engine_and_its_context_are_made_on_the_backends_own_device(fake_tensorrt, onnx_path, tmp_path,
+                                                                        monkeypatch) -> None:
+    """TensorRT deserialises and creates contexts on the current device: without the backend's device
+    scope, an index other than 0 would put the engine on GPU 0 (the double refuses both then)."""
+    from engine.backends import tensorrt_backend
+    host_stream = type(tensorrt_backend.open_stream(0))  # the fixture's stand-in for CUDA
+    build_plan(onnx_path, tmp_path, TensorRTBuildConfig(1, 2, 4, workspace_gib=1))
+    with TensorRTBackend(tmp_path / PLAN_FILE) as backend:
+        assert backend.context is not None and fake_tensorrt.DEVICE["current"] is False  # scope left after
+    monkeypatch.setattr(host_stream, "device_scope", lambda self: contextlib.nullcontext())
+    with pytest.raises(ArtifactError, match="could not deserialise"):
+        TensorRTBackend(tmp_path / PLAN_FILE)
