@@ -60,13 +60,8 @@ class OutlineTracer:
 
     def _trace_band(self, whole: np.ndarray, owner: np.ndarray, top: int) -> None:
         rings, firsts = _rings_of(whole, 0, top)
-        if not rings:
-            return
-        by_cell: dict[int, Outline] = {}
-        for cell_id, ring in zip(_owners_beside(firsts, owner, top).tolist(), rings):
-            by_cell.setdefault(cell_id, []).append(ring)
-        for cell_id, cell_rings in by_cell.items():
-            self.outlines[cell_id] = cell_rings
+        for cell_id, ring in zip(_owners_beside(firsts, owner).tolist(), rings):
+            self.outlines.setdefault(cell_id, []).append(ring)
 
 
 def trace(mask: np.ndarray, x0: int, y0: int) -> Outline:
@@ -99,7 +94,7 @@ def _rings_of(mask: np.ndarray, x0: int, y0: int) -> tuple[list[np.ndarray], np.
     return [rings[k] for k in order], firsts[order]
 
 
-def _owners_beside(firsts: np.ndarray, owner: np.ndarray, top: int) -> np.ndarray:
+def _owners_beside(firsts: np.ndarray, owner: np.ndarray) -> np.ndarray:
     """Per ring, the owner of the inside pixel next to its first vertex, which lies midway between two
     pixels of one row (padded coordinates)."""
     row = firsts[:, 0].astype(np.int64) - 1

@@ -15,7 +15,7 @@ import numpy as np
 
 from .cell_data import CELL_DATA_VERSIONS
 from .cells import Cell, CellGeometry, Outline
-from .contract import MODALITIES, NETWORK_TILE
+from .contract import MODALITIES
 from .errors import ArgumentError, ChoiceEnum, ImageError
 from .postprocessing import PostprocessResult, postprocess
 from .scoring_rules import PostprocessOptions
@@ -63,18 +63,11 @@ class TileBatchRunner(Protocol):
 
 @dataclass(frozen=True)
 class TileSpec:
-    """What decides how an image is tiled and batched; images that share one share network batches,
-    whatever each asks back. The overlap and the network tile follow from DeepLIIF's rules."""
+    """What decides how an image is tiled and batched (the overlap and the network tile follow from the
+    tile size by `tiling.TileGrid`'s rules); images that share one share network batches, whatever each
+    asks back."""
     tile_size: int = DEFAULT_TILE_SIZE
     batch_size: int = 4
-
-    @property
-    def overlap(self) -> int:
-        return self.tile_size // 16
-
-    @property
-    def network_tile(self) -> int:
-        return NETWORK_TILE
 
 
 @dataclass(frozen=True)

@@ -142,15 +142,20 @@ def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessO
         marker_values = np.zeros(count + 1, np.int64) if grey is None else pixels.maximum(grey)
         marker_sum = None if grey is None else pixels.image_sums(grey)
         first = pixels.first_pixels()
-        density = pixels.image_sums(optical_density(orig)) if options.uses_optical_density else None
-    sizes, is_positive = counts.result()
-    od = None if density is None else np.rint(density / np.maximum(sizes, 1)).astype(np.int64)
+        sizes, is_positive = counts.result()
+        od = mean_optical_density(pixels, sizes, orig) if options.uses_optical_density else None
     kept = sizes > options.noise_thresh
     large_noise = options.large_noise_size(resolution)
     if large_noise is not None:
         kept &= sizes < large_noise
     kept[0] = False
     return CellTable(labels, background, sizes, is_positive, marker_values, marker_sum, od, first, kept, pixels)
+
+
+def mean_optical_density(pixels: LabelledPixels, sizes: np.ndarray, orig: np.ndarray) -> np.ndarray:
+    """Per label, the IHC's optical density summed over its pixels and divided by its size, halves rounded
+    to even (DeepLIIF's `round` of the mean)."""
+    return np.rint(pixels.image_sums(optical_density(orig)) / np.maximum(sizes, 1)).astype(np.int64)
 
 
 def kernel_density(values: np.ndarray, points: int = KDE_POINTS, bandwidth: float = 1.0,
@@ -300,9 +305,7 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     size_thresh = (default_size if options.size_thresh == "default" else options.size_thresh) or 0
     marker_thresh = default_marker_threshold(marker) if options.marker_thresh == "default" else options.marker_thresh
 
-    counted = cells.kept & (cells.sizes > size_thresh)
-    if options.size_thresh_upper is not None:
-        counted &= cells.sizes < options.size_thresh_upper
+    counted = cells.kept & options.counted(cells.sizes, size_thresh)
     is_positive = options.positive(cells.positive, cells.marker if cells.od is None else cells.od, marker_thresh)
     in_counted, positive_pixels = counted_masks(cells.labels, counted, is_positive, threads) if overlays else (None, None)
     ids = np.flatnonzero(counted)
@@ -313,18 +316,7 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
             overlaid, refined = draw_overlays(orig, cells.background, in_counted, positive_pixels,
                                               cells.first_pixel[ids], is_positive[ids], threads)
 
-    num_pos = int(np.count_nonzero(counted & is_positive))
-    num_total = int(np.count_nonzero(counted))
-    scoring = {
-        "num_total": num_total,
-        "num_pos": num_pos,
-        "num_neg": num_total - num_pos,
-        "percent_pos": round(num_pos / num_total * 100, 1) if num_pos > 0 else 0,
-        "seg_thresh": options.seg_thresh,
-        "size_thresh": int(size_thresh),
-        "size_thresh_upper": options.size_thresh_upper,
-        "marker_thresh": marker_thresh if marker is not None else None,
-    }
+    scoring = options.scoring(counted, is_positive, size_thresh, marker_thresh if marker is not None else None)
     document = None if cell_data is None else \
         _cell_data(cells, cell_data, orig, marker, options, resolution, default_size)
     return PostprocessResult(overlaid, refined, scoring, *table.result(), document)
@@ -337,7 +329,7 @@ def _cell_data(cells: CellTable, version: int, orig: np.ndarray, marker: np.ndar
         raise ArgumentError(f"cell data version must be one of {CELL_DATA_VERSIONS}; got {version!r}")
     by_density = uses_optical_density(version)
     if by_density:
-        values = np.rint(cells.pixels.image_sums(optical_density(orig)) / np.maximum(cells.sizes, 1)).astype(np.int64)
+        values = cells.od if cells.od is not None else mean_optical_density(cells.pixels, cells.sizes, orig)
     else:
         values = cells.marker
     rows, cols = cells.pixels.coordinates()

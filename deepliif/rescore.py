@@ -42,19 +42,12 @@ def rescore(cells: list[dict], settings: dict, version: int, orig: np.ndarray,
                                 "(it was made without a Marker image)")
     band = options if by_density else PostprocessOptions()
     size_thresh = settings["default_size_thresh"] if options.size_thresh == "default" else options.size_thresh or 0
-    sizes = np.array([cell["size"] for cell in cells], np.int64)
-    counted = sizes > size_thresh
-    if options.size_thresh_upper is not None:
-        counted &= sizes < options.size_thresh_upper
+    counted = options.counted(np.array([cell["size"] for cell in cells], np.int64), size_thresh)
     values = np.array([cell[key] for cell in cells], np.int64)
     colour = np.array([bool(cell["positive"]) for cell in cells], bool)
     is_positive = band.positive(colour, values, marker_thresh)
     overlaid, refined = _draw(orig, [c for c, keep in zip(cells, counted) if keep], is_positive[counted])
-    num_pos, num_total = int((counted & is_positive).sum()), int(counted.sum())
-    scoring = {"num_total": num_total, "num_pos": num_pos, "num_neg": num_total - num_pos,
-               "percent_pos": round(num_pos / num_total * 100, 1) if num_pos > 0 else 0,
-               "seg_thresh": settings["seg_thresh"], "size_thresh": size_thresh,
-               "size_thresh_upper": options.size_thresh_upper, "marker_thresh": marker_thresh}
+    scoring = options.scoring(counted, is_positive, size_thresh, marker_thresh, settings["seg_thresh"])
     return Rescored(overlaid, refined, scoring)
 
 

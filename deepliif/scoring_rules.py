@@ -75,6 +75,23 @@ class PostprocessOptions:
         """The size from which a component is noise, with "default" resolved by magnification."""
         return resolution.large_noise_size if self.large_noise_thresh == "default" else self.large_noise_thresh
 
+    def counted(self, sizes: np.ndarray, size_thresh: int) -> np.ndarray:
+        """Per cell: counted, i.e. larger than `size_thresh` (resolved) and smaller than `size_thresh_upper`."""
+        counted = sizes > size_thresh
+        if self.size_thresh_upper is not None:
+            counted &= sizes < self.size_thresh_upper
+        return counted
+
+    def scoring(self, counted: np.ndarray, positive: np.ndarray, size_thresh: int, marker_thresh: int | None,
+                seg_thresh: int | None = None) -> dict:
+        """DeepLIIF's scoring record of the counted cells; `seg_thresh` defaults to this options' own
+        (re-scoring reports the one its cell data was made with)."""
+        num_total, num_pos = int(np.count_nonzero(counted)), int(np.count_nonzero(counted & positive))
+        return {"num_total": num_total, "num_pos": num_pos, "num_neg": num_total - num_pos,
+                "percent_pos": round(num_pos / num_total * 100, 1) if num_pos > 0 else 0,
+                "seg_thresh": self.seg_thresh if seg_thresh is None else seg_thresh, "size_thresh": int(size_thresh),
+                "size_thresh_upper": self.size_thresh_upper, "marker_thresh": marker_thresh}
+
     def positive(self, colour_positive: np.ndarray, values: np.ndarray, marker_thresh: int | None) -> np.ndarray:
         """Per cell: positive by colour, or by a value over `marker_thresh`; then negative outside the
         optical-density band. `values` are the Marker maxima, or the mean optical densities."""

@@ -19,11 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .contract import NETWORK_TILE, OUTPUT_NAMES
+from .contract import OUTPUT_NAMES
 from .errors import ArgumentError, ImageError
 from .slides import Slide, SlideInfo
-from .tile_loop import Item, Run, Strategy, TileTimings, run_tiles
-from .tiling import EMPTY_TILE_COLOURS, Tile, TileGrid, is_empty_tile, resize_tile
+from .tile_loop import Item, Run, Strategy, TileTimings, network_tile, run_tiles
+from .tiling import EMPTY_TILE_COLOURS, Tile, TileGrid, resize_tile
 
 Sink = Callable[[int, dict[str, np.ndarray]], None]
 
@@ -123,10 +123,9 @@ def _slide_tiles(slide: Slide, rows: list[list[Tile]], tile_size: int, timings: 
         timings.add("tiling", read)
         for tile in row:
             start = time.perf_counter()
-            crop = pixels[:, tile.x: tile.x + tile_size]
-            network_tile = None if is_empty_tile(crop) else resize_tile(crop, NETWORK_TILE)
+            item = 0, tile, network_tile(pixels[:, tile.x: tile.x + tile_size])
             timings.add("tiling", start)
-            yield 0, tile, network_tile
+            yield item
 
 
 class _SlideMerger:

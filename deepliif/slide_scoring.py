@@ -214,14 +214,23 @@ class SlideScore:
     counted_ids: np.ndarray  # per merged cell: its number in `cells` (1..), 0 if it is not counted
 
 
+def check_slide_options(options: PostprocessOptions, cell_data: int | None = None) -> None:
+    """What whole slides cannot do yet, refused with the reason (entry points call this before any model
+    loads): optical-density thresholds need the IHC's pixels, which slide bands do not carry, and
+    DeepLIIF's cell data is made for images."""
+    if options.uses_optical_density:
+        raise ArgumentError("od_thresh_lower/od_thresh_upper (--od-thresh-lower/--od-thresh-upper) are not available "
+                            "for whole slides yet (a slide is scored from its Seg and Marker bands); score by colour "
+                            "or Marker threshold")
+    if cell_data is not None:
+        raise ArgumentError("cell data (--cell-data) is not available for whole slides yet; it is for images")
+
+
 def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marker: bool,
                 options: PostprocessOptions = PostprocessOptions(), threads: int = 1) -> SlideScore:
     """The scoring `postprocess` gives for the same pixels as one image, and its counted cells; bands are
-    worked on `threads` threads. Optical-density thresholds need the IHC's pixels, which slide bands do
-    not carry: they are refused."""
-    if options.uses_optical_density:
-        raise ArgumentError("od_thresh_lower/od_thresh_upper are not available for whole slides yet (the slide "
-                            "is scored from its Seg and Marker bands); score by colour or Marker threshold")
+    worked on `threads` threads (options `check_slide_options` refuses are refused here too)."""
+    check_slide_options(options)
     resolution = Resolution.from_tile_size(tile_size)
     cells = slide_cells(bands, width, height, options.seg_thresh, threads)
     kept = cells.sizes > options.noise_thresh
@@ -235,16 +244,9 @@ def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marke
     marker_thresh = options.marker_thresh
     if marker_thresh == "default":
         marker_thresh = slide_marker_threshold(cells.marker_histogram)
-    counted = kept & (cells.sizes > size_thresh)
-    if options.size_thresh_upper is not None:
-        counted &= cells.sizes < options.size_thresh_upper
+    counted = kept & options.counted(cells.sizes, size_thresh)
     is_positive = options.positive(cells.positive, cells.marker, marker_thresh)
-    num_total, num_pos = int(counted.sum()), int((counted & is_positive).sum())
-    scoring = {"num_total": num_total, "num_pos": num_pos, "num_neg": num_total - num_pos,
-               "percent_pos": round(num_pos / num_total * 100, 1) if num_pos > 0 else 0,
-               "seg_thresh": options.seg_thresh, "size_thresh": int(size_thresh),
-               "size_thresh_upper": options.size_thresh_upper,
-               "marker_thresh": marker_thresh if has_marker else None}
+    scoring = options.scoring(counted, is_positive, size_thresh, marker_thresh if has_marker else None)
     table = []
     for i in np.flatnonzero(counted):
         size = int(cells.sizes[i])

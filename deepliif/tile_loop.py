@@ -79,15 +79,19 @@ class _ImageState:
         self.started = time.perf_counter()
 
 
+def network_tile(crop: np.ndarray) -> np.ndarray | None:
+    """A tile's crop at the network's size, or None for an empty tile (DeepLIIF does not run it)."""
+    return None if is_empty_tile(crop) else resize_tile(crop, NETWORK_TILE)
+
+
 def split(states: Sequence[_ImageState], timings: TileTimings) -> Iterator[Item]:
     """Every tile of every image in turn, with its network-size crop (None for an empty tile)."""
     for index, state in enumerate(states):
         for tile in state.grid:
             start = time.perf_counter()
-            crop = state.grid.crop(state.extended, tile)
-            network_tile = None if is_empty_tile(crop) else resize_tile(crop, NETWORK_TILE)
+            item = index, tile, network_tile(state.grid.crop(state.extended, tile))
             timings.add("tiling", start)
-            yield index, tile, network_tile
+            yield item
 
 
 class Merger(Protocol):

@@ -20,6 +20,7 @@ from deepliif.imageio import (DEFAULT_MAX_PIXELS, expand_inputs, prepare_out_dir
 from deepliif.inference import InferenceOptions, OutputSet, check_working_size, tile_count
 from deepliif.logs import project_logger
 from deepliif.model_files import Layout
+from deepliif.slide_scoring import check_slide_options
 from deepliif.slides import fits_in_a_tile, is_slide, open_slide
 from deepliif.tiling import DEFAULT_TILE_SIZE
 from deepliif.postprocessing import postprocess
@@ -46,15 +47,6 @@ def _postprocess_options(args: argparse.Namespace) -> PostprocessOptions:
                               size_thresh_upper=args.size_thresh_upper, marker_thresh=args.marker_thresh,
                               large_noise_thresh=args.large_noise_thresh, od_thresh_lower=args.od_thresh_lower,
                               od_thresh_upper=args.od_thresh_upper)
-
-
-def _refuse_for_slides(args: argparse.Namespace, options: PostprocessOptions) -> None:
-    """What slides cannot do yet, refused before any model loads or output is written."""
-    if args.cell_data is not None:
-        raise ArgumentError("--cell-data is not available for whole slides yet; it is for images and tiles")
-    if options.uses_optical_density:
-        raise ArgumentError("--od-thresh-lower/--od-thresh-upper are not available for whole slides yet (a slide is "
-                            "scored from its Seg and Marker bands)")
 
 
 def _polygons(args: argparse.Namespace) -> bool:
@@ -115,7 +107,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     images, total = check_inputs([p for p in files if p not in slides], tile_size, args.max_pixels)
     postprocess_options = _postprocess_options(args)
     if slides:
-        _refuse_for_slides(args, postprocess_options)
+        check_slide_options(postprocess_options, args.cell_data)
     with _open_session(args, args.model_dir) as session:
         options = InferenceOptions(tile_size=tile_size, batch_size=args.batch_size or session.batch_size,
                                    outputs=OutputSet.parse(args.outputs), postprocess=postprocess_options,
@@ -182,7 +174,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def _postprocess_slide(args: argparse.Namespace) -> int:
-    _refuse_for_slides(args, _postprocess_options(args))
+    check_slide_options(_postprocess_options(args), args.cell_data)
     for path in (args.seg, args.marker):
         if path is not None and not is_slide(path):
             raise ArgumentError(f"{path} is not a slide but the image {args.image} is; give its outputs as slides "

@@ -18,6 +18,7 @@ from pathlib import Path
 from deepliif.inference import InferenceOptions, InferenceResult, TileSpec
 from deepliif.logs import project_logger
 from deepliif.slide_checkpoint import CheckpointBusyError
+from deepliif.slide_scoring import check_slide_options
 
 from ..session import Session
 from ..slide_inference import infer_slide
@@ -26,7 +27,7 @@ from .layout import DeploymentLayout
 from .model_store import ModelFetcher
 from .reader import LoadedImage, RequestReader
 from .records import RequestRecords
-from .requests import InferenceRequest, RequestError, RequestInUseError, StatusRequest, fingerprint, parse_request
+from .requests import InferenceRequest, RequestInUseError, StatusRequest, fingerprint, parse_request
 from .settings import KernelSettings
 from .storage import MountedVolume, StorageError, Volume, open_volume
 from .turns import EngineTurns
@@ -89,9 +90,8 @@ class EdiService:
                     responses[index] = self._with_images(earlier)
                     continue
                 image = self.reader.load(request)
-                if image.slide is not None and request.postprocess.uses_optical_density:
-                    raise RequestError("od_thresh_lower/od_thresh_upper are not available for whole slides yet (a "
-                                       "slide is scored from its Seg and Marker bands); send them for images")
+                if image.slide is not None:
+                    check_slide_options(request.postprocess)
                 estimate = self.reader.estimate(request, image, self.seconds_per_tile)
                 if image.slide is not None or request.run_async or (
                         request.run_async is None and estimate > self.settings.sync_budget_s):  # slides: always
