@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+PYTRITON_VERSION := 0.7.0
 
 .PHONY: demo test bench clean
 
@@ -10,6 +11,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[cpu,test]'
+	# the tritonserver binary, its libraries and Triton's Python backend, for the tests of `export triton`.
+	# --no-deps: the wheel's metadata pins numpy<2 for pytriton's own Python API, which is never imported;
+	# only its server is run (export/triton_server.py)
+	$(PY) -m pip install --quiet --no-deps nvidia-pytriton==$(PYTRITON_VERSION)
 	touch $(STAMP)
 
 demo: $(STAMP)

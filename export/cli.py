@@ -7,13 +7,13 @@ import time
 from pathlib import Path
 
 from calibration.gate import require_passed
-from deepliif.errors import ValidationError
+from deepliif.errors import ArgumentError, ValidationError
 from deepliif.imageio import prepare_out_dir
 
 from engine.backends.precision import Precision
 from .config import OnnxExportConfig, Tolerance
 from .tensorrt_build import METADATA_FILE, PLAN_FILE, TensorRTBuildConfig, build_plan
-from .triton import TritonConfig, write_repository
+from .triton import TRITON_BACKENDS, InstanceKind, TritonConfig, write_python_repository, write_repository
 from .validate import format_report, parse_batch_sizes
 
 
@@ -54,14 +54,28 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                      "accuracy gate (accuracy.json beside it, from `calibrate`) is missing or failed")
     trt.set_defaults(handler=cmd_export_tensorrt)
 
-    triton = kinds.add_parser("triton", help="a Triton model repository serving the ONNX or the plan")
-    triton.add_argument("--onnx", type=Path, help="serve this fused ONNX (give --onnx or --plan)")
+    triton = kinds.add_parser("triton", help="a Triton model repository serving the ONNX, the plan, or this "
+                              "project's session on Triton's Python backend")
+    triton.add_argument("--backend", choices=["auto", *TRITON_BACKENDS], default="auto",
+                        help="Triton backend: onnxruntime (--onnx), tensorrt (--plan), python (--model-dir: this "
+                        "project's Session in model.py); auto: from what is given")
+    triton.add_argument("--onnx", type=Path, help="serve this fused ONNX (with --backend python: the graph the "
+                        "session serves)")
     triton.add_argument("--plan", type=Path, help=f"a {PLAN_FILE} with its {METADATA_FILE} beside it")
+    triton.add_argument("--model-dir", type=Path, help="python backend: the DeepLIIF model directory (copied)")
+    triton.add_argument("--session-backend", choices=["auto", "onnxruntime", "tensorrt", "torch"], default="auto",
+                        help="python backend: the session's own backend")
+    triton.add_argument("--precision", choices=[p.value for p in Precision], default="fp32",
+                        help="python backend: the session's precision (int8/fp16 need a gated --onnx)")
+    triton.add_argument("--cache-dir", type=Path, help="python backend: the session's artifact cache "
+                        "(default: the project's, on the serving machine)")
+    triton.add_argument("--instance-kind", choices=[k.value for k in InstanceKind], default="gpu",
+                        help="Triton instance group kind (KIND_GPU or KIND_CPU)")
     triton.add_argument("--out", type=Path, required=True, help="model repository folder")
     triton.add_argument("--name", default=TritonConfig.name, help="model name in the repository")
     triton.add_argument("--max-batch-size", type=int, default=TritonConfig.max_batch_size,
                         help="Triton max_batch_size (capped by a plan's profile)")
-    triton.add_argument("--instances", type=int, default=1, help="model instances per GPU")
+    triton.add_argument("--instances", type=int, default=1, help="model instances per GPU (or in all, on CPU)")
     triton.set_defaults(handler=cmd_export_triton)
 
 
@@ -103,8 +117,23 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
 
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
-    config = TritonConfig(name=args.name, max_batch_size=args.max_batch_size, instances=args.instances)
-    model = write_repository(args.out, config, onnx_path=args.onnx, plan_path=args.plan)
+    config = TritonConfig(name=args.name, max_batch_size=args.max_batch_size, instances=args.instances,
+                          instance_kind=args.instance_kind)
+    backend = args.backend
+    if backend == "auto":
+        backend = "python" if args.model_dir is not None else "tensorrt" if args.plan is not None else "onnxruntime"
+    if backend == "python":
+        if args.model_dir is None or args.plan is not None:
+            raise ArgumentError("--backend python serves a --model-dir (and optionally its --onnx), not a --plan")
+        model = write_python_repository(args.out, config, args.model_dir, onnx_path=args.onnx,
+                                        backend=args.session_backend, precision=args.precision,
+                                        cache_dir=args.cache_dir)
+    else:
+        if args.model_dir is not None:
+            raise ArgumentError(f"--model-dir is for --backend python; --backend {backend} serves "
+                                f"{'--plan' if backend == 'tensorrt' else '--onnx'}")
+        model = write_repository(args.out, config, onnx_path=args.onnx if backend == "onnxruntime" else None,
+                                 plan_path=args.plan if backend == "tensorrt" else None)
     print(f"wrote Triton model {model}/ (config.pbtxt, 1/); serve with: tritonserver --model-repository "
           f"{args.out}")
     return 0

@@ -1,26 +1,101 @@
-"""A Triton Inference Server model repository serving the same fused artifact (ONNX or TensorRT plan).
+"""A Triton Inference Server model repository serving the fused pipeline.
 
-Layout: `REPO/<name>/config.pbtxt` and `REPO/<name>/1/model.onnx` (or `model.plan`). The config is
-generated, then parsed back with a small protobuf text-format reader and compared with what was meant,
-so a formatting slip cannot ship. The model directory is assembled under a temporary name and renamed
-into place.
+Three runtimes, one tensor contract (uint8 NHWC in and out, Triton's implicit batch axis):
+- `onnxruntime`: `REPO/<name>/1/model.onnx` on Triton's ONNX Runtime backend;
+- `tensorrt`: `REPO/<name>/1/model.plan` on Triton's TensorRT backend;
+- `python`: `REPO/<name>/1/model.py` on Triton's Python backend, serving this project's own `Session`
+  (`engine.triton_model`) on the model directory copied to `1/model/` (and a given fused ONNX to
+  `1/deepliif.onnx`); the Python that Triton's stub runs must have this package installed.
+The config is generated, then parsed back with a small protobuf text-format reader and compared with what
+was meant, so a formatting slip cannot ship. The model directory is assembled under a temporary name and
+renamed into place.
 """
 from __future__ import annotations
 
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from deepliif.errors import ArgumentError, ArtifactError, ExportError
+from deepliif.errors import ArgumentError, ArtifactError, ChoiceEnum, ExportError
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE
+from deepliif.model_files import read_model_files
+
+from engine.backends import BackendKind
+from engine.backends.precision import Precision
 
 from . import logger
 from .onnx_checks import check_fused_signature, check_onnx
 from .tensorrt_build import METADATA_FILE, EngineMetadata
 
 _DIMS = [NETWORK_TILE, NETWORK_TILE, 3]
+PYTHON_MODEL_DIR = "model"  # the DeepLIIF model directory's copy inside the version folder
+PYTHON_MODEL_SOURCE = (
+    '"""Triton Python-backend entry point written by `deepliif-engine export triton --backend python`.\n\n'
+    "The model is this project's `engine.triton_model`; its settings are config.pbtxt's parameters.\n"
+    '"""\n'
+    "from engine.triton_model import TritonPythonModel  # noqa: F401\n")
+
+
+@dataclass(frozen=True)
+class PythonModelSettings:
+    """What a Python-backend instance serves, as config.pbtxt parameters: the model directory and an
+    optional fused graph (paths relative to the version folder, where the writer copies them), the
+    backend and precision of the session, the artifact cache (default: the project's)."""
+
+    model_dir: Path
+    onnx: Path | None = None
+    backend: str = "auto"
+    precision: str = "fp32"
+    cache_dir: Path | None = None
+
+    KEYS = ("model_dir", "onnx", "backend", "precision", "cache_dir")
+
+    def as_parameters(self) -> dict[str, str]:
+        values = {key: getattr(self, key) for key in self.KEYS}
+        return {key: str(value) for key, value in values.items() if value is not None}
+
+    @classmethod
+    def from_model_config(cls, config: dict, version_dir: Path) -> PythonModelSettings:
+        """From Triton's JSON model config (parameters map to `{"string_value": ...}`)."""
+        values = {key: entry.get("string_value", "") for key, entry in config.get("parameters", {}).items()}
+        unknown = sorted(set(values) - set(cls.KEYS))
+        if unknown:
+            raise ArgumentError(f"Triton model parameters {unknown} are unknown; known: {list(cls.KEYS)}")
+        if not values.get("model_dir"):
+            raise ArgumentError("Triton model parameter 'model_dir' (the DeepLIIF model directory) is missing")
+
+        def path(key: str) -> Path | None:
+            return version_dir / values[key] if values.get(key) else None
+
+        return cls(model_dir=path("model_dir"), onnx=path("onnx"), backend=values.get("backend") or "auto",
+                   precision=values.get("precision") or "fp32", cache_dir=path("cache_dir"))
+
+
+class InstanceKind(ChoiceEnum):
+    GPU = "gpu"
+    CPU = "cpu"
+
+    @property
+    def triton_name(self) -> str:
+        return f"KIND_{self.name}"
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How config.pbtxt names what runs the model (`platform` or `backend`), and its file in `1/`."""
+
+    key: str
+    value: str
+    file_name: str
+
+
+ONNXRUNTIME = Runtime("platform", "onnxruntime_onnx", "model.onnx")
+TENSORRT = Runtime("platform", "tensorrt_plan", "model.plan")
+PYTHON = Runtime("backend", "python", "model.py")
+TRITON_BACKENDS = ("onnxruntime", "tensorrt", "python")  # what `export triton --backend` writes
 
 
 @dataclass(frozen=True)
@@ -30,6 +105,8 @@ class TritonConfig:
     preferred_batch_sizes: tuple[int, ...] = (4, 8)
     max_queue_delay_us: int = 5000
     instances: int = 1
+    instance_kind: InstanceKind = InstanceKind.GPU
+    parameters: dict[str, str] = field(default_factory=dict)  # the Python model's settings
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -39,23 +116,27 @@ class TritonConfig:
                                 f"{self.max_batch_size}, {self.instances}, {self.max_queue_delay_us}")
         preferred = tuple(b for b in self.preferred_batch_sizes if b <= self.max_batch_size)
         object.__setattr__(self, "preferred_batch_sizes", preferred or (self.max_batch_size,))
+        object.__setattr__(self, "instance_kind", InstanceKind.parse(self.instance_kind))
 
 
-def render_config(config: TritonConfig, platform: str) -> str:
+def render_config(config: TritonConfig, runtime: Runtime) -> str:
     """config.pbtxt text. The batch axis is implicit in Triton (max_batch_size > 0), so dims are HWC."""
     def tensor(name: str) -> str:
         return f'  {{ name: "{name}" data_type: TYPE_UINT8 dims: [ {", ".join(map(str, _DIMS))} ] }}'
 
     outputs = ",\n".join(tensor(n) for n in FUSED_GRAPH.onnx_output_names)
     preferred = ", ".join(map(str, config.preferred_batch_sizes))
+    parameters = "".join(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
+                         for key, value in config.parameters.items())
     return (f'name: "{config.name}"\n'
-            f'platform: "{platform}"\n'
+            f'{runtime.key}: "{runtime.value}"\n'
             f"max_batch_size: {config.max_batch_size}\n"
             f"input [\n{tensor(FUSED_GRAPH.input_name)}\n]\n"
             f"output [\n{outputs}\n]\n"
             f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
             f"  max_queue_delay_microseconds: {config.max_queue_delay_us}\n}}\n"
-            f"instance_group [ {{ kind: KIND_GPU count: {config.instances} }} ]\n")
+            f"instance_group [ {{ kind: {config.instance_kind.triton_name} count: {config.instances} }} ]\n"
+            f"{parameters}")
 
 
 def write_repository(repo: Path, config: TritonConfig, onnx_path: Path | None = None,
@@ -74,17 +155,43 @@ def write_repository(repo: Path, config: TritonConfig, onnx_path: Path | None = 
             logger.info("max_batch_size %d capped at the plan's profile maximum %d", config.max_batch_size,
                         profile_max)
             config = TritonConfig(config.name, profile_max, config.preferred_batch_sizes,
-                                  config.max_queue_delay_us, config.instances)
-        platform, artifact, file_name = "tensorrt_plan", Path(plan_path), "model.plan"
+                                  config.max_queue_delay_us, config.instances, config.instance_kind)
+        runtime, artifact = TENSORRT, Path(plan_path)
     else:
         check_fused_signature(check_onnx(onnx_path))
-        platform, artifact, file_name = "onnxruntime_onnx", Path(onnx_path), "model.onnx"
-    text = render_config(config, platform)
-    check_config(parse_pbtxt(text), config, platform)
-    return _publish(Path(repo), config.name, text, artifact, file_name)
+        runtime, artifact = ONNXRUNTIME, Path(onnx_path)
+    return _publish(Path(repo), config, runtime,
+                    lambda version: shutil.copyfile(artifact, version / runtime.file_name))
 
 
-def _publish(repo: Path, name: str, text: str, artifact: Path, file_name: str) -> Path:
+def write_python_repository(repo: Path, config: TritonConfig, model_dir: Path, onnx_path: Path | None = None,
+                            backend: str = "auto", precision: str = "fp32", cache_dir: Path | None = None) -> Path:
+    """Write `repo/<name>/` for Triton's Python backend: `model.py`, the model directory, the fused ONNX
+    when given, and the session's settings as config parameters (paths relative to the version folder)."""
+    files = read_model_files(model_dir)  # refuse a directory that is not a DeepLIIF model, before writing
+    backend, precision = BackendKind.parse(backend).value, Precision.parse(precision).value
+    if onnx_path is not None:
+        check_fused_signature(check_onnx(onnx_path))
+    settings = PythonModelSettings(Path(PYTHON_MODEL_DIR), Path(FUSED_GRAPH.file_name) if onnx_path else None,
+                                   backend, precision, Path(cache_dir).resolve() if cache_dir else None)
+    config = TritonConfig(config.name, config.max_batch_size, config.preferred_batch_sizes,
+                          config.max_queue_delay_us, config.instances, config.instance_kind,
+                          settings.as_parameters())
+
+    def fill(version: Path) -> None:
+        (version / PYTHON.file_name).write_text(PYTHON_MODEL_SOURCE)
+        shutil.copytree(files.directory, version / PYTHON_MODEL_DIR)
+        if onnx_path is not None:
+            shutil.copyfile(onnx_path, version / FUSED_GRAPH.file_name)
+
+    return _publish(Path(repo), config, PYTHON, fill)
+
+
+def _publish(repo: Path, config: TritonConfig, runtime: Runtime, fill: Callable[[Path], None]) -> Path:
+    """Render and check the config, let `fill` write the version folder, and rename the whole into place."""
+    text = render_config(config, runtime)
+    check_config(parse_pbtxt(text), config, runtime)
+    name = config.name
     try:
         repo.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
@@ -92,7 +199,7 @@ def _publish(repo: Path, name: str, text: str, artifact: Path, file_name: str) -
         raise ArgumentError(f"cannot write the Triton repository {repo}: {exc}") from exc
     try:
         (staging / "1").mkdir()
-        shutil.copyfile(artifact, staging / "1" / file_name)
+        fill(staging / "1")
         (staging / "config.pbtxt").write_text(text)
         target = repo / name
         if target.exists():
@@ -108,7 +215,7 @@ def _publish(repo: Path, name: str, text: str, artifact: Path, file_name: str) -
     return repo / name
 
 
-def check_config(parsed: dict, config: TritonConfig, platform: str) -> None:
+def check_config(parsed: dict, config: TritonConfig, runtime: Runtime) -> None:
     """The parsed config must say exactly what was meant; raise with every mismatch."""
     problems = []
 
@@ -117,7 +224,7 @@ def check_config(parsed: dict, config: TritonConfig, platform: str) -> None:
             problems.append(f"{what} is {actual!r}, expected {wanted!r}")
 
     expect("name", parsed.get("name"), config.name)
-    expect("platform", parsed.get("platform"), platform)
+    expect(runtime.key, parsed.get(runtime.key), runtime.value)
     expect("max_batch_size", parsed.get("max_batch_size"), config.max_batch_size)
     tensors = {"input": [FUSED_GRAPH.input_name], "output": list(FUSED_GRAPH.onnx_output_names)}
     for group, names in tensors.items():
@@ -128,6 +235,10 @@ def check_config(parsed: dict, config: TritonConfig, platform: str) -> None:
             expect(f"{entry.get('name')} dims", entry.get("dims"), _DIMS)
     batching = parsed.get("dynamic_batching", {})
     expect("preferred_batch_size", batching.get("preferred_batch_size"), list(config.preferred_batch_sizes))
+    groups = parsed.get("instance_group", [])
+    expect("instance_group", groups, [{"kind": config.instance_kind.triton_name, "count": config.instances}])
+    parameters = {p.get("key"): p.get("value", {}).get("string_value") for p in parsed.get("parameters", [])}
+    expect("parameters", parameters, config.parameters)
     if problems:
         raise ExportError("generated Triton config is wrong: " + "; ".join(problems))
 
@@ -161,7 +272,7 @@ def _tokenize(text: str) -> list[str]:
     return tokens
 
 
-_ALWAYS_LISTS = {"input", "output", "instance_group", "preferred_batch_size", "dims"}
+_ALWAYS_LISTS = {"input", "output", "instance_group", "preferred_batch_size", "dims", "parameters"}
 
 
 def _parse_fields(tokens: list[str], position: int, closing: str | None) -> tuple[dict, int]:

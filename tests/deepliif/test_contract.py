@@ -15,7 +15,7 @@ from engine.samples import synthetic_ihc
 from export.config import OnnxExportConfig
 from export.onnx_checks import check_fused_signature, check_onnx
 from export.onnx_export import export_pipeline
-from export.triton import TritonConfig, render_config
+from export.triton import ONNXRUNTIME, TritonConfig, render_config
 
 
 def test_the_contract_describes_what_the_graph_is() -> None:
@@ -41,7 +41,7 @@ def test_renaming_an_output_is_one_line_in_the_contract(generated_models: dict[L
     summary = check_onnx(path)
     check_fused_signature(summary)  # ... and the signature check expects the new name
     assert "segmentation" in summary.outputs and "seg" not in summary.outputs
-    assert 'name: "segmentation"' in render_config(TritonConfig(), "onnxruntime_onnx")
+    assert 'name: "segmentation"' in render_config(TritonConfig(), ONNXRUNTIME)
 
     tile = synthetic_ihc(seed=4)[None]
     with OnnxRuntimeBackend(path, device="cpu", precision=Precision.FP32) as backend:  # binds by the contract

@@ -98,3 +98,15 @@ def test_triton_from_onnx(fused_onnx: Path, tmp_path: Path) -> None:
     assert main(["-q", "export", "triton", "--onnx", str(fused_onnx), "--out", str(tmp_path / "repo")]) == 0
     assert (tmp_path / "repo" / "deepliif" / "config.pbtxt").is_file()
     assert (tmp_path / "repo" / "deepliif" / "1" / "model.onnx").is_file()
+
+
+def test_triton_python_backend_from_the_cli(generated_models, tmp_path: Path, capsys) -> None:
+    from deepliif.model_dir import Layout
+    model_dir = generated_models[Layout.CHECKPOINT]
+    assert main(["-q", "export", "triton", "--model-dir", str(model_dir), "--instance-kind", "cpu",
+                 "--out", str(tmp_path / "repo")]) == 0  # auto: a model directory goes to the Python backend
+    assert (tmp_path / "repo" / "deepliif" / "1" / "model.py").is_file()
+    assert main(["export", "triton", "--backend", "onnxruntime", "--model-dir", str(model_dir),
+                 "--out", str(tmp_path / "repo2")]) == 2
+    assert "--model-dir is for --backend python" in capsys.readouterr().err
+    assert not (tmp_path / "repo2").exists()

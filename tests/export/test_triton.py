@@ -7,7 +7,8 @@ import pytest
 from deepliif.errors import ArgumentError, ArtifactError, ExportError
 from deepliif.imageio import file_sha256
 from export.tensorrt_build import METADATA_FILE, PLAN_FILE, TensorRTBuildConfig
-from export.triton import TritonConfig, check_config, parse_pbtxt, render_config, write_repository
+from export.triton import (ONNXRUNTIME, PYTHON_MODEL_DIR, PythonModelSettings, TritonConfig, check_config,
+                           parse_pbtxt, render_config, write_python_repository, write_repository)
 
 
 def test_onnx_repository_layout_and_config(fused_onnx: Path, tmp_path: Path) -> None:
@@ -55,11 +56,11 @@ def test_bad_arguments(fused_onnx: Path, tmp_path: Path) -> None:
 
 
 def test_check_config_names_every_mismatch() -> None:
-    parsed = parse_pbtxt(render_config(TritonConfig(), "onnxruntime_onnx"))
+    parsed = parse_pbtxt(render_config(TritonConfig(), ONNXRUNTIME))
     parsed["max_batch_size"] = 3
     parsed["output"][0]["data_type"] = "TYPE_FP32"
     with pytest.raises(ExportError, match=r"max_batch_size is 3.*hema type is 'TYPE_FP32'"):
-        check_config(parsed, TritonConfig(), "onnxruntime_onnx")
+        check_config(parsed, TritonConfig(), ONNXRUNTIME)
 
 
 @pytest.mark.parametrize("text", ['name: "x', "input [ { name: 1 }", "a { b: 1 } }", "key:"])
@@ -82,3 +83,47 @@ def test_plan_whose_profile_starts_above_one_is_refused(tmp_path: Path, engine_m
     with pytest.raises(ArgumentError, match="minimum batch is 2, but Triton sends batches of 1"):
         write_repository(tmp_path / "repo", TritonConfig(), plan_path=plan)
     assert not (tmp_path / "repo").exists()
+
+
+def test_python_repository_copies_the_model_and_names_it_in_parameters(generated_models, fused_onnx: Path,
+                                                                        tmp_path: Path) -> None:
+    from deepliif.model_dir import Layout
+    model_dir = generated_models[Layout.CHECKPOINT]
+    model = write_python_repository(tmp_path / "repo", TritonConfig(instance_kind="cpu", instances=2), model_dir,
+                                    onnx_path=fused_onnx, backend="onnxruntime", cache_dir=tmp_path / "cache")
+    config = parse_pbtxt((model / "config.pbtxt").read_text())
+    assert config["backend"] == "python" and "platform" not in config
+    assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 2}]
+    parameters = {p["key"]: p["value"]["string_value"] for p in config["parameters"]}
+    assert parameters == {"model_dir": PYTHON_MODEL_DIR, "onnx": "deepliif.onnx", "backend": "onnxruntime",
+                          "precision": "fp32", "cache_dir": str((tmp_path / "cache").resolve())}
+    assert "from engine.triton_model import TritonPythonModel" in (model / "1" / "model.py").read_text()
+    assert file_sha256(model / "1" / "deepliif.onnx") == file_sha256(fused_onnx)
+    copied = sorted(p.name for p in (model / "1" / PYTHON_MODEL_DIR).iterdir())
+    assert copied == sorted(p.name for p in model_dir.iterdir())
+    # what the served model reads back is what was meant, paths resolved in the version folder
+    as_json = {"parameters": {key: {"string_value": value} for key, value in parameters.items()}}
+    settings = PythonModelSettings.from_model_config(as_json, model / "1")
+    assert settings.model_dir == model / "1" / PYTHON_MODEL_DIR and settings.onnx == model / "1" / "deepliif.onnx"
+    assert settings.cache_dir == (tmp_path / "cache").resolve() and settings.backend == "onnxruntime"
+
+
+def test_python_repository_refuses_bad_input_before_writing(generated_models, tmp_path: Path) -> None:
+    from deepliif.errors import DeepLIIFError
+    from deepliif.model_dir import Layout
+    with pytest.raises(DeepLIIFError, match="train_opt.txt is missing"):
+        write_python_repository(tmp_path / "repo", TritonConfig(), tmp_path)
+    with pytest.raises(ArgumentError, match="backend"):
+        write_python_repository(tmp_path / "repo", TritonConfig(), generated_models[Layout.CHECKPOINT],
+                                backend="tensorflow")
+    with pytest.raises(ArgumentError, match="instancekind"):
+        TritonConfig(instance_kind="tpu")
+    assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({}, "'model_dir'"), ({"model_dir": "model", "weights": "x"}, r"\['weights'\] are unknown")])
+def test_python_model_settings_refuse_what_they_do_not_know(parameters: dict, message: str) -> None:
+    config = {"parameters": {key: {"string_value": value} for key, value in parameters.items()}}
+    with pytest.raises(ArgumentError, match=message):
+        PythonModelSettings.from_model_config(config, Path("/repo/deepliif/1"))
