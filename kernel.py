@@ -6,7 +6,6 @@ this file runs unchanged (`python kernel.py`, or `deepliif-engine serve`).
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ except ImportError:
     from engine.edi.runtime import Kernel
 
 from deepliif.workers import keep_freed_memory
+from engine.edi.answers import error_json
 from engine.edi.kernel_log import attach_kernel_log, detach_kernel_log
 from engine.edi.service import EdiService
 from engine.edi.settings import KernelSettings
@@ -47,8 +47,7 @@ class DeepLIIFKernel(Kernel):
             responses = self.service.handle([t.get_input_data() for t in tasks])
         except Exception as exc:  # noqa: BLE001 - handle() answers per request; this is the last resort
             self.log_error(f"kernel cannot serve: {type(exc).__name__}: {exc}")
-            failure = {"request_id": None, "status": "error", "msg": f"kernel cannot serve: {exc}", "log": []}
-            responses = [json.dumps(failure)] * len(tasks)
+            responses = [error_json(f"kernel cannot serve: {exc}")] * len(tasks)
         for task, response in zip(tasks, responses):
             task.set_output_data(response)
 

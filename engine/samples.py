@@ -7,15 +7,14 @@ from pathlib import Path
 
 import numpy as np
 
-from deepliif.imageio import read_image
+from deepliif.imageio import IMAGE_SUFFIXES, read_image
 from deepliif.contract import NETWORK_TILE
 from deepliif.tiling import is_empty_tile
 
+from .checkout import SHARED_DIR
+
 SAMPLE_DIR_ENV = "DEEPLIIF_SAMPLE_DIR"
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 
-
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"  # ../shared beside the project checkout
 MINI_MODEL = SHARED_DIR / "fixtures" / "deepliif" / "models" / "mini"
 
 
@@ -37,7 +36,7 @@ def sample_images() -> list[Path]:
     directory = sample_dir()
     if not directory.is_dir():
         return []
-    return sorted(p for p in directory.iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def synthetic_ihc(height: int = NETWORK_TILE, width: int = NETWORK_TILE, seed: int = 0) -> np.ndarray:

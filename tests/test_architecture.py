@@ -14,7 +14,7 @@ MAX_LINES = 400
 # lowest first; a module belongs to the floor of its longest matching prefix
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model", ("deepliif",)),
-    ("runners", ("engine.backends", "engine.samples", "engine.devices")),
+    ("runners", ("engine.backends", "engine.samples", "engine.devices", "engine.checkout")),
     ("export", ("export",)),
     ("calibration", ("calibration",)),
     ("artifacts", ("engine.cache", "engine.artifacts")),

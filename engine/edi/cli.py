@@ -6,9 +6,12 @@ import json
 import os
 from pathlib import Path
 
-from .package import PROJECT_ROOT, package
+from ..checkout import PROJECT_ROOT
+from .package import package
 from .runtime import load_kernel
-from .server import DEFAULT_MAX_BODY, serve_dispatcher, serve_kernel
+from .deploy import PROFILE_TEMPLATE, profile_task_batch_size
+from .server import serve_dispatcher, serve_kernel
+from .settings import DEFAULT_MAX_REQUEST_MB
 
 
 def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
@@ -24,8 +27,9 @@ def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--kernel", type=Path, default=PROJECT_ROOT / "kernel.py", help="the EDI kernel file to load")
     serve.add_argument("--model-json", type=Path, default=PROJECT_ROOT / "model.json",
                        help="the model.json handed to the kernel")
-    serve.add_argument("--task-batch-size", type=int, default=4, help="queued requests handed to one call")
-    serve.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_BODY >> 20, help="largest request body, MB")
+    serve.add_argument("--task-batch-size", type=int, help="queued requests handed to one call (default: the "
+                       f"policy's task_batch_size in the {PROFILE_TEMPLATE} beside --kernel, as EDI does)")
+    serve.add_argument("--max-body-mb", type=int, default=DEFAULT_MAX_REQUEST_MB, help="largest request body, MB")
     serve.add_argument("--kernels", type=int, default=1, help="kernel processes behind the endpoint, each on its own "
                        "GPU when there are several; they share the volume, status records and artifact cache")
     serve.set_defaults(handler=cmd_serve)
@@ -75,6 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.name:
         environment.setdefault("REDHARE_MODEL_NAME", args.name)
     name = args.name or json.loads(args.model_json.read_text()).get("name", "deepliif")
+    if args.task_batch_size is None:
+        args.task_batch_size = profile_task_batch_size(args.kernel.resolve().parent / PROFILE_TEMPLATE)
     print(f"serving {args.kernel} ({args.kernels} kernel{'s' if args.kernels > 1 else ''}) on "
           f"http://{args.host}:{args.port}/dlim/v1/inference/{name} (Ctrl-C stops)", flush=True)
     if args.kernels > 1:

@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from .package import PROJECT_ROOT
+from ..checkout import checkout_file
 from .runtime import load_kernel
 from .server import serve_kernel
 
@@ -44,7 +44,7 @@ def local_endpoint(model_dir: Path, volume: Path, cache_dir: Path | None, backen
         settings["DEEPLIIF_CACHE_DIR"] = str(cache_dir)
     ready, stop = threading.Event(), threading.Event()
     thread = threading.Thread(target=serve_kernel, daemon=True, kwargs=dict(
-        kernel=load_kernel(PROJECT_ROOT / "kernel.py"), model_description=(PROJECT_ROOT / "model.json").read_text(),
+        kernel=load_kernel(checkout_file("kernel.py")), model_description=checkout_file("model.json").read_text(),
         host="127.0.0.1", port=0, ready=ready, stop=stop, environment={**os.environ, **settings}))
     try:
         thread.start()

@@ -22,6 +22,8 @@ from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import write_json
 from deepliif.logs import project_logger
 
+from .settings import DEFAULT_TASK_BATCH_SIZE
+
 logger = project_logger("engine")
 
 TOKEN_ENV = "USER_ACCESS_TOKEN"
@@ -45,6 +47,22 @@ class DlimConnection:
             shown = f"${TOKEN_ENV}" if self.token_from_env else "****"
             found += ["--jwt-token", shown if for_display else self.jwt_token]
         return found
+
+
+def profile_task_batch_size(profile: Path) -> int:
+    """The tasks EDI hands one kernel call under this profile (`policy.task_batch_size`); the stand-in's
+    `serve` reads it so it batches as the deployment will."""
+    try:
+        value = json.loads(Path(profile).read_text()).get("policy", {}).get("task_batch_size")
+    except FileNotFoundError:
+        return DEFAULT_TASK_BATCH_SIZE
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ArgumentError(f"{profile}: cannot read its policy.task_batch_size: {exc}") from exc
+    if value is None:
+        return DEFAULT_TASK_BATCH_SIZE
+    if not isinstance(value, int) or value < 1:
+        raise ArgumentError(f"{profile}: policy.task_batch_size must be a positive integer; got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)

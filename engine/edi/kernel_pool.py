@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import http.client
-import json
 import os
 import signal
 import socket
@@ -26,6 +25,8 @@ from pathlib import Path
 
 from deepliif.errors import DeepLIIFError
 from deepliif.logs import project_logger
+
+from .answers import error_json, request_id_in
 
 logger = project_logger("engine")
 
@@ -235,12 +236,7 @@ class KernelPool:
 
 
 def _retry_later(msg: str, body: bytes) -> str:
-    try:
-        request_id = json.loads(body).get("request_id")
-    except (ValueError, AttributeError):
-        request_id = None
-    return json.dumps({"request_id": request_id, "status": "error", "msg": f"{msg}; send it again", "retry": True,
-                       "log": [msg]})
+    return error_json(f"{msg}; send it again", request_id_in(body), retry=True)
 
 
 def kernel_argv(kernel_file: Path, model_json: Path, name: str | None, task_batch_size: int,

@@ -22,11 +22,11 @@ from deepliif.imageio import file_sha256, write_json
 from deepliif.logs import project_logger
 
 from ..artifacts import ArtifactKind, published_entries
+from ..checkout import checkout_file
 from ..cache import default_cache_dir
 
 logger = project_logger("engine")
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FILES = ("kernel.py", "model.json", "model-profile.json", "README.md", "pyproject.toml")
 PACKAGES = ("deepliif", "export", "calibration", "engine")
 WEIGHTS_DIR = "model"
@@ -47,7 +47,7 @@ def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cac
         raise ArgumentError(f"{out} exists and is not empty; give a new folder")
     if onnx is not None and model_dir is None:
         raise ArgumentError("--onnx needs --model-dir: the graph is filed under the model it was exported from")
-    description = json.loads((PROJECT_ROOT / "model.json").read_text())
+    description = json.loads(checkout_file("model.json").read_text())
     if name:
         description["name"] = name
     if model_source:
@@ -58,9 +58,9 @@ def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cac
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent if out.parent.exists() else None))
     try:
         for file_name in FILES:
-            shutil.copy2(PROJECT_ROOT / file_name, staging / file_name)
+            shutil.copy2(checkout_file(file_name), staging / file_name)
         for package_name in PACKAGES:
-            shutil.copytree(PROJECT_ROOT / package_name, staging / package_name,
+            shutil.copytree(checkout_file(package_name), staging / package_name,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         write_json(staging / "model.json", description)
         contents = {"files": list(FILES), "packages": list(PACKAGES), "model": None, "artifacts": [],

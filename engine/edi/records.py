@@ -24,6 +24,7 @@ import uuid
 from deepliif.errors import DeepLIIFError
 from deepliif.logs import project_logger
 
+from .answers import error_answer
 from .layout import KERNELS_DIR, RESERVED_NAMES, DeploymentLayout, StatusStore, now
 from .requests import (InferenceRequest, RequestError, RequestIdTakenError, RequestInUseError, RetryLaterError,
                        check_request_id)
@@ -197,8 +198,7 @@ class RequestRecords:
             detail = traceback.format_exception_only(type(exc), exc)
             logger.exception("request %s failed unexpectedly", request_id)
         self.log(request_id, "error", msg, kernel_fault=not isinstance(exc, DeepLIIFError))
-        answer = {"request_id": request_id, "status": "error", "msg": msg, "log": detail}
-        return {**answer, "retry": True} if isinstance(exc, RetryLaterError) else answer
+        return error_answer(msg, request_id, detail, retry=isinstance(exc, RetryLaterError))
 
     def error_for_body(self, body: str | bytes, exc: Exception) -> dict:
         return self.error(request_id_of(body) or str(uuid.uuid4()), exc)

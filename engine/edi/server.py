@@ -17,13 +17,15 @@ from concurrent.futures import Future
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from .answers import error_json
+from .settings import DEFAULT_MAX_REQUEST_MB, DEFAULT_TASK_BATCH_SIZE
 from .tasks import KernelCallbacks, chain_tasks, start_kernel
 from deepliif.logs import project_logger
 
 logger = project_logger("engine")
 
 API_PREFIX = "/dlim/v1/inference/"
-DEFAULT_MAX_BODY = 256 << 20
+DEFAULT_MAX_BODY = DEFAULT_MAX_REQUEST_MB << 20  # one limit for the endpoint and the kernel's reads
 LISTEN_BACKLOG = 256
 CLIENT_TIMEOUT_S = 30.0
 
@@ -31,7 +33,7 @@ CLIENT_TIMEOUT_S = 30.0
 class KernelDispatcher:
     """Feeds queued request bodies to the kernel, up to `task_batch_size` per call, one call at a time."""
 
-    def __init__(self, kernel: KernelCallbacks, task_batch_size: int = 4) -> None:
+    def __init__(self, kernel: KernelCallbacks, task_batch_size: int = DEFAULT_TASK_BATCH_SIZE) -> None:
         self.kernel = kernel
         self.task_batch_size = max(1, task_batch_size)
         self._pending: queue.Queue = queue.Queue()
@@ -68,13 +70,9 @@ class KernelDispatcher:
         except Exception as exc:  # noqa: BLE001 - a kernel bug answers these requests, not the server
             logger.exception("on_task_invoke raised")
             for task in tasks:
-                task.output = task.output or error_body(f"kernel failed: {type(exc).__name__}: {exc}")
+                task.output = task.output or error_json(f"kernel failed: {type(exc).__name__}: {exc}")
         for task, (_, future) in zip(tasks, batch):
-            future.set_result(task.output if task.output is not None else error_body("kernel set no output"))
-
-
-def error_body(msg: str, request_id: str | None = None) -> str:
-    return json.dumps({"request_id": request_id, "status": "error", "msg": msg, "log": [msg]})
+            future.set_result(task.output if task.output is not None else error_json("kernel set no output"))
 
 
 class EdiHandler(BaseHTTPRequestHandler):
@@ -88,23 +86,23 @@ class EdiHandler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 - the http.server API
         if self.path.rstrip("/") != self.server.endpoint:
-            return self._reply(HTTPStatus.NOT_FOUND, error_body(f"no such endpoint {self.path}; use "
+            return self._reply(HTTPStatus.NOT_FOUND, error_json(f"no such endpoint {self.path}; use "
                                                                  f"POST {self.server.endpoint}"))
         length = self.headers.get("Content-Length", "")
         if not length.isdigit():
             self.close_connection = True  # the body's end is unknown: the connection cannot be reused
-            return self._reply(HTTPStatus.LENGTH_REQUIRED, error_body(
+            return self._reply(HTTPStatus.LENGTH_REQUIRED, error_json(
                 f"Content-Length must be a non-negative integer; got {length or 'none'}"))
         if int(length) > self.server.max_body:
             self._discard(int(length))  # not kept: read in chunks so the client can hear the answer
             self.close_connection = True
-            return self._reply(HTTPStatus.OK, error_body(f"request body is {length} bytes, over the limit of "
+            return self._reply(HTTPStatus.OK, error_json(f"request body is {length} bytes, over the limit of "
                                                           f"{self.server.max_body}; send a path on the volume "
                                                           "(img_path_on_pvc) for large images"))
         body = self._read_body(int(length))
         if len(body) < int(length):
             self.close_connection = True
-            return self._reply(HTTPStatus.REQUEST_TIMEOUT, error_body(
+            return self._reply(HTTPStatus.REQUEST_TIMEOUT, error_json(
                 f"the body ended after {len(body)} of {length} bytes (nothing more within "
                 f"{self.server.client_timeout:g} s)"))
         self._reply(HTTPStatus.OK, self.server.dispatcher.submit(body).result())
@@ -132,12 +130,12 @@ class EdiHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         if self.path.rstrip("/") != self.server.endpoint:
-            return self._reply(HTTPStatus.NOT_FOUND, error_body(f"no such endpoint {self.path}"))
+            return self._reply(HTTPStatus.NOT_FOUND, error_json(f"no such endpoint {self.path}"))
         self._reply(HTTPStatus.OK, json.dumps({"name": self.server.name, "status": "ready"}))
 
     def _not_allowed(self) -> None:
         self.close_connection = True
-        self._reply(HTTPStatus.METHOD_NOT_ALLOWED, error_body(f"{self.command} is not served; use "
+        self._reply(HTTPStatus.METHOD_NOT_ALLOWED, error_json(f"{self.command} is not served; use "
                                                                f"POST {self.server.endpoint}"))
 
     do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed  # noqa: N815
@@ -155,7 +153,7 @@ class EdiHandler(BaseHTTPRequestHandler):
         # line or headers: answer such a client as HTTP/1.1, like every other
         self.request_version = "HTTP/1.1" if self.request_version == "HTTP/0.9" else self.request_version
         try:
-            self._reply(HTTPStatus(code), error_body(f"HTTP {code}: {message or HTTPStatus(code).phrase}"))
+            self._reply(HTTPStatus(code), error_json(f"HTTP {code}: {message or HTTPStatus(code).phrase}"))
         except OSError:
             pass  # the client is gone
 
@@ -191,7 +189,8 @@ class EdiHttpServer(ThreadingHTTPServer):
 
 
 def serve_kernel(kernel: KernelCallbacks, model_description: str, host: str = "127.0.0.1", port: int = 8000,
-                 name: str | None = None, max_body: int = DEFAULT_MAX_BODY, task_batch_size: int = 4,
+                 name: str | None = None, max_body: int = DEFAULT_MAX_BODY,
+                 task_batch_size: int = DEFAULT_TASK_BATCH_SIZE,
                  ready: threading.Event | None = None, stop: threading.Event | None = None,
                  environment: Mapping[str, str] | None = None) -> None:
     """Start the kernel with `environment` as its settings (None: the process environment), serve until

@@ -37,6 +37,7 @@ DEFAULT_SYNC_BUDGET_S = 45.0  # WMLA's synchronous window is one to two minutes;
 DEFAULT_MAX_ASYNC_QUEUE = 16
 DEFAULT_SHUTDOWN_GRACE_S = 25.0  # inside Kubernetes' default 30 s between SIGTERM and SIGKILL
 DEFAULT_MAX_REQUEST_MB = 256
+DEFAULT_TASK_BATCH_SIZE = 4  # model-profile.json's policy.task_batch_size when a profile names none
 
 
 def model_environment(model_description: str | None) -> dict[str, str]:

@@ -117,3 +117,18 @@ def test_deploy_refuses_what_cannot_be_deployed(packaged: Path, tmp_path: Path) 
         Deployment(packaged, None, DlimConnection(), dlim="no-such-dlim-here").run()
     assert json.loads((packaged / "model.json").read_text())["mk_environments"][-1] == {
         "name": "DEEPLIIF_MODEL_SOURCE", "value": "volume:models/deepliif"}
+
+
+def test_serve_batches_tasks_as_the_profile_says(tmp_path: Path) -> None:
+    """`serve` hands a kernel call as many tasks as the deployment's profile will (policy.task_batch_size)."""
+    from engine.edi.deploy import PROFILE_TEMPLATE, profile_task_batch_size
+    from engine.checkout import PROJECT_ROOT
+    shipped = json.loads((PROJECT_ROOT / PROFILE_TEMPLATE).read_text())["policy"]["task_batch_size"]
+    assert profile_task_batch_size(PROJECT_ROOT / PROFILE_TEMPLATE) == shipped
+    profile = tmp_path / PROFILE_TEMPLATE
+    profile.write_text(json.dumps({"policy": {"task_batch_size": 7}}))
+    assert profile_task_batch_size(profile) == 7
+    profile.write_text(json.dumps({"policy": {"task_batch_size": 0}}))
+    with pytest.raises(ArgumentError, match="task_batch_size must be a positive integer; got 0"):
+        profile_task_batch_size(profile)
+    assert profile_task_batch_size(tmp_path / "absent.json") == 4
