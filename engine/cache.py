@@ -21,7 +21,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from deepliif.errors import ArgumentError, ArtifactError
@@ -37,13 +37,14 @@ MODEL_PATH_ENV = "REDHARE_MODEL_PATH"
 CACHE_DIR_ENV = "DEEPLIIF_CACHE_DIR"
 
 
-def default_cache_dir() -> Path:
-    """`$DEEPLIIF_CACHE_DIR`; inside WMLA `$REDHARE_MODEL_PATH/.engine-cache`; else the user cache dir."""
-    if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV])
-    if os.environ.get(MODEL_PATH_ENV):
-        return Path(os.environ[MODEL_PATH_ENV]) / ".engine-cache"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+def default_cache_dir(environment: Mapping[str, str]) -> Path:
+    """`DEEPLIIF_CACHE_DIR`; inside WMLA `REDHARE_MODEL_PATH/.engine-cache`; else the user cache dir, as the
+    given environment says. Entry points (the CLI, the kernel's settings, Triton's model) pass theirs."""
+    if environment.get(CACHE_DIR_ENV):
+        return Path(environment[CACHE_DIR_ENV])
+    if environment.get(MODEL_PATH_ENV):
+        return Path(environment[MODEL_PATH_ENV]) / ".engine-cache"
+    base = environment.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "deepliif-engine"
 
 
@@ -79,8 +80,11 @@ def cache_key(parts: dict) -> str:
 
 
 class ArtifactCache:
+    """`root` None: the user cache dir (entry points resolve DEEPLIIF_CACHE_DIR and WMLA's model path
+    with `default_cache_dir` and pass the result)."""
+
     def __init__(self, root: Path | None = None) -> None:
-        self.root = Path(root) if root else default_cache_dir()
+        self.root = Path(root) if root else default_cache_dir({})
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -11,6 +11,7 @@ once, at `initialize`. The `TritonPythonModel` class is what Triton's stub looks
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ from deepliif.logs import project_logger
 
 from export.triton import PythonModelSettings
 
+from .cache import default_cache_dir
 from .session import Session
 
 logger = project_logger("engine.triton")
@@ -79,6 +81,8 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
         settings = PythonModelSettings.from_model_config(config, version_dir)
+        if settings.cache_dir is None:  # Triton's entry point: the stub's environment names the cache
+            settings = dataclasses.replace(settings, cache_dir=default_cache_dir(os.environ))
         device = "cpu"
         if args.get("model_instance_kind", "CPU").upper() == "GPU":  # Triton's entry point: the stub's environment
             gpu = instance_gpu(int(args.get("model_instance_device_id", 0)), os.environ.get("CUDA_VISIBLE_DEVICES"))

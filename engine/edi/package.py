@@ -74,7 +74,7 @@ def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cac
             contents.update(model=model.describe(), weights_bytes=weights, weights_included=with_weights)
             model_sha256 = model.weights_sha256()
             if with_artifacts:
-                contents["artifacts"] = _copy_artifacts(model_sha256, cache_dir or default_cache_dir(),
+                contents["artifacts"] = _copy_artifacts(model_sha256, cache_dir or default_cache_dir({}),
                                                         staging / CACHE_DIR)
             if onnx is not None:
                 contents["artifacts"].append(_file_onnx(Path(onnx), model, staging / CACHE_DIR))

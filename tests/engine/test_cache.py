@@ -106,8 +106,10 @@ def test_failed_build_publishes_nothing(tmp_path: Path) -> None:
 
 
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.delenv("DEEPLIIF_CACHE_DIR", raising=False)
-    monkeypatch.setenv("REDHARE_MODEL_PATH", str(tmp_path))
-    assert default_cache_dir() == tmp_path / ".engine-cache"
-    monkeypatch.setenv("DEEPLIIF_CACHE_DIR", str(tmp_path / "x"))
-    assert default_cache_dir() == tmp_path / "x"
+    """From the environment it is given, never the process's own (entry points pass theirs)."""
+    assert default_cache_dir({"REDHARE_MODEL_PATH": str(tmp_path)}) == tmp_path / ".engine-cache"
+    assert default_cache_dir({"REDHARE_MODEL_PATH": str(tmp_path), "DEEPLIIF_CACHE_DIR": str(tmp_path / "x")}) \
+        == tmp_path / "x"
+    assert default_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "deepliif-engine"
+    monkeypatch.setenv("DEEPLIIF_CACHE_DIR", str(tmp_path / "from-process"))
+    assert default_cache_dir({}) == Path.home() / ".cache" / "deepliif-engine"
