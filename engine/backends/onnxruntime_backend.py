@@ -34,12 +34,21 @@ def available_providers(device: str = "auto", precision: Precision = Precision.F
 
     The TensorRT EP is left out for fp32: TensorRT enables TF32 by default and the EP documents no option to
     turn it off, which breaks the fp32 contract (one grey level); the CUDA EP runs fp32 with TF32 off and
-    the `tensorrt` backend builds fp32 plans with TF32 cleared.
+    the `tensorrt` backend builds fp32 plans with TF32 cleared. The CUDA EP is left out for int8: it runs
+    the graph's Q/DQ pairs as float operations, slower than fp32 and nothing like what the gate promised;
+    int8 on a GPU needs the TensorRT EP (or the `tensorrt` backend).
     """
     offered = set(_onnxruntime().get_available_providers())
     providers = [p for p in PROVIDER_ORDER if p in offered]
-    if Precision.parse(precision) is Precision.FP32:
+    precision = Precision.parse(precision)
+    if precision is Precision.FP32:
         providers = [p for p in providers if p != "TensorrtExecutionProvider"]
+    if precision is Precision.INT8 and device != "cpu" and "CUDAExecutionProvider" in providers:
+        if "TensorrtExecutionProvider" not in providers:
+            raise BackendUnavailableError(
+                "onnxruntime: int8 on the CUDA EP runs the Q/DQ graph as float operations, slower than fp32; "
+                "int8 on a GPU needs ONNX Runtime's TensorRT EP or the tensorrt backend (or --device cpu)")
+        providers = [p for p in providers if p != "CUDAExecutionProvider"]
     if device == "cpu":
         return [p for p in providers if p == "CPUExecutionProvider"]
     if device == "cuda":
@@ -52,16 +61,21 @@ def provider_options(provider: str, precision: Precision, cache_dir: Path | None
     """Options for one execution provider (ONNX Runtime docs, TensorRT and CUDA Execution Provider pages).
 
     TensorRT EP: engines and timing caches persist under the artifact cache (else it rebuilds every engine
-    at every start); the batch dimension gets an explicit profile (else a new engine per new batch size);
-    fp16 kernels only for an fp16 request; int8 only for a Q/DQ graph (explicit scales, no calibration
-    table). CUDA EP: TF32 only for fp16 graphs.
+    at every start); the batch dimension gets an explicit profile (else a new engine per new batch size).
+    `trt_fp16_enable` and `trt_int8_enable` stay off for every precision: ONNX Runtime builds a strongly
+    typed TensorRT network only when no precision flag is set (microsoft/onnxruntime PR 18707: "obey the
+    precision given in the ONNX file", the flags overriding it), and TensorRT's explicit-quantization guide
+    says not to set precision flags with Q/DQ. The fp16 and int8 graphs carry their own types; with a flag
+    on, TensorRT could run the deliberate fp32 parts (normalisation, the Seg average, the last scale before
+    truncation) in fp16, and serve something other than the graph that passed the gate.
+    CUDA EP: TF32 only for fp16 graphs; a heuristic convolution search, because the default exhaustive one
+    runs again for every new batch shape (a tile loop's remainder batches); NHWC kernels for fp16.
     """
     precision = Precision.parse(precision)
     if provider == "TensorrtExecutionProvider":
         low, opt, high = batch_range
         shape = "x".join(str(d) for d in (NETWORK_TILE, NETWORK_TILE, 3))
-        options = {"device_id": device_id, "trt_fp16_enable": precision is Precision.FP16,
-                   "trt_int8_enable": precision is Precision.INT8,
+        options = {"device_id": device_id, "trt_fp16_enable": False, "trt_int8_enable": False,
                    "trt_profile_min_shapes": f"{FUSED_GRAPH.input_name}:{low}x{shape}",
                    "trt_profile_opt_shapes": f"{FUSED_GRAPH.input_name}:{opt}x{shape}",
                    "trt_profile_max_shapes": f"{FUSED_GRAPH.input_name}:{high}x{shape}"}
@@ -73,7 +87,11 @@ def provider_options(provider: str, precision: Precision, cache_dir: Path | None
     if provider == "CUDAExecutionProvider":
         # TF32 only where every convolution is already fp16: INT8 Q/DQ graphs keep fp32 edge convolutions,
         # and their gate measured them without TF32
-        return {"device_id": device_id, "use_tf32": 1 if precision is Precision.FP16 else 0}
+        options = {"device_id": device_id, "use_tf32": 1 if precision is Precision.FP16 else 0,
+                   "cudnn_conv_algo_search": "HEURISTIC"}
+        if precision is Precision.FP16:
+            options["prefer_nhwc"] = 1
+        return options
     return {}
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
+from deepliif.errors import BackendUnavailableError
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
 from engine.backends import onnxruntime_backend
@@ -24,7 +25,7 @@ DOCUMENTED = {
         "trt_engine_cache_path", "trt_timing_cache_enable", "trt_timing_cache_path", "trt_profile_min_shapes",
         "trt_profile_opt_shapes", "trt_profile_max_shapes", "trt_dla_enable", "trt_builder_optimization_level"},
     "CUDAExecutionProvider": {"device_id", "gpu_mem_limit", "arena_extend_strategy", "cudnn_conv_algo_search",
-                              "do_copy_in_default_stream", "use_tf32", "enable_cuda_graph"},
+                              "do_copy_in_default_stream", "use_tf32", "enable_cuda_graph", "prefer_nhwc"},
 }
 
 
@@ -57,14 +58,15 @@ def test_outputs_are_paired_with_their_names(reordered_onnx, io_binding: bool) -
 def test_tensorrt_ep_options(tmp_path: Path) -> None:
     fp16 = provider_options("TensorrtExecutionProvider", Precision.FP16, tmp_path, batch_range=(1, 4, 16))
     assert set(fp16) <= DOCUMENTED["TensorrtExecutionProvider"]
-    assert fp16["trt_fp16_enable"] is True and fp16["trt_int8_enable"] is False
+    # no precision flag at any precision: the EP then builds a strongly typed network from the graph's types
+    assert fp16["trt_fp16_enable"] is False and fp16["trt_int8_enable"] is False
     assert fp16["trt_engine_cache_enable"] and fp16["trt_engine_cache_path"] == str(tmp_path)
     assert fp16["trt_timing_cache_enable"] and fp16["trt_timing_cache_path"] == str(tmp_path)
     assert fp16["trt_profile_min_shapes"] == "ihc:1x512x512x3"
     assert fp16["trt_profile_opt_shapes"] == "ihc:4x512x512x3"
     assert fp16["trt_profile_max_shapes"] == "ihc:16x512x512x3"
     int8 = provider_options("TensorrtExecutionProvider", Precision.INT8, tmp_path)
-    assert int8["trt_fp16_enable"] is False and int8["trt_int8_enable"] is True
+    assert int8["trt_fp16_enable"] is False and int8["trt_int8_enable"] is False
 
 
 def test_cuda_ep_keeps_fp32_off_tf32() -> None:
@@ -73,6 +75,28 @@ def test_cuda_ep_keeps_fp32_off_tf32() -> None:
     assert provider_options("CUDAExecutionProvider", Precision.FP16, None)["use_tf32"] == 1
     assert provider_options("CUDAExecutionProvider", Precision.INT8, None)["use_tf32"] == 0  # fp32 edge convs
     assert provider_options("CPUExecutionProvider", Precision.FP32, None) == {}
+
+
+@pytest.mark.parametrize("precision", list(Precision))
+def test_cuda_ep_searches_convolutions_once_per_shape_class(precision: Precision) -> None:
+    """The default exhaustive cuDNN search runs again for every new batch shape (remainder batches)."""
+    options = provider_options("CUDAExecutionProvider", precision, None)
+    assert set(options) <= DOCUMENTED["CUDAExecutionProvider"]
+    assert options["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert options.get("prefer_nhwc", 0) == (1 if precision is Precision.FP16 else 0)
+
+
+def test_int8_never_runs_on_the_cuda_ep(monkeypatch) -> None:
+    """The CUDA EP runs Q/DQ as float ops (slower than fp32): int8 goes to the TensorRT EP or is refused."""
+    offered = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime_backend, "_onnxruntime",
+                        lambda: type("FakeOrt", (), {"get_available_providers": staticmethod(lambda: offered)}))
+    assert available_providers("cuda", Precision.INT8) == ["TensorrtExecutionProvider"]
+    assert available_providers("auto", Precision.INT8) == ["TensorrtExecutionProvider", "CPUExecutionProvider"]
+    offered.remove("TensorrtExecutionProvider")
+    with pytest.raises(BackendUnavailableError, match="int8 on the CUDA EP runs the Q/DQ graph as float"):
+        available_providers("auto", Precision.INT8)
+    assert available_providers("cpu", Precision.INT8) == ["CPUExecutionProvider"]
 
 
 def test_fp32_never_goes_to_the_tensorrt_ep(monkeypatch) -> None:
