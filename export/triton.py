@@ -12,6 +12,7 @@ renamed into place.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from engine.backends.precision import Precision
 
 from . import logger
 from .onnx_checks import check_fused_signature, check_onnx
-from .tensorrt_build import METADATA_FILE, EngineMetadata
+from .tensorrt_build import METADATA_FILE, EngineMetadata, onnx_precision
 
 _DIMS = [NETWORK_TILE, NETWORK_TILE, 3]
 PYTHON_MODEL_DIR = "model"  # the DeepLIIF model directory's copy inside the version folder
@@ -107,6 +108,9 @@ class TritonConfig:
     instances: int = 1
     instance_kind: InstanceKind = InstanceKind.GPU
     parameters: dict[str, str] = field(default_factory=dict)  # the Python model's settings
+    # ONNX Runtime backend: gpu_execution_accelerator name -> its parameters (ONNX Runtime's EP option names)
+    accelerators: dict[str, dict[str, str]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # comment lines at the top of config.pbtxt: what the server must be run with
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -128,7 +132,8 @@ def render_config(config: TritonConfig, runtime: Runtime) -> str:
     preferred = ", ".join(map(str, config.preferred_batch_sizes))
     parameters = "".join(f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}\n'
                          for key, value in config.parameters.items())
-    return (f'name: "{config.name}"\n'
+    notes = "".join(f"# {line}\n" for line in config.notes)
+    return (f'{notes}name: "{config.name}"\n'
             f'{runtime.key}: "{runtime.value}"\n'
             f"max_batch_size: {config.max_batch_size}\n"
             f"input [\n{tensor(FUSED_GRAPH.input_name)}\n]\n"
@@ -136,7 +141,43 @@ def render_config(config: TritonConfig, runtime: Runtime) -> str:
             f"dynamic_batching {{\n  preferred_batch_size: [ {preferred} ]\n"
             f"  max_queue_delay_microseconds: {config.max_queue_delay_us}\n}}\n"
             f"instance_group [ {{ kind: {config.instance_kind.triton_name} count: {config.instances} }} ]\n"
-            f"{parameters}")
+            f"{parameters}{_optimization(config.accelerators)}")
+
+
+def _optimization(accelerators: dict[str, dict[str, str]]) -> str:
+    if not accelerators:
+        return ""
+    def entry(name: str, options: dict[str, str]) -> str:
+        lines = "".join(f'      parameters {{ key: "{key}" value: "{value}" }}\n' for key, value in options.items())
+        return f'    {{ name: "{name}"\n{lines}    }}'
+
+    entries = ",\n".join(entry(name, options) for name, options in accelerators.items())
+    return f"optimization {{ execution_accelerators {{\n  gpu_execution_accelerator: [\n{entries}\n  ]\n}} }}\n"
+
+
+def onnx_accelerators(precision: Precision, max_batch_size: int) -> dict[str, dict[str, str]]:
+    """The ONNX Runtime backend's GPU execution providers for a graph of this precision, with the options
+    `engine.backends.onnxruntime_backend` gives its own sessions: the CUDA EP with TF32 only for fp16 and a
+    heuristic convolution search; for fp16 and int8 the TensorRT EP first, with `precision_mode` FP32 (Triton
+    maps FP16/INT8 to the EP's precision flags, which would override the graph's own types) and a batch
+    profile. int8 needs it: the CUDA EP runs Q/DQ as float operations."""
+    cuda = {"use_tf32": "1" if precision is Precision.FP16 else "0", "cudnn_conv_algo_search": "HEURISTIC"}
+    if precision is Precision.FP32:
+        return {"cuda": cuda}
+    shape = "x".join(map(str, _DIMS))
+    profile = {f"trt_profile_{which}_shapes": f"{FUSED_GRAPH.input_name}:{batch}x{shape}"
+               for which, batch in (("min", 1), ("opt", max_batch_size), ("max", max_batch_size))}
+    return {"tensorrt": {"precision_mode": "FP32", **profile}, "cuda": cuda}
+
+
+def plan_notes(metadata: EngineMetadata) -> tuple[str, ...]:
+    """What Triton's TensorRT backend must be for this plan, said in the config and the log."""
+    built = (f"plan built with TensorRT {metadata.tensorrt_version} for {metadata.gpu_name} "
+             f"(compute capability {metadata.compute_capability})")
+    if metadata.version_compatible:
+        return (built, "version-compatible: start tritonserver with --backend-config=tensorrt,version-compatible=true")
+    return (built, f"not version-compatible: Triton's TensorRT backend must be exactly TensorRT "
+                   f"{metadata.tensorrt_version}, on that GPU model")
 
 
 def write_repository(repo: Path, config: TritonConfig, onnx_path: Path | None = None,
@@ -154,11 +195,17 @@ def write_repository(repo: Path, config: TritonConfig, onnx_path: Path | None = 
         if config.max_batch_size > profile_max:
             logger.info("max_batch_size %d capped at the plan's profile maximum %d", config.max_batch_size,
                         profile_max)
-            config = TritonConfig(config.name, profile_max, config.preferred_batch_sizes,
-                                  config.max_queue_delay_us, config.instances, config.instance_kind)
+            config = dataclasses.replace(config, max_batch_size=profile_max)
+        notes = plan_notes(metadata)
+        logger.warning("Triton TensorRT model %s: %s; %s", config.name, *notes)
+        config = dataclasses.replace(config, notes=notes)
         runtime, artifact = TENSORRT, Path(plan_path)
     else:
-        check_fused_signature(check_onnx(onnx_path))
+        summary = check_onnx(onnx_path)
+        check_fused_signature(summary)
+        if config.instance_kind is InstanceKind.GPU:
+            config = dataclasses.replace(config, accelerators=onnx_accelerators(onnx_precision(summary),
+                                                                                config.max_batch_size))
         runtime, artifact = ONNXRUNTIME, Path(onnx_path)
     return _publish(Path(repo), config, runtime,
                     lambda version: shutil.copyfile(artifact, version / runtime.file_name))
@@ -174,9 +221,7 @@ def write_python_repository(repo: Path, config: TritonConfig, model_dir: Path, o
         check_fused_signature(check_onnx(onnx_path))
     settings = PythonModelSettings(Path(PYTHON_MODEL_DIR), Path(FUSED_GRAPH.file_name) if onnx_path else None,
                                    backend, precision, Path(cache_dir).resolve() if cache_dir else None)
-    config = TritonConfig(config.name, config.max_batch_size, config.preferred_batch_sizes,
-                          config.max_queue_delay_us, config.instances, config.instance_kind,
-                          settings.as_parameters())
+    config = dataclasses.replace(config, parameters=settings.as_parameters())
 
     def fill(version: Path) -> None:
         (version / PYTHON.file_name).write_text(PYTHON_MODEL_SOURCE)
@@ -239,6 +284,9 @@ def check_config(parsed: dict, config: TritonConfig, runtime: Runtime) -> None:
     expect("instance_group", groups, [{"kind": config.instance_kind.triton_name, "count": config.instances}])
     parameters = {p.get("key"): p.get("value", {}).get("string_value") for p in parsed.get("parameters", [])}
     expect("parameters", parameters, config.parameters)
+    accelerators = parsed.get("optimization", {}).get("execution_accelerators", {}).get("gpu_execution_accelerator", [])
+    expect("gpu_execution_accelerator", {a.get("name"): {p["key"]: p["value"] for p in a.get("parameters", [])}
+                                         for a in accelerators}, config.accelerators)
     if problems:
         raise ExportError("generated Triton config is wrong: " + "; ".join(problems))
 

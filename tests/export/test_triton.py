@@ -127,3 +127,41 @@ def test_python_model_settings_refuse_what_they_do_not_know(parameters: dict, me
     config = {"parameters": {key: {"string_value": value} for key, value in parameters.items()}}
     with pytest.raises(ArgumentError, match=message):
         PythonModelSettings.from_model_config(config, Path("/repo/deepliif/1"))
+
+
+def _accelerators(model: Path) -> dict:
+    parsed = parse_pbtxt((model / "config.pbtxt").read_text())
+    entries = parsed.get("optimization", {}).get("execution_accelerators", {}).get("gpu_execution_accelerator", [])
+    return {e["name"]: {p["key"]: p["value"] for p in e.get("parameters", [])} for e in entries}
+
+
+def test_onnx_repositories_set_the_providers_the_engine_uses(fused_onnx: Path, fused_onnx_fp16: Path,
+                                                               tmp_path: Path) -> None:
+    """fp32: the CUDA EP with TF32 off (the one-grey-level contract); fp16: the TensorRT EP without a
+    precision flag (Triton's FP16 mode would turn on weak typing), then the CUDA EP with TF32."""
+    fp32 = write_repository(tmp_path / "a", TritonConfig(), onnx_path=fused_onnx)
+    assert _accelerators(fp32) == {"cuda": {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}}
+    fp16 = _accelerators(write_repository(tmp_path / "b", TritonConfig(max_batch_size=8), onnx_path=fused_onnx_fp16))
+    assert list(fp16) == ["tensorrt", "cuda"]
+    assert fp16["tensorrt"]["precision_mode"] == "FP32" and fp16["tensorrt"]["trt_profile_max_shapes"] == \
+        "ihc:8x512x512x3"
+    assert fp16["cuda"]["use_tf32"] == "1"
+    on_cpu = write_repository(tmp_path / "c", TritonConfig(instance_kind="cpu"), onnx_path=fused_onnx)
+    assert _accelerators(on_cpu) == {}
+
+
+@pytest.mark.parametrize("compatible, says", [
+    (True, "--backend-config=tensorrt,version-compatible=true"),
+    (False, "must be exactly TensorRT 11.4.0.106")])
+def test_plan_repositories_say_what_triton_must_run(tmp_path: Path, engine_metadata, caplog, compatible: bool,
+                                                    says: str) -> None:
+    plan = tmp_path / PLAN_FILE
+    plan.write_bytes(b"serialized plan")
+    engine_metadata(plan_sha256=file_sha256(plan), profile=TensorRTBuildConfig(1, 4, 8).profile(),
+                    version_compatible=compatible).write(plan.with_name(METADATA_FILE))
+    with caplog.at_level("WARNING"):
+        model = write_repository(tmp_path / "repo", TritonConfig(), plan_path=plan)
+    text = (model / "config.pbtxt").read_text()
+    assert says in text.splitlines()[1] and text.startswith("# plan built with TensorRT 11.4.0.106")
+    assert says in caplog.text
+    assert parse_pbtxt(text)["platform"] == "tensorrt_plan"  # the comments parse away
