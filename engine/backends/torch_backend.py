@@ -52,16 +52,29 @@ def captured_size(batch: int) -> int:
 
 
 class GraphReplayer:
-    """Replays one captured graph per padded batch size; `capture(size)` makes one."""
+    """Replays one captured graph per padded batch size; `capture(size)` makes one.
 
-    def __init__(self, capture: Callable[[int], CapturedGraph]) -> None:
+    Graphs share one memory pool, so captures go largest first: each smaller capture then fits in memory
+    the pool already holds instead of growing it. A batch larger than every graph captured so far drops
+    them all and starts again from it; before a first capture `release` returns what the allocator keeps
+    cached (an eager warm-up's activations). The tile loop sends its full batches first, so a re-capture
+    happens at most once in practice."""
+
+    def __init__(self, capture: Callable[[int], CapturedGraph], release: Callable[[], None] = lambda: None) -> None:
         self.capture = capture
+        self.release = release
         self.graphs: dict[int, CapturedGraph] = {}
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         size = len(batch)
         padded = captured_size(size)
         if padded not in self.graphs:
+            if self.graphs and padded > max(self.graphs):
+                logger.info("batch %d is larger than every captured CUDA graph: capturing again, largest first",
+                            padded)
+                self.graphs.clear()
+            if not self.graphs:
+                self.release()
             self.graphs[padded] = self.capture(padded)
             logger.info("captured a CUDA graph for batch %d", padded)
         graph = self.graphs[padded]
@@ -105,7 +118,9 @@ class TorchBackend(Backend):
             pipeline = pipeline.to(memory_format=torch.channels_last)
         self.runner = TileRunner(pipeline, self.device, micro_batch)
         self._pool = torch.cuda.graph_pool_handle() if cuda_graphs else None
-        self.graphs = GraphReplayer(self._capture) if cuda_graphs else None
+        # one side stream for every capture: graphs sharing a pool must be captured on the same stream
+        self._capture_stream = torch.cuda.Stream(self.device) if cuda_graphs else None
+        self.graphs = GraphReplayer(self._capture, torch.cuda.empty_cache) if cuda_graphs else None
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         detail = (f"{name}; torch {torch.__version__}; {torch.get_num_threads()} threads"
                   f"{'; channels_last' if channels_last else ''}{'; CUDA graphs' if cuda_graphs else ''}")
@@ -116,11 +131,11 @@ class TorchBackend(Backend):
             return self.runner.run(batch) if self.graphs is None else self.graphs.run(batch)
 
     def _capture(self, size: int) -> CapturedGraph:
-        """Warm up and capture on one side stream, into the memory pool every captured graph shares, so
-        graphs for several batch sizes do not each keep their own activations."""
+        """Warm up and capture on the backend's one side stream, into the memory pool every captured graph
+        shares, so graphs for several batch sizes do not each keep their own activations."""
         pipeline = self.runner.pipeline
         static_in = torch.zeros((size, NETWORK_TILE, NETWORK_TILE, 3), dtype=torch.uint8, device=self.device)
-        side = torch.cuda.Stream(self.device)
+        side = self._capture_stream
         side.wait_stream(torch.cuda.current_stream(self.device))
         graph = torch.cuda.CUDAGraph()
         with torch.inference_mode(), torch.cuda.stream(side):

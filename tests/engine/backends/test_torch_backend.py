@@ -1,6 +1,8 @@
 """CUDA-graph replay logic and the TF32 switches, exercised on the CPU through the capture seam."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -71,3 +73,59 @@ def test_an_fp32_session_runs_without_tf32_whatever_another_session_set(generate
         assert seen == [(False, False)] and _tf32() == (True, True)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_graphs_are_captured_largest_first_after_a_release() -> None:
+    """A batch larger than every captured graph drops them and captures again from it; the cache is
+    released before each first capture, so the shared pool grows from the largest graph down."""
+    events = []
+
+    def capture(size: int) -> CapturedGraph:
+        events.append(size)
+        static = torch.zeros((size, 1, 1, 3), dtype=torch.uint8)
+        return CapturedGraph(static, {name: static for name in OUTPUT_NAMES}, lambda: None)
+
+    replayer = GraphReplayer(capture, lambda: events.append("release"))
+    for size in (4, 2, 4, 1, 7, 3, 8):
+        replayer.run(np.zeros((size, 1, 1, 3), np.uint8))
+    assert events == ["release", 4, 2, 1, "release", 8, 4]
+    assert sorted(replayer.graphs) == [4, 8]
+
+
+def test_every_capture_uses_the_backends_one_side_stream(monkeypatch) -> None:
+    """Graphs sharing a memory pool must be captured on the same stream; a new stream per capture is not."""
+    from engine.backends import torch_backend
+
+    class Stream:
+        def wait_stream(self, other) -> None:
+            pass
+
+        def synchronize(self) -> None:
+            pass
+
+    seen = []
+
+    class FakeCuda:  # the calls `_capture` makes, recorded
+        CUDAGraph = staticmethod(lambda: type("Graph", (), {"replay": lambda self: None})())
+        Stream = staticmethod(lambda device=None: Stream())
+        current_stream = staticmethod(lambda device=None: Stream())
+
+        @staticmethod
+        def stream(stream):
+            seen.append(("warm-up", stream))
+            return contextlib.nullcontext()
+
+        @staticmethod
+        def graph(graph, pool=None, stream=None):
+            seen.append(("capture", stream))
+            return contextlib.nullcontext()
+
+    backend = object.__new__(torch_backend.TorchBackend)
+    backend.device = torch.device("cpu")
+    backend.runner = type("Runner", (), {"pipeline": staticmethod(lambda x: [x] * len(OUTPUT_NAMES))})()
+    backend._pool = None
+    backend._capture_stream = Stream()
+    monkeypatch.setattr(torch_backend.torch, "cuda", FakeCuda)
+    backend._capture(2)
+    backend._capture(1)
+    assert [stream for _, stream in seen] == [backend._capture_stream] * 4
