@@ -19,8 +19,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE
-from deepliif.errors import AccuracyGateError, ArgumentError, ArtifactError
+from deepliif.errors import AccuracyGateError, ArgumentError, ArtifactError, ValidationError
 from deepliif.imageio import file_sha256, write_json
 from deepliif.logs import project_logger
 from deepliif.model_files import ModelFiles
@@ -42,6 +44,8 @@ logger = project_logger("engine")
 
 OPTIMIZED_ONNX = "deepliif.ort-optimized.onnx"
 SANITY_FILE = "sanity-check.json"
+PLAN_CHECK_FILE = "plan-check.json"
+PLAN_CHECK_BATCHES = (1, 2)  # a batch of one and a batch of two, on two tiles
 
 
 class ArtifactKind(enum.Enum):
@@ -227,7 +231,11 @@ class ArtifactLoaders:
             parts["onnx_sha256"] = file_sha256(source.path)
         timing_cache = timing_cache_path(self.cache.root, tensorrt.__version__, gpu)
         timing = TensorRTBuildConfig(**{**build_config.__dict__, "timing_cache": timing_cache})
-        entry = self.cache.get(parts, lambda staging: build_plan(source.path, staging, timing), rebuild=rebuild)
+        def build_and_check(staging: Path) -> None:
+            build_plan(source.path, staging, timing)
+            write_json(staging / PLAN_CHECK_FILE, check_plan(staging / PLAN_FILE, source.path, self.precision))
+
+        entry = self.cache.get(parts, build_and_check, rebuild=rebuild)
         provenance = Provenance(ArtifactKind.TENSORRT, self.precision, source.provenance.model_sha256, entry.name,
                                 source.provenance.sanity, source.provenance.gate)
         return Artifact(entry / PLAN_FILE, provenance)
@@ -246,6 +254,29 @@ def sanity_check(model: DeepLIIFModel, onnx_path: Path, precision: Precision) ->
         report = validate(TileRunner(FusedPipeline(model)).run, candidate.run, tile, (1,),
                           Tolerance.for_precision(precision))
     return SanityCheck.from_validation(report, file_sha256(onnx_path))
+
+
+def check_plan(plan_path: Path, onnx_path: Path, precision: Precision) -> dict:
+    """A freshly built plan against ONNX Runtime on the CPU running the graph it was built from, before
+    it is published: the tactics TensorRT chose, its fusions and its reduced-precision kernels are where a
+    plan can go wrong while the graph stays right. It must meet its precision's contract (fp32: one grey
+    level; fp16/int8: the gate's image quality and positive-cell tolerance), or nothing is published and
+    the plan is never served. Returns the record kept beside the plan."""
+    from export.validate import validate
+
+    from .backends.onnxruntime_backend import OnnxRuntimeBackend
+    from .backends.tensorrt_backend import TensorRTBackend
+    tiles = np.stack([synthetic_ihc(NETWORK_TILE, NETWORK_TILE, seed=seed) for seed in (1, 2)])
+    with OnnxRuntimeBackend(onnx_path, device="cpu", precision=precision) as reference, \
+            TensorRTBackend(plan_path) as candidate:
+        try:
+            report = validate(reference.run, candidate.run, tiles, PLAN_CHECK_BATCHES,
+                              Tolerance.for_precision(precision))
+        except ValidationError as exc:
+            raise ArtifactError(f"{plan_path.name}: the TensorRT plan misses its {precision.value} contract "
+                                f"against ONNX Runtime on the CPU ({exc}); it is not published") from exc
+    check = SanityCheck.from_validation(report, file_sha256(onnx_path))
+    return {**asdict(check), "plan_sha256": file_sha256(plan_path), "reference": "onnxruntime cpu"}
 
 
 def published_entries(cache_dir: Path, model_sha256: str) -> list[tuple[Path, Provenance]]:

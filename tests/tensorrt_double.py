@@ -32,7 +32,9 @@ __version__ = "11.4.0.106"
 # "current": whether the backend made its device current (TensorRT deserialises engines and creates
 # contexts on the current device); deserialising or creating a context without it is refused
 DEVICE = {"name": "Fake GPU (test double)", "compute_capability": "9.0", "current": False}
-STATE = {"build_fails": False, "execute_fails": False, "timing_cache_none": False, "device_fault": False}
+# "perturb": grey levels added to every output, as a plan whose kernels compute something else would
+STATE = {"build_fails": False, "execute_fails": False, "timing_cache_none": False, "device_fault": False,
+         "perturb": 0}
 CALLS: list[tuple] = []
 NETWORK_TILE = 512  # the fused graph's tile (the double knows the contract it stands in for)
 MAGIC = b"FAKE-TENSORRT-PLAN\n"
@@ -40,7 +42,7 @@ MAGIC = b"FAKE-TENSORRT-PLAN\n"
 
 def reset() -> None:
     DEVICE.update(name="Fake GPU (test double)", compute_capability="9.0")
-    STATE.update(build_fails=False, execute_fails=False, timing_cache_none=False)
+    STATE.update(build_fails=False, execute_fails=False, timing_cache_none=False, perturb=0)
     CALLS.clear()
 
 
@@ -340,6 +342,8 @@ class IExecutionContext:
         feeds = {n: _read(self.addresses[n], self.shapes[n]) for n in inputs}
         names = [t["name"] for t in self.engine.header["outputs"]]
         for name, value in zip(names, self._onnxruntime().run(names, feeds)):
+            if STATE["perturb"]:
+                value = np.clip(value.astype(np.int16) + STATE["perturb"], 0, 255).astype(np.uint8)
             value = np.ascontiguousarray(value)
             ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
         return True

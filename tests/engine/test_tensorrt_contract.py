@@ -71,6 +71,24 @@ def test_session_builds_publishes_loads_and_runs_a_plan(fake_tensorrt, model_dir
     assert not [c for c in fake_tensorrt.CALLS if c[0] == "build"]
 
 
+def test_a_plan_is_checked_against_onnx_runtime_before_it_is_published(fake_tensorrt, model_dir, tmp_path,
+                                                                         monkeypatch) -> None:
+    """A plan whose kernels compute something else (the double adds 2 grey levels to every output) is
+    refused in the cache build: nothing is published, and `auto` serves the next backend instead."""
+    from engine.artifacts import PLAN_CHECK_FILE
+    with Session(model_dir, backend="tensorrt", cache_dir=tmp_path / "good", batch_size=2):
+        pass
+    check = json.loads(next((tmp_path / "good").glob(f"*/{PLAN_CHECK_FILE}")).read_text())
+    assert check["passed"] and check["reference"] == "onnxruntime cpu" and max(check["max_abs"].values()) <= 1
+    fake_tensorrt.STATE["perturb"] = 2
+    with pytest.raises(ArtifactError, match="misses its fp32 contract against ONNX Runtime on the CPU"):
+        Session(model_dir, backend="tensorrt", cache_dir=tmp_path / "bad", batch_size=2)
+    assert not list((tmp_path / "bad").glob(f"*/{PLAN_FILE}"))  # never published
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with Session(model_dir, backend="auto", cache_dir=tmp_path / "bad", batch_size=2) as session:
+        assert session.info.name == "onnxruntime" and "misses its fp32 contract" in session.skipped[0]
+
+
 @pytest.mark.parametrize("failure", ["build_fails", "execute_fails"])
 def test_auto_falls_back_on_any_backend_failure(fake_tensorrt, model_dir, reference, tmp_path, failure,
                                                 monkeypatch, caplog) -> None:
