@@ -46,6 +46,8 @@ class CaseResult:
     max_abs: int | None = None
     min_psnr_db: float | None = None
     seconds: float | None = None
+    tf32: str = ""  # on, off, or n/a (no such switch on the device)
+    engine_cache: str = ""  # where the backend keeps compiled engines, if it keeps any
 
 
 def environment() -> dict:
@@ -122,15 +124,16 @@ def run_case(model_dir: Path, kind: BackendKind, precision: Precision, cache_dir
         with Session(model_dir, backend=kind, precision=precision.value, device=device, cache_dir=cache_dir,
                      batch_size=1, force_ungated=precision is Precision.FP16) as session:
             actual = session.run(tile[None])
-            detail = session.info.detail
+            info = session.info
     except DeepLIIFError as exc:
         return CaseResult(kind.value, precision.value, "fail", str(exc))
     except Exception as exc:  # noqa: BLE001 - a crash in a library is exactly what doctor must report
         return CaseResult(kind.value, precision.value, "fail", f"{type(exc).__name__}: {exc}")
     stats = [ImageStats.between(reference[name], actual[name][0]) for name in OUTPUT_NAMES]
     psnr = min(s.psnr_db for s in stats)
-    result = CaseResult(kind.value, precision.value, "pass", detail, max(s.max_abs for s in stats),
-                        None if math.isinf(psnr) else round(psnr, 2), round(time.perf_counter() - start, 2))
+    result = CaseResult(kind.value, precision.value, "pass", info.detail, max(s.max_abs for s in stats),
+                        None if math.isinf(psnr) else round(psnr, 2), round(time.perf_counter() - start, 2),
+                        "n/a" if info.tf32 is None else ("on" if info.tf32 else "off"), info.engine_cache or "")
     tolerance = Tolerance.for_precision(precision)
     if tolerance.max_abs is not None and result.max_abs > tolerance.max_abs:
         result.status, result.detail = "fail", f"max abs difference {result.max_abs} > {tolerance.max_abs}"
@@ -171,11 +174,12 @@ def format_report(report: dict) -> str:
              f"GPUs: {gpus}",
              f"ONNX Runtime providers: {', '.join(env['onnxruntime_providers']) or 'none'}",
              f"TensorRT: {env['tensorrt'] or 'unavailable: ' + env.get('tensorrt_unavailable', '')}", ""]
-    rows = [("backend", "precision", "result", "max abs", "min PSNR dB", "seconds", "detail")]
+    rows = [("backend", "precision", "result", "max abs", "min PSNR dB", "seconds", "TF32", "engine cache", "detail")]
     for c in report["cases"]:
         psnr = str(c["min_psnr_db"]) if c["min_psnr_db"] is not None else ("inf" if c["max_abs"] == 0 else "")
         rows.append((c["backend"], c["precision"], c["status"].upper(), "" if c["max_abs"] is None else str(c["max_abs"]),
-                     psnr, "" if c["seconds"] is None else f"{c['seconds']:.1f}", c["detail"]))
+                     psnr, "" if c["seconds"] is None else f"{c['seconds']:.1f}", c["tf32"], c["engine_cache"],
+                     c["detail"]))
     lines += format_rows(rows)
     lines += [f"PROBLEM: {p}" for p in report["problems"]]
     lines.append("doctor: PASSED" if report["passed"] else "doctor: FAILED")

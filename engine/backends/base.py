@@ -26,6 +26,8 @@ class BackendInfo:
     precision: Precision
     max_batch: int | None  # None: no limit but memory
     detail: str = ""
+    tf32: bool | None = None  # whether fp32 maths may round to TF32 on the device; None: no such switch (CPU)
+    engine_cache: str | None = None  # where compiled engines live (a plan's cache entry, the TensorRT EP's folder)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "precision": self.precision.value}

@@ -95,6 +95,14 @@ def provider_options(provider: str, precision: Precision, cache_dir: Path | None
     return {}
 
 
+def _tf32_of(provider: str, precision: Precision) -> bool | None:
+    """TF32 as the first provider runs it: the CUDA EP as `provider_options` sets it; TensorRT (EP) keeps
+    its default, on (fp32 never goes there); the CPU has no TF32."""
+    if provider == "CUDAExecutionProvider":
+        return bool(provider_options(provider, precision, None)["use_tf32"])
+    return True if provider == "TensorrtExecutionProvider" else None
+
+
 def onnxruntime_version() -> str:
     return _onnxruntime().__version__
 
@@ -174,7 +182,10 @@ class OnnxRuntimeBackend(Backend):
         self.micro_batch = micro_batch or (None if self.on_gpu else 1)
         device_name = "cuda" if self.on_gpu else "cpu"
         self.info = BackendInfo("onnxruntime", device_name, precision, None,
-                                f"providers {','.join(active)}; {options.intra_op_num_threads} threads")
+                                f"providers {','.join(active)}; {options.intra_op_num_threads} threads",
+                                tf32=_tf32_of(active[0], precision),
+                                engine_cache=str(cache_dir) if active[0] == "TensorrtExecutionProvider" and cache_dir
+                                else None)
         logger.info("onnxruntime session on %s: %s", path.name, self.info.detail)
 
     def _check_signature(self, path: Path) -> None:

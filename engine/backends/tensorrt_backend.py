@@ -85,7 +85,8 @@ class TensorRTBackend(Backend):
         self.min_batch = metadata.profile["min"][0]
         self._buffers: _Buffers | None = None
         self.info = BackendInfo("tensorrt", "cuda", Precision.parse(metadata.precision), metadata.profile["max"][0],
-                                f"{metadata.gpu_name}; TensorRT {trt.__version__}; profile {metadata.profile}")
+                                f"{metadata.gpu_name}; TensorRT {trt.__version__}; profile {metadata.profile}",
+                                tf32=metadata.tf32, engine_cache=str(Path(plan_path).parent))
         logger.info("TensorRT plan %s loaded: %s", plan_path, self.info.detail)
 
     def run_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:

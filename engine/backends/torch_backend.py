@@ -124,7 +124,8 @@ class TorchBackend(Backend):
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         detail = (f"{name}; torch {torch.__version__}; {torch.get_num_threads()} threads"
                   f"{'; channels_last' if channels_last else ''}{'; CUDA graphs' if cuda_graphs else ''}")
-        self.info = BackendInfo("torch", self.device.type, precision, None, detail)
+        self.info = BackendInfo("torch", self.device.type, precision, None, detail,
+                                tf32=(precision is not Precision.FP32) if self.device.type == "cuda" else None)
 
     def run_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with tf32_for(self.info.precision):  # a graph captures with the switches its capture saw

@@ -30,8 +30,11 @@ def test_doctor_passes_here_and_says_why_it_skips(tmp_path: Path, capsys) -> Non
     if not report["environment"]["cuda_available"]:
         assert "needs a CUDA GPU" in cases[("torch", "fp16")]["detail"]
     assert "calibrate" in cases[("onnxruntime", "int8")]["detail"]
+    if not report["environment"]["cuda_available"]:  # the CPU has no TF32 switch, and no engine cache
+        assert cases[("torch", "fp32")]["tf32"] == cases[("onnxruntime", "fp32")]["tf32"] == "n/a"
+        assert cases[("onnxruntime", "fp32")]["engine_cache"] == ""
     out = capsys.readouterr().out
-    assert "doctor: PASSED" in out and "TensorRT: unavailable" in out
+    assert "doctor: PASSED" in out and "TensorRT: unavailable" in out and "engine cache" in out
 
 
 @pytest.mark.slow

@@ -58,6 +58,7 @@ def test_session_builds_publishes_loads_and_runs_a_plan(fake_tensorrt, model_dir
         _close(session.run(TILES), reference)
     plans = list(tmp_path.glob(f"*/{PLAN_FILE}"))
     assert len(plans) == 1
+    assert session.info.tf32 is False and session.info.engine_cache == str(plans[0].parent)  # what doctor shows
     metadata = EngineMetadata.read(plans[0].with_name(METADATA_FILE))
     assert metadata.precision == "fp32" and metadata.tf32 is False
     build_flags = [call[1] for call in fake_tensorrt.CALLS if call[0] == "build"]

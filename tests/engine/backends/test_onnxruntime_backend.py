@@ -110,3 +110,13 @@ def test_fp32_never_goes_to_the_tensorrt_ep(monkeypatch) -> None:
     assert available_providers("cuda", Precision.FP32) == ["CUDAExecutionProvider"]
     assert available_providers("cuda", Precision.FP16) == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     assert available_providers("cpu", Precision.FP16) == ["CPUExecutionProvider"]
+
+
+def test_the_tf32_state_each_provider_runs_with() -> None:
+    """What `doctor` reports per backend: the CUDA EP as configured, TensorRT's default (on), none on CPU."""
+    tf32_of = onnxruntime_backend._tf32_of
+    assert tf32_of("CUDAExecutionProvider", Precision.FP32) is False
+    assert tf32_of("CUDAExecutionProvider", Precision.INT8) is False
+    assert tf32_of("CUDAExecutionProvider", Precision.FP16) is True
+    assert tf32_of("TensorrtExecutionProvider", Precision.FP16) is True
+    assert tf32_of("CPUExecutionProvider", Precision.FP32) is None
