@@ -71,13 +71,18 @@ def ihc_tile() -> np.ndarray:
     return synthetic_ihc(seed=3)
 
 
-class HostStream:
-    """The CUDA stream seam of the TensorRT backend, on the CPU: buffers in host memory, no stream."""
+class DeviceStream:
+    """The CUDA stream seam of the TensorRT backend, on the CPU: its "device" buffers are host memory the
+    `tensorrt` double knows as device allocations, its handle a registered non-zero stream, and
+    `synchronize` is what makes a stream's results the host's (the double holds them pending until then)."""
 
     def __init__(self) -> None:
+        import tensorrt
         import torch
         self.device = torch.device("cpu")
-        self.handle = 0
+        self.handle = 0x5EED0000 + len(tensorrt.STREAMS) + 1
+        tensorrt.STREAMS.add(self.handle)
+        self._allocations: list = []  # keeps the buffers alive while the double knows their addresses
 
     def scope(self):
         return contextlib.nullcontext()
@@ -92,8 +97,20 @@ class HostStream:
         finally:
             tensorrt.DEVICE["current"] = False
 
+    def empty(self, shape: tuple[int, ...]):
+        import tensorrt
+        import torch
+        buffer = torch.empty(shape, dtype=torch.uint8)
+        self._allocations.append(buffer)
+        start, size = buffer.data_ptr(), buffer.numel()
+        for old in [a for a, n in tensorrt.DEVICE_MEMORY.items() if a < start + size and start < a + n]:
+            del tensorrt.DEVICE_MEMORY[old]  # freed memory the host allocator handed out again
+        tensorrt.DEVICE_MEMORY[start] = size
+        return buffer
+
     def synchronize(self) -> None:
-        pass
+        import tensorrt
+        tensorrt.PENDING.discard(self.handle)
 
 
 @pytest.fixture
@@ -111,8 +128,9 @@ def fake_tensorrt(monkeypatch: pytest.MonkeyPatch):
         return cls(module.DEVICE["name"], module.DEVICE["compute_capability"])
 
     monkeypatch.setattr(GpuInfo, "current", classmethod(current))
-    monkeypatch.setattr(tensorrt_backend, "open_stream", lambda index: HostStream())
-    return module
+    monkeypatch.setattr(tensorrt_backend, "open_stream", lambda index: DeviceStream())
+    yield module
+    assert not module.PENDING, "a TensorRT execution's results were used without synchronising its stream"
 
 
 def _write_svs_style(path: Path, image: np.ndarray, mpp: float, power: int) -> Path:

@@ -34,7 +34,12 @@ __version__ = "11.4.0.106"
 DEVICE = {"name": "Fake GPU (test double)", "compute_capability": "9.0", "current": False}
 # "perturb": grey levels added to every output, as a plan whose kernels compute something else would
 STATE = {"build_fails": False, "execute_fails": False, "timing_cache_none": False, "device_fault": False,
-         "perturb": 0}
+         "perturb": 0, "context_fails": False}
+# what the CUDA stand-in (tests/conftest.py `DeviceStream`) registers: device allocations by address (their
+# sizes) and streams by handle; a stream with work not yet synchronised is in PENDING
+DEVICE_MEMORY: dict[int, int] = {}
+STREAMS: set[int] = set()
+PENDING: set[int] = set()
 CALLS: list[tuple] = []
 NETWORK_TILE = 512  # the fused graph's tile (the double knows the contract it stands in for)
 MAGIC = b"FAKE-TENSORRT-PLAN\n"
@@ -42,7 +47,8 @@ MAGIC = b"FAKE-TENSORRT-PLAN\n"
 
 def reset() -> None:
     DEVICE.update(name="Fake GPU (test double)", compute_capability="9.0")
-    STATE.update(build_fails=False, execute_fails=False, timing_cache_none=False, perturb=0)
+    STATE.update(build_fails=False, execute_fails=False, timing_cache_none=False, perturb=0, context_fails=False)
+    PENDING.clear()
     CALLS.clear()
 
 
@@ -66,6 +72,7 @@ class MemoryPoolType:
 
 
 class BuilderFlag:
+    FP16, INT8 = 0, 1  # TensorRT 10's precision flags: refused on a strongly typed network
     TF32 = 6
     VERSION_COMPATIBLE = 13
 
@@ -236,6 +243,12 @@ class Builder:
         if network.onnx_bytes is None or STATE["build_fails"]:
             self.logger.log("build failed")
             return None
+        if not network.flags & (1 << NetworkDefinitionCreationFlag.STRONGLY_TYPED):
+            self.logger.log("the network is not strongly typed: its precision would not be the graph's")
+            return None
+        if config.flags & {BuilderFlag.FP16, BuilderFlag.INT8}:
+            self.logger.log("precision flags are not allowed on a strongly typed network")
+            return None
         for tensor in network.inputs:
             if -1 in tensor["dims"] and not any(tensor["name"] in p.shapes for p in config.profiles):
                 self.logger.log(f"no optimization profile for dynamic input {tensor['name']}")
@@ -296,8 +309,8 @@ class ICudaEngine:
         return self.tensors[name][1]["dtype"]
 
     def create_execution_context(self) -> IExecutionContext | None:
-        if not DEVICE["current"]:
-            return None  # on the wrong device: what the backend must not do
+        if not DEVICE["current"] or STATE["context_fails"]:
+            return None  # on the wrong device (what the backend must not do), or out of device memory
         return IExecutionContext(self)
 
 
@@ -310,15 +323,16 @@ class IExecutionContext:
 
     def set_input_shape(self, name: str, shape) -> bool:
         low, _, high = self.engine.header["profile"].get(name, (None, None, None))
-        if self.engine.get_tensor_mode(name) != TensorIOMode.INPUT or low is None or \
+        if self.engine.get_tensor_mode(name) != TensorIOMode.INPUT or low is None or len(shape) != len(low) or \
                 not all(a <= s <= b for a, s, b in zip(low, shape, high)):
             return False
         self.shapes[name] = tuple(shape)
         return True
 
     def set_tensor_address(self, name: str, address: int) -> bool:
+        """Only addresses inside a device allocation: 0 and host (or pinned host) pointers are refused."""
         CALLS.append(("set_tensor_address", name))
-        if name not in self.engine.tensors:
+        if name not in self.engine.tensors or _allocation_end(address) is None:
             return False
         self.addresses[name] = address
         return True
@@ -332,13 +346,19 @@ class IExecutionContext:
         return (batch, NETWORK_TILE, NETWORK_TILE, 3)
 
     def execute_async_v3(self, stream_handle: int) -> bool:
+        """Needs a real (non-default) stream, every tensor bound inside its allocation for the shapes set;
+        its results are the stream's until the stream is synchronised."""
         CALLS.append(("execute", stream_handle))
+        if stream_handle == 0 or stream_handle not in STREAMS:
+            return False
         if STATE["device_fault"]:  # what the CUDA runtime reports for a kernel's out-of-bounds access
             raise RuntimeError("CUDA error: an illegal memory access was encountered (cudaErrorIllegalAddress)")
         inputs = [n for n, (mode, _) in self.engine.tensors.items() if mode == TensorIOMode.INPUT]
         if STATE["execute_fails"] or set(self.addresses) != set(self.engine.tensors) or \
                 any(n not in self.shapes for n in inputs):
             return False
+        if not self._bound_buffers_fit():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered (cudaErrorIllegalAddress)")
         feeds = {n: _read(self.addresses[n], self.shapes[n]) for n in inputs}
         names = [t["name"] for t in self.engine.header["outputs"]]
         for name, value in zip(names, self._onnxruntime().run(names, feeds)):
@@ -346,6 +366,15 @@ class IExecutionContext:
                 value = np.clip(value.astype(np.int16) + STATE["perturb"], 0, 255).astype(np.uint8)
             value = np.ascontiguousarray(value)
             ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
+        PENDING.add(stream_handle)
+        return True
+
+    def _bound_buffers_fit(self) -> bool:
+        for name, address in self.addresses.items():
+            size = int(np.prod(self.get_tensor_shape(name)))
+            end = _allocation_end(address)
+            if end is None or address + size > end:
+                return False
         return True
 
     def _onnxruntime(self):
@@ -354,6 +383,14 @@ class IExecutionContext:
             self._session = onnxruntime.InferenceSession(self.engine.onnx_bytes,
                                                          providers=["CPUExecutionProvider"])
         return self._session
+
+
+def _allocation_end(address: int) -> int | None:
+    """The end of the device allocation holding `address`; None outside every one."""
+    for start, size in DEVICE_MEMORY.items():
+        if start <= address < start + size:
+            return start + size
+    return None
 
 
 def _read(address: int, shape: tuple) -> np.ndarray:

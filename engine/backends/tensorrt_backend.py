@@ -54,6 +54,11 @@ class CudaStream:
     def synchronize(self) -> None:
         self._stream.synchronize()
 
+    def empty(self, shape: tuple[int, ...]):
+        """A uint8 buffer in this device's memory."""
+        import torch
+        return torch.empty(shape, dtype=torch.uint8, device=self.device)
+
 
 def open_stream(device_index: int) -> CudaStream:
     return CudaStream(device_index)
@@ -120,7 +125,7 @@ class TensorRTBackend(Backend):
         once, as Polygraphy's TrtRunner does: a smaller batch uses their first rows, whose addresses are
         the same; only a larger batch allocates and binds again."""
         if self._buffers is None or self._buffers.capacity < batch:
-            self._buffers = _Buffers.allocate(batch, self.stream.device)
+            self._buffers = _Buffers.allocate(batch, self.stream)
             self._bind(FUSED_GRAPH.input_name, self._buffers.tiles.data_ptr())
             for name, tensor in self._buffers.outputs.items():
                 self._bind(FUSED_GRAPH.onnx_outputs[name], tensor.data_ptr())
@@ -144,12 +149,11 @@ class _Buffers:
     host: dict  # name -> host torch.Tensor (pinned on a GPU) for the copies back
 
     @classmethod
-    def allocate(cls, capacity: int, device) -> _Buffers:
+    def allocate(cls, capacity: int, stream: CudaStream) -> _Buffers:
         import torch
         shape = (capacity, NETWORK_TILE, NETWORK_TILE, 3)
-        pinned = device.type == "cuda"
-        return cls(capacity, torch.empty(shape, dtype=torch.uint8, device=device),
-                   {name: torch.empty(shape, dtype=torch.uint8, device=device) for name in OUTPUT_NAMES},
+        pinned = stream.device.type == "cuda"
+        return cls(capacity, stream.empty(shape), {name: stream.empty(shape) for name in OUTPUT_NAMES},
                    {name: torch.empty(shape, dtype=torch.uint8, pin_memory=pinned) for name in OUTPUT_NAMES})
 
 

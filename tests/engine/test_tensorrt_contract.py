@@ -1,7 +1,7 @@
 """The GPU path driven through the `tensorrt` test double: build -> publish -> load -> run -> fallback.
 
 What the double enforces is documented in tests/tensorrt_double.py; only CUDA memory and streams are
-replaced (host buffers, see `HostStream`). Results are compared with the PyTorch reference.
+replaced (host buffers the double knows as device memory, see `DeviceStream` in tests/conftest.py). Results are compared with the PyTorch reference.
 """
 from __future__ import annotations
 
@@ -272,4 +272,66 @@ def test_the_engine_and_its_context_are_made_on_the_backends_own_device(fake_ten
         assert backend.context is not None and fake_tensorrt.DEVICE["current"] is False  # scope left after
     monkeypatch.setattr(host_stream, "device_scope", lambda self: contextlib.nullcontext())
     with pytest.raises(ArtifactError, match="could not deserialise"):
+        TensorRTBackend(tmp_path / PLAN_FILE)
+
+
+# Mutations of the GPU code and the contract test each one fails (the double's rules, not a GPU, catch them):
+# - dropping the stream synchronisation -> every test running the backend (fake_tensorrt's teardown: PENDING)
+# - binding host or unallocated memory, or 0 -> test_buffers_must_be_device_allocations
+# - executing on the default stream -> test_the_default_stream_is_refused
+# - turning a precision flag on, or building weakly typed -> test_precision_comes_from_the_graph_alone
+# - returning padded tiles -> test_session_builds_publishes_loads_and_runs_a_plan (shapes), _close
+# - leaving TF32 on for fp32 -> test_tf32_stays_on_only_where_the_gate_measured_nothing_it_could_change
+# - disabling the TensorRT EP's engine cache -> tests/engine/backends: test_tensorrt_ep_options
+# - skipping the engine I/O dtype check -> test_engine_io_is_checked_against_the_contract
+# - removing host-code permission for version-compatible plans -> test_version_compatible_plans_allow_host_code
+# - a plan computing something else -> test_a_plan_is_checked_against_onnx_runtime_before_it_is_published
+
+
+def test_buffers_must_be_device_allocations(fake_tensorrt, onnx_path, tmp_path, monkeypatch) -> None:
+    from engine.backends import tensorrt_backend
+    build_plan(onnx_path, tmp_path, TensorRTBuildConfig(1, 2, 4, workspace_gib=1))
+    host = tensorrt_backend._Buffers(4, torch.empty((4, 512, 512, 3), dtype=torch.uint8),
+                                     {n: torch.empty((4, 512, 512, 3), dtype=torch.uint8) for n in OUTPUT_NAMES},
+                                     {n: torch.empty((4, 512, 512, 3), dtype=torch.uint8) for n in OUTPUT_NAMES})
+    monkeypatch.setattr(tensorrt_backend._Buffers, "allocate", classmethod(lambda cls, capacity, stream: host))
+    with TensorRTBackend(tmp_path / PLAN_FILE) as backend, pytest.raises(ArtifactError, match="refused the address"):
+        backend.run(TILES[:1])
+
+
+def test_the_default_stream_is_refused(fake_tensorrt, onnx_path, tmp_path) -> None:
+    build_plan(onnx_path, tmp_path, TensorRTBuildConfig(1, 2, 4, workspace_gib=1))
+    with TensorRTBackend(tmp_path / PLAN_FILE) as backend:
+        backend.run(TILES[:1])  # binds device buffers and sets the shape
+        assert not backend.context.execute_async_v3(0)
+        assert not backend.context.set_tensor_address("ihc", 0)
+        assert not backend.context.set_input_shape("ihc", (1, 512, 512))  # a rank the profile does not have
+        assert backend.context.execute_async_v3(backend.stream.handle)
+        backend.stream.synchronize()
+
+
+def test_precision_comes_from_the_graph_alone(fake_tensorrt, onnx_path, tmp_path, monkeypatch) -> None:
+    """TensorRT's explicit-quantization and strong-typing rules: no precision flag, a strongly typed network."""
+    from deepliif.errors import ExportError
+    from export import tensorrt_build
+    real = tensorrt_build._builder_config
+
+    def with_fp16(trt, builder, config, precision):
+        builder_config = real(trt, builder, config, precision)
+        builder_config.set_flag(trt.BuilderFlag.FP16)
+        return builder_config
+
+    monkeypatch.setattr(tensorrt_build, "_builder_config", with_fp16)
+    with pytest.raises(ExportError, match="TensorRT build failed"):
+        build_plan(onnx_path, tmp_path / "flag", TensorRTBuildConfig(1, 2, 4, workspace_gib=1))
+    monkeypatch.setattr(tensorrt_build, "_builder_config", real)
+    monkeypatch.setattr(tensorrt_build, "_strongly_typed_flags", lambda trt: 0)
+    with pytest.raises(ExportError, match="TensorRT build failed"):
+        build_plan(onnx_path, tmp_path / "weak", TensorRTBuildConfig(1, 2, 4, workspace_gib=1))
+
+
+def test_a_context_that_cannot_be_created_is_an_artifact_error(fake_tensorrt, onnx_path, tmp_path) -> None:
+    build_plan(onnx_path, tmp_path, TensorRTBuildConfig(1, 2, 4, workspace_gib=1))
+    fake_tensorrt.STATE["context_fails"] = True
+    with pytest.raises(ArtifactError, match="could not create an execution context"):
         TensorRTBackend(tmp_path / PLAN_FILE)
