@@ -262,14 +262,6 @@ def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marke
                       cells.labels, counted_ids)
 
 
-def array_bands(seg: np.ndarray, marker: np.ndarray | None, rows: int) -> Bands:
-    """Bands of in-memory images (tests, and images small enough to hold)."""
-    def bands() -> Iterator[Band]:
-        for top in range(0, seg.shape[0], rows):
-            yield top, seg[top: top + rows], None if marker is None else marker[top: top + rows]
-    return bands
-
-
 def band_rows(width: int) -> int:
     """Rows per band: about 4 megapixels, so memory stays bounded whatever the slide's size."""
     return int(min(2048, max(16, BAND_PIXELS // max(width, 1))))

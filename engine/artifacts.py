@@ -6,8 +6,8 @@ Two different guarantees, two types and two files:
   synthetic tile. It catches a broken export; it says nothing about cell counts.
 - the accuracy gate (`accuracy.json`, written by `calibrate`): held-out images, cell counts. Only a passed
   gate admits an INT8 or FP16 graph (or an explicit `force_ungated`, logged).
-The exporter and the plan builder are imported only when something must be built, so a warm start that
-serves a cached graph never loads them (nor PyTorch).
+The ONNX exporter and PyTorch are imported only when a graph must be exported, and TensorRT only when a
+plan is built or loaded, so a warm start that serves a cached graph never loads PyTorch.
 """
 from __future__ import annotations
 

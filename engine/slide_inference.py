@@ -88,7 +88,7 @@ class SlideOutputs:
                 writer.discard()
 
 
-def fingerprint(session: Session, path: Path, tile_size: int) -> dict:
+def resume_fingerprint(session: Session, path: Path, tile_size: int) -> dict:
     """What must not change for a killed run's regions to be reused: the slide file, the model's files,
     the backend and the tile size."""
     stat = Path(path).stat()
@@ -121,7 +121,7 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
         info, chosen = slide.info, tile_size or slide.info.tile_size()
         ends = region_ends(info.height, info.width)
         destination = Destination(out, stem, info, compression, cell_geometry)
-        with SlideCheckpoint(checkpoint_dir or out / f".{stem}.resume", fingerprint(session, path, chosen),
+        with SlideCheckpoint(checkpoint_dir or out / f".{stem}.resume", resume_fingerprint(session, path, chosen),
                              OUTPUT_NAMES, info.width, ends,
                              {name: compression.codec(name) for name in OUTPUT_NAMES}) as checkpoint:
             start = checkpoint.resume()

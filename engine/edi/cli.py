@@ -148,11 +148,11 @@ def cmd_edi_bench(args: argparse.Namespace) -> int:
     from .demo import measure_overhead
     images = args.images or sample_images()
     rows = measure_overhead(args.model_dir, images, args.cache_dir, args.backend, args.device, args.repeats)
-    table = [("mode", "requests", "inference s (median)", "read+decode s", "write s", "overhead s (median / max)",
+    table = [("mode", "requests", "engine s (median)", "read+decode s", "write s", "overhead s (median / max)",
               "HTTP+JSON s (median)")]
     for mode in ("base64", "path"):
         mine = [r for r in rows if r["mode"] == mode]
-        table.append((mode, str(len(mine)), f"{statistics.median(r['inference_seconds'] for r in mine):.3f}",
+        table.append((mode, str(len(mine)), f"{statistics.median(r['engine_seconds'] for r in mine):.3f}",
                       f"{statistics.median(r['read_decode_seconds'] for r in mine):.3f}",
                       f"{statistics.median(r['write_seconds'] for r in mine):.3f}",
                       f"{statistics.median(r['overhead_seconds'] for r in mine):.3f} / "

@@ -30,7 +30,8 @@ def _summary(label: str, response: dict) -> str:
     where = (f"{len(response['images'])} images inline" if "images" in response
              else f"outputs in {response.get('output_location')}")
     return (f"  {label}: HTTP 200, status {response['status']}, request_id {response['request_id']}, {where}, "
-            f"scoring {json.dumps(response.get('scoring'))}, inference {timings.get('inference_seconds')} s, "
+            f"scoring {json.dumps(response.get('scoring'))}, engine {timings.get('engine_seconds')} s "
+            f"(network {timings.get('network_seconds')} s), "
             f"overhead (read+decode+encode+write) {timings.get('overhead_seconds')} s")
 
 

@@ -52,7 +52,8 @@ class EdiService:
                                device=settings.device, cache_dir=settings.cache_dir,
                                batch_size=settings.batch_size, onnx=settings.onnx)
         self.session.warmup()  # the first call pays one-off costs (allocation, kernel selection)
-        self.seconds_per_tile = max(self.session.warmup(), 1e-3)
+        # one tile alone, so the async estimate errs long
+        self.seconds_per_tile_at_batch_1 = max(self.session.warmup(), 1e-3)
         info = self.session.info
         self.reader = RequestReader(settings, self.volume)
         self.writer = ResultWriter(self.state, layout, f"{info.name} {self.session.precision.value} {info.device}")
@@ -60,9 +61,10 @@ class EdiService:
         settled = self.records.settle_orphans()
         self.jobs = AsyncJobs(self.records, self._run_async, settings.max_async_queue, settings.sync_budget_s)
         self.startup_seconds = time.perf_counter() - start
-        logger.info("kernel ready in %.1f s: %s %s on %s, batch %d, %.3f s per tile; volume %s; sync budget %s s",
+        logger.info("kernel ready in %.1f s: %s %s on %s, batch %d, %.3f s per tile at batch 1; volume %s; "
+                    "sync budget %s s",
                     self.startup_seconds, info.name, self.session.precision.value, info.device,
-                    self.session.batch_size, self.seconds_per_tile,
+                    self.session.batch_size, self.seconds_per_tile_at_batch_1,
                     type(self.volume).__name__ if self.volume else "none", settings.sync_budget_s)
         for reason in self.session.skipped:
             logger.info("backend not used: %s", reason)
@@ -92,7 +94,7 @@ class EdiService:
                 image = self.reader.load(request)
                 if image.slide is not None:
                     check_slide_options(request.postprocess)
-                estimate = self.reader.estimate(request, image, self.seconds_per_tile)
+                estimate = self.reader.estimate(request, image, self.seconds_per_tile_at_batch_1)
                 if image.slide is not None or request.run_async or (
                         request.run_async is None and estimate > self.settings.sync_budget_s):  # slides: always
                     responses[index] = self.jobs.submit(request, image, estimate)
@@ -185,8 +187,9 @@ class EdiService:
                     "tiles": {key: record[key] for key in ("tiles", "empty_tiles", "run_tiles", "tile_size")},
                     "progress": {"tiles_done": record["tiles"], "tiles_total": record["tiles"], "stage": "done"},
                     "resumed": record["resumed"],
-                    "timings": {"total_seconds": round(seconds, 3), "inference_seconds": round(
-                        record["timings"]["inference_seconds"], 3)},
+                    "timings": {"total_seconds": round(seconds, 3),
+                                "engine_seconds": round(record["timings"]["total_seconds"], 3),
+                                "network_seconds": round(record["timings"]["inference_seconds"], 3)},
                     "log": list(request.warnings),
                     "msg": f"finished: slide {record['tiles']} tiles ({record['empty_tiles']} empty), "
                            f"{record['scoring']['num_total']} cells, {record['scoring']['percent_pos']}% positive, "

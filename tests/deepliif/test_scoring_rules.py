@@ -11,7 +11,9 @@ import pytest
 from deepliif.errors import ArgumentError
 from deepliif.postprocessing import postprocess
 from deepliif.scoring_rules import PostprocessOptions, Resolution, optical_density
-from deepliif.slide_scoring import array_bands, score_slide
+from deepliif.slide_scoring import score_slide
+
+from .bands import array_bands
 
 from .test_postprocessing import _load, _tiles, assert_overlays_match
 

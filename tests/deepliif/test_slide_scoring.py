@@ -11,7 +11,9 @@ from deepliif.imageio import read_image
 from deepliif.postprocessing import postprocess
 from deepliif.scoring_rules import PostprocessOptions
 from deepliif.slide_overlays import draw_slide
-from deepliif.slide_scoring import UnionFind, array_bands, percentile_from_histogram, score_slide
+from deepliif.slide_scoring import UnionFind, percentile_from_histogram, score_slide
+
+from .bands import array_bands
 
 from .test_postprocessing import ARGUMENT_SETS, _load, _tiles
 
