@@ -149,23 +149,36 @@ class Session:
         return [kind for kind in CPU_ORDER if kind in remaining]
 
     def _open_kind(self, kind: BackendKind, options: dict) -> Backend:
-        if kind is BackendKind.TORCH:
-            from .backends.torch_backend import TorchBackend
-            return TorchBackend(self.model, self.device, self.precision, **options)
-        if self.precision is Precision.INT8 and self.loaders.given is None:
+        """One backend kind through its opener: each names the artifact loader it needs and the runner
+        it opens on it (Polygraphy's loader/runner split)."""
+        openers = {BackendKind.TORCH: self._open_torch, BackendKind.ONNXRUNTIME: self._open_onnxruntime,
+                   BackendKind.TENSORRT: self._open_tensorrt}
+        if kind is not BackendKind.TORCH and self.precision is Precision.INT8 and self.loaders.given is None:
             raise BackendUnavailableError(f"{kind.value}: int8 runs a calibrated, gated Q/DQ ONNX: make one "
                                           "with `deepliif-engine calibrate` and pass it (--onnx OUT/deepliif.onnx)")
-        if kind is BackendKind.ONNXRUNTIME:
-            from .backends.onnxruntime_backend import OnnxRuntimeBackend, available_providers
-            providers = available_providers(self.device, self.precision)
-            if not providers:
-                raise BackendUnavailableError(f"onnxruntime offers no provider for device {self.device!r}")
-            if providers == ["CPUExecutionProvider"] and self.loaders.given is None:
-                return self._open_cached(self.loaders.ort_optimized, lambda artifact: OnnxRuntimeBackend(
-                    artifact.path, "cpu", self.precision, preoptimized=True))
-            return self._open_cached(self.loaders.onnx, lambda artifact: OnnxRuntimeBackend(
-                artifact.path, self.device, self.precision,
-                cache_dir=tensorrt_ep_cache_dir(self.loaders.cache.root, artifact)))
+        return openers[kind](options)
+
+    def _open_torch(self, options: dict) -> Backend:
+        """No artifact: the PyTorch generators themselves."""
+        from .backends.torch_backend import TorchBackend
+        return TorchBackend(self.model, self.device, self.precision, **options)
+
+    def _open_onnxruntime(self, options: dict) -> Backend:
+        """The CPU-optimised graph on the CPU EP alone (unless the user gave a graph), else the fused graph
+        with the TensorRT EP's engines in this artifact's own folder."""
+        from .backends.onnxruntime_backend import OnnxRuntimeBackend, available_providers
+        providers = available_providers(self.device, self.precision)
+        if not providers:
+            raise BackendUnavailableError(f"onnxruntime offers no provider for device {self.device!r}")
+        if providers == ["CPUExecutionProvider"] and self.loaders.given is None:
+            return self._open_cached(self.loaders.ort_optimized, lambda artifact: OnnxRuntimeBackend(
+                artifact.path, "cpu", self.precision, preoptimized=True))
+        return self._open_cached(self.loaders.onnx, lambda artifact: OnnxRuntimeBackend(
+            artifact.path, self.device, self.precision,
+            cache_dir=tensorrt_ep_cache_dir(self.loaders.cache.root, artifact)))
+
+    def _open_tensorrt(self, options: dict) -> Backend:
+        """A plan built (and checked) through the cache from the fused graph."""
         from .backends.tensorrt_backend import TensorRTBackend
         from .backends.tensorrt_plan import tensorrt_module
         from export.tensorrt_build import TensorRTBuildConfig
