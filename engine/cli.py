@@ -26,6 +26,7 @@ from engine.backends.precision import Precision
 
 from .backends import BackendKind
 from .cache import default_cache_dir
+from .samples import sample_dir
 from .edi.cli import add_edi_parsers
 from .edi.deploy_cli import add_deploy_parsers
 from .commands import DEMO_MODEL_DIR, cmd_bench, cmd_demo, cmd_demo_model, cmd_doctor, cmd_infer, cmd_postprocess, cmd_rescore
@@ -264,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "cache_dir", False) is None:  # the one place the CLI reads its environment's cache dir
         args.cache_dir = default_cache_dir(os.environ)
+    args.sample_dir = sample_dir(os.environ)  # and its sample images
     keep_freed_memory()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

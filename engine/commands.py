@@ -216,7 +216,7 @@ def _demo_model_choice(args: argparse.Namespace) -> tuple[Path, str]:
 def cmd_demo(args: argparse.Namespace) -> int:
     model_dir, why = _demo_model_choice(args)
     print(f"demo model: {why}")
-    images = sample_images()
+    images = sample_images(args.sample_dir)
     if not images:
         generated = args.out / "generated_ihc.png"
         prepare_out_dir(args.out)

@@ -1,8 +1,7 @@
 """Inputs for demos and benchmarks: the shared sample IHC tiles when present, else a generated image."""
 from __future__ import annotations
 
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +17,10 @@ SAMPLE_DIR_ENV = "DEEPLIIF_SAMPLE_DIR"
 MINI_MODEL = SHARED_DIR / "fixtures" / "deepliif" / "models" / "mini"
 
 
-def sample_dir() -> Path:
-    """`$DEEPLIIF_SAMPLE_DIR`, else `../shared/data/ihc` beside the project checkout."""
-    override = os.environ.get(SAMPLE_DIR_ENV)
+def sample_dir(environment: Mapping[str, str] | None = None) -> Path:
+    """`DEEPLIIF_SAMPLE_DIR` of the given environment (the CLI passes its own), else `../shared/data/ihc`
+    beside the project checkout."""
+    override = (environment or {}).get(SAMPLE_DIR_ENV)
     if override:
         return Path(override)
     return SHARED_DIR / "data" / "ihc"
@@ -32,8 +32,9 @@ def mini_model_dir() -> Path | None:
     return MINI_MODEL if (MINI_MODEL / "train_opt.txt").is_file() else None
 
 
-def sample_images() -> list[Path]:
-    directory = sample_dir()
+def sample_images(directory: Path | None = None) -> list[Path]:
+    """The images in `directory` (default: `sample_dir()`), sorted; none when it is absent."""
+    directory = directory or sample_dir()
     if not directory.is_dir():
         return []
     return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

@@ -146,7 +146,7 @@ def cmd_edi_bench(args: argparse.Namespace) -> int:
 
     from ..samples import sample_images
     from .demo import measure_overhead
-    images = args.images or sample_images()
+    images = args.images or sample_images(args.sample_dir)
     rows = measure_overhead(args.model_dir, images, args.cache_dir, args.backend, args.device, args.repeats)
     table = [("mode", "requests", "engine s (median)", "read+decode s", "write s", "overhead s (median / max)",
               "HTTP+JSON s (median)")]

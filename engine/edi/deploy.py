@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shlex
 import shutil
 import subprocess
@@ -177,8 +176,7 @@ class Deployment:
         shown = shlex.join(a if a != self.connection.jwt_token else "****" for a in argv)
         logger.info("dlim step %s: %s", step, shown)
         try:
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=STEP_TIMEOUT_S,
-                                  env=os.environ.copy())
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=STEP_TIMEOUT_S)  # inherits the env
         except subprocess.TimeoutExpired as exc:
             raise DeployError(f"dlim step {step!r} did not finish in {STEP_TIMEOUT_S} s: {shown}") from exc
         if done.returncode != 0:
