@@ -1,8 +1,8 @@
 """The WMLA EDI kernel for DeepLIIF: request → engine → response.
 
-Thin on purpose: EDI calls it, `engine.edi.EdiService` does the work (contract in README.md). Inside
-WMLA `redhareapi` is present; anywhere else the project's stand-in with the same names is used, so
-this file runs unchanged (`python kernel.py`, or `deepliif-engine serve`).
+Thin on purpose: EDI calls it, `engine.edi.kernel.service.EdiService` does the work (contract in
+README.md). Inside WMLA `redhareapi` is present; anywhere else the project's stand-in with the same names
+is used, so this file runs unchanged (`python kernel.py`, or `deepliif-engine serve`).
 """
 from __future__ import annotations
 
@@ -16,13 +16,13 @@ try:
     import redhareapiversion  # noqa: F401 - EDI wants it imported before redhareapi
     from redhareapi import Kernel
 except ImportError:
-    from engine.edi.runtime import Kernel
+    from engine.edi.standin.runtime import Kernel
 
 from deepliif.workers import keep_freed_memory
-from engine.edi.answers import error_json
-from engine.edi.kernel_log import attach_kernel_log, detach_kernel_log
-from engine.edi.service import EdiService
-from engine.edi.settings import KernelSettings
+from engine.edi.kernel.answers import error_json
+from engine.edi.kernel.kernel_log import attach_kernel_log, detach_kernel_log
+from engine.edi.kernel.service import EdiService
+from engine.edi.kernel.settings import KernelSettings
 
 
 class DeepLIIFKernel(Kernel):

@@ -234,7 +234,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"QuPath: {record.with_name(f'{stem}_cells.geojson')}; overlay: {record.with_name(f'{stem}_SegOverlaid.png')}")
     print(f"demo results in {args.out.resolve()}/ ({len(records)} images, PNGs and JSON per image)")
     if args.edi:
-        from .edi.demo import round_trip
+        from .edi.standin.demo import round_trip
         for line in round_trip(model_dir, images[0], args.out / "edi", args.cache_dir, args.backend, args.device):
             print(line)
     return 0

@@ -24,7 +24,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("kernel", ("engine.edi",)),
     ("commands", ("engine", "engine.cli", "engine.commands", "export.cli", "calibration.cli", "engine.edi.cli",
                   "engine.edi.deploy_cli",
-                  "engine.edi.demo", "engine.edi.hostile_bench", "kernel")),
+                  "engine.edi.standin.demo", "engine.edi.standin.hostile_bench", "kernel")),
 )
 
 
@@ -116,12 +116,45 @@ def test_no_import_cycle() -> None:
     assert cycles(import_graph()) == []
 
 
+# engine/edi's rooms: the stand-in of WMLA's runtime and the client-side tools build on the kernel proper;
+# the kernel never imports either, and they never import each other
+EDI_ROOMS = ("engine.edi.kernel", "engine.edi.standin", "engine.edi.tools")
+EDI_ALLOWED = {"engine.edi.kernel": {"engine.edi.kernel"},
+               "engine.edi.standin": {"engine.edi.standin", "engine.edi.kernel"},
+               "engine.edi.tools": {"engine.edi.tools", "engine.edi.kernel"}}
+
+
+def room_of(name: str) -> str | None:
+    return next((room for room in EDI_ROOMS if name == room or name.startswith(room + ".")), None)
+
+
+def room_violations(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{name} ({room_of(name)}) imports {target} ({room_of(target)})"
+            for name, targets in sorted(graph.items()) if room_of(name)
+            for target in sorted(targets) if room_of(target) and room_of(target) not in EDI_ALLOWED[room_of(name)]]
+
+
+def test_the_edi_rooms_import_one_way() -> None:
+    modules = module_names()
+    assert {room_of(name) for name in modules if name.startswith("engine.edi.")} - {None} == set(EDI_ROOMS)
+    loose = [name for name in modules if name.startswith("engine.edi.") and room_of(name) is None
+             and floor_of(name) != len(FLOORS) - 1]
+    assert not loose, f"engine/edi modules outside a room must be commands (CLIs): {loose}"
+    violations = room_violations(import_graph())
+    assert not violations, "\n".join(violations)
+
+
 def test_the_checks_catch_what_they_forbid() -> None:
     graph = {"deepliif.tiling": {"engine.session"}, "engine.session": {"deepliif.tiling"}}
     assert cycles(graph) == [["deepliif.tiling", "engine.session"]]
     assert floor_of("engine.session") > floor_of("deepliif.tiling")
-    assert floor_of("engine.edi.cli") > floor_of("engine.edi.service") > floor_of("engine.session")
+    assert floor_of("engine.edi.cli") > floor_of("engine.edi.kernel.service") > floor_of("engine.session")
     assert floor_of("engine.backends.precision") < floor_of("export.onnx_export")
+    assert room_violations({"engine.edi.kernel.service": {"engine.edi.standin.server"},
+                            "engine.edi.tools.cohort": {"engine.edi.standin.demo", "engine.edi.kernel.records"},
+                            "engine.edi.standin.server": {"engine.edi.kernel.settings"}}) == [
+        "engine.edi.kernel.service (engine.edi.kernel) imports engine.edi.standin.server (engine.edi.standin)",
+        "engine.edi.tools.cohort (engine.edi.tools) imports engine.edi.standin.demo (engine.edi.standin)"]
 
 
 def test_no_module_is_longer_than_a_reader_takes_in() -> None:

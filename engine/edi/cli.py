@@ -7,11 +7,11 @@ import os
 from pathlib import Path
 
 from ..checkout import PROJECT_ROOT
-from .package import package
-from .runtime import load_kernel
-from .deploy import PROFILE_TEMPLATE, profile_task_batch_size
-from .server import serve_dispatcher, serve_kernel
-from .settings import DEFAULT_MAX_REQUEST_MB
+from .tools.package import package
+from .standin.runtime import load_kernel
+from .tools.deploy import PROFILE_TEMPLATE, profile_task_batch_size
+from .standin.server import serve_dispatcher, serve_kernel
+from .kernel.settings import DEFAULT_MAX_REQUEST_MB
 
 
 def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
@@ -92,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _serve_pool(args: argparse.Namespace, environment: dict[str, str], name: str) -> int:
-    from .kernel_pool import KernelPool, default_log_dir, kernel_argv
+    from .standin.kernel_pool import KernelPool, default_log_dir, kernel_argv
     argv = kernel_argv(args.kernel.resolve(), args.model_json.resolve(), args.name, args.task_batch_size,
                        args.max_body_mb)
     pool = KernelPool(args.kernels, argv, environment, name, default_log_dir(environment), args.kernel.resolve().parent)
@@ -121,7 +121,7 @@ def cmd_package(args: argparse.Namespace) -> int:
 def cmd_hostile_bench(args: argparse.Namespace) -> int:
     from deepliif.imageio import write_json
 
-    from .hostile_bench import run_hostile_bench
+    from .standin.hostile_bench import run_hostile_bench
     report = run_hostile_bench(args.model_dir, args.cache_dir, args.backend, args.device, args.burst,
                                args.sync_requests, args.big_side)
     if args.json:
@@ -145,7 +145,7 @@ def cmd_edi_bench(args: argparse.Namespace) -> int:
     from deepliif.tables import format_rows
 
     from ..samples import sample_images
-    from .demo import measure_overhead
+    from .standin.demo import measure_overhead
     images = args.images or sample_images(args.sample_dir)
     rows = measure_overhead(args.model_dir, images, args.cache_dir, args.backend, args.device, args.repeats)
     table = [("mode", "requests", "engine s (median)", "read+decode s", "write s", "overhead s (median / max)",

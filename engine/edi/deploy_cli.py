@@ -55,9 +55,9 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_upload_model(args: argparse.Namespace) -> int:
-    from .model_store import VOLUME_PREFIX, upload_model
-    from .settings import cpd_from_environment
-    from .storage import open_volume
+    from .kernel.model_store import VOLUME_PREFIX, upload_model
+    from .kernel.settings import cpd_from_environment
+    from .kernel.storage import open_volume
     volume = open_volume(str(args.volume_root) if args.volume_root else None, cpd_from_environment(os.environ))
     if volume is None:
         raise ArgumentError("no volume: give --volume-root (a mounted volume) or set the DEEPLIIF_CPD_* settings")
@@ -71,7 +71,7 @@ def cmd_upload_model(args: argparse.Namespace) -> int:
 def cmd_deploy(args: argparse.Namespace) -> int:
     import json
 
-    from .deploy import TOKEN_ENV, Deployment, DlimConnection, ProfileSettings
+    from .tools.deploy import TOKEN_ENV, Deployment, DlimConnection, ProfileSettings
     token = args.jwt_token or os.environ.get(TOKEN_ENV)
     connection = DlimConnection(args.rest_server, token, token_from_env=not args.jwt_token and bool(token))
     profile = ProfileSettings(args.kernel_min, args.kernel_max, args.ncpus, args.mem_mb, args.task_execution_timeout,
@@ -90,8 +90,8 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .client import EdiClient
-    from .cohort import Cohort, CohortInput, CohortOptions
+    from .tools.client import EdiClient
+    from .tools.cohort import Cohort, CohortInput, CohortOptions
     inputs = [CohortInput.parse(text) for text in args.inputs]
     options = CohortOptions(args.concurrency, int(args.max_inline_mb * (1 << 20)), args.poll_s, args.tile_size,
                             args.images_to_return)

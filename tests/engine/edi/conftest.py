@@ -12,10 +12,10 @@ import pytest
 
 from deepliif.imageio import encode_png, write_png
 from deepliif.model_dir import Layout
-from engine.edi.runtime import load_kernel
-from engine.edi.server import serve_kernel
-from engine.edi.service import EdiService
-from engine.edi.settings import KernelSettings
+from engine.edi.standin.runtime import load_kernel
+from engine.edi.standin.server import serve_kernel
+from engine.edi.kernel.service import EdiService
+from engine.edi.kernel.settings import KernelSettings
 from engine.samples import synthetic_ihc
 
 ROOT = Path(__file__).resolve().parents[3]

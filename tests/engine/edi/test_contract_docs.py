@@ -6,7 +6,7 @@ import json
 import re
 import time
 
-from engine.edi.service import EdiService
+from engine.edi.kernel.service import EdiService
 
 from .conftest import ROOT, b64
 

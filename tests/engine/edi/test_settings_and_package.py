@@ -9,9 +9,9 @@ import pytest
 
 from deepliif.errors import ArgumentError, ModelDirError
 from engine.cli import main
-from engine.edi.runtime import TaskContext, chain_tasks
-from engine.edi.runtime import load_kernel
-from engine.edi.settings import KernelSettings, model_environment
+from engine.edi.standin.runtime import TaskContext, chain_tasks
+from engine.edi.standin.runtime import load_kernel
+from engine.edi.kernel.settings import KernelSettings, model_environment
 from engine.session import Session
 
 from .conftest import ROOT
@@ -69,7 +69,7 @@ def test_package_assembles_a_self_contained_submission(edi_model: Path, tmp_path
                  "--cache-dir", str(cache), "--name", "deepliif-test"]) == 0
     printed = capsys.readouterr().out
     assert f"dlim model deploy -p {out}" in printed and "dlim model start deepliif-test" in printed
-    for name in ("kernel.py", "model.json", "README.md", "model-profile.json", "engine/edi/service.py",
+    for name in ("kernel.py", "model.json", "README.md", "model-profile.json", "engine/edi/kernel/service.py",
                  "deepliif/pipeline.py"):
         assert (out / name).is_file(), name
     weights = sum(p.stat().st_size for p in edi_model.rglob("*") if p.is_file())
@@ -82,14 +82,14 @@ def test_package_assembles_a_self_contained_submission(edi_model: Path, tmp_path
                            cwd=out, capture_output=True, text=True, env={"PATH": "", "PYTHONPATH": ""}, timeout=120)
     assert probe.returncode == 0 and probe.stdout.strip() == "DeepLIIFKernel", probe.stderr
     with pytest.raises(ArgumentError, match="not empty"):
-        from engine.edi.package import package
+        from engine.edi.tools.package import package
         package(out, None)
 
 
 def test_package_refuses_a_broken_model(tmp_path: Path) -> None:
     (tmp_path / "broken").mkdir()
     with pytest.raises(ModelDirError):
-        from engine.edi.package import package
+        from engine.edi.tools.package import package
         package(tmp_path / "out", tmp_path / "broken")
     assert not (tmp_path / "out").exists()
 

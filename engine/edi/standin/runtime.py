@@ -2,7 +2,7 @@
 
 Inside WMLA the runtime imports kernel.py, calls `on_kernel_start` once, hands calls to `on_task_invoke`
 (several tasks chained through `next()` when the profile's `task_batch_size` > 1) and `on_kernel_shutdown`
-at the end. Here `Kernel.run()` does the same behind a real HTTP endpoint (`engine.edi.server`).
+at the end. Here `Kernel.run()` does the same behind a real HTTP endpoint (`engine.edi.standin.server`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..checkout import PROJECT_ROOT
+from ...checkout import PROJECT_ROOT
 from .tasks import KernelContext, TaskContext, chain_tasks, start_kernel
 
 __all__ = ["Kernel", "KernelContext", "TaskContext", "chain_tasks", "load_kernel", "start_kernel"]

@@ -20,8 +20,8 @@ from deepliif.logs import project_logger
 from deepliif.slide_checkpoint import CheckpointBusyError
 from deepliif.slide_scoring import check_slide_options
 
-from ..session import Session
-from ..slide_inference import infer_slide
+from ...session import Session
+from ...slide_inference import infer_slide
 from .jobs import AsyncJobs
 from .layout import DeploymentLayout
 from .model_store import ModelFetcher

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.edi.storage import CpdSettings, CpdVolume, MountedVolume, StorageError, clean_relative_path
+from engine.edi.kernel.storage import CpdSettings, CpdVolume, MountedVolume, StorageError, clean_relative_path
 
 VOLUME = "deepliif-data"
 FILES_PREFIX = f"/zen-volumes/{VOLUME}/v1/volumes/files/"
@@ -203,7 +203,7 @@ def test_an_exclusive_create_has_one_winner_and_is_never_read_half_written(tmp_p
 def test_a_model_goes_up_to_a_cpd_volume_and_a_kernel_fetches_it_from_there(cpd, edi_model: Path,
                                                                            tmp_path: Path) -> None:
     from deepliif.model_dir import load_model_dir
-    from engine.edi.model_store import MANIFEST, ModelFetcher, ModelSource, upload_model
+    from engine.edi.kernel.model_store import MANIFEST, ModelFetcher, ModelSource, upload_model
     volume = _volume(cpd)
     upload_model(edi_model, volume, "models/deepliif")
     assert f"models/deepliif/{MANIFEST}" in FakeCpd.files

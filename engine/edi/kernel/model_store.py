@@ -22,7 +22,7 @@ from deepliif.errors import ArgumentError, ArtifactError
 from deepliif.imageio import HashMemo, file_sha256, write_json
 from deepliif.logs import project_logger
 
-from ..cache import exclusive_lock
+from ...cache import exclusive_lock
 from .volume import StorageError, Volume, clean_relative_path
 
 logger = project_logger("engine")

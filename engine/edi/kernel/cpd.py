@@ -11,7 +11,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 
-from .client import tls_context
+from .tls import tls_context
 from .volume import NotFoundError, StorageError, Volume, clean_relative_path
 from deepliif.logs import project_logger
 

@@ -17,8 +17,8 @@ from concurrent.futures import Future
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .answers import error_json
-from .settings import DEFAULT_MAX_REQUEST_MB, DEFAULT_TASK_BATCH_SIZE
+from ..kernel.answers import error_json
+from ..kernel.settings import DEFAULT_MAX_REQUEST_MB, DEFAULT_TASK_BATCH_SIZE
 from .tasks import KernelCallbacks, chain_tasks, start_kernel
 from deepliif.logs import project_logger
 

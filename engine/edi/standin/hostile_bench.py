@@ -22,7 +22,7 @@ from PIL import Image
 
 from deepliif.imageio import encode_png, write_png
 
-from ..samples import synthetic_ihc
+from ...samples import synthetic_ihc
 from .demo import volume_with, local_endpoint
 
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.edi.hostile_bench import raw_exchange
-from engine.edi.requests import RequestError, check_request_id
-from engine.edi.runtime import Kernel
-from engine.edi.server import EdiHttpServer, KernelDispatcher
-from engine.edi.service import EdiService
+from engine.edi.standin.hostile_bench import raw_exchange
+from engine.edi.kernel.requests import RequestError, check_request_id
+from engine.edi.standin.runtime import Kernel
+from engine.edi.standin.server import EdiHttpServer, KernelDispatcher
+from engine.edi.kernel.service import EdiService
 
-from .conftest import b64, make_volume, settings_for
+from ..conftest import b64, make_volume, settings_for
 
 
 class EchoKernel(Kernel):
@@ -145,7 +145,7 @@ def test_the_async_queue_is_bounded_and_holds_no_pixels(edi_model: Path, edi_cac
 
 def test_formats_that_run_interpreters_are_refused_and_paths_stay_relative(service: EdiService, tile_png: bytes,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from engine.edi import storage
+    from engine.edi.kernel import storage
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     (refused,) = (json.loads(r) for r in service.handle([json.dumps({"local_input_image": b64(eps)})]))
     assert refused["status"] == "error" and "accepted: PNG, JPEG, TIFF" in refused["msg"]
@@ -160,7 +160,7 @@ def test_formats_that_run_interpreters_are_refused_and_paths_stay_relative(servi
     def full(directory, name, data):
         raise OSError(28, "No space left on device", name)
 
-    from engine.edi import mounted
+    from engine.edi.kernel import mounted
     monkeypatch.setattr(mounted, "_write_new", full)
     (failed,) = (json.loads(r) for r in service.handle([json.dumps({"img_path_on_pvc": "slides/tile.png"})]))
     assert failed["status"] == "error" and "the volume is full" in failed["msg"] and root not in json.dumps(failed)
@@ -198,7 +198,7 @@ def test_the_served_kernel_survives_allocation_bombs_in_bounded_memory_and_stops
     import sys
     import urllib.request
 
-    from .conftest import ROOT
+    from ..conftest import ROOT
     env = {**os.environ, "DEEPLIIF_CACHE_DIR": str(edi_cache), "DEEPLIIF_BACKEND": "onnxruntime",
            "DEEPLIIF_DEVICE": "cpu"}
     with socket.socket() as probe:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from engine.edi.answers import error_answer, error_json, request_id_in
+from engine.edi.kernel.answers import error_answer, error_json, request_id_in
 
 
 def test_one_error_answer_shape() -> None:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from engine.edi import records as records_module
-from engine.edi.mounted import MountedVolume
-from engine.edi.service import EdiService
-from engine.edi.storage import StorageError
+from engine.edi.kernel import records as records_module
+from engine.edi.kernel.mounted import MountedVolume
+from engine.edi.kernel.service import EdiService
+from engine.edi.kernel.storage import StorageError
 
-from .conftest import call as _call, b64, make_volume, settings_for
+from ..conftest import call as _call, b64, make_volume, settings_for
 
 
 def test_a_retry_is_answered_never_run_twice_and_other_content_is_refused(service: EdiService, tile_png: bytes,

@@ -15,7 +15,7 @@ from PIL import Image
 
 from deepliif.imageio import read_image
 
-from .conftest import Endpoint, b64
+from ..conftest import Endpoint, b64
 
 MODALITIES = ["DAPI", "Hema", "Lap2", "Marker"]
 MASKS = ["Seg", "SegOverlaid", "SegRefined"]

@@ -10,7 +10,7 @@ import pytest
 
 from deepliif.errors import ArgumentError
 from engine.cli import main
-from engine.edi.deploy import Deployment, DlimConnection, ProfileSettings
+from engine.edi.tools.deploy import Deployment, DlimConnection, ProfileSettings
 
 STAND_IN = '''#!{python}
 """dlim as far as deploy uses it: records argv, prints a deployed profile for viewprofile -j, fails on request."""
@@ -121,7 +121,7 @@ def test_deploy_refuses_what_cannot_be_deployed(packaged: Path, tmp_path: Path) 
 
 def test_serve_batches_tasks_as_the_profile_says(tmp_path: Path) -> None:
     """`serve` hands a kernel call as many tasks as the deployment's profile will (policy.task_batch_size)."""
-    from engine.edi.deploy import PROFILE_TEMPLATE, profile_task_batch_size
+    from engine.edi.tools.deploy import PROFILE_TEMPLATE, profile_task_batch_size
     from engine.checkout import PROJECT_ROOT
     shipped = json.loads((PROJECT_ROOT / PROFILE_TEMPLATE).read_text())["policy"]["task_batch_size"]
     assert profile_task_batch_size(PROJECT_ROOT / PROFILE_TEMPLATE) == shipped

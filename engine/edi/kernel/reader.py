@@ -12,7 +12,7 @@ from deepliif.imageio import read_image
 from deepliif.inference import check_working_size, tile_count
 from deepliif.slides import SlideInfo, is_slide, open_slide
 
-from ..slide_inference import slide_stem
+from ...slide_inference import slide_stem
 
 from .requests import InferenceRequest, RequestError
 from .settings import KernelSettings

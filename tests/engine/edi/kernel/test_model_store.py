@@ -11,10 +11,10 @@ import pytest
 from deepliif.errors import ArgumentError, ArtifactError
 from deepliif.model_dir import load_model_dir
 from engine.cli import main
-from engine.edi.model_store import FETCHED, MANIFEST, ModelFetcher, ModelSource, upload_model
-from engine.edi.storage import MountedVolume, StorageError
+from engine.edi.kernel.model_store import FETCHED, MANIFEST, ModelFetcher, ModelSource, upload_model
+from engine.edi.kernel.storage import MountedVolume, StorageError
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 
 @pytest.fixture
@@ -52,8 +52,8 @@ def test_a_fetched_model_loads_and_a_second_fetch_reuses_it(edi_model: Path, upl
 def test_kernels_starting_together_fetch_once(uploaded: Path, tmp_path: Path) -> None:
     target = tmp_path / "redhare" / "model"
     code = ("import logging\nlogging.basicConfig(level=logging.INFO)\n"
-            "from engine.edi.model_store import ModelFetcher, ModelSource\n"
-            "from engine.edi.storage import MountedVolume\n"
+            "from engine.edi.kernel.model_store import ModelFetcher, ModelSource\n"
+            "from engine.edi.kernel.storage import MountedVolume\n"
             f"ModelFetcher(ModelSource.parse('volume:models/deepliif'), {str(target)!r}, "
             f"MountedVolume({str(uploaded)!r})).fetch()\n")
     processes = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stderr=subprocess.PIPE, text=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 from deepliif.errors import DeepLIIFError
 from deepliif.logs import project_logger
 
-from .answers import error_json, request_id_in
+from ..kernel.answers import error_json, request_id_in
 
 logger = project_logger("engine")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from deepliif.errors import DeepLIIFError
-from engine.edi.kernel_pool import KernelPool, KernelStartError, visible_gpus
+from engine.edi.standin.kernel_pool import KernelPool, KernelStartError, visible_gpus
 
 STAND_IN = '''
 import json, os, sys

@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Protocol
 
-from .settings import model_environment
+from ..kernel.settings import model_environment
 
 
 class KernelCallbacks(Protocol):

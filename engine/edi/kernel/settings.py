@@ -29,7 +29,7 @@ from pathlib import Path
 from deepliif.errors import ArgumentError
 from deepliif.imageio import DEFAULT_MAX_PIXELS
 
-from ..cache import default_cache_dir
+from ...cache import default_cache_dir
 from .model_store import ModelSource
 from .storage import CpdSettings
 

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 from deepliif.imageio import write_png
-from engine.edi.client import EdiClient, EndpointRefusedError
-from engine.edi.cohort import Cohort, CohortInput, CohortOptions, Journal
-from engine.edi.kernel_pool import free_port
-from engine.edi.model_store import upload_model
-from engine.edi.storage import MountedVolume
+from engine.edi.tools.client import EdiClient, EndpointRefusedError
+from engine.edi.tools.cohort import Cohort, CohortInput, CohortOptions, Journal
+from engine.edi.standin.kernel_pool import free_port
+from engine.edi.kernel.model_store import upload_model
+from engine.edi.kernel.storage import MountedVolume
 from engine.samples import synthetic_ihc
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 
 class Scripted(BaseHTTPRequestHandler):

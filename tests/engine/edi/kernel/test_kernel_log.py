@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from deepliif.logs import project_logger
-from engine.edi.kernel_log import attach_kernel_log, detach_kernel_log
+from engine.edi.kernel.kernel_log import attach_kernel_log, detach_kernel_log
 
 
 class RecordingKernel:

@@ -21,7 +21,7 @@ from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import write_json
 from deepliif.logs import project_logger
 
-from .settings import DEFAULT_TASK_BATCH_SIZE
+from ..kernel.settings import DEFAULT_TASK_BATCH_SIZE
 
 logger = project_logger("engine")
 

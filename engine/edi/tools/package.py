@@ -21,9 +21,9 @@ from deepliif.errors import ArgumentError
 from deepliif.imageio import file_sha256, write_json
 from deepliif.logs import project_logger
 
-from ..artifacts import ArtifactKind, published_entries
-from ..checkout import checkout_file
-from ..cache import default_cache_dir
+from ...artifacts import ArtifactKind, published_entries
+from ...checkout import checkout_file
+from ...cache import default_cache_dir
 
 logger = project_logger("engine")
 
@@ -51,7 +51,7 @@ def package(out: Path, model_dir: Path | None, with_artifacts: bool = False, cac
     if name:
         description["name"] = name
     if model_source:
-        from .model_store import ModelSource
+        from ..kernel.model_store import ModelSource
         ModelSource.parse(model_source)  # refuse a malformed source before it is shipped
         environments = [e for e in description.get("mk_environments", []) if e["name"] != "DEEPLIIF_MODEL_SOURCE"]
         description["mk_environments"] = [*environments, {"name": "DEEPLIIF_MODEL_SOURCE", "value": model_source}]
@@ -115,8 +115,8 @@ def _file_onnx(onnx: Path, model, cache_dir: Path) -> str:
 
     from export.workflow import VALIDATION_FILE
 
-    from ..artifacts import SANITY_FILE, SanityCheck, onnx_entry_parts, sanity_check
-    from ..cache import ArtifactCache
+    from ...artifacts import SANITY_FILE, SanityCheck, onnx_entry_parts, sanity_check
+    from ...cache import ArtifactCache
     model_sha256 = model.weights_sha256()
     summary = check_onnx(onnx)
     check_fused_signature(summary)

@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..checkout import checkout_file
+from ...checkout import checkout_file
 from .runtime import load_kernel
 from .server import serve_kernel
 

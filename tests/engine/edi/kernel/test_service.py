@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from deepliif.imageio import read_image, write_png
-from engine.edi.service import EdiService
+from engine.edi.kernel.service import EdiService
 from engine.samples import synthetic_ihc
 
-from .conftest import call as _call, ROOT, b64, make_volume, settings_for
+from ..conftest import call as _call, ROOT, b64, make_volume, settings_for
 
 
 def test_tasks_of_one_call_share_one_engine_pass_and_fail_alone(service: EdiService, tile_png: bytes,
@@ -126,7 +126,7 @@ def test_a_kernel_killed_mid_request_leaves_nothing_that_looks_complete(edi_mode
            "DEEPLIIF_CACHE_DIR": str(edi_cache), "DEEPLIIF_BACKEND": "onnxruntime", "DEEPLIIF_DEVICE": "cpu",
            "PYTHONPATH": str(ROOT), "MSD_POD_NAME": "doomed"}
     script = ("import json, sys, kernel\n"
-              "from engine.edi.runtime import start_kernel, TaskContext\n"
+              "from engine.edi.standin.runtime import start_kernel, TaskContext\n"
               "k = kernel.DeepLIIFKernel(); start_kernel(k, open('model.json').read())\n"
               "print('ready', flush=True)\n"
               "t = TaskContext(json.dumps({'img_path_on_pvc': 'slides/big.png', 'tile_size': 64,\n"
@@ -161,7 +161,7 @@ def test_a_kernel_killed_mid_request_leaves_nothing_that_looks_complete(edi_mode
 def test_optical_density_thresholds_reach_postprocessing_and_are_refused_for_slides(service: EdiService) -> None:
     import numpy as np
     import tifffile
-    from engine.edi.requests import parse_request
+    from engine.edi.kernel.requests import parse_request
     request = parse_request(json.dumps({"img_path_on_pvc": "slides/tile.png", "request_id": "od-parse",
                                         "od_thresh_lower": 56, "od_thresh_upper": 73,
                                         "large_noise_thresh": "default"}).encode())

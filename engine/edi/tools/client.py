@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.client
 import json
 import random
-import ssl
 import threading
 import time
 import urllib.error
@@ -14,6 +13,8 @@ import urllib.request
 
 from deepliif.errors import DeepLIIFError
 from deepliif.logs import project_logger
+
+from ..kernel.tls import tls_context
 
 logger = project_logger("engine")
 
@@ -77,15 +78,6 @@ class EdiClient:
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError) as exc:
             return f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"
         return _json(text)
-
-
-def tls_context(verify_tls: bool) -> ssl.SSLContext:
-    """The default TLS context, or one that accepts a self-signed certificate (a WMLA or CPD route)."""
-    context = ssl.create_default_context()
-    if not verify_tls:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 def _json(text: bytes | str) -> dict:
