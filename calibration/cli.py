@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deepliif.errors import AccuracyGateError
+from engine.errors import AccuracyGateError
 
 from engine.backends.precision import Precision
 

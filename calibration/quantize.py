@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from deepliif.errors import ArgumentError, ChoiceEnum, ExportError
+from deepliif.errors import ArgumentError, ChoiceEnum
+from engine.errors import ExportError
 
 from deepliif.contract import FUSED_GRAPH
 from export.parser_rules import check_tensorrt_rules

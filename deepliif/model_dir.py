@@ -17,7 +17,7 @@ import torch
 from . import logger
 from .contract import MODALITIES
 from .errors import ModelDirError, UnsupportedModelError, WeightsMismatchError
-from .imageio import HashMemo
+from .imageio import RememberedDigests
 from .model_files import GeneratorNames, Layout, ModelFiles, detect_layout, read_model_files
 from .networks import (
     Generator, GeneratorSpec, NormMode, Padding, ResnetSpec, UnetSpec, build_generator, set_norm_mode,
@@ -67,7 +67,7 @@ class DeepLIIFModel:
                 f" = {first_t.spec.describe()}; segmentation {','.join(self.names.segmentation)} = "
                 f"{first_s.spec.describe()}; normalisation {'/'.join(modes)}")
 
-    def weights_sha256(self, memo: HashMemo | None = None) -> str:
+    def weights_sha256(self, memo: RememberedDigests | None = None) -> str:
         """The model's identity (see `ModelFiles.weights_sha256`)."""
         files = {name: generator.path for name, generator in self.generators.items()}
         return ModelFiles(self.directory, self.options, self.layout, self.names, files).weights_sha256(memo)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelDirError
-from .imageio import HashMemo, file_sha256
+from .imageio import RememberedDigests, file_sha256
 from .options import OPTION_FILE, TrainOptions, read_train_options
 
 
@@ -78,7 +78,7 @@ class ModelFiles:
     names: GeneratorNames
     files: dict[str, Path]
 
-    def weights_sha256(self, memo: HashMemo | None = None) -> str:
+    def weights_sha256(self, memo: RememberedDigests | None = None) -> str:
         """Hash over the option file and every weight file, in role order: the model's identity."""
         digest = hashlib.sha256()
         for path in [self.directory / OPTION_FILE] + [self.files[n] for n in self.names.all]:

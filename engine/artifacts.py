@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE
-from deepliif.errors import AccuracyGateError, ArgumentError, ArtifactError, ValidationError
+from deepliif.errors import ArgumentError
+from engine.errors import AccuracyGateError, ArtifactError, ValidationError
 from deepliif.imageio import file_sha256, write_json
 from deepliif.logs import project_logger
 from deepliif.model_files import ModelFiles

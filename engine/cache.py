@@ -24,8 +24,10 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from deepliif.errors import ArgumentError, ArtifactError
-from deepliif.imageio import HashMemo, file_sha256, write_json
+from deepliif.errors import ArgumentError
+from engine.errors import ArtifactError
+from deepliif.imageio import file_sha256, write_json
+from engine.file_hashes import HashMemo
 from deepliif.logs import project_logger
 
 logger = project_logger("engine")

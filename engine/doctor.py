@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from deepliif.demo import write_demo_model
-from deepliif.errors import BackendUnavailableError, DeepLIIFError
+from deepliif.errors import DeepLIIFError
+from engine.errors import BackendUnavailableError
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
 from deepliif.tables import format_rows

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from deepliif.contract import run_in_chunks
-from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, DeepLIIFError
+from deepliif.errors import ArgumentError, DeepLIIFError
+from engine.errors import ArtifactError, BackendUnavailableError
 from deepliif.imageio import file_sha256
 from deepliif.inference import InferenceOptions, InferenceResult, Stitched, infer_images
 from deepliif.logs import project_logger

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from calibration.gate import require_passed
-from deepliif.errors import ArgumentError, ValidationError
+from deepliif.errors import ArgumentError
+from engine.errors import ValidationError
 from deepliif.imageio import prepare_out_dir
 
 from engine.backends.precision import Precision

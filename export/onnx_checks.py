@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 
 from deepliif.contract import FUSED_GRAPH
-from deepliif.errors import ArtifactError, ExportError
+from engine.errors import ArtifactError, ExportError
 
 
 FORBIDDEN_OPS = ("BatchNormalization",)

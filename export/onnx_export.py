@@ -18,7 +18,7 @@ import onnx
 import torch
 from torch import nn
 
-from deepliif.errors import ExportError
+from engine.errors import ExportError
 from deepliif.model_dir import DeepLIIFModel
 from deepliif.pipeline import NETWORK_TILE, FusedPipeline
 

@@ -29,7 +29,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from deepliif.errors import TensorRTCompatibilityError
+from engine.errors import TensorRTCompatibilityError
 
 OPSET_RANGE = (9, 20)
 DEFAULT_DOMAINS = ("", "ai.onnx")

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE
-from deepliif.errors import ArgumentError, ExportError
+from deepliif.errors import ArgumentError
+from engine.errors import ExportError
 from deepliif.imageio import file_sha256, write_atomically
 
 from engine.backends.precision import Precision

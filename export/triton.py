@@ -20,7 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deepliif.errors import ArgumentError, ArtifactError, ChoiceEnum, ExportError
+from deepliif.errors import ArgumentError, ChoiceEnum
+from engine.errors import ArtifactError, ExportError
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE
 from deepliif.model_files import read_model_files
 

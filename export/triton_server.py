@@ -21,7 +21,8 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
-from deepliif.errors import BackendUnavailableError, DeepLIIFError
+from deepliif.errors import DeepLIIFError
+from engine.errors import BackendUnavailableError
 
 from . import logger
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from deepliif.errors import ArgumentError, ValidationError
+from deepliif.errors import ArgumentError
+from engine.errors import ValidationError
 from deepliif.contract import NETWORK_TILE, OUTPUT_NAMES, run_in_chunks
 from deepliif.postprocessing import postprocess
 from deepliif.tables import format_rows

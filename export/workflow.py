@@ -18,7 +18,8 @@ import onnxruntime
 import torch
 from tqdm import tqdm
 
-from deepliif.errors import ArgumentError, ValidationError
+from deepliif.errors import ArgumentError
+from engine.errors import ValidationError
 from deepliif.imageio import file_sha256, prepare_out_dir, write_json
 from deepliif.model_dir import DeepLIIFModel, load_model_dir
 from deepliif.pipeline import FusedPipeline, TileRunner, to_network_input, to_uint8_image

@@ -14,7 +14,8 @@ MAX_LINES = 400
 # lowest first; a module belongs to the floor of its longest matching prefix
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model", ("deepliif",)),
-    ("runners", ("engine.backends", "engine.samples", "engine.devices", "engine.checkout")),
+    ("runners", ("engine.backends", "engine.samples", "engine.devices", "engine.checkout", "engine.errors",
+                 "engine.file_hashes")),
     ("export", ("export",)),
     ("calibration", ("calibration",)),
     ("artifacts", ("engine.cache", "engine.artifacts")),

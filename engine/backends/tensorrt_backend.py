@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError
+from deepliif.errors import ArgumentError
+from engine.errors import ArtifactError, BackendUnavailableError
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE, OUTPUT_NAMES
 from deepliif.logs import project_logger
 

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from deepliif.errors import ArtifactError, BackendUnavailableError, IncompatibleArtifactError
+from engine.errors import ArtifactError, BackendUnavailableError, IncompatibleArtifactError
 from deepliif.imageio import file_sha256, write_json
 
 PLAN_FILE = "deepliif.plan"

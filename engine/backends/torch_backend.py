@@ -10,7 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deepliif.errors import ArgumentError, BackendUnavailableError
+from deepliif.errors import ArgumentError
+from engine.errors import BackendUnavailableError
 from deepliif.logs import project_logger
 from deepliif.model_dir import DeepLIIFModel
 from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES, FusedPipeline, TileRunner

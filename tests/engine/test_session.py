@@ -13,7 +13,8 @@ import onnx
 import pytest
 import torch
 
-from deepliif.errors import ArgumentError, BackendUnavailableError
+from deepliif.errors import ArgumentError
+from engine.errors import BackendUnavailableError
 from deepliif.imageio import file_sha256
 from deepliif.inference import InferenceOptions, infer_image
 from deepliif.model_dir import Layout, load_model_dir

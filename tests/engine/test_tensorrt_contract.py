@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepliif.errors import ArgumentError, ArtifactError, IncompatibleArtifactError
+from deepliif.errors import ArgumentError
+from engine.errors import ArtifactError, IncompatibleArtifactError
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
 from engine.backends.tensorrt_backend import TensorRTBackend, check_engine_io
@@ -312,7 +313,7 @@ def test_the_default_stream_is_refused(fake_tensorrt, onnx_path, tmp_path) -> No
 
 def test_precision_comes_from_the_graph_alone(fake_tensorrt, onnx_path, tmp_path, monkeypatch) -> None:
     """TensorRT's explicit-quantization and strong-typing rules: no precision flag, a strongly typed network."""
-    from deepliif.errors import ExportError
+    from engine.errors import ExportError
     from export import tensorrt_build
     real = tensorrt_build._builder_config
 

@@ -8,7 +8,7 @@ import onnx
 import pytest
 import torch
 
-from deepliif.errors import ArtifactError, ExportError
+from engine.errors import ArtifactError, ExportError
 from deepliif.imageio import read_image
 from deepliif.inference import InferenceOptions, infer_image
 from deepliif.model_dir import Layout, load_model_dir

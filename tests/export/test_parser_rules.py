@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from deepliif.errors import TensorRTCompatibilityError
+from engine.errors import TensorRTCompatibilityError
 from deepliif.model_dir import Layout, load_model_dir
 from export.config import OnnxExportConfig
 from export.onnx_export import export_pipeline

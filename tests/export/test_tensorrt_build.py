@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepliif.errors import ArgumentError, ArtifactError, BackendUnavailableError, IncompatibleArtifactError
+from deepliif.errors import ArgumentError
+from engine.errors import ArtifactError, BackendUnavailableError, IncompatibleArtifactError
 from engine.backends.precision import Precision
 from export.onnx_checks import check_onnx
 from export.tensorrt_build import (INSTALL_HINT, METADATA_FILE, PLAN_FILE, EngineMetadata, GpuInfo,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from deepliif.contract import FUSED_GRAPH
-from deepliif.errors import BackendUnavailableError
+from engine.errors import BackendUnavailableError
 from deepliif.imageio import file_sha256
 from deepliif.model_dir import Layout
 from engine.session import Session

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from deepliif.errors import ArgumentError, ValidationError
+from deepliif.errors import ArgumentError
+from engine.errors import ValidationError
 from deepliif.pipeline import OUTPUT_NAMES
 from engine.samples import synthetic_ihc
 from export.config import Tolerance

@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 
-from deepliif.errors import BackendUnavailableError
+from engine.errors import BackendUnavailableError
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
 from engine.backends import onnxruntime_backend
