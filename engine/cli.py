@@ -21,6 +21,7 @@ from deepliif.tiling import TILE_SIZE_MAX, TILE_SIZE_MIN
 from deepliif.workers import keep_freed_memory
 
 from calibration.cli import add_calibrate_parser
+from calibration.gate import require_passed
 from export.cli import add_export_parser
 from engine.backends.precision import Precision
 
@@ -187,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backend_args(demo, default_backend="torch")
     demo.set_defaults(handler=cmd_demo)
 
-    add_export_parser(sub)
+    add_export_parser(sub, accuracy_gate=require_passed)
     add_calibrate_parser(sub)
     add_edi_parsers(sub)
     add_deploy_parsers(sub)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from calibration.gate import require_passed
 from deepliif.errors import ArgumentError
 from engine.errors import ValidationError
 from deepliif.imageio import prepare_out_dir
@@ -18,7 +18,12 @@ from .triton import TRITON_BACKENDS, InstanceKind, TritonConfig, write_python_re
 from .validate import format_report, parse_batch_sizes
 
 
-def add_export_parser(sub: argparse._SubParsersAction) -> None:
+# `accuracy_gate(onnx_path, force)`: raises unless a reduced-precision graph passed its accuracy gate. The
+# command line hands in calibration's gate, so export never imports calibration (which builds on export).
+AccuracyGate = Callable[[Path, bool], object]
+
+
+def add_export_parser(sub: argparse._SubParsersAction, accuracy_gate: AccuracyGate) -> None:
     export = sub.add_parser("export", help="ONNX, TensorRT plans and Triton repositories from a model")
     kinds = export.add_subparsers(dest="export_kind", required=True)
 
@@ -53,7 +58,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                      "can run (10 -> 11); slower")
     trt.add_argument("--force-ungated", action="store_true", help="build from an int8/fp16 ONNX whose "
                      "accuracy gate (accuracy.json beside it, from `calibrate`) is missing or failed")
-    trt.set_defaults(handler=cmd_export_tensorrt)
+    trt.set_defaults(handler=cmd_export_tensorrt, accuracy_gate=accuracy_gate)
 
     triton = kinds.add_parser("triton", help="a Triton model repository serving the ONNX, the plan, or this "
                               "project's session on Triton's Python backend")
@@ -109,7 +114,7 @@ def cmd_export_tensorrt(args: argparse.Namespace) -> int:
 
     def gate(path: Path, precision: Precision) -> None:
         if precision is not Precision.FP32:
-            require_passed(path, args.force_ungated)
+            args.accuracy_gate(path, args.force_ungated)
 
     metadata = build_plan(args.onnx, out, config, gate)
     print(json.dumps(metadata.__dict__, indent=2))

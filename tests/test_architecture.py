@@ -161,3 +161,11 @@ def test_the_checks_catch_what_they_forbid() -> None:
 def test_no_module_is_longer_than_a_reader_takes_in() -> None:
     long = {name: n for name, path in module_names().items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, long
+
+
+def test_export_and_calibration_do_not_import_each_other() -> None:
+    """Calibration builds on export; export (its command line included) never imports calibration."""
+    graph = import_graph()
+    back = [f"{name} imports {target}" for name, targets in sorted(graph.items()) if name.startswith("export")
+            for target in sorted(targets) if target.startswith("calibration")]
+    assert not back, back
