@@ -6,7 +6,6 @@ is used, so this file runs unchanged (`python kernel.py`, or `deepliif-engine se
 """
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from engine.edi.kernel.answers import error_json
 from engine.edi.kernel.kernel_log import attach_kernel_log, detach_kernel_log
 from engine.edi.kernel.service import EdiService
 from engine.edi.kernel.settings import KernelSettings
+from engine.settings import process_environment
 
 
 class DeepLIIFKernel(Kernel):
@@ -30,7 +30,7 @@ class DeepLIIFKernel(Kernel):
 
     def on_kernel_start(self, kernel_context) -> None:
         # the local stand-in hands settings over as a mapping; inside WMLA, EDI has put them in os.environ
-        environ = getattr(kernel_context, "environment", os.environ)
+        environ = getattr(kernel_context, "environment", None) or process_environment()
         settings = KernelSettings.from_environment(environ, kernel_context.get_model_description())
         keep_freed_memory()  # large per-image temporaries reused, not faulted in afresh per request
         self._log_handler = attach_kernel_log(self)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from engine.backends.precision import Precision
 from .backends import BackendKind
 from .cache import default_cache_dir
 from .samples import sample_dir
+from .settings import process_environment
 from .edi.cli import add_edi_parsers
 from .edi.deploy_cli import add_deploy_parsers
 from .commands import DEMO_MODEL_DIR, cmd_bench, cmd_demo, cmd_demo_model, cmd_doctor, cmd_infer, cmd_postprocess, cmd_rescore
@@ -264,9 +264,10 @@ def _finish_subcommands(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    environment = process_environment()  # the command line's one read of it
     if getattr(args, "cache_dir", False) is None:  # the one place the CLI reads its environment's cache dir
-        args.cache_dir = default_cache_dir(os.environ)
-    args.sample_dir = sample_dir(os.environ)  # and its sample images
+        args.cache_dir = default_cache_dir(environment)
+    args.sample_dir = sample_dir(environment)  # and its sample images
     keep_freed_memory()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from export.triton import PythonModelSettings
 
 from .cache import default_cache_dir
 from .session import Session
+from .settings import process_environment, writable_process_environment
 
 logger = project_logger("engine.triton")
 
@@ -81,12 +81,13 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
         settings = PythonModelSettings.from_model_config(config, version_dir)
-        if settings.cache_dir is None:  # Triton's entry point: the stub's environment names the cache
-            settings = dataclasses.replace(settings, cache_dir=default_cache_dir(os.environ))
+        environment = process_environment()  # Triton's entry point: the stub's environment
+        if settings.cache_dir is None:  # it names the cache
+            settings = dataclasses.replace(settings, cache_dir=default_cache_dir(environment))
         device = "cpu"
-        if args.get("model_instance_kind", "CPU").upper() == "GPU":  # Triton's entry point: the stub's environment
-            gpu = instance_gpu(int(args.get("model_instance_device_id", 0)), os.environ.get("CUDA_VISIBLE_DEVICES"))
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before anything in this process initialises CUDA
+        if args.get("model_instance_kind", "CPU").upper() == "GPU":
+            gpu = instance_gpu(int(args.get("model_instance_device_id", 0)), environment.get("CUDA_VISIBLE_DEVICES"))
+            writable_process_environment()["CUDA_VISIBLE_DEVICES"] = gpu  # before this process initialises CUDA
             device = "cuda"
         self.server = TileBatchServer(settings, device)
         logger.info("Triton model %s ready: %s on %s", config.get("name"), self.server.session.info.name, device)

@@ -15,7 +15,7 @@ MAX_LINES = 400
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model", ("deepliif",)),
     ("runners", ("engine.backends", "engine.samples", "engine.devices", "engine.checkout", "engine.errors",
-                 "engine.file_hashes")),
+                 "engine.settings", "engine.file_hashes")),
     ("export", ("export",)),
     ("calibration", ("calibration",)),
     ("artifacts", ("engine.cache", "engine.artifacts")),
@@ -169,3 +169,12 @@ def test_export_and_calibration_do_not_import_each_other() -> None:
     back = [f"{name} imports {target}" for name, targets in sorted(graph.items()) if name.startswith("export")
             for target in sorted(targets) if target.startswith("calibration")]
     assert not back, back
+
+
+def test_only_the_settings_module_reads_the_process_environment() -> None:
+    """Entry points take `engine.settings.process_environment()` once and pass it on; nothing else reads it."""
+    readers = sorted(name for name, path in module_names().items()
+                     if any(isinstance(node, ast.Attribute) and node.attr == "environ"
+                            and isinstance(node.value, ast.Name) and node.value.id == "os"
+                            for node in ast.walk(ast.parse(path.read_text()))))
+    assert readers == ["engine.settings"], readers

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
+from ..settings import process_environment
 from ..checkout import PROJECT_ROOT
 from .tools.package import package
 from .standin.runtime import load_kernel
@@ -20,9 +20,9 @@ def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.add_argument("--name", help="deployment name in the URL (default: model.json's name)")
-    serve.add_argument("--model-dir", type=Path, default=os.environ.get("DEEPLIIF_MODEL_DIR"),
+    serve.add_argument("--model-dir", type=Path, default=process_environment().get("DEEPLIIF_MODEL_DIR"),
                        help="default: $DEEPLIIF_MODEL_DIR")
-    serve.add_argument("--volume-root", type=Path, default=os.environ.get("DEEPLIIF_VOLUME_ROOT"),
+    serve.add_argument("--volume-root", type=Path, default=process_environment().get("DEEPLIIF_VOLUME_ROOT"),
                        help="mounted storage volume (default: $DEEPLIIF_VOLUME_ROOT)")
     serve.add_argument("--kernel", type=Path, default=PROJECT_ROOT / "kernel.py", help="the EDI kernel file to load")
     serve.add_argument("--model-json", type=Path, default=PROJECT_ROOT / "model.json",
@@ -72,7 +72,7 @@ def add_edi_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    environment = dict(os.environ)  # the kernel's settings: this process's environment plus the options
+    environment = dict(process_environment())  # the kernel's settings: this process's environment plus the options
     for name, value in (("DEEPLIIF_MODEL_DIR", args.model_dir), ("DEEPLIIF_VOLUME_ROOT", args.volume_root)):
         if value:
             environment[name] = str(Path(value).resolve())

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 from pathlib import Path
 
 from deepliif.errors import ArgumentError
+
+from ..settings import process_environment
 
 
 def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
@@ -14,7 +15,7 @@ def add_deploy_parsers(sub: argparse._SubParsersAction) -> None:
                             "volume, for kernels to fetch at start (DEEPLIIF_MODEL_SOURCE=volume:PATH)")
     upload.add_argument("--model-dir", type=Path, required=True, help="DeepLIIF model directory")
     upload.add_argument("--to", required=True, metavar="VOLUME_PATH", help="folder on the volume, relative to its root")
-    upload.add_argument("--volume-root", type=Path, default=os.environ.get("DEEPLIIF_VOLUME_ROOT"),
+    upload.add_argument("--volume-root", type=Path, default=process_environment().get("DEEPLIIF_VOLUME_ROOT"),
                         help="mounted volume (default: $DEEPLIIF_VOLUME_ROOT; or the DEEPLIIF_CPD_* settings)")
     upload.set_defaults(handler=cmd_upload_model)
 
@@ -58,7 +59,7 @@ def cmd_upload_model(args: argparse.Namespace) -> int:
     from .kernel.model_store import VOLUME_PREFIX, upload_model
     from .kernel.settings import cpd_from_environment
     from .kernel.storage import open_volume
-    volume = open_volume(str(args.volume_root) if args.volume_root else None, cpd_from_environment(os.environ))
+    volume = open_volume(str(args.volume_root) if args.volume_root else None, cpd_from_environment(process_environment()))
     if volume is None:
         raise ArgumentError("no volume: give --volume-root (a mounted volume) or set the DEEPLIIF_CPD_* settings")
     manifest = upload_model(args.model_dir, volume, args.to)
@@ -72,7 +73,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     import json
 
     from .tools.deploy import TOKEN_ENV, Deployment, DlimConnection, ProfileSettings
-    token = args.jwt_token or os.environ.get(TOKEN_ENV)
+    token = args.jwt_token or process_environment().get(TOKEN_ENV)
     connection = DlimConnection(args.rest_server, token, token_from_env=not args.jwt_token and bool(token))
     profile = ProfileSettings(args.kernel_min, args.kernel_max, args.ncpus, args.mem_mb, args.task_execution_timeout,
                               args.task_batch_size)
@@ -95,7 +96,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     inputs = [CohortInput.parse(text) for text in args.inputs]
     options = CohortOptions(args.concurrency, int(args.max_inline_mb * (1 << 20)), args.poll_s, args.tile_size,
                             args.images_to_return)
-    token = args.token or os.environ.get("USER_ACCESS_TOKEN")  # not a parser default: --help would print it
+    token = args.token or process_environment().get("USER_ACCESS_TOKEN")  # not a parser default: --help would print it
     client = EdiClient(args.endpoint, token, not args.no_verify_tls, args.retry_for_s)
     cohort = Cohort(inputs, args.out, client, options)
     signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's stop ends the run as Ctrl-C does: journal and table kept

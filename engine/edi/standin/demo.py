@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 import threading
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ...checkout import checkout_file
+from ...settings import process_environment
 from .runtime import load_kernel
 from .server import serve_kernel
 
@@ -46,7 +46,7 @@ def local_endpoint(model_dir: Path, volume: Path, cache_dir: Path | None, backen
     ready, stop = threading.Event(), threading.Event()
     thread = threading.Thread(target=serve_kernel, daemon=True, kwargs=dict(
         kernel=load_kernel(checkout_file("kernel.py")), model_description=checkout_file("model.json").read_text(),
-        host="127.0.0.1", port=0, ready=ready, stop=stop, environment={**os.environ, **settings}))
+        host="127.0.0.1", port=0, ready=ready, stop=stop, environment={**process_environment(), **settings}))
     try:
         thread.start()
         if not ready.wait(3600):

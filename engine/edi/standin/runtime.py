@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 from pathlib import Path
 
 from ...checkout import PROJECT_ROOT
+from ...settings import process_environment
 from .tasks import KernelContext, TaskContext, chain_tasks, start_kernel
 
 __all__ = ["Kernel", "KernelContext", "TaskContext", "chain_tasks", "load_kernel", "start_kernel"]
@@ -44,10 +44,11 @@ class Kernel:
         """Serve this kernel on `DEEPLIIF_HOST`:`DEEPLIIF_PORT` (127.0.0.1:8000) until interrupted."""
         from .server import serve_kernel
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        model_json = Path(os.environ.get("DEEPLIIF_MODEL_JSON", PROJECT_ROOT / "model.json"))
+        environment = process_environment()  # `python kernel.py` is an entry point
+        model_json = Path(environment.get("DEEPLIIF_MODEL_JSON", PROJECT_ROOT / "model.json"))
         serve_kernel(self, model_json.read_text() if model_json.is_file() else "{}",
-                     host=os.environ.get("DEEPLIIF_HOST", "127.0.0.1"),
-                     port=int(os.environ.get("DEEPLIIF_PORT", "8000")))
+                     host=environment.get("DEEPLIIF_HOST", "127.0.0.1"),
+                     port=int(environment.get("DEEPLIIF_PORT", "8000")))
 
 
 def load_kernel(path: Path) -> Kernel:

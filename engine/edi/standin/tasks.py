@@ -4,10 +4,10 @@ handed and how a call's tasks are chained. The HTTP server (`server.py`) and the
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from typing import Protocol
 
+from ...settings import process_environment
 from ..kernel.settings import model_environment
 
 
@@ -22,12 +22,13 @@ class KernelCallbacks(Protocol):
 class KernelContext:
     """`environment` is the stand-in's addition: the kernel's settings as a mapping (model.json's
     mk_environments under the process environment or the given overrides), so the local server never
-    rewrites `os.environ`. Inside WMLA a kernel reads `os.environ`, where EDI has put mk_environments."""
+    rewrites the process environment. Inside WMLA a kernel reads the process environment, where EDI has put
+    mk_environments."""
 
     def __init__(self, model_description: str, environment: Mapping[str, str] | None = None) -> None:
         self._model_description = model_description
         self.environment = {**model_environment(model_description),
-                            **(os.environ if environment is None else environment)}
+                            **(process_environment() if environment is None else environment)}
 
     def get_model_description(self) -> str:
         return self._model_description
