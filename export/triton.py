@@ -26,6 +26,7 @@ from deepliif.contract import FUSED_GRAPH, NETWORK_TILE
 from deepliif.model_files import read_model_files
 
 from engine.backends import BackendKind
+from engine.backends.onnxruntime_backend import provider_options
 from engine.backends.precision import Precision
 
 from . import logger
@@ -158,16 +159,20 @@ def _optimization(accelerators: dict[str, dict[str, str]]) -> str:
 
 def onnx_accelerators(precision: Precision, max_batch_size: int) -> dict[str, dict[str, str]]:
     """The ONNX Runtime backend's GPU execution providers for a graph of this precision, with the options
-    `engine.backends.onnxruntime_backend` gives its own sessions: the CUDA EP with TF32 only for fp16 and a
-    heuristic convolution search; for fp16 and int8 the TensorRT EP first, with `precision_mode` FP32 (Triton
-    maps FP16/INT8 to the EP's precision flags, which would override the graph's own types) and a batch
-    profile. int8 needs it: the CUDA EP runs Q/DQ as float operations."""
-    cuda = {"use_tf32": "1" if precision is Precision.FP16 else "0", "cudnn_conv_algo_search": "HEURISTIC"}
+    the engine's own sessions use (`provider_options`: TF32 only for fp16, a heuristic convolution search).
+    fp16 and int8 run on the TensorRT EP first (int8 must: the CUDA EP runs Q/DQ as float operations),
+    with its batch profile and `precision_mode` FP32, because Triton maps FP16/INT8 to the EP's precision
+    flags, which would override the graph's own types."""
+    def as_strings(options: dict) -> dict[str, str]:
+        return {key: str(int(value) if isinstance(value, bool) else value) for key, value in options.items()
+                if key != "device_id"}  # Triton places the instance
+
+    cuda = as_strings(provider_options("CUDAExecutionProvider", precision, None))
     if precision is Precision.FP32:
         return {"cuda": cuda}
-    shape = "x".join(map(str, _DIMS))
-    profile = {f"trt_profile_{which}_shapes": f"{FUSED_GRAPH.input_name}:{batch}x{shape}"
-               for which, batch in (("min", 1), ("opt", max_batch_size), ("max", max_batch_size))}
+    tensorrt = provider_options("TensorrtExecutionProvider", precision, None,
+                                batch_range=(1, max_batch_size, max_batch_size))
+    profile = as_strings({key: value for key, value in tensorrt.items() if key.startswith("trt_profile_")})
     return {"tensorrt": {"precision_mode": "FP32", **profile}, "cuda": cuda}
 
 
