@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from deepliif.errors import ArgumentError
-from engine.errors import AccuracyGateError
 from deepliif.imageio import file_sha256
-from engine.file_hashes import HashMemo
 from deepliif.inference import InferenceOptions, TileBatchRunner, infer_image
 from deepliif.contract import OUTPUT_NAMES
 from deepliif.tables import format_rows
+from engine.errors import AccuracyGateError
+from engine.file_hashes import HashMemo
 
 from export.validate import ImageStats
 

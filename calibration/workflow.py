@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepliif.errors import ArgumentError
-from engine.errors import AccuracyGateError
 from deepliif.imageio import file_sha256, prepare_out_dir, read_image, write_atomically, write_json
 from deepliif.model_dir import load_model_dir
+from engine.errors import AccuracyGateError
 
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.backends.precision import Precision

@@ -23,10 +23,10 @@ import numpy as np
 
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE
 from deepliif.errors import ArgumentError
-from engine.errors import AccuracyGateError, ArtifactError, ValidationError
 from deepliif.imageio import file_sha256, write_json
 from deepliif.logs import project_logger
 from deepliif.model_files import ModelFiles
+from engine.errors import AccuracyGateError, ArtifactError, ValidationError
 
 from calibration.gate import ACCURACY_FILE, require_passed
 from export.config import OnnxExportConfig, Tolerance

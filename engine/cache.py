@@ -25,10 +25,10 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 from deepliif.errors import ArgumentError
-from engine.errors import ArtifactError
 from deepliif.imageio import file_sha256, write_json
-from engine.file_hashes import HashMemo
 from deepliif.logs import project_logger
+from engine.errors import ArtifactError
+from engine.file_hashes import HashMemo
 
 logger = project_logger("engine")
 

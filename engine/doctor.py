@@ -21,10 +21,10 @@ import torch
 
 from deepliif.demo import write_demo_model
 from deepliif.errors import DeepLIIFError
-from engine.errors import BackendUnavailableError
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
 from deepliif.tables import format_rows
+from engine.errors import BackendUnavailableError
 
 from engine.backends.precision import Precision
 from export.config import Tolerance

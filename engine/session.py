@@ -17,11 +17,11 @@ import numpy as np
 
 from deepliif.contract import run_in_chunks
 from deepliif.errors import ArgumentError, DeepLIIFError
-from engine.errors import ArtifactError, BackendUnavailableError
 from deepliif.imageio import file_sha256
 from deepliif.inference import InferenceOptions, InferenceResult, Stitched, infer_images
 from deepliif.logs import project_logger
 from deepliif.model_files import ModelFiles, read_model_files
+from engine.errors import ArtifactError, BackendUnavailableError
 
 from .artifacts import Artifact, ArtifactLoaders, Provenance
 from .backends import Backend, BackendKind

@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from deepliif.errors import ArgumentError
-from engine.errors import ValidationError
 from deepliif.imageio import prepare_out_dir
+from engine.errors import ValidationError
 
 from engine.backends.precision import Precision
 from .config import OnnxExportConfig, Tolerance

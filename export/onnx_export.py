@@ -18,9 +18,9 @@ import onnx
 import torch
 from torch import nn
 
-from engine.errors import ExportError
 from deepliif.model_dir import DeepLIIFModel
 from deepliif.pipeline import NETWORK_TILE, FusedPipeline
+from engine.errors import ExportError
 
 from . import logger
 from engine.backends.precision import Precision

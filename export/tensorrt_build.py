@@ -15,8 +15,8 @@ from pathlib import Path
 
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE
 from deepliif.errors import ArgumentError
-from engine.errors import ExportError
 from deepliif.imageio import file_sha256, write_atomically
+from engine.errors import ExportError
 
 from engine.backends.precision import Precision
 from engine.backends.tensorrt_plan import (INSTALL_HINT, METADATA_FILE, PLAN_FILE, EngineMetadata, GpuInfo,

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deepliif.errors import ArgumentError, ChoiceEnum
-from engine.errors import ArtifactError, ExportError
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE
 from deepliif.model_files import read_model_files
+from engine.errors import ArtifactError, ExportError
 
 from engine.backends import BackendKind
 from engine.backends.onnxruntime_backend import provider_options

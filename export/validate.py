@@ -14,10 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from deepliif.errors import ArgumentError
-from engine.errors import ValidationError
 from deepliif.contract import NETWORK_TILE, OUTPUT_NAMES, run_in_chunks
 from deepliif.postprocessing import postprocess
 from deepliif.tables import format_rows
+from engine.errors import ValidationError
 
 from . import logger
 from .config import Tolerance

@@ -19,10 +19,10 @@ import torch
 from tqdm import tqdm
 
 from deepliif.errors import ArgumentError
-from engine.errors import ValidationError
 from deepliif.imageio import file_sha256, prepare_out_dir, write_json
 from deepliif.model_dir import DeepLIIFModel, load_model_dir
 from deepliif.pipeline import FusedPipeline, TileRunner, to_network_input, to_uint8_image
+from engine.errors import ValidationError
 
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.samples import benchmark_tiles

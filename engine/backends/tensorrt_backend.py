@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from deepliif.errors import ArgumentError
-from engine.errors import ArtifactError, BackendUnavailableError
 from deepliif.contract import FUSED_GRAPH, NETWORK_TILE, OUTPUT_NAMES
 from deepliif.logs import project_logger
+from engine.errors import ArtifactError, BackendUnavailableError
 
 from engine.backends.precision import Precision
 from .tensorrt_plan import METADATA_FILE, EngineMetadata, GpuInfo, tensorrt_module

@@ -10,8 +10,8 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from engine.errors import ArtifactError, BackendUnavailableError, IncompatibleArtifactError
 from deepliif.imageio import file_sha256, write_json
+from engine.errors import ArtifactError, BackendUnavailableError, IncompatibleArtifactError
 
 PLAN_FILE = "deepliif.plan"
 METADATA_FILE = "engine.json"

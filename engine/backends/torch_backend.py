@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from deepliif.errors import ArgumentError
-from engine.errors import BackendUnavailableError
 from deepliif.logs import project_logger
 from deepliif.model_dir import DeepLIIFModel
 from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES, FusedPipeline, TileRunner
+from engine.errors import BackendUnavailableError
 
 from engine.backends.precision import Precision
 

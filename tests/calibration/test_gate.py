@@ -8,9 +8,9 @@ import pytest
 
 from calibration.gate import ACCURACY_FILE, GateThresholds, evaluate, format_markdown, require_passed
 from deepliif.errors import ArgumentError
-from engine.errors import AccuracyGateError
 from deepliif.imageio import file_sha256, write_json
 from deepliif.pipeline import OUTPUT_NAMES
+from engine.errors import AccuracyGateError
 from engine.samples import synthetic_ihc
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)

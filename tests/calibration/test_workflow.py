@@ -17,9 +17,9 @@ from calibration.quantize import QuantizationConfig
 from calibration.tiles import CALIBRATION_FILE, CalibrationSet
 from calibration.workflow import FAILED_SUFFIX, CalibrationPlan, calibrate
 from deepliif.errors import ArgumentError, ModelDirError
-from engine.errors import AccuracyGateError, ArtifactError, BackendUnavailableError
 from deepliif.imageio import file_sha256
 from deepliif.model_dir import Layout
+from engine.errors import AccuracyGateError, ArtifactError, BackendUnavailableError
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.cli import main
 from engine.session import Session

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from deepliif.errors import ArgumentError
-from engine.errors import BackendUnavailableError
 from deepliif.imageio import file_sha256
 from deepliif.inference import InferenceOptions, infer_image
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
+from engine.errors import BackendUnavailableError
 from engine.backends import BackendKind
 from engine.session import Session, choose_batch_size
 from engine.samples import synthetic_ihc

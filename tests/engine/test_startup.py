@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from deepliif.imageio import write_png
-from engine.file_hashes import HashMemo
 from deepliif.model_files import Layout
+from engine.file_hashes import HashMemo
 from engine.cli import main
 from engine.samples import synthetic_ihc
 from engine.session import Session

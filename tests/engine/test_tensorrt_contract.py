@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from deepliif.errors import ArgumentError
-from engine.errors import ArtifactError, IncompatibleArtifactError
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
+from engine.errors import ArtifactError, IncompatibleArtifactError
 from engine.backends.tensorrt_backend import TensorRTBackend, check_engine_io
 from engine.samples import synthetic_ihc
 from engine.session import Session

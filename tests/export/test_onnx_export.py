@@ -8,11 +8,11 @@ import onnx
 import pytest
 import torch
 
-from engine.errors import ArtifactError, ExportError
 from deepliif.imageio import read_image
 from deepliif.inference import InferenceOptions, infer_image
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
+from engine.errors import ArtifactError, ExportError
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.samples import synthetic_ihc
 from export.config import OnnxExportConfig

@@ -8,8 +8,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from engine.errors import TensorRTCompatibilityError
 from deepliif.model_dir import Layout, load_model_dir
+from engine.errors import TensorRTCompatibilityError
 from export.config import OnnxExportConfig
 from export.onnx_export import export_pipeline
 from export.parser_rules import check_tensorrt_rules

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 
 from deepliif.errors import ArgumentError
-from engine.errors import ArtifactError, ExportError
 from deepliif.imageio import file_sha256
+from engine.errors import ArtifactError, ExportError
 from export.tensorrt_build import METADATA_FILE, PLAN_FILE, TensorRTBuildConfig
 from export.triton import (ONNXRUNTIME, PYTHON_MODEL_DIR, PythonModelSettings, TritonConfig, check_config,
                            parse_pbtxt, render_config, write_python_repository, write_repository)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from deepliif.contract import FUSED_GRAPH
-from engine.errors import BackendUnavailableError
 from deepliif.imageio import file_sha256
 from deepliif.model_dir import Layout
+from engine.errors import BackendUnavailableError
 from engine.session import Session
 from export.tensorrt_build import METADATA_FILE, PLAN_FILE, EngineMetadata, TensorRTBuildConfig
 from export.triton import TritonConfig, write_python_repository, write_repository

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from deepliif.errors import ArgumentError
-from engine.errors import ValidationError
 from deepliif.pipeline import OUTPUT_NAMES
+from engine.errors import ValidationError
 from engine.samples import synthetic_ihc
 from export.config import Tolerance
 from export.validate import ImageStats, format_report, validate

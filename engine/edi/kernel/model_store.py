@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepliif.errors import ArgumentError
-from engine.errors import ArtifactError
 from deepliif.imageio import file_sha256, write_json
-from engine.file_hashes import HashMemo
 from deepliif.logs import project_logger
+from engine.errors import ArtifactError
+from engine.file_hashes import HashMemo
 
 from ...cache import exclusive_lock
 from .volume import StorageError, Volume, clean_relative_path

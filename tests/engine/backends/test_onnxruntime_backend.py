@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 import pytest
 
-from engine.errors import BackendUnavailableError
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
+from engine.errors import BackendUnavailableError
 from engine.backends import onnxruntime_backend
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend, available_providers, provider_options
 from engine.samples import synthetic_ihc

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from deepliif.errors import ArgumentError
-from engine.errors import ArtifactError
 from deepliif.model_dir import load_model_dir
+from engine.errors import ArtifactError
 from engine.cli import main
 from engine.edi.kernel.model_store import FETCHED, MANIFEST, ModelFetcher, ModelSource, upload_model
 from engine.edi.kernel.storage import MountedVolume, StorageError
