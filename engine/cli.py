@@ -89,7 +89,7 @@ def _add_postprocess_args(parser: argparse.ArgumentParser) -> None:
     _add_threshold_args(parser)
     parser.add_argument("--large-noise-thresh", type=_threshold, default=None, help="components of N pixels or "
                         "more are noise: N, 'default' (by magnification: 40x 16000, 20x 4000, 10x 1000), or none")
-    parser.add_argument("--cell-geometry", type=CellGeometry, choices=list(CellGeometry),
+    parser.add_argument("--cell-geometry", type=CellGeometry, choices=list(CellGeometry), metavar=_values(CellGeometry),
                         default=CellGeometry.POLYGONS, help="cells in the GeoJSON: their outlines (polygons) or "
                         "their centroids (points)")
     parser.add_argument("--cell-data", type=int, choices=CELL_DATA_VERSIONS, default=None, help="also write "
@@ -127,8 +127,14 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     _add_postprocess_args(parser)
 
 
+def _values(choices) -> str:
+    """How --help shows an enum's choices: its values, as a user types them (not the members' reprs)."""
+    return "{" + ",".join(member.value for member in choices) + "}"
+
+
 def _add_pyramid_compression(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pyramid-compression", type=PyramidCompression, choices=list(PyramidCompression),
+                        metavar=_values(PyramidCompression),
                         default=PyramidCompression.DEFLATE, help="slides: deflate (lossless, every output) or "
                         "jpeg (JPEG q90 without chroma subsampling for Hema, DAPI, Lap2 and SegOverlaid, about 6x "
                         "faster to write; Seg, Marker and SegRefined stay lossless)")

@@ -42,6 +42,13 @@ def test_every_option_of_every_command_has_help_and_shows_its_default() -> None:
     assert not missing, missing
 
 
+def test_help_shows_choices_as_a_user_types_them() -> None:
+    """An enum's choices in --help are its values (`{deflate,jpeg}`), not its members' reprs."""
+    shown = [f"{' '.join(words)}: {parser.format_usage().strip()}" for words, parser in _commands(build_parser())
+             if re.search(r"\{[A-Za-z]+\.[A-Z_]+", parser.format_usage())]
+    assert not shown, shown
+
+
 def _readme_commands() -> list[tuple[str, set[str]]]:
     """(command line start, flags) of every `deepliif-engine ...` line in the README's code blocks."""
     text = (ROOT / "README.md").read_text()
