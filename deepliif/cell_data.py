@@ -10,6 +10,7 @@ chain code). `settings` holds the defaults a later re-scoring needs without the 
 """
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -184,11 +185,12 @@ def cell_data_document(records: list[dict], version: int, settings: dict) -> dic
 
 
 def read_cell_data(path: Path) -> tuple[list[dict], dict, int]:
-    """A cell-data file's cells (unpacked), settings and version; a malformed file is refused naming
-    the field."""
+    """A cell-data file's cells (unpacked), settings and version; gzip-compressed (a slide's) or not; a
+    malformed file is refused naming the field."""
     try:
-        document = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
+        data = Path(path).read_bytes()
+        document = json.loads(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data)
+    except (OSError, ValueError, EOFError) as exc:
         raise ArgumentError(f"{path}: not a readable cell-data JSON file ({exc})") from exc
     version = document.get("dataVersion") if isinstance(document, dict) else None
     if version not in CELL_DATA_VERSIONS:
@@ -212,8 +214,13 @@ def cell_data_file_name(stem: str) -> str:
     return f"{stem}_cells.json"
 
 
+def encode_cell_data(document: dict) -> bytes:
+    """The file's bytes: compact JSON (a cohort's files add up)."""
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
 def write_cell_data(out: Path, stem: str, document: dict) -> Path:
-    """`OUT/<stem>_cells.json`, compact (a cohort's files add up), published by rename."""
+    """`OUT/<stem>_cells.json`, published by rename."""
     path = Path(out) / cell_data_file_name(stem)
-    write_atomically(path, json.dumps(document, separators=(",", ":")).encode())
+    write_atomically(path, encode_cell_data(document))
     return path

@@ -9,9 +9,7 @@ slides), so a million cells never sit in memory as one JSON tree, under a tempor
 """
 from __future__ import annotations
 
-import contextlib
 import csv
-import gzip
 import io
 import json
 import uuid
@@ -23,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .imageio import open_atomically, write_atomically
+from .imageio import open_stream, write_atomically
 from .label_stats import LabelledPixels
 
 Outline = list[np.ndarray]  # closed (n, 2) rings of level-0 (x, y): the shell, then any holes
@@ -118,13 +116,11 @@ def cell_features(image: str, cells: list[Cell], mpp: float | None,
 
 def write_geojson(path: Path, features: Iterator[dict]) -> None:
     """A FeatureCollection written feature by feature (gzip if `path` ends in .gz), then renamed into place."""
-    with open_atomically(path) as raw:
-        with (gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) if Path(path).suffix == ".gz"
-              else contextlib.nullcontext(raw)) as stream:
-            stream.write(b'{"type": "FeatureCollection", "features": [')
-            for index, feature in enumerate(features):
-                stream.write((", " if index else "\n").encode() + json.dumps(feature, ensure_ascii=False).encode())
-            stream.write(b"\n]}\n")
+    with open_stream(path) as stream:
+        stream.write(b'{"type": "FeatureCollection", "features": [')
+        for index, feature in enumerate(features):
+            stream.write((", " if index else "\n").encode() + json.dumps(feature, ensure_ascii=False).encode())
+        stream.write(b"\n]}\n")
 
 
 def cells_file_names(stem: str, slide: bool = False) -> dict[str, str]:

@@ -10,6 +10,7 @@ Conversions (documented in the README):
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -144,6 +145,18 @@ def open_atomically(path: Path) -> Iterator:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def open_stream(path: Path) -> Iterator:
+    """`open_atomically`, gzip-compressed when `path` ends in .gz (large results written as they are made:
+    a slide's cells)."""
+    with open_atomically(path) as raw:
+        if Path(path).suffix != ".gz":
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as stream:
+            yield stream
 
 
 def write_atomically(path: Path, data: bytes) -> None:

@@ -9,12 +9,14 @@ them, so no label image of the slide is ever held.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from .cell_outlines import OutlineTracer
 from .postprocessing import OUTLINE_REACH, outline, paint
-from .slide_scoring import Bands, SlideScore
+from .slide_cell_data import SlideCellData
+from .slide_scoring import Band, Bands, SlideScore
 from .workers import ordered_map
 
 Rows = Callable[[int, int], np.ndarray]  # (top, count) -> the input image's rows (RGB), for SegOverlaid
@@ -41,10 +43,19 @@ class _Window:
         self.top += cut
 
 
-def _band_masks(score: SlideScore, index: int, seg: np.ndarray, owners: bool) -> tuple[list[np.ndarray],
-                                                                                       np.ndarray | None]:
-    """The band's masks, and with `owners` the id of the counted cell each pixel is in (0: none)."""
-    cell = score.labels.cells(index, seg)
+@dataclass
+class _BandCells:
+    """One band's masks (background, in a counted cell, in a positive counted cell); with owners, the id
+    of the counted cell each pixel is in (0: none); with labels, the band's own labels and their cells."""
+    top: int
+    masks: list[np.ndarray]
+    owner: np.ndarray | None
+    labels: tuple[np.ndarray, np.ndarray] | None
+
+
+def _band_cells(score: SlideScore, index: int, band: Band, owners: bool, labelled: bool) -> _BandCells:
+    labels, cell_of = score.labels.band_labels(index, band.seg)
+    cell = cell_of[labels]
     in_cell = cell >= 0
     in_counted, positive = np.zeros_like(in_cell), np.zeros_like(in_cell)
     in_counted[in_cell] = score.counted[cell[in_cell]]
@@ -53,21 +64,24 @@ def _band_masks(score: SlideScore, index: int, seg: np.ndarray, owners: bool) ->
     if owners:
         owner = np.zeros(cell.shape, np.int32)
         owner[in_counted] = score.counted_ids[cell[in_counted]]
-    return [~in_cell, in_counted, positive], owner
+    return _BandCells(band.top, [~in_cell, in_counted, positive], owner, (labels, cell_of) if labelled else None)
 
 
 def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: int, sink: OverlaySink,
-               threads: int = 1, tracer: OutlineTracer | None = None) -> None:
+               threads: int = 1, tracer: OutlineTracer | None = None, cell_data: SlideCellData | None = None) -> None:
     """Hands `sink` the SegOverlaid and SegRefined rows of the whole slide, top to bottom, band by band,
-    and `tracer` (if any) each band's counted cells. `bands` must be the bands the slide was scored with.
-    The next bands' masks are made on `threads` threads while a band is drawn."""
+    `tracer` (if any) each band's counted cells and `cell_data` (if any) each band's labels. `bands` must
+    be the bands the slide was scored with. The next bands' masks are made on `threads` threads while a
+    band is drawn."""
     window, drawn = _Window(width), 0
-    masks = ordered_map(lambda item: (item[1][0], *_band_masks(score, item[0], item[1][1], tracer is not None)),
-                        enumerate(bands()), threads)
-    for top, band_masks, owner in masks:
+    made = ordered_map(lambda item: _band_cells(score, item[0], item[1], tracer is not None, cell_data is not None),
+                       enumerate(bands()), threads)
+    for band in made:
         if tracer is not None:
-            tracer.add(top, owner)
-        window.extend(band_masks)
+            tracer.add(band.top, band.owner)
+        if cell_data is not None:
+            cell_data.add(band.top, *band.labels)
+        window.extend(band.masks)
         ready = height if window.bottom >= height else window.bottom - OUTLINE_REACH
         if ready > drawn:
             _draw(window, rows, score, drawn, ready, width, sink)

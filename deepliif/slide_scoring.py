@@ -16,6 +16,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -23,14 +24,24 @@ from scipy import ndimage
 from .cells import Cell
 from .errors import ArgumentError
 from .label_stats import LabelledPixels, UnionFind, grey_levels, join_edge
-from .scoring_rules import PostprocessOptions, Resolution
+from .scoring_rules import PostprocessOptions, Resolution, optical_density
 from .postprocessing import (_EIGHT_CONNECTED, _FOUR_CONNECTED, classify_pixels,
                              default_size_threshold)
 from .pyramid import LevelRows
 from .slides import open_slide
 from .workers import ordered_map
 
-Band = tuple[int, np.ndarray, np.ndarray | None]  # top row, Seg rows (RGB), Marker rows or None
+
+
+class Band(NamedTuple):
+    """Full-width rows of a slide's outputs: the Seg (RGB), the Marker and the input IHC (None when not
+    read: the IHC only where a cell's optical density is wanted)."""
+    top: int
+    seg: np.ndarray
+    marker: np.ndarray | None
+    ihc: np.ndarray | None = None
+
+
 Bands = Callable[[], Iterator[Band]]  # called once per pass; yields the slide's bands top to bottom
 BAND_PIXELS = 4_000_000
 
@@ -48,7 +59,7 @@ def background_labels(bands: Bands, height: int, seg_thresh: int, threads: int =
     """Pass one: per band, the first id of its no-cell labels; per id, whether it is background. Bands are
     labelled on `threads` threads; their labels are numbered and joined in band order."""
     sets, firsts, touching, previous = UnionFind(), [], [], None
-    labelled = ordered_map(lambda band: (band[0], len(band[1]), _unknown_labels(band[1], seg_thresh)), bands(),
+    labelled = ordered_map(lambda band: (band.top, len(band.seg), _unknown_labels(band.seg, seg_thresh)), bands(),
                            threads)
     for top, rows, (labels, count) in labelled:
         firsts.append(sets.grow(count))
@@ -85,13 +96,17 @@ class SlideLabels:
     cell_firsts: list[int]
     cell_of_label: np.ndarray  # per pass-two id: index of its merged cell (whole-image order)
 
+    def band_labels(self, band: int, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Band `band`'s own 8-connected labels, and per label its merged cell's index (-1 for label 0)."""
+        background = band_background(seg, self.seg_thresh, self.no_cell_firsts[band], self.is_background)
+        labels, count = ndimage.label(~background, structure=_EIGHT_CONNECTED)
+        first = self.cell_firsts[band] - 1
+        return labels, np.concatenate([[-1], self.cell_of_label[first + 1: first + 1 + count]])
+
     def cells(self, band: int, seg: np.ndarray) -> np.ndarray:
         """Per pixel of band `band`: its cell's index, -1 on background."""
-        background = band_background(seg, self.seg_thresh, self.no_cell_firsts[band], self.is_background)
-        labels, _ = ndimage.label(~background, structure=_EIGHT_CONNECTED)
-        cell, inside = np.full(labels.shape, -1, np.int64), labels > 0
-        cell[inside] = self.cell_of_label[labels[inside].astype(np.int64) + (self.cell_firsts[band] - 1)]
-        return cell
+        labels, cell_of = self.band_labels(band, seg)
+        return cell_of[labels]
 
 
 @dataclass
@@ -109,7 +124,14 @@ class SlideCells:
     x1: np.ndarray
     y1: np.ndarray
     marker_histogram: np.ndarray  # of the Marker's grey values over the whole slide (for its default threshold)
+    od_sum: np.ndarray | None = None  # the IHC's optical density summed over each cell, where bands carry the IHC
     labels: SlideLabels | None = None
+
+    def mean_optical_density(self) -> np.ndarray:
+        """Per cell, its summed optical density over its size, halves rounded to even (as for images)."""
+        if self.od_sum is None:
+            raise ArgumentError("the optical density of a slide's cells needs bands that carry the IHC")
+        return np.rint(self.od_sum / np.maximum(self.sizes, 1)).astype(np.int64)
 
 
 def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads: int = 1) -> SlideCells:
@@ -118,12 +140,12 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
     no_cell_firsts, is_background = background_labels(bands, height, seg_thresh, threads)
 
     def measured(item: tuple[Band, int]) -> tuple[np.ndarray, int, dict[str, np.ndarray], np.ndarray | None]:
-        (top, seg, marker), first = item
-        grey = None if marker is None else grey_levels(marker)
-        background = band_background(seg, seg_thresh, first, is_background)
+        band, first = item
+        grey = None if band.marker is None else grey_levels(band.marker)
+        background = band_background(band.seg, seg_thresh, first, is_background)
         labels, count = ndimage.label(~background, structure=_EIGHT_CONNECTED)
         histogram = None if grey is None else np.bincount(grey.ravel(), minlength=256)
-        return labels, count, _band_stats(labels, count, seg, grey, top, width, seg_thresh), histogram
+        return labels, count, _band_stats(labels, count, band, grey, width, seg_thresh), histogram
 
     sets, previous, parts, histogram, cell_firsts = UnionFind(), None, [], np.zeros(256, np.int64), []
     for labels, count, stats, band_histogram in ordered_map(measured, zip(bands(), no_cell_firsts), threads):
@@ -140,14 +162,16 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
     return cells
 
 
-def _band_stats(labels: np.ndarray, count: int, seg: np.ndarray, grey: np.ndarray | None, top: int,
-                width: int, seg_thresh: int) -> dict[str, np.ndarray]:
-    positive, negative = classify_pixels(seg, seg_thresh)
+def _band_stats(labels: np.ndarray, count: int, band: Band, grey: np.ndarray | None, width: int,
+                seg_thresh: int) -> dict[str, np.ndarray]:
+    top = band.top
+    positive, negative = classify_pixels(band.seg, seg_thresh)
     pixels = LabelledPixels.of(labels, count)
     rows, cols = pixels.coordinates()
     sizes = pixels.sizes()[1:]
     boxes = ndimage.find_objects(labels, max_label=count)
-    return {"sizes": sizes, "positive": pixels.count_true(positive)[1:], "negative": pixels.count_true(negative)[1:],
+    od = {} if band.ihc is None else {"od_sum": pixels.image_sums(optical_density(band.ihc))[1:]}
+    return {**od, "sizes": sizes, "positive": pixels.count_true(positive)[1:], "negative": pixels.count_true(negative)[1:],
             "marker": pixels.maximum(grey)[1:] if grey is not None else np.zeros(count, np.int64),
             "marker_sum": pixels.image_sums(grey)[1:] if grey is not None else np.zeros(count, np.int64),
             "first_pixel": pixels.first_pixels()[1:] + top * width,
@@ -172,10 +196,12 @@ def _merge(roots: np.ndarray, parts: list[dict[str, np.ndarray]], histogram: np.
     order = np.argsort(first, kind="stable")
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
-    sums = {key: reduce(key, "sum")[order] for key in ("sizes", "positive", "negative", "marker_sum", "sum_x", "sum_y")}
+    summed = ("sizes", "positive", "negative", "marker_sum", "sum_x", "sum_y") + (("od_sum",) if "od_sum" in joined else ())
+    sums = {key: reduce(key, "sum")[order] for key in summed}
     cells = SlideCells(sums["sizes"], sums["positive"] >= sums["negative"], reduce("marker", "max")[order],
                        sums["marker_sum"], first[order], sums["sum_x"], sums["sum_y"], reduce("x0", "min")[order],
-                       reduce("y0", "min")[order], reduce("x1", "max")[order], reduce("y1", "max")[order], histogram)
+                       reduce("y0", "min")[order], reduce("x1", "max")[order], reduce("y1", "max")[order], histogram,
+                       sums.get("od_sum"))
     return cells, rank[cell.reshape(-1)]
 
 
@@ -212,40 +238,31 @@ class SlideScore:
     seeds_positive: np.ndarray
     labels: SlideLabels
     counted_ids: np.ndarray  # per merged cell: its number in `cells` (1..), 0 if it is not counted
-
-
-def check_slide_options(options: PostprocessOptions, cell_data: int | None = None) -> None:
-    """What whole slides cannot do yet, refused with the reason (entry points call this before any model
-    loads): optical-density thresholds need the IHC's pixels, which slide bands do not carry, and
-    DeepLIIF's cell data is made for images."""
-    if options.uses_optical_density:
-        raise ArgumentError("od_thresh_lower/od_thresh_upper (--od-thresh-lower/--od-thresh-upper) are not available "
-                            "for whole slides yet (a slide is scored from its Seg and Marker bands); score by colour "
-                            "or Marker threshold")
-    if cell_data is not None:
-        raise ArgumentError("cell data (--cell-data) is not available for whole slides yet; it is for images")
+    merged: SlideCells  # every merged cell, counted or not (what DeepLIIF's cell data lists)
+    kept: np.ndarray  # per merged cell: above the noise thresholds
+    resolution: Resolution
+    default_size_thresh: int | None  # DeepLIIF's default size threshold, where the scoring needed it
 
 
 def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marker: bool,
                 options: PostprocessOptions = PostprocessOptions(), threads: int = 1) -> SlideScore:
     """The scoring `postprocess` gives for the same pixels as one image, and its counted cells; bands are
-    worked on `threads` threads (options `check_slide_options` refuses are refused here too)."""
-    check_slide_options(options)
+    worked on `threads` threads. With optical-density thresholds the bands must carry the IHC."""
     resolution = Resolution.from_tile_size(tile_size)
     cells = slide_cells(bands, width, height, options.seg_thresh, threads)
     kept = cells.sizes > options.noise_thresh
     large_noise = options.large_noise_size(resolution)
     if large_noise is not None:
         kept &= cells.sizes < large_noise
-    size_thresh = options.size_thresh
-    if size_thresh == "default":
-        size_thresh = default_size_threshold(cells.sizes[kept], resolution)
-    size_thresh = size_thresh or 0
+    default_size = default_size_threshold(cells.sizes[kept], resolution, threads) \
+        if options.size_thresh == "default" else None
+    size_thresh = (default_size if options.size_thresh == "default" else options.size_thresh) or 0
     marker_thresh = options.marker_thresh
     if marker_thresh == "default":
         marker_thresh = slide_marker_threshold(cells.marker_histogram)
     counted = kept & options.counted(cells.sizes, size_thresh)
-    is_positive = options.positive(cells.positive, cells.marker, marker_thresh)
+    values = cells.mean_optical_density() if options.uses_optical_density else cells.marker
+    is_positive = options.positive(cells.positive, values, marker_thresh)
     scoring = options.scoring(counted, is_positive, size_thresh, marker_thresh if has_marker else None)
     table = []
     for i in np.flatnonzero(counted):
@@ -259,7 +276,7 @@ def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marke
     counted_ids = np.zeros(len(counted), np.int32)
     counted_ids[counted] = np.arange(1, len(table) + 1)
     return SlideScore(scoring, table, counted, is_positive, cells.first_pixel[counted], is_positive[counted],
-                      cells.labels, counted_ids)
+                      cells.labels, counted_ids, cells, kept, resolution, default_size)
 
 
 def band_rows(width: int) -> int:
@@ -267,33 +284,44 @@ def band_rows(width: int) -> int:
     return int(min(2048, max(16, BAND_PIXELS // max(width, 1))))
 
 
-def slide_bands(seg_path: Path, marker_path: Path | None) -> Bands:
+def _ihc_rows(stack: contextlib.ExitStack, ihc_path: Path | None) -> Callable[[int, int], np.ndarray | None]:
+    """(top, count) -> full-width level-0 rows of the input slide, or None without one."""
+    if ihc_path is None:
+        return lambda top, count: None
+    slide = stack.enter_context(open_slide(ihc_path))
+    return lambda top, count: slide.read_region(0, top, slide.info.width, count)
+
+
+def slide_bands(seg_path: Path, marker_path: Path | None, ihc_path: Path | None = None) -> Bands:
     """Bands of level 0 of a Seg (and Marker) slide, such as the pyramids `infer` writes, read region by
-    region through the slide reader."""
+    region through the slide reader; with `ihc_path`, the input slide's rows too."""
 
     def bands() -> Iterator[Band]:
         with contextlib.ExitStack() as stack:
             seg = stack.enter_context(open_slide(seg_path))
             marker = stack.enter_context(open_slide(marker_path)) if marker_path is not None else None
+            ihc = _ihc_rows(stack, ihc_path)
             width, height, rows = seg.info.width, seg.info.height, band_rows(seg.info.width)
             for top in range(0, height, rows):
                 count = min(rows, height - top)
-                yield (top, seg.read_region(0, top, width, count),
-                       None if marker is None else marker.read_region(0, top, width, count))
+                yield Band(top, seg.read_region(0, top, width, count),
+                           None if marker is None else marker.read_region(0, top, width, count), ihc(top, count))
     return bands
 
 
-def region_bands(seg_regions: list[Path], marker_regions: list[Path] | None) -> Bands:
+def region_bands(seg_regions: list[Path], marker_regions: list[Path] | None, ihc_path: Path | None = None) -> Bands:
     """Bands of level 0 of the network's Seg (and Marker) as a slide run keeps them: tiled TIFF regions,
-    top to bottom. Scoring reads these rather than the published pyramids, so it needs no pyramid of an
-    output nobody asked for, and does not wait for the pyramids."""
+    top to bottom (with `ihc_path`, the input slide's rows too). Scoring reads these rather than the
+    published pyramids, so it needs no pyramid of an output nobody asked for, and does not wait for them."""
 
     def bands() -> Iterator[Band]:
         with contextlib.ExitStack() as stack:
             seg = stack.enter_context(LevelRows(seg_regions))
             marker = stack.enter_context(LevelRows(marker_regions)) if marker_regions is not None else None
+            ihc = _ihc_rows(stack, ihc_path)
             rows = band_rows(seg.width)
             for top in range(0, seg.height, rows):
                 count = min(rows, seg.height - top)
-                yield top, seg.rows(top, count), None if marker is None else marker.rows(top, count)
+                yield Band(top, seg.rows(top, count), None if marker is None else marker.rows(top, count),
+                           ihc(top, count))
     return bands

@@ -93,8 +93,8 @@ def _add_postprocess_args(parser: argparse.ArgumentParser) -> None:
                         default=CellGeometry.POLYGONS, help="cells in the GeoJSON: their outlines (polygons) or "
                         "their centroids (points)")
     parser.add_argument("--cell-data", type=int, choices=CELL_DATA_VERSIONS, default=None, help="also write "
-                        "<stem>_cells.json in DeepLIIF 1.2.7's cell-data format of this version (3/4: Marker value, "
-                        "5/6: optical density; 4/6 packed), for `rescore`")
+                        "<stem>_cells.json (slides: .json.gz) in DeepLIIF 1.2.7's cell-data format of this version "
+                        "(3/4: Marker value, 5/6: optical density; 4/6 packed), for `rescore`")
 
 
 def _add_backend_args(parser: argparse.ArgumentParser, default_backend: str = "auto") -> None:

@@ -20,7 +20,6 @@ from deepliif.imageio import (DEFAULT_MAX_PIXELS, expand_inputs, prepare_out_dir
 from deepliif.inference import InferenceOptions, OutputSet, check_working_size, tile_count
 from deepliif.logs import project_logger
 from deepliif.model_files import Layout
-from deepliif.slide_scoring import check_slide_options
 from deepliif.slides import fits_in_a_tile, is_slide, open_slide
 from deepliif.tiling import DEFAULT_TILE_SIZE
 from deepliif.postprocessing import postprocess
@@ -106,8 +105,6 @@ def cmd_infer(args: argparse.Namespace) -> int:
     tile_size = args.tile_size or DEFAULT_TILE_SIZE
     images, total = check_inputs([p for p in files if p not in slides], tile_size, args.max_pixels)
     postprocess_options = _postprocess_options(args)
-    if slides:
-        check_slide_options(postprocess_options, args.cell_data)
     with _open_session(args, args.model_dir) as session:
         options = InferenceOptions(tile_size=tile_size, batch_size=args.batch_size or session.batch_size,
                                    outputs=OutputSet.parse(args.outputs), postprocess=postprocess_options,
@@ -118,7 +115,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             with tqdm(unit="tile", desc=path.name, disable=args.quiet, file=sys.stderr) as bar:
                 infer_slide(session, path, args.out, args.tile_size, bar.update, postprocess=postprocess_options,
                             outputs=options.outputs, threads=args.threads, compression=args.pyramid_compression,
-                            cell_geometry=args.cell_geometry)
+                            cell_geometry=args.cell_geometry, cell_data=args.cell_data)
     print(f"results in {args.out}/")
     return 0
 
@@ -154,12 +151,12 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
 
 def cmd_rescore(args: argparse.Namespace) -> int:
     """DeepLIIF 1.2.7's `cells_to_final_results`: the scoring and both overlays from cell data alone."""
+    if is_slide(args.image):
+        raise ArgumentError(f"{args.image}: rescoring a whole slide is not available yet; give an image")
     cells, settings, version = read_cell_data(args.cells)
     options = PostprocessOptions(size_thresh=args.size_thresh, size_thresh_upper=args.size_thresh_upper,
                                  marker_thresh=None if uses_optical_density(version) else args.marker_thresh,
                                  od_thresh_lower=args.od_thresh_lower, od_thresh_upper=args.od_thresh_upper)
-    if is_slide(args.image):
-        raise ArgumentError(f"{args.image}: rescoring a whole slide is not available yet; give an image")
     image = read_image(args.image, max_pixels=args.max_pixels)
     start = time.perf_counter()
     result = rescore(cells, settings, version, image, options)
@@ -174,13 +171,12 @@ def cmd_rescore(args: argparse.Namespace) -> int:
 
 
 def _postprocess_slide(args: argparse.Namespace) -> int:
-    check_slide_options(_postprocess_options(args), args.cell_data)
     for path in (args.seg, args.marker):
         if path is not None and not is_slide(path):
             raise ArgumentError(f"{path} is not a slide but the image {args.image} is; give its outputs as slides "
                                 "(the .ome.tif pyramids infer writes)")
     record = postprocess_slide(args.image, args.seg, args.marker, args.out, args.tile_size, _postprocess_options(args),
-                               cell_geometry=args.cell_geometry)
+                               cell_geometry=args.cell_geometry, cell_data=args.cell_data)
     print(json.dumps(json.loads(record.read_text())["scoring"]))
     return 0
 

@@ -3,6 +3,7 @@ pyramidal OME-TIFF, with the slide's scoring, its cells, and a JSON record of th
 time by stage."""
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from deepliif.cell_outlines import OutlineTracer
+from deepliif.cell_data import uses_optical_density
 from deepliif.cells import CellGeometry, cells_file_names, write_cells
 from deepliif.contract import OUTPUT_NAMES
 from deepliif.errors import ArgumentError
@@ -22,8 +24,9 @@ from deepliif.scoring_rules import PostprocessOptions
 from deepliif.pyramid import PyramidCompression, PyramidWriter, pyramid_from_regions
 from deepliif.slide_checkpoint import SlideCheckpoint, region_ends
 from deepliif.slide_loop import SlideRun, run_slide
+from deepliif.slide_cell_data import open_slide_cell_data, slide_cell_data_file_name
 from deepliif.slide_overlays import draw_slide
-from deepliif.slide_scoring import SlideScore, region_bands, score_slide, slide_bands
+from deepliif.slide_scoring import Bands, SlideScore, region_bands, score_slide, slide_bands
 from deepliif.slides import SlideInfo, open_slide
 from deepliif.tile_loop import Run
 from deepliif.workers import resolve_threads
@@ -38,6 +41,14 @@ def slide_stem(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return Path(path).stem
+
+
+@dataclass(frozen=True)
+class CellDataRequest:
+    """DeepLIIF 1.2.7's cell data of a slide: its version and the scoring options it records."""
+    version: int
+    options: PostprocessOptions
+    has_marker: bool
 
 
 @dataclass(frozen=True)
@@ -84,8 +95,12 @@ class SlideOutputs:
                 published.update(self.destination.described(name, levels))
             return published
         finally:
-            for writer in self.pyramids.values():
-                writer.discard()
+            self.close()
+
+    def close(self) -> None:
+        """Removes every temporary not published (all of them after a failure)."""
+        for writer in self.pyramids.values():
+            writer.discard()
 
 
 def resume_fingerprint(session: Session, path: Path, tile_size: int) -> dict:
@@ -105,9 +120,10 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
                 checkpoint_dir: Path | None = None, stage: Callable[[str], None] = lambda name: None,
                 outputs: OutputSet = OutputSet.ALL, threads: int | None = None,
                 compression: PyramidCompression = PyramidCompression.DEFLATE,
-                cell_geometry: CellGeometry = CellGeometry.POLYGONS) -> Path:
+                cell_geometry: CellGeometry = CellGeometry.POLYGONS, cell_data: int | None = None) -> Path:
     """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and SegOverlaid/SegRefined, the
-    slide's cells (`<stem>_cells.csv`, `.geojson.gz`, outlines or centroids by `cell_geometry`) and `OUT/<stem>.json` with its scoring. `run` wraps
+    slide's cells (`<stem>_cells.csv`, `.geojson.gz`, outlines or centroids by `cell_geometry`; with
+    `cell_data`, DeepLIIF's `<stem>_cells.json.gz` of that version) and `OUT/<stem>.json` with its scoring. `run` wraps
     `session.run` (the kernel takes turns per batch); `stem` names the outputs (default: the file's).
     The network outputs' level 0 is checkpointed region by region in `checkpoint_dir` (default
     `OUT/.<stem>.resume`): a rerun after a kill resumes from the last whole region. `stage` hears each
@@ -129,10 +145,11 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
             slide_run = run_slide(run or session.run, slide, chosen, session.batch_size, checkpoint.add, progress,
                                   start, checkpoint.row_done)
             seconds: dict[str, float] = {}
-            published = _pyramids_beside_scoring(checkpoint, path, destination, chosen, postprocess, outputs.names,
-                                                 stage, seconds, resolve_threads(threads))
-            score = published.pop("score")
-            record = _record(session, info, tile_size, chosen, slide_run, published, score, stem, seconds, started)
+            wanted = None if cell_data is None else CellDataRequest(cell_data, postprocess, True)
+            published, score, files = _pyramids_beside_scoring(checkpoint, path, destination, chosen, postprocess,
+                                                               outputs.names, stage, seconds, resolve_threads(threads),
+                                                               wanted)
+            record = _record(session, info, tile_size, chosen, slide_run, published, score, files, seconds, started)
             write_json(out / f"{stem}.json", record)
             checkpoint.remove()
     logger.info("%s: %d tiles (%d empty) at tile size %d, %.1f s", path.name, slide_run.tiles,
@@ -142,10 +159,11 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
 
 def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, tile_size: int | None,
                       options: PostprocessOptions = PostprocessOptions(), threads: int | None = None,
-                      cell_geometry: CellGeometry = CellGeometry.POLYGONS) -> Path:
+                      cell_geometry: CellGeometry = CellGeometry.POLYGONS, cell_data: int | None = None) -> Path:
     """`postprocess` of slide files (the IHC slide, its Seg and Marker as pyramids such as `infer` writes):
-    scoring, cells and SegOverlaid/SegRefined pyramids, exactly as whole-image postprocessing of the same
-    pixels, in bounded memory. Writes `OUT/<stem>.json` and returns its path."""
+    scoring, cells (with `cell_data`, DeepLIIF's cell data too) and SegOverlaid/SegRefined pyramids,
+    exactly as whole-image postprocessing of the same pixels, in bounded memory. Writes `OUT/<stem>.json`
+    and returns its path."""
     start = time.perf_counter()
     if options.marker_thresh == "default" and marker is None:
         raise ArgumentError("--marker-thresh default needs the Marker slide (--marker)")
@@ -159,15 +177,16 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
                     raise ArgumentError(f"{other}: {check.info.width}x{check.info.height}, but the slide {image} is "
                                         f"{info.width}x{info.height}; give the outputs of that slide")
     out, stem = prepare_out_dir(Path(out)), slide_stem(image)
-    bands = slide_bands(seg, marker)
+    wanted = None if cell_data is None else CellDataRequest(cell_data, options, marker is not None)
+    bands = slide_bands(seg, marker, image if _needs_ihc(options, wanted) else None)
     threads = resolve_threads(threads)
     score = score_slide(bands, info.width, info.height, tile_size, marker is not None, options, threads)
     scored = time.perf_counter()
-    outputs = _cells_and_overlays(image, Destination(out, stem, info, cell_geometry=cell_geometry), bands, score,
-                                  OVERLAY_NAMES, threads)
+    outputs, files = _cells_and_overlays(image, Destination(out, stem, info, cell_geometry=cell_geometry), bands,
+                                         score, OVERLAY_NAMES, threads, wanted)
     write_json(out / f"{stem}.json", {
         "slide": info.as_dict(), "seg": str(seg), "marker": None if marker is None else str(marker),
-        "tile_size": tile_size, "outputs": outputs, "scoring": score.scoring, "cells": cells_file_names(stem, True),
+        "tile_size": tile_size, "outputs": outputs, "scoring": score.scoring, "cells": files,
         "timings": {"scoring_seconds": round(scored - start, 3), "overlay_seconds": round(time.perf_counter() - scored, 3),
                     "total_seconds": round(time.perf_counter() - start, 3)}})
     return out / f"{stem}.json"
@@ -175,9 +194,11 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
 
 def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, destination: Destination, tile_size: int,
                              postprocess: PostprocessOptions, wanted: tuple[str, ...],
-                             stage: Callable[[str], None], seconds: dict[str, float], threads: int) -> dict:
+                             stage: Callable[[str], None], seconds: dict[str, float], threads: int,
+                             cell_data: CellDataRequest | None) -> tuple[dict[str, dict], SlideScore, dict[str, str]]:
     """The wanted network outputs' pyramids, assembled from the regions on a pool, while the slide is
-    scored from the same regions and its overlays drawn; `seconds` gets each stage's own duration."""
+    scored from the same regions and its overlays drawn; `seconds` gets each stage's own duration.
+    Returns the pyramids published, the score and the cells files."""
     begun = time.perf_counter()
     stage("pyramids")
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyramid") as pool:
@@ -185,41 +206,56 @@ def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, destinatio
                     for name in OUTPUT_NAMES if name in wanted}
         stage("scoring")
         info = destination.info
-        bands = region_bands(checkpoint.level0("Seg"), checkpoint.level0("Marker"))
+        bands = region_bands(checkpoint.level0("Seg"), checkpoint.level0("Marker"),
+                             path if _needs_ihc(postprocess, cell_data) else None)
         score = score_slide(bands, info.width, info.height, tile_size, True, postprocess, threads)
         scored = time.perf_counter()
         stage("overlays")
         overlays = tuple(name for name in OVERLAY_NAMES if name in wanted)
-        published = _cells_and_overlays(path, destination, bands, score, overlays, threads)
+        published, files = _cells_and_overlays(path, destination, bands, score, overlays, threads, cell_data)
         drawn = time.perf_counter()
         for future in pyramids.values():
             published.update(future.result())
     seconds.update({"pyramid": time.perf_counter() - begun, "scoring": scored - begun, "overlay": drawn - scored})
-    return {**published, "score": score}
+    return published, score, files
 
 
-def _cells_and_overlays(path: Path, destination: Destination, bands, score: SlideScore, names: tuple[str, ...],
-                        threads: int) -> dict[str, dict]:
-    """The cells files and the overlays `names` (perhaps none) from one more pass over the bands: the
-    pass that draws the overlays also traces the cells' outlines."""
+def _needs_ihc(options: PostprocessOptions, cell_data: CellDataRequest | None) -> bool:
+    """Whether scoring's bands must carry the input slide: a cell's optical density is read from it."""
+    return options.uses_optical_density or (cell_data is not None and uses_optical_density(cell_data.version))
+
+
+def _cells_and_overlays(path: Path, destination: Destination, bands: Bands, score: SlideScore,
+                        names: tuple[str, ...], threads: int, cell_data: CellDataRequest | None = None
+                        ) -> tuple[dict[str, dict], dict[str, str]]:
+    """The overlays `names` (perhaps none) and the cells files from one more pass over the bands: the
+    pass that draws the overlays also traces the cells' outlines and writes the cell data asked for.
+    Returns the overlays published and the names of the cells files."""
     info, polygons = destination.info, destination.cell_geometry is CellGeometry.POLYGONS
     tracer = OutlineTracer(score.cells) if polygons else None
     published: dict[str, dict] = {}
-    if names or tracer is not None:
-        overlays = SlideOutputs(destination, names)
-        with open_slide(path) as slide:
-            draw_slide(bands, lambda top, count: slide.read_region(0, top, info.width, count), score, info.width,
-                       info.height, lambda top, overlaid, refined: overlays.add(dict(zip(OVERLAY_NAMES,
-                                                                                      (overlaid, refined)))),
-                       threads, tracer)
-        published = overlays.finish()
+    files = cells_file_names(destination.stem, slide=True)
+    with contextlib.ExitStack() as stack:
+        writer = None
+        if cell_data is not None:
+            writer = stack.enter_context(open_slide_cell_data(destination.out, destination.stem, score,
+                                                              cell_data.version, cell_data.options,
+                                                              cell_data.has_marker, info.width))
+            files["cell_data"] = slide_cell_data_file_name(destination.stem)
+        if names or tracer is not None or writer is not None:
+            overlays = stack.enter_context(contextlib.closing(SlideOutputs(destination, names)))
+            with open_slide(path) as slide:
+                draw_slide(bands, lambda top, count: slide.read_region(0, top, info.width, count), score,
+                           info.width, info.height, lambda top, overlaid, refined: overlays.add(
+                               dict(zip(OVERLAY_NAMES, (overlaid, refined)))), threads, tracer, writer)
+            published = overlays.finish()
     write_cells(destination.out, destination.stem, score.cells, info.mpp,
                 None if tracer is None else tracer.outlines, slide=True)
-    return published
+    return published, files
 
 
 def _record(session: Session, info: SlideInfo, given: int | None, chosen: int, slide_run: SlideRun,
-            outputs: dict[str, dict], score: SlideScore, stem: str, seconds: dict[str, float],
+            outputs: dict[str, dict], score: SlideScore, files: dict[str, str], seconds: dict[str, float],
             started: float) -> dict:
     return {"slide": info.as_dict(), "model": session.files.describe(), "backend": session.info.as_dict(),
             "tile_size": chosen, "tile_size_from": "given" if given else
@@ -231,4 +267,4 @@ def _record(session: Session, info: SlideInfo, given: int | None, chosen: int, s
                         "total_seconds": round(time.perf_counter() - started, 3)},  # pyramids overlap the rest
             "resumed": None if slide_run.resumed_from is None else {
                 "from_row": slide_run.resumed_from.rows_done, "tiles_done_before": slide_run.resumed_from.tiles_done},
-            "scoring": score.scoring, "cells": cells_file_names(stem, slide=True)}
+            "scoring": score.scoring, "cells": files}

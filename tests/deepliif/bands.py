@@ -8,8 +8,11 @@ import numpy as np
 from deepliif.slide_scoring import Band, Bands
 
 
-def array_bands(seg: np.ndarray, marker: np.ndarray | None, rows: int) -> Bands:
+def array_bands(seg: np.ndarray, marker: np.ndarray | None, rows: int, ihc: np.ndarray | None = None) -> Bands:
+    def part(image: np.ndarray | None, top: int) -> np.ndarray | None:
+        return None if image is None else image[top: top + rows]
+
     def bands() -> Iterator[Band]:
         for top in range(0, seg.shape[0], rows):
-            yield top, seg[top: top + rows], None if marker is None else marker[top: top + rows]
+            yield Band(top, seg[top: top + rows], part(marker, top), part(ihc, top))
     return bands

@@ -51,5 +51,19 @@ def test_od_thresholds_refuse_what_they_cannot_mean() -> None:
     with pytest.raises(ArgumentError, match="od_thresh_upper"):
         PostprocessOptions(od_thresh_upper=-1)
     seg = np.zeros((16, 16, 3), np.uint8)
-    with pytest.raises(ArgumentError, match="not available for whole slides"):
+    with pytest.raises(ArgumentError, match="bands that carry the IHC"):
         score_slide(array_bands(seg, None, 8), 16, 16, 512, False, PostprocessOptions(od_thresh_lower=10))
+
+
+@pytest.mark.parametrize("case", ["od_lower", "od_band"])
+def test_od_thresholds_score_a_slide_in_bands_as_deepliif_127(deepliif_fixtures: Path, case: str) -> None:
+    """Bands of 37 rows cut through the cells; each cell's optical density is summed across them and the
+    slide scores exactly as DeepLIIF 1.2.7 scores the image."""
+    for tile in _tiles(deepliif_fixtures):
+        expected = json.loads((deepliif_fixtures / "postprocess-1.2.7" / tile.name / "reference.json").read_text())
+        arguments = expected["cases"][case]["arguments"]
+        ihc, seg, marker = _load(tile)
+        score = score_slide(array_bands(seg, marker, 37, ihc), seg.shape[1], seg.shape[0], 512, True,
+                            PostprocessOptions(**arguments), threads=2)
+        assert score.scoring == expected["cases"][case]["scoring"], tile.name
+        assert score.cells == postprocess(ihc, seg, marker, 512, PostprocessOptions(**arguments)).cells

@@ -177,13 +177,13 @@ def test_postprocess_writes_deepliif_cell_data_and_rescore_redraws_from_it_alone
     assert not (tmp_path / "bad").exists()
 
 
-def test_optical_density_thresholds_and_cell_data_are_refused_for_slides_before_the_model_loads(
-        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_rescoring_a_slide_is_refused_before_anything_is_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import tifffile
     slide = tmp_path / "s.tif"
     tifffile.imwrite(slide, np.full((1100, 1100, 3), 236, np.uint8), tile=(256, 256), photometric="rgb")
-    for extra, message in ((["--od-thresh-lower", "50"], "od-thresh"), (["--cell-data", "3"], "--cell-data")):
-        assert main(["-q", "infer", "--model-dir", str(tmp_path / "no-model"), "--out", str(tmp_path / "o"),
-                     *extra, str(slide)]) == 2
-        assert message in capsys.readouterr().err
+    cells = tmp_path / "cells.json"
+    cells.write_text(json.dumps({"cells": [], "settings": {"default_size_thresh": 0, "seg_thresh": 120},
+                                 "dataVersion": 3}))
+    assert main(["-q", "rescore", "--cells", str(cells), "--image", str(slide), "--out", str(tmp_path / "o")]) == 2
+    assert "rescoring a whole slide is not available" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

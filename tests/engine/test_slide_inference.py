@@ -3,6 +3,7 @@ was never killed; nothing it leaves behind looks complete."""
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 from pathlib import Path
 
@@ -155,6 +156,34 @@ def test_postprocess_of_real_outputs_on_a_slide_over_the_image_limit_equals_the_
     assert not [p.name for p in (tmp_path / "out").iterdir() if p.name.startswith(".")]
 
 
+def test_postprocess_of_a_slide_by_optical_density_writes_the_images_cell_data(
+        deepliif_fixtures: Path, tmp_path: Path) -> None:
+    """Optical-density thresholds and DeepLIIF's cell data (v5, the density per cell) on a slide: the
+    scoring and every cell record equal postprocessing the same pixels as one image."""
+    from deepliif.cell_data import read_cell_data
+    from deepliif.postprocessing import postprocess
+    from deepliif.scoring_rules import PostprocessOptions
+    from engine.cli import main
+
+    from ..deepliif.test_slide_scoring import on_glass
+    orig, seg, marker = on_glass(deepliif_fixtures)
+    for name, image in (("case", orig), ("case_Seg", seg), ("case_Marker", marker)):
+        write_ome_pyramid(tmp_path / f"{name}.ome.tif", image, mpp=0.5)
+    assert main(["-q", "postprocess", "--image", str(tmp_path / "case.ome.tif"), "--seg",
+                 str(tmp_path / "case_Seg.ome.tif"), "--marker", str(tmp_path / "case_Marker.ome.tif"),
+                 "--tile-size", "512", "--od-thresh-lower", "40", "--od-thresh-upper", "140", "--cell-data", "5",
+                 "--out", str(tmp_path / "out")]) == 0
+    options = PostprocessOptions(od_thresh_lower=40, od_thresh_upper=140)
+    whole = postprocess(orig, seg, marker, 512, options, cell_data=5)
+    record = json.loads((tmp_path / "out" / "case.json").read_text())
+    assert record["scoring"] == whole.scoring and 0 < whole.scoring["num_pos"] < whole.scoring["num_total"]
+    assert record["cells"]["cell_data"] == "case_cells.json.gz"
+    cells, settings, version = read_cell_data(tmp_path / "out" / "case_cells.json.gz")
+    assert version == 5 and settings == whole.cell_data["settings"]
+    assert json.loads(json.dumps(cells)) == json.loads(json.dumps(whole.cell_data["cells"]))
+    np.testing.assert_array_equal(level0(tmp_path / "out" / "case_SegOverlaid.ome.tif"), whole.overlaid)
+
+
 def test_postprocess_refuses_mixed_or_mismatched_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from deepliif.imageio import write_png
     from engine.cli import main
@@ -186,9 +215,11 @@ def test_a_slide_of_real_tissue_through_the_trained_mini_model_scores_its_cells_
     slide_path = tmp_path / "tissue.tif"
     tifffile.imwrite(slide_path, canvas, tile=(256, 256), photometric="rgb")
     with Session(deepliif_fixtures / "models" / "mini", backend="torch", device="cpu", batch_size=4) as mini:
-        record = json.loads(infer_slide(mini, slide_path, tmp_path / "slide").read_text())
-        image = mini.infer(canvas, InferenceOptions(tile_size=record["tile_size"], batch_size=4))
+        record = json.loads(infer_slide(mini, slide_path, tmp_path / "slide", cell_data=4).read_text())
+        image = mini.infer(canvas, InferenceOptions(tile_size=record["tile_size"], batch_size=4, cell_data=4))
     assert record["scoring"] == image.scoring and image.scoring["num_total"] > 50
+    cell_data = gzip.decompress((tmp_path / "slide" / record["cells"]["cell_data"]).read_bytes())
+    assert json.loads(cell_data) == json.loads(json.dumps(image.cell_data))  # DeepLIIF's v4, cell for cell
     rows = (tmp_path / "slide" / "tissue_cells.csv").read_text().splitlines()[1:]
     assert len(rows) == image.scoring["num_total"]
     assert [tuple(row.split(",")[1:9]) for row in rows] == [

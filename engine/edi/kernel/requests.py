@@ -16,6 +16,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
+from deepliif.cell_data import CELL_DATA_VERSIONS
 from deepliif.errors import DeepLIIFError, parse_enum
 from deepliif.inference import OutputSet
 from deepliif.contract import check_seg_weights
@@ -28,7 +29,7 @@ from .storage import clean_relative_path
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
 INFERENCE_FIELDS = {"type", "img_path_on_pvc", "local_input_image", "tile_size", "images_to_return",
                     "request_id", "async", "seg_weights", "seg_thresh", "size_thresh", "size_thresh_upper",
-                    "marker_thresh", "large_noise_thresh", "od_thresh_lower", "od_thresh_upper"}
+                    "marker_thresh", "large_noise_thresh", "od_thresh_lower", "od_thresh_upper", "cell_data"}
 EQUAL_SEG_WEIGHTS = check_seg_weights(None)
 
 
@@ -76,6 +77,7 @@ class InferenceRequest:
     run_async: bool | None = None   # None: decided by the estimated run time
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     warnings: tuple[str, ...] = ()
+    cell_data: int | None = None    # DeepLIIF 1.2.7's per-cell data of this version (3 to 6) as well
 
     @property
     def image_tile_size(self) -> int:
@@ -158,7 +160,14 @@ def _inference(record: dict) -> InferenceRequest:
     if unknown:
         warnings.append(f"ignored unknown field(s): {', '.join(unknown)}")
     return InferenceRequest(request_id, path, image, tile_size, outputs, run_async, _postprocess(record),
-                            tuple(warnings))
+                            tuple(warnings), _cell_data_version(record.get("cell_data")))
+
+
+def _cell_data_version(value: object) -> int | None:
+    if value is not None and (isinstance(value, bool) or value not in CELL_DATA_VERSIONS):
+        raise RequestError(f"cell_data must be one of {', '.join(map(str, CELL_DATA_VERSIONS))} (DeepLIIF's "
+                           f"cell-data versions); got {value!r}")
+    return value
 
 
 def _check_seg_weights(value: object) -> None:

@@ -18,7 +18,6 @@ from pathlib import Path
 from deepliif.inference import InferenceOptions, InferenceResult, TileSpec
 from deepliif.logs import project_logger
 from deepliif.slide_checkpoint import CheckpointBusyError
-from deepliif.slide_scoring import check_slide_options
 
 from ...session import Session
 from ...slide_inference import infer_slide
@@ -92,8 +91,6 @@ class EdiService:
                     responses[index] = self._with_images(earlier)
                     continue
                 image = self.reader.load(request)
-                if image.slide is not None:
-                    check_slide_options(request.postprocess)
                 estimate = self.reader.estimate(request, image, self.seconds_per_tile_at_batch_1)
                 if image.slide is not None or request.run_async or (
                         request.run_async is None and estimate > self.settings.sync_budget_s):  # slides: always
@@ -119,7 +116,7 @@ class EdiService:
     def _options(self, request: InferenceRequest) -> InferenceOptions:
         return InferenceOptions(tile_size=request.image_tile_size, batch_size=self.session.batch_size,
                                 outputs=request.outputs, postprocess=request.postprocess,
-                                cell_geometry=None)  # an image request's answer holds no cells file
+                                cell_geometry=None, cell_data=request.cell_data)  # no QuPath cells file
 
     def _infer(self, images: list, options: InferenceOptions | list[InferenceOptions], sync: bool
                ) -> list[InferenceResult]:
@@ -173,7 +170,7 @@ class EdiService:
                 record_path = infer_slide(self.session, local, self.state.local_dir(staging), request.tile_size,
                                           progress.add, self.turns.taking_turns(self.session.run, sync=False),
                                           slide.stem, request.postprocess, checkpoint, progress.stage,
-                                          request.outputs)
+                                          request.outputs, cell_data=request.cell_data)
         except CheckpointBusyError:
             raise
         except Exception:

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from deepliif.cell_data import cell_data_file_name, encode_cell_data
 from deepliif.imageio import encode_png
 from deepliif.inference import InferenceResult
 
@@ -38,6 +39,8 @@ class ResultWriter:
             response.update(output_dir=location, output_location=self.volume.describe(location))
         else:
             response["images"] = self.inline_images(image, result)
+            if result.cell_data is not None:
+                response["cell_data"] = result.cell_data
         total = time.perf_counter() - started
         engine = result.timings.get("total_seconds", 0.0)  # the engine's image path, waits for a turn included
         response["timings"] = {"read_decode_seconds": round(image.decode_seconds, 4),
@@ -66,6 +69,8 @@ class ResultWriter:
         for name, data in self.encode(result.images).items():
             self.volume.write_bytes(f"{staging}/{image.stem}_{name}.png", data)
         self.volume.write_bytes(f"{staging}/{image.stem}_scoring.json", json.dumps(result.scoring, indent=1).encode())
+        if result.cell_data is not None:
+            self.volume.write_bytes(f"{staging}/{cell_data_file_name(image.stem)}", encode_cell_data(result.cell_data))
         self.volume.write_bytes(f"{self.layout.input_dir(request.request_id)}/{image.name}", image.data)
         self.volume.publish_dir(staging, final)
         return final

@@ -57,3 +57,18 @@ def test_every_response_field_is_documented(service: EdiService, tile_png: bytes
     undocumented = emitted - _documented_fields()
     assert not undocumented, f"response fields missing from README's contract: {sorted(undocumented)}"
     assert {"output_location", "submitted_at", "estimated_seconds", "local_input"} <= emitted
+
+
+def test_cell_data_is_answered_inline_or_written_beside_the_outputs(service: EdiService, tile_png: bytes) -> None:
+    """`cell_data` (3 to 6): DeepLIIF 1.2.7's per-cell data, inline for a base64 image, as
+    `<stem>_cells.json` in the output folder for an image on the volume; another value is refused by name."""
+    (inline,) = _call(service, {"local_input_image": b64(tile_png), "request_id": "cells-1", "cell_data": 6})
+    assert inline["status"] == "finished" and inline["cell_data"]["dataVersion"] == 6
+    assert set(inline["cell_data"]) == {"cells", "settings", "dataVersion"}
+    assert len(inline["cell_data"]["cells"]) >= inline["scoring"]["num_total"]
+    (written,) = _call(service, {"img_path_on_pvc": "slides/tile.png", "request_id": "cells-2", "cell_data": 3})
+    assert written["status"] == "finished" and "cell_data" not in written
+    document = json.loads((service.volume.root / written["output_dir"] / "tile_cells.json").read_text())
+    assert document["dataVersion"] == 3 and "default_marker_thresh" in document["settings"]
+    (refused,) = _call(service, {"local_input_image": b64(tile_png), "request_id": "cells-3", "cell_data": 7})
+    assert refused["status"] == "error" and "cell_data must be one of 3, 4, 5, 6" in refused["msg"]

@@ -158,7 +158,7 @@ def test_a_kernel_killed_mid_request_leaves_nothing_that_looks_complete(edi_mode
     assert not list(request_dir.glob(".output_dir.partial-*"))  # ... a starting kernel removes
 
 
-def test_optical_density_thresholds_reach_postprocessing_and_are_refused_for_slides(service: EdiService) -> None:
+def test_optical_density_thresholds_reach_postprocessing_of_images_and_slides(service: EdiService) -> None:
     import numpy as np
     import tifffile
     from engine.edi.kernel.requests import parse_request
@@ -172,6 +172,11 @@ def test_optical_density_thresholds_reach_postprocessing_and_are_refused_for_sli
     assert image["status"] == "finished", image
     slide = np.full((1100, 1100, 3), 236, np.uint8)
     tifffile.imwrite(service.volume.root / "slides" / "od-slide.tif", slide, tile=(256, 256), photometric="rgb")
-    (refused,) = _call(service, {"img_path_on_pvc": "slides/od-slide.tif", "request_id": "od-slide",
-                                 "od_thresh_lower": 56})
-    assert refused["status"] == "error" and "not available for whole slides" in refused["msg"]
+    (submitted,) = _call(service, {"img_path_on_pvc": "slides/od-slide.tif", "request_id": "od-slide",
+                                   "od_thresh_lower": 56})
+    assert submitted["status"] == "submitted", submitted
+    deadline = time.monotonic() + 120
+    while (status := _call(service, {"type": "status", "request_id": "od-slide"})[0])["status"] != "finished":
+        assert time.monotonic() < deadline and status["status"] in ("submitted", "running"), status
+        time.sleep(0.1)
+    assert status["scoring"]["num_total"] == 0  # glass: no cells, and the IHC was read for their density
