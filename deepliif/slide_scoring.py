@@ -171,7 +171,8 @@ def _band_stats(labels: np.ndarray, count: int, band: Band, grey: np.ndarray | N
     sizes = pixels.sizes()[1:]
     boxes = ndimage.find_objects(labels, max_label=count)
     od = {} if band.ihc is None else {"od_sum": pixels.image_sums(optical_density(band.ihc))[1:]}
-    return {**od, "sizes": sizes, "positive": pixels.count_true(positive)[1:], "negative": pixels.count_true(negative)[1:],
+    return {**od, "sizes": sizes, "positive": pixels.count_true(positive)[1:],
+            "negative": pixels.count_true(negative)[1:],
             "marker": pixels.maximum(grey)[1:] if grey is not None else np.zeros(count, np.int64),
             "marker_sum": pixels.image_sums(grey)[1:] if grey is not None else np.zeros(count, np.int64),
             "first_pixel": pixels.first_pixels()[1:] + top * width,
@@ -196,8 +197,8 @@ def _merge(roots: np.ndarray, parts: list[dict[str, np.ndarray]], histogram: np.
     order = np.argsort(first, kind="stable")
     rank = np.empty(n, np.int64)
     rank[order] = np.arange(n)
-    summed = ("sizes", "positive", "negative", "marker_sum", "sum_x", "sum_y") + (("od_sum",) if "od_sum" in joined else ())
-    sums = {key: reduce(key, "sum")[order] for key in summed}
+    summed = ("sizes", "positive", "negative", "marker_sum", "sum_x", "sum_y", "od_sum")
+    sums = {key: reduce(key, "sum")[order] for key in summed if key in joined}
     cells = SlideCells(sums["sizes"], sums["positive"] >= sums["negative"], reduce("marker", "max")[order],
                        sums["marker_sum"], first[order], sums["sum_x"], sums["sum_y"], reduce("x0", "min")[order],
                        reduce("y0", "min")[order], reduce("x1", "max")[order], reduce("y1", "max")[order], histogram,

@@ -187,7 +187,8 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
     write_json(out / f"{stem}.json", {
         "slide": info.as_dict(), "seg": str(seg), "marker": None if marker is None else str(marker),
         "tile_size": tile_size, "outputs": outputs, "scoring": score.scoring, "cells": files,
-        "timings": {"scoring_seconds": round(scored - start, 3), "overlay_seconds": round(time.perf_counter() - scored, 3),
+        "timings": {"scoring_seconds": round(scored - start, 3),
+                    "overlay_seconds": round(time.perf_counter() - scored, 3),
                     "total_seconds": round(time.perf_counter() - start, 3)}})
     return out / f"{stem}.json"
 

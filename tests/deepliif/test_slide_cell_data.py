@@ -37,7 +37,8 @@ def test_slide_cell_data_equals_deepliif_127_for_each_fixture_tile(deepliif_fixt
     for tile in _tiles(deepliif_fixtures):
         ihc, seg, marker = _load(tile)
         path = write_slide_cell_data(tmp_path, ihc, seg, marker, 29, version)
-        expected = json.loads((deepliif_fixtures / "postprocess-1.2.7" / tile.name / f"cells_v{version}.json").read_text())
+        reference = deepliif_fixtures / "postprocess-1.2.7" / tile.name / f"cells_v{version}.json"
+        expected = json.loads(reference.read_text())
         assert json.loads(gzip.decompress(path.read_bytes())) == expected and len(expected["cells"]) > 100
 
 
