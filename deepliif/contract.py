@@ -16,6 +16,9 @@ NETWORK_TILE = 512
 MODALITIES = ("Hema", "DAPI", "Lap2", "Marker")
 OUTPUT_NAMES = MODALITIES + ("Seg",)
 SEG_SOURCES = ("IHC",) + MODALITIES  # the input of each segmentation generator, in role order
+# Each segmentation generator's own output before the average (DeepLIIF 1.2.7's `return_seg_intermediate`,
+# named there `mod<k>-<Name>_s`), in role order; only the torch backend's pipeline gives them.
+SEG_INTERMEDIATE_NAMES = tuple(f"{source}_s" for source in SEG_SOURCES)
 
 
 @dataclass
@@ -86,7 +89,7 @@ def run_in_chunks(run: Callable[[np.ndarray], dict[str, np.ndarray]], batch: np.
             progress(len(chunk))
     if len(parts) == 1:
         return parts[0]
-    return {name: np.concatenate([p[name] for p in parts]) for name in OUTPUT_NAMES}
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
 def check_tile_batch(batch: np.ndarray) -> None:

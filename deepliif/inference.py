@@ -15,7 +15,7 @@ import numpy as np
 
 from .cell_data import CELL_DATA_VERSIONS
 from .cells import Cell, CellGeometry, Outline
-from .contract import MODALITIES
+from .contract import MODALITIES, OUTPUT_NAMES, SEG_INTERMEDIATE_NAMES
 from .errors import ArgumentError, ChoiceEnum, ImageError
 from .postprocessing import PostprocessResult, postprocess
 from .scoring_rules import PostprocessOptions
@@ -82,6 +82,7 @@ class InferenceOptions:
     # what the cells GeoJSON holds, outlines or centroids; None: no cells file is written, nothing is traced
     cell_geometry: CellGeometry | None = CellGeometry.POLYGONS
     cell_data: int | None = None  # also DeepLIIF 1.2.7's per-cell data of this version (3 to 6)
+    seg_intermediate: bool = False  # also each segmentation generator's own output (`<Source>_s`)
 
     def __post_init__(self) -> None:
         check_tile_size(self.tile_size)
@@ -96,6 +97,11 @@ class InferenceOptions:
     @property
     def tile_spec(self) -> TileSpec:
         return TileSpec(self.tile_size, self.batch_size)
+
+    @property
+    def network_names(self) -> tuple[str, ...]:
+        """The network outputs the tile loop stitches for this image."""
+        return OUTPUT_NAMES + (SEG_INTERMEDIATE_NAMES if self.seg_intermediate else ())
 
 
 @dataclass
@@ -129,7 +135,8 @@ def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
                        options.postprocess, options.threads, overlays=any(n in wanted for n in OVERLAY_NAMES),
                        outlines=options.cell_geometry is CellGeometry.POLYGONS, cell_data=options.cell_data)
     everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
-    return {name: everything[name] for name in wanted}, post
+    extra = SEG_INTERMEDIATE_NAMES if options.seg_intermediate else ()
+    return {name: everything[name] for name in wanted + extra}, post
 
 
 def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Sequence[np.ndarray],
@@ -159,7 +166,8 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
         return InferenceResult(selected, post.scoring, {"total_seconds": time.perf_counter() - done.started},
                                done.tiles, done.empty, post.cells, post.outlines, post.cell_data)
 
-    results, timings = run_tile_loop(run, images, spec.tile_size, spec.batch_size, finish, strategy, progress)
+    results, timings = run_tile_loop(run, images, spec.tile_size, spec.batch_size, finish, strategy, progress,
+                                     [o.network_names for o in per_image])
     for result in results:
         result.timings = {**timings.as_dict(), **result.timings}
     return results

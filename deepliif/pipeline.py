@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .contract import (MODALITIES, NETWORK_TILE, OUTPUT_NAMES, SEG_SOURCES, check_seg_weights, check_tile_batch,
-                       run_in_chunks)
+from .contract import (MODALITIES, NETWORK_TILE, OUTPUT_NAMES, SEG_INTERMEDIATE_NAMES, SEG_SOURCES,
+                       check_seg_weights, check_tile_batch, run_in_chunks)
 from .errors import ArgumentError
 from .model_dir import DeepLIIFModel
 from .networks import NormMode, set_norm_mode
 
-__all__ = ["MODALITIES", "NETWORK_TILE", "OUTPUT_NAMES", "SEG_SOURCES", "DeepLIIFWayRunner", "FusedPipeline",
+__all__ = ["MODALITIES", "NETWORK_TILE", "OUTPUT_NAMES", "SEG_INTERMEDIATE_NAMES", "SEG_SOURCES", "DeepLIIFWayRunner", "FusedPipeline",
            "TileRunner", "check_seg_weights", "check_tile_batch", "run_in_chunks", "to_network_input",
            "to_uint8_image"]
 
@@ -54,8 +54,9 @@ def _fp32(y: torch.Tensor) -> torch.Tensor:
 
 
 def run_generators(x: torch.Tensor, translators: Sequence[nn.Module], segmenters: Sequence[nn.Module],
-                   seg_weights: torch.Tensor) -> list[torch.Tensor]:
-    """The nine generators on a normalised batch: [Hema, DAPI, Lap2, Marker, Seg] as float tensors.
+                   seg_weights: torch.Tensor, seg_intermediate: bool = False) -> list[torch.Tensor]:
+    """The nine generators on a normalised batch: [Hema, DAPI, Lap2, Marker, Seg] as float tensors, and
+    with `seg_intermediate` each segmentation generator's own output after them (role order).
 
     `segmenters` and `seg_weights` are in role order (IHC, Hema, DAPI, Lap2, Marker). DeepLIIF sums the
     modality segmentations first and the IHC one last; the same order keeps the float rounding identical.
@@ -65,17 +66,21 @@ def run_generators(x: torch.Tensor, translators: Sequence[nn.Module], segmenters
     segs = [g(m) for g, m in zip(modality_segs, modalities)] + [ihc_seg(x)]
     weights = torch.cat([seg_weights[1:], seg_weights[:1]])
     seg = torch.stack([_fp32(s) * w for s, w in zip(segs, weights)]).sum(dim=0)
-    return modalities + [seg]
+    return modalities + [seg] + ([segs[-1], *segs[:-1]] if seg_intermediate else [])
 
 
 class FusedPipeline(nn.Module):
     """Nine generators as one module, batch-safe because every norm layer is per-sample."""
 
     def __init__(self, model: DeepLIIFModel, seg_weights: Sequence[float] | None = None,
-                 compute_dtype: torch.dtype = torch.float32) -> None:
+                 compute_dtype: torch.dtype = torch.float32, seg_intermediate: bool = False) -> None:
         """`compute_dtype` float16/bfloat16 runs the convolutions in that type on copies of the weights;
-        normalisation statistics, the Seg average and the uint8 conversion stay fp32."""
+        normalisation statistics, the Seg average and the uint8 conversion stay fp32. `seg_intermediate`
+        also returns each segmentation generator's own output (`output_names` says which come back);
+        exported graphs are traced without them."""
         super().__init__()
+        self.seg_intermediate = seg_intermediate
+        self.output_names = OUTPUT_NAMES + (SEG_INTERMEDIATE_NAMES if seg_intermediate else ())
         if compute_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ArgumentError(f"compute_dtype must be float32, float16 or bfloat16; got {compute_dtype}")
         translators, segmenters = list(model.translators), list(model.segmenters)
@@ -92,7 +97,7 @@ class FusedPipeline(nn.Module):
         x = to_network_input(ihc)
         if self.compute_dtype != torch.float32:
             x = x.to(self.compute_dtype)
-        outputs = run_generators(x, self.translators, self.segmenters, self.seg_weights)
+        outputs = run_generators(x, self.translators, self.segmenters, self.seg_weights, self.seg_intermediate)
         return tuple(to_uint8_image(y) for y in outputs)
 
 
@@ -119,7 +124,7 @@ class TileRunner:
     def _run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             outputs = self.pipeline(torch.from_numpy(_writable(batch)).to(self.device))
-        return {name: out.cpu().numpy() for name, out in zip(OUTPUT_NAMES, outputs)}
+        return {name: out.cpu().numpy() for name, out in zip(self.pipeline.output_names, outputs)}
 
 
 def _writable(array: np.ndarray) -> np.ndarray:

@@ -68,11 +68,12 @@ class StitchedImage:
 
 
 class _ImageState:
-    def __init__(self, image: np.ndarray, tile_size: int) -> None:
+    def __init__(self, image: np.ndarray, tile_size: int, names: Sequence[str] = OUTPUT_NAMES) -> None:
         height, width = image.shape[:2]
         self.extended = extend_by_mirroring(image, tile_size)
         self.grid = TileGrid(self.extended.shape[1], self.extended.shape[0], tile_size)
-        self.stitcher = Stitcher(self.grid, OUTPUT_NAMES, (width, height))
+        self.names = tuple(names)
+        self.stitcher = Stitcher(self.grid, self.names, (width, height))
         self.ready: dict[int, tuple[Tile, dict[str, np.ndarray] | None]] = {}
         self.next_index = 0
         self.empty = 0
@@ -114,9 +115,9 @@ class ImageMerger(Generic[Result]):
     def add(self, items: Sequence[Item], outputs: dict[str, np.ndarray] | None) -> None:
         for position, (index, tile, _) in enumerate(items):
             start = time.perf_counter()
-            results = None if outputs is None else \
-                {name: resize_tile(outputs[name][position], self.tile_size) for name in OUTPUT_NAMES}
             state = self.states[index]
+            results = None if outputs is None else \
+                {name: resize_tile(outputs[name][position], self.tile_size) for name in state.names}
             state.ready[tile.index] = (tile, results)
             self._paste_ready(state)
             self.timings.add("stitching", start)
@@ -144,11 +145,14 @@ class ImageMerger(Generic[Result]):
 
 def run_tile_loop(run: Run, images: Sequence[np.ndarray], tile_size: int, batch_size: int,
                   finish: Callable[[StitchedImage], Result], strategy: Strategy = Strategy.THREADED,
-                  progress: Callable[[int], None] | None = None) -> tuple[list[Result], TileTimings]:
+                  progress: Callable[[int], None] | None = None,
+                  names: Sequence[Sequence[str]] | None = None) -> tuple[list[Result], TileTimings]:
     """`finish(stitched)` for every image, in order, and the stage timings of the whole call. `batch_size`
-    is the number of tiles per `run` call; tiles of several images share a batch."""
+    is the number of tiles per `run` call; tiles of several images share a batch. `names[k]`: the outputs
+    stitched for image k (default: the fused graph's five); `run` must give at least those."""
     timings = TileTimings()
-    states = [_ImageState(image, tile_size) for image in images]
+    states = [_ImageState(image, tile_size, OUTPUT_NAMES if names is None else names[k])
+              for k, image in enumerate(images)]
     merger = ImageMerger(states, tile_size, timings, finish, progress)
     run_tiles(run, split(states, timings), merger, batch_size, timings, strategy)
     return merger.results, timings  # type: ignore[return-value]

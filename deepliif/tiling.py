@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from .contract import SEG_INTERMEDIATE_NAMES
 from .errors import ArgumentError
 
 TILE_SIZE_MIN = 64
@@ -30,6 +31,7 @@ EMPTY_TILE_COLOURS = {
     "Lap2": (0, 0, 0),
     "Marker": (10, 10, 10),
     "Seg": (0, 0, 0),
+    **{name: (0, 0, 0) for name in SEG_INTERMEDIATE_NAMES},
 }
 
 

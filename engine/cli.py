@@ -151,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--model-dir", type=Path, required=True, help="DeepLIIF model directory (either layout)")
     infer.add_argument("--out", type=Path, required=True, help="output folder: <stem>_<Name>.png and <stem>.json")
     infer.add_argument("images", type=Path, nargs="+", help="IHC image files or folders of them")
+    infer.add_argument("--seg-intermediate", action="store_true", help="also write each segmentation generator's "
+                       "own output, <stem>_IHC_s.png ... <stem>_Marker_s.png (DeepLIIF 1.2.7's mod<k>-<Name>_s; "
+                       "images only, on the torch backend: exported graphs carry the five outputs alone)")
+    infer.add_argument("--color-dapi", action="store_true", help="accepted as DeepLIIF 1.2.7's flag; 1.2.7 returns "
+                       "the same DAPI with it (its colouring is disabled), and so does this")
+    infer.add_argument("--color-marker", action="store_true", help="accepted as DeepLIIF 1.2.7's flag; the same "
+                       "Marker, as in 1.2.7")
     _add_run_args(infer)
     _add_backend_args(infer)
     infer.set_defaults(handler=cmd_infer)

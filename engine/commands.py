@@ -73,10 +73,10 @@ def infer_files(session: Session, images: list[Path], out: Path, options: Infere
                                  bar.update, lambda path: bar.set_postfix_str(path.name))
 
 
-def _open_session(args: argparse.Namespace, model_dir: Path) -> Session:
+def _open_session(args: argparse.Namespace, model_dir: Path, **backend_options) -> Session:
     return Session(model_dir, backend=args.backend, precision=args.precision, device=args.device,
                    cache_dir=args.cache_dir, batch_size=args.batch_size, onnx=args.onnx,
-                   force_ungated=args.force_ungated)
+                   force_ungated=args.force_ungated, **backend_options)
 
 
 def _probe_slide(path: Path) -> tuple[int, int]:
@@ -105,10 +105,17 @@ def cmd_infer(args: argparse.Namespace) -> int:
     tile_size = args.tile_size or DEFAULT_TILE_SIZE
     images, total = check_inputs([p for p in files if p not in slides], tile_size, args.max_pixels)
     postprocess_options = _postprocess_options(args)
-    with _open_session(args, args.model_dir) as session:
+    if slides and args.seg_intermediate:
+        raise ArgumentError(f"--seg-intermediate is for images; {slides[0]} is a whole slide (its pyramids hold "
+                            "the five network outputs and the overlays)")
+    if args.color_dapi or args.color_marker:
+        logger.info("--color-dapi/--color-marker: DeepLIIF 1.2.7 returns the same images with them; so does this")
+    seg_intermediate = {"seg_intermediate": True} if args.seg_intermediate else {}
+    with _open_session(args, args.model_dir, **seg_intermediate) as session:
         options = InferenceOptions(tile_size=tile_size, batch_size=args.batch_size or session.batch_size,
                                    outputs=OutputSet.parse(args.outputs), postprocess=postprocess_options,
-                                   threads=args.threads, cell_geometry=args.cell_geometry, cell_data=args.cell_data)
+                                   threads=args.threads, cell_geometry=args.cell_geometry, cell_data=args.cell_data,
+                                   seg_intermediate=args.seg_intermediate)
         if images:
             infer_files(session, images, args.out, options, args.max_pixels, args.quiet, total)
         for path in slides:

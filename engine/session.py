@@ -83,8 +83,9 @@ class Session:
         with self._stage("check given graph" if onnx is not None else "artifact loaders"):
             self.loaders = loaders or ArtifactLoaders(self.files, self.precision, ArtifactCache(cache_dir),
                                                       lambda: self.model, onnx, force_ungated)
-        self.backend = self._open(BackendKind.parse(backend), backend_options)
+        self.backend = self._open(_backend_for(BackendKind.parse(backend), backend_options), backend_options)
         self.info = self.backend.info
+        self.output_names = self.backend.output_names
         if batch_size is None:
             free = free_cuda_memory() if self.info.device == "cuda" else None
             batch_size = choose_batch_size(free, self.precision, self.info.max_batch)
@@ -231,6 +232,11 @@ class Session:
         """The images through the threaded tile loop; `run` wraps `self.run` (the kernel takes turns per batch);
         `stitched` hears each image's network outputs before postprocessing (see `infer_images`)."""
         options = options or InferenceOptions(batch_size=self.batch_size)
+        for each in [options] if isinstance(options, InferenceOptions) else options:
+            missing = [name for name in each.network_names if name not in self.output_names]
+            if missing:
+                raise ArgumentError(f"this session's {self.info.name} backend gives no {', '.join(missing)}: "
+                                    "open it with seg_intermediate (--seg-intermediate, the torch backend)")
         return infer_images(run or self.run, images, options, progress=progress, stitched=stitched)
 
     def close(self) -> None:
@@ -241,6 +247,20 @@ class Session:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _backend_for(kind: BackendKind, options: dict) -> BackendKind:
+    """The kind to open: with `seg_intermediate` (each segmentation generator's own output as well) only
+    the torch backend can serve, since exported graphs and plans carry the five outputs alone."""
+    if not options.get("seg_intermediate"):
+        return kind
+    if kind is BackendKind.AUTO:
+        logger.info("seg_intermediate: the per-generator segmentations come from the torch backend")
+        return BackendKind.TORCH
+    if kind is not BackendKind.TORCH:
+        raise ArgumentError(f"seg_intermediate (--seg-intermediate) needs the torch backend: the {kind.value} "
+                            "backend serves an exported graph with the five outputs only; use --backend torch")
+    return kind
 
 
 def _probe(backend: Backend) -> None:

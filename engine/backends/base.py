@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from deepliif.errors import ArgumentError
-from deepliif.contract import check_tile_batch
+from deepliif.contract import OUTPUT_NAMES, check_tile_batch
 
 from engine.backends.precision import Precision
 
@@ -34,9 +34,11 @@ class BackendInfo:
 
 
 class Backend(abc.ABC):
-    """A live inference session on one device. Subclasses set `info` in their constructor."""
+    """A live inference session on one device. Subclasses set `info` in their constructor, and
+    `output_names` where they give more than the fused graph's five outputs."""
 
     info: BackendInfo
+    output_names: tuple[str, ...] = OUTPUT_NAMES
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         check_tile_batch(batch)
@@ -48,7 +50,7 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def run_impl(self, batch: np.ndarray) -> dict[str, np.ndarray]:
-        """Run a checked batch; return every output as uint8 [B, 512, 512, 3] keyed by OUTPUT_NAMES."""
+        """Run a checked batch; return every output as uint8 [B, 512, 512, 3] keyed by `output_names`."""
 
     def close(self) -> None:
         """Release device memory and sessions; safe to call twice."""

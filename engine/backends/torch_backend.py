@@ -13,7 +13,7 @@ import torch
 from deepliif.errors import ArgumentError
 from deepliif.logs import project_logger
 from deepliif.model_dir import DeepLIIFModel
-from deepliif.pipeline import NETWORK_TILE, OUTPUT_NAMES, FusedPipeline, TileRunner
+from deepliif.pipeline import NETWORK_TILE, FusedPipeline, TileRunner
 from engine.errors import BackendUnavailableError
 
 from engine.backends.precision import Precision
@@ -104,7 +104,8 @@ class TorchBackend(Backend):
     than fp32 there, never what a user wants."""
 
     def __init__(self, model: DeepLIIFModel, device: str = "auto", precision: Precision = Precision.FP32,
-                 channels_last: bool = False, cuda_graphs: bool = False, micro_batch: int | None = None) -> None:
+                 channels_last: bool = False, cuda_graphs: bool = False, micro_batch: int | None = None,
+                 seg_intermediate: bool = False) -> None:
         self.device = resolve_torch_device(device)
         precision = Precision.parse(precision)
         if precision is Precision.INT8:
@@ -114,7 +115,8 @@ class TorchBackend(Backend):
             raise BackendUnavailableError("torch: fp16 needs a CUDA device (on CPU it is slower than fp32)")
         if cuda_graphs and self.device.type != "cuda":
             raise ArgumentError("torch: CUDA graphs need the cuda device")
-        pipeline = FusedPipeline(model, compute_dtype=precision.torch_dtype)
+        pipeline = FusedPipeline(model, compute_dtype=precision.torch_dtype, seg_intermediate=seg_intermediate)
+        self.output_names = pipeline.output_names
         if channels_last:
             pipeline = pipeline.to(memory_format=torch.channels_last)
         self.runner = TileRunner(pipeline, self.device, micro_batch)
@@ -147,7 +149,7 @@ class TorchBackend(Backend):
             with torch.cuda.graph(graph, pool=self._pool, stream=side):
                 static_out = pipeline(static_in)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        return CapturedGraph(static_in, dict(zip(OUTPUT_NAMES, static_out)), graph.replay)
+        return CapturedGraph(static_in, dict(zip(self.output_names, static_out)), graph.replay)
 
     def close(self) -> None:
         if self.graphs is not None:

@@ -54,10 +54,13 @@ def test_results_do_not_depend_on_batch_size(runner: TileRunner) -> None:
             assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (name, diff.max(), (diff > 0).mean())
 
 
-def test_empty_tiles_are_not_run_and_get_deepliifs_colours(runner: TileRunner) -> None:
+def test_empty_tiles_are_not_run_and_get_deepliifs_colours(generated_models: dict[Layout, Path]) -> None:
+    """Every output, the per-generator segmentations included, gets DeepLIIF's colour on empty tiles."""
+    runner = TileRunner(FusedPipeline(load_model_dir(generated_models[Layout.CHECKPOINT]), seg_intermediate=True))
     image = np.full((512, 1200, 3), 235, np.uint8)  # glass only on the right
     image[:, :400] = synthetic_ihc(512, 400, seed=1)
-    result = infer_image(runner, image, InferenceOptions(batch_size=2))
+    result = infer_image(runner, image, InferenceOptions(batch_size=2, seg_intermediate=True))
+    assert set(result.images) >= set(EMPTY_TILE_COLOURS)
     assert result.tiles == 3 and result.empty_tiles == 2  # tiles at x=448 and x=688 hold only glass
     for name, colour in EMPTY_TILE_COLOURS.items():
         assert (result.images[name][:, -100:] == colour).all(), name

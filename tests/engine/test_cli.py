@@ -187,3 +187,43 @@ def test_rescoring_a_slide_is_refused_before_anything_is_read(tmp_path: Path, ca
     assert main(["-q", "rescore", "--cells", str(cells), "--image", str(slide), "--out", str(tmp_path / "o")]) == 2
     assert "rescoring a whole slide is not available" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+# this project's output names -> DeepLIIF 1.2.7's, for the model whose options name the modalities
+DEEPLIIF_127_NAMES = {"Hema": "mod1-Hema", "DAPI": "mod2-DAPI", "Lap2": "mod3-Lap2", "Marker": "mod4-Marker",
+                      "Seg": "Seg", "SegOverlaid": "SegOverlaid", "SegRefined": "SegRefined",
+                      "IHC_s": "mod0-IHC_s", "Hema_s": "mod1-Hema_s", "DAPI_s": "mod2-DAPI_s",
+                      "Lap2_s": "mod3-Lap2_s", "Marker_s": "mod4-Marker_s"}
+
+
+@pytest.mark.parametrize("case, flags", [("return_seg_intermediate", ["--seg-intermediate"]),
+                                         ("color_dapi+color_marker", ["--color-dapi", "--color-marker"])])
+def test_infer_flags_give_deepliif_127s_images(deepliif_fixtures: Path, tmp_path: Path, case: str,
+                                               flags: list[str]) -> None:
+    """`--seg-intermediate` (the five per-generator segmentations) and `--color-dapi --color-marker` give
+    the images DeepLIIF 1.2.7's `infer_modalities` gives with its flags, within the `outputs/` tolerance."""
+    folder = deepliif_fixtures / "outputs-1.2.7" / "tiny-v1" / "22_2"
+    reference = json.loads((folder / "reference.json").read_text())[case]
+    assert main(["-q", "infer", "--model-dir", str(deepliif_fixtures / "models" / "tiny-v1"), "--backend", "torch",
+                 "--device", "cpu", "--out", str(tmp_path / "out"), *flags, str(folder / "input.png")]) == 0
+    record = json.loads((tmp_path / "out" / "input.json").read_text())
+    assert sorted(DEEPLIIF_127_NAMES[name] for name in record["outputs"]) == sorted(reference["outputs"])
+    assert record["scoring"] == reference["scoring"]
+    for name in record["outputs"]:
+        ours = read_image(tmp_path / "out" / f"input_{name}.png").astype(int)
+        theirs = read_image(folder / f"{case}_{DEEPLIIF_127_NAMES[name]}.png")
+        assert np.abs(ours - theirs).max() <= 1 and np.abs(ours - theirs).mean() <= 0.01, name
+
+
+def test_seg_intermediate_is_refused_where_it_cannot_be_served(tiny_models: dict[str, Path], tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    import tifffile
+    write_png(tmp_path / "tile.png", synthetic_ihc(512, 512))
+    assert main(["-q", "infer", "--model-dir", str(tiny_models["tiny-v1"]), "--backend", "onnxruntime",
+                 "--seg-intermediate", "--out", str(tmp_path / "o"), str(tmp_path / "tile.png")]) == 2
+    assert "needs the torch backend" in capsys.readouterr().err
+    tifffile.imwrite(tmp_path / "s.tif", np.full((1100, 1100, 3), 236, np.uint8), tile=(256, 256), photometric="rgb")
+    assert main(["-q", "infer", "--model-dir", str(tiny_models["tiny-v1"]), "--seg-intermediate",
+                 "--out", str(tmp_path / "o"), str(tmp_path / "s.tif")]) == 2
+    assert "--seg-intermediate is for images" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

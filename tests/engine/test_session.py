@@ -15,7 +15,7 @@ import torch
 
 from deepliif.errors import ArgumentError
 from deepliif.imageio import file_sha256
-from deepliif.inference import InferenceOptions, infer_image
+from deepliif.inference import InferenceOptions, OutputSet, infer_image
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
 from engine.errors import BackendUnavailableError
@@ -201,3 +201,28 @@ def test_each_graph_gets_its_own_tensorrt_ep_engine_folder(tmp_path: Path) -> No
     assert len(set(folders)) == 4 and all(f.parent == tmp_path / "cache" / "onnxruntime-tensorrt" for f in folders)
     assert folders[0].name == file_sha256(first)[:24] and folders[2].name == "k1"
     assert tensorrt_ep_cache_dir(tmp_path / "cache", given[0]) == folders[0]  # the same graph keeps its engines
+
+
+def test_seg_intermediate_opens_torch_and_is_refused_elsewhere(generated_models: dict[Layout, Path],
+                                                              tmp_path: Path) -> None:
+    """Only the torch backend gives the per-generator segmentations: `auto` opens torch for them, another
+    backend is refused by name, and asking a session opened without them is refused before any tile runs."""
+    from deepliif.contract import SEG_INTERMEDIATE_NAMES
+    from engine.samples import synthetic_ihc
+    model = generated_models[Layout.TORCHSCRIPT]
+    with pytest.raises(ArgumentError, match="needs the torch backend"):
+        Session(model, backend="onnxruntime", device="cpu", cache_dir=tmp_path, seg_intermediate=True)
+    image = synthetic_ihc(600, 700, seed=3)
+    wanted = InferenceOptions(outputs=OutputSet.SEG, seg_intermediate=True, cell_geometry=None)
+    with Session(model, backend="auto", device="cpu", cache_dir=tmp_path, seg_intermediate=True) as session:
+        assert session.info.name == "torch" and session.output_names[-5:] == SEG_INTERMEDIATE_NAMES
+        both = session.infer_many([image, image], [wanted, InferenceOptions(outputs=OutputSet.SEG)])
+        reference = TileRunner(FusedPipeline(load_model_dir(model), seg_intermediate=True)).run(
+            np.ascontiguousarray(image[:512, :512])[None])
+    assert list(both[0].images) == ["Seg", *SEG_INTERMEDIATE_NAMES] and list(both[1].images) == ["Seg"]
+    assert all(both[0].images[name].shape == image.shape for name in SEG_INTERMEDIATE_NAMES)
+    assert not np.array_equal(both[0].images["IHC_s"], both[0].images["Marker_s"])
+    assert np.abs(both[0].images["IHC_s"][:64, :64].astype(int) - reference["IHC_s"][0, :64, :64]).max() <= 1
+    with Session(model, backend="torch", device="cpu", cache_dir=tmp_path) as plain:
+        with pytest.raises(ArgumentError, match="gives no IHC_s"):
+            plain.infer(image, wanted)

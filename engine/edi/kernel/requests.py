@@ -29,7 +29,8 @@ from .storage import clean_relative_path
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # used with fullmatch: no trailing newline
 INFERENCE_FIELDS = {"type", "img_path_on_pvc", "local_input_image", "tile_size", "images_to_return",
                     "request_id", "async", "seg_weights", "seg_thresh", "size_thresh", "size_thresh_upper",
-                    "marker_thresh", "large_noise_thresh", "od_thresh_lower", "od_thresh_upper", "cell_data"}
+                    "marker_thresh", "large_noise_thresh", "od_thresh_lower", "od_thresh_upper", "cell_data",
+                    "seg_intermediate", "color_dapi", "color_marker"}
 EQUAL_SEG_WEIGHTS = check_seg_weights(None)
 
 
@@ -78,6 +79,7 @@ class InferenceRequest:
     postprocess: PostprocessOptions = field(default_factory=PostprocessOptions)
     warnings: tuple[str, ...] = ()
     cell_data: int | None = None    # DeepLIIF 1.2.7's per-cell data of this version (3 to 6) as well
+    seg_intermediate: bool = False  # each segmentation generator's own output as well (torch kernels)
 
     @property
     def image_tile_size(self) -> int:
@@ -159,8 +161,18 @@ def _inference(record: dict) -> InferenceRequest:
     unknown = sorted(set(record) - INFERENCE_FIELDS)
     if unknown:
         warnings.append(f"ignored unknown field(s): {', '.join(unknown)}")
+    flags = {name: _flag(record, name) for name in ("seg_intermediate", "color_dapi", "color_marker")}
+    if flags["color_dapi"] or flags["color_marker"]:
+        warnings.append("color_dapi/color_marker: DeepLIIF 1.2.7 returns the same images with them, as this does")
     return InferenceRequest(request_id, path, image, tile_size, outputs, run_async, _postprocess(record),
-                            tuple(warnings), _cell_data_version(record.get("cell_data")))
+                            tuple(warnings), _cell_data_version(record.get("cell_data")), flags["seg_intermediate"])
+
+
+def _flag(record: dict, name: str) -> bool:
+    value = record.get(name, False)
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be true or false (JSON booleans); got {value!r}")
+    return value
 
 
 def _cell_data_version(value: object) -> int | None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from deepliif.contract import SEG_INTERMEDIATE_NAMES
 from deepliif.inference import InferenceOptions, InferenceResult, TileSpec
 from deepliif.logs import project_logger
 from deepliif.slide_checkpoint import CheckpointBusyError
@@ -26,7 +27,8 @@ from .layout import DeploymentLayout
 from .model_store import ModelFetcher
 from .reader import LoadedImage, RequestReader
 from .records import RequestRecords
-from .requests import InferenceRequest, RequestInUseError, StatusRequest, fingerprint, parse_request
+from .requests import (InferenceRequest, RequestError, RequestInUseError, StatusRequest, fingerprint,
+                       parse_request)
 from .settings import KernelSettings
 from .storage import MountedVolume, StorageError, Volume, open_volume
 from .turns import EngineTurns
@@ -47,9 +49,11 @@ class EdiService:
         self.records = RequestRecords(self.state, layout, settings.deployment, settings.pod)
         if settings.model_source is not None:
             ModelFetcher(settings.model_source, settings.model_dir, self.volume).fetch()
+        # a torch kernel can answer seg_intermediate too; exported graphs carry the five outputs alone
+        torch_only = {"seg_intermediate": True} if settings.backend == "torch" else {}
         self.session = Session(settings.model_dir, backend=settings.backend, precision=settings.precision,
                                device=settings.device, cache_dir=settings.cache_dir,
-                               batch_size=settings.batch_size, onnx=settings.onnx)
+                               batch_size=settings.batch_size, onnx=settings.onnx, **torch_only)
         self.session.warmup()  # the first call pays one-off costs (allocation, kernel selection)
         # one tile alone, so the async estimate errs long
         self.seconds_per_tile_at_batch_1 = max(self.session.warmup(), 1e-3)
@@ -91,6 +95,8 @@ class EdiService:
                     responses[index] = self._with_images(earlier)
                     continue
                 image = self.reader.load(request)
+                if request.seg_intermediate:
+                    self._check_seg_intermediate(image)
                 estimate = self.reader.estimate(request, image, self.seconds_per_tile_at_batch_1)
                 if image.slide is not None or request.run_async or (
                         request.run_async is None and estimate > self.settings.sync_budget_s):  # slides: always
@@ -113,10 +119,20 @@ class EdiService:
             self.writer.close()
             self.session.close()
 
+    def _check_seg_intermediate(self, image: LoadedImage) -> None:
+        if image.slide is not None:
+            raise RequestError("seg_intermediate is for images; this is a whole slide (its pyramids hold the "
+                               "five network outputs and the overlays)")
+        if not set(SEG_INTERMEDIATE_NAMES) <= set(self.session.output_names):
+            raise RequestError(f"seg_intermediate needs a kernel on the torch backend (DEEPLIIF_BACKEND=torch); "
+                               f"this one serves {self.session.info.name}, whose exported graph has the five outputs "
+                               "only")
+
     def _options(self, request: InferenceRequest) -> InferenceOptions:
         return InferenceOptions(tile_size=request.image_tile_size, batch_size=self.session.batch_size,
                                 outputs=request.outputs, postprocess=request.postprocess,
-                                cell_geometry=None, cell_data=request.cell_data)  # no QuPath cells file
+                                cell_geometry=None, cell_data=request.cell_data,  # no QuPath cells file
+                                seg_intermediate=request.seg_intermediate)
 
     def _infer(self, images: list, options: InferenceOptions | list[InferenceOptions], sync: bool
                ) -> list[InferenceResult]:

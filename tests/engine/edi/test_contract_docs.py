@@ -72,3 +72,30 @@ def test_cell_data_is_answered_inline_or_written_beside_the_outputs(service: Edi
     assert document["dataVersion"] == 3 and "default_marker_thresh" in document["settings"]
     (refused,) = _call(service, {"local_input_image": b64(tile_png), "request_id": "cells-3", "cell_data": 7})
     assert refused["status"] == "error" and "cell_data must be one of 3, 4, 5, 6" in refused["msg"]
+
+
+def test_seg_intermediate_is_answered_by_a_torch_kernel_and_refused_by_others(
+        service: EdiService, edi_model, edi_cache, tile_png: bytes, tmp_path) -> None:
+    """`seg_intermediate`: a torch kernel answers the five per-generator segmentations as well; a kernel on
+    an exported graph refuses by name, as it refuses a slide; `color_dapi`/`color_marker` change nothing
+    (as in DeepLIIF 1.2.7) and say so in `log`; a flag that is not a JSON boolean is refused."""
+    from .conftest import make_volume, settings_for
+    (refused,) = _call(service, {"local_input_image": b64(tile_png), "request_id": "segs-1", "seg_intermediate": True})
+    assert refused["status"] == "error" and "needs a kernel on the torch backend" in refused["msg"]
+    (coloured,) = _call(service, {"local_input_image": b64(tile_png), "request_id": "segs-2", "color_dapi": True,
+                                  "images_to_return": "DAPI"})
+    assert coloured["status"] == "finished" and any("color_dapi" in line for line in coloured["log"])
+    (bad,) = _call(service, {"local_input_image": b64(tile_png), "request_id": "segs-3", "color_marker": "yes"})
+    assert bad["status"] == "error" and "color_marker must be true or false" in bad["msg"]
+    torch_kernel = EdiService(settings_for(edi_model, make_volume(tmp_path / "volume"), edi_cache, tmp_path / "state",
+                                           backend="torch"))
+    try:
+        (answered,) = _call(torch_kernel, {"local_input_image": b64(tile_png), "request_id": "segs-4",
+                                           "seg_intermediate": True, "images_to_return": "Seg"})
+        (plain,) = _call(torch_kernel, {"local_input_image": b64(tile_png), "request_id": "segs-5"})
+    finally:
+        torch_kernel.close()
+    assert answered["status"] == "finished", answered
+    assert sorted(answered["images"]) == sorted(["local.png", "local_Seg.png"] + [
+        f"local_{source}_s.png" for source in ("IHC", "Hema", "DAPI", "Lap2", "Marker")])
+    assert plain["status"] == "finished" and not any(name.endswith("_s.png") for name in plain["images"])
