@@ -27,11 +27,18 @@ class Rescored:
     scoring: dict
 
 
-def rescore(cells: list[dict], settings: dict, version: int, orig: np.ndarray,
-            options: PostprocessOptions = PostprocessOptions()) -> Rescored:
-    """DeepLIIF's scoring and images for `orig` from its cell data. As in 1.2.7, optical-density
-    thresholds apply only to data of versions 5 and 6 (which carry `od`), Marker thresholds only to 3
-    and 4 (which carry `marker`)."""
+@dataclass
+class RescoredCells:
+    """The scoring from cell data, and the counted cells with their class (what the images draw)."""
+    scoring: dict
+    counted: list[dict]
+    positive: np.ndarray  # per counted cell
+
+
+def rescore_cells(cells: list[dict], settings: dict, version: int,
+                  options: PostprocessOptions = PostprocessOptions()) -> RescoredCells:
+    """DeepLIIF's scoring from cell data. As in 1.2.7, optical-density thresholds apply only to data of
+    versions 5 and 6 (which carry `od`), Marker thresholds only to 3 and 4 (which carry `marker`)."""
     by_density = uses_optical_density(version)
     key = "od" if by_density else "marker"
     marker_thresh = None if by_density else options.marker_thresh
@@ -46,30 +53,70 @@ def rescore(cells: list[dict], settings: dict, version: int, orig: np.ndarray,
     values = np.array([cell[key] for cell in cells], np.int64)
     colour = np.array([bool(cell["positive"]) for cell in cells], bool)
     is_positive = band.positive(colour, values, marker_thresh)
-    overlaid, refined = _draw(orig, [c for c, keep in zip(cells, counted) if keep], is_positive[counted])
     scoring = options.scoring(counted, is_positive, size_thresh, marker_thresh, settings["seg_thresh"])
-    return Rescored(overlaid, refined, scoring)
+    return RescoredCells(scoring, [c for c, keep in zip(cells, counted) if keep], is_positive[counted])
 
 
-def _draw(orig: np.ndarray, cells: list[dict], positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def rescore(cells: list[dict], settings: dict, version: int, orig: np.ndarray,
+            options: PostprocessOptions = PostprocessOptions()) -> Rescored:
+    """DeepLIIF's scoring and images for `orig` from its cell data (`cells_to_final_results`)."""
+    rescored = rescore_cells(cells, settings, version, options)
     height, width = orig.shape[:2]
-    drawn = np.zeros((height, width), np.int8)  # 0: no boundary, 1: positive boundary, 2: negative boundary
-    for index, (cell, is_positive) in enumerate(zip(cells, positive)):
-        points = np.array(full_contour([tuple(p) for p in cell["boundary"]]), np.int64)
-        if points.min() < 0 or points[:, 0].max() >= width or points[:, 1].max() >= height:
-            raise ArgumentError(f"cell {index} of the cell data lies outside the {width}x{height} image: "
-                                "give the image the cell data was made from")
-        drawn[points[:, 1], points[:, 0]] = 1 if is_positive else 2
-    unknown = drawn == 0
-    background = mark_background(unknown)
-    enclosed = unknown & ~background
+    boundaries = BoundaryPixels(rescored.counted, rescored.positive, width, height)
+    drawn = boundaries.rows(0, height)
+    background = mark_background(drawn == 0)
+    overlaid, refined = outline_and_paint(orig, background, positive_pixels(drawn, background))
+    return Rescored(overlaid, refined, rescored.scoring)
+
+
+class BoundaryPixels:
+    """Every pixel of the counted cells' boundaries with its class, sorted by row, so any rows of the
+    image are drawn without the others."""
+
+    def __init__(self, cells: list[dict], positive: np.ndarray, width: int, height: int) -> None:
+        parts = [np.array(full_contour([tuple(p) for p in cell["boundary"]]), np.int64).reshape(-1, 2)
+                 for cell in cells]
+        for index, points in enumerate(parts):
+            if points.min() < 0 or points[:, 0].max() >= width or points[:, 1].max() >= height:
+                raise ArgumentError(f"cell {index} of the cell data lies outside the {width}x{height} image: "
+                                    "give the image the cell data was made from")
+        points = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+        classes = np.repeat(np.where(positive, 1, 2).astype(np.int8), [len(p) for p in parts])
+        flat = points[:, 1] * width + points[:, 0]
+        order = np.argsort(flat, kind="stable")
+        last = np.append(flat[order][1:] != flat[order][:-1], len(flat) > 0)  # cells sharing a pixel: the later
+        kept = order[last]
+        self.x, self.y, self.classes, self.width = points[kept, 0], points[kept, 1], classes[kept], width
+
+    def rows(self, top: int, count: int) -> np.ndarray:
+        """Rows [top, top + count): 0 where no boundary runs, 1 on a positive cell's, 2 on a negative's."""
+        low, high = np.searchsorted(self.y, [top, top + count])
+        drawn = np.zeros((count, self.width), np.int8)
+        drawn[self.y[low:high] - top, self.x[low:high]] = self.classes[low:high]
+        return drawn
+
+
+def positive_pixels(drawn: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Positive boundaries, and the enclosed pixels whose nearest boundary to the left in their row is a
+    positive one (row by row, so any rows are filled alone)."""
+    height, width = drawn.shape
+    enclosed = (drawn == 0) & ~background
     columns = np.broadcast_to(np.arange(width), (height, width))
     left = np.maximum.accumulate(np.where(enclosed, -1, columns), axis=1)  # the boundary left of each run
-    filled_positive = enclosed & (np.take_along_axis(drawn, np.maximum(left, 0), axis=1) == 1)
+    return (drawn == 1) | (enclosed & (np.take_along_axis(drawn, np.maximum(left, 0), axis=1) == 1))
+
+
+RESCORE_REACH = 3  # rows an outline pixel depends on each way: one step into the background, two growth steps
+
+
+def outline_and_paint(orig: np.ndarray, background: np.ndarray, positive: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """SegOverlaid and SegRefined from the cells' pixels (not background) and their positive pixels: the
+    background 4-adjacent to a cell, grown twice through the 8-neighbourhood, the first outline pixel in
+    raster order deciding; a pixel depends on rows at most `RESCORE_REACH` away."""
     in_cell = ~background
-    positive_pixels = (drawn == 1) | filled_positive
-    border, border_positive = grow(in_cell, positive_pixels, background, RASTER_FOUR_NEIGHBOURS[::-1])
+    border, border_positive = grow(in_cell, positive, background, RASTER_FOUR_NEIGHBOURS[::-1])
     border &= background
     for _ in range(2):
         border, border_positive = grow(border, border_positive, background, RASTER_NEIGHBOURS[::-1])
-    return paint(orig, border, border_positive & border, in_cell, positive_pixels)
+    return paint(orig, border, border_positive & border, in_cell, positive)

@@ -23,12 +23,13 @@ Rows = Callable[[int, int], np.ndarray]  # (top, count) -> the input image's row
 OverlaySink = Callable[[int, np.ndarray, np.ndarray], None]  # (top, SegOverlaid rows, SegRefined rows)
 
 
-class _Window:
-    """Per-pixel masks of consecutive rows: background, in a counted cell, in a positive counted cell."""
+class MaskWindow:
+    """Per-pixel masks of consecutive rows of a slide (here: background, in a counted cell, in a positive
+    counted cell), extended band by band below and dropped above once drawn."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, layers: int = 3) -> None:
         self.top = 0
-        self.masks = [np.zeros((0, width), bool) for _ in range(3)]
+        self.masks = [np.zeros((0, width), bool) for _ in range(layers)]
 
     @property
     def bottom(self) -> int:
@@ -73,7 +74,7 @@ def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: 
     `tracer` (if any) each band's counted cells and `cell_data` (if any) each band's labels. `bands` must
     be the bands the slide was scored with. The next bands' masks are made on `threads` threads while a
     band is drawn."""
-    window, drawn = _Window(width), 0
+    window, drawn = MaskWindow(width), 0
     made = ordered_map(lambda item: _band_cells(score, item[0], item[1], tracer is not None, cell_data is not None),
                        enumerate(bands()), threads)
     for band in made:
@@ -89,7 +90,7 @@ def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: 
             window.drop_above(drawn - OUTLINE_REACH)
 
 
-def _draw(window: _Window, rows: Rows, score: SlideScore, first: int, stop: int, width: int,
+def _draw(window: MaskWindow, rows: Rows, score: SlideScore, first: int, stop: int, width: int,
           sink: OverlaySink) -> None:
     """Rows [first, stop) from the window, which holds at least `OUTLINE_REACH` rows beyond them on each
     side, or the slide's edge."""

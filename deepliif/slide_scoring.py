@@ -13,10 +13,10 @@ in the same order. Thresholds and counts then follow `postprocess` exactly.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 from scipy import ndimage
@@ -43,6 +43,7 @@ class Band(NamedTuple):
 
 
 Bands = Callable[[], Iterator[Band]]  # called once per pass; yields the slide's bands top to bottom
+T = TypeVar("T")
 BAND_PIXELS = 4_000_000
 
 
@@ -52,20 +53,26 @@ def _global(labels: np.ndarray, first: int) -> np.ndarray:
 
 def _unknown_labels(seg: np.ndarray, seg_thresh: int) -> tuple[np.ndarray, int]:
     positive, negative = classify_pixels(seg, seg_thresh)
-    return ndimage.label(~(positive | negative), structure=_FOUR_CONNECTED)
+    return unknown_labels(~(positive | negative))
 
 
-def background_labels(bands: Bands, height: int, seg_thresh: int, threads: int = 1) -> tuple[list[int], np.ndarray]:
-    """Pass one: per band, the first id of its no-cell labels; per id, whether it is background. Bands are
-    labelled on `threads` threads; their labels are numbered and joined in band order."""
+def unknown_labels(unknown: np.ndarray) -> tuple[np.ndarray, int]:
+    """The 4-connected components of a band's pixels of unknown class (DeepLIIF's background candidates)."""
+    return ndimage.label(unknown, structure=_FOUR_CONNECTED)
+
+
+def border_components(bands: Iterable[T], height: int, labelled: Callable[[T], tuple[int, np.ndarray, int]],
+                      threads: int = 1) -> tuple[list[int], np.ndarray]:
+    """Which 4-connected components of a slide's unknown pixels touch its border (DeepLIIF's background),
+    from full-width row bands: `labelled(band)` gives its top row and the band's `unknown_labels`. Returns
+    per band the first id of its labels, and per id whether it is background. Bands are labelled on
+    `threads` threads; their labels are numbered and joined in band order."""
     sets, firsts, touching, previous = UnionFind(), [], [], None
-    labelled = ordered_map(lambda band: (band.top, len(band.seg), _unknown_labels(band.seg, seg_thresh)), bands(),
-                           threads)
-    for top, rows, (labels, count) in labelled:
+    for top, labels, count in ordered_map(labelled, bands, threads):
         firsts.append(sets.grow(count))
         ids = _global(labels, firsts[-1])
         edges = [ids[:, 0], ids[:, -1]] + ([ids[0]] if top == 0 else []) + \
-            ([ids[-1]] if top + rows == height else [])
+            ([ids[-1]] if top + len(labels) == height else [])
         touching.append(np.unique(np.concatenate(edges)))
         if previous is not None:
             join_edge(sets, previous, ids[0], diagonal=False)
@@ -77,13 +84,23 @@ def background_labels(bands: Bands, height: int, seg_thresh: int, threads: int =
     return firsts, root_is_background[roots]
 
 
+def background_labels(bands: Bands, height: int, seg_thresh: int, threads: int = 1) -> tuple[list[int], np.ndarray]:
+    """Pass one of scoring: `border_components` of the Seg's no-cell pixels."""
+    return border_components(bands(), height, lambda band: (band.top, *_unknown_labels(band.seg, seg_thresh)),
+                             threads)
+
+
+def background_of(labels: np.ndarray, first: int, is_background: np.ndarray) -> np.ndarray:
+    """A band's background pixels, from its `unknown_labels` and `border_components`' verdicts."""
+    background = np.zeros(labels.shape, bool)
+    unknown = labels > 0
+    background[unknown] = is_background[labels[unknown].astype(np.int64) + (first - 1)]
+    return background
+
+
 def band_background(seg: np.ndarray, seg_thresh: int, first: int, is_background: np.ndarray) -> np.ndarray:
     """The band's background pixels, from pass one's verdict on each of its no-cell labels."""
-    unknown, _ = _unknown_labels(seg, seg_thresh)
-    background = np.zeros(unknown.shape, bool)
-    no_cell = unknown > 0
-    background[no_cell] = is_background[unknown[no_cell].astype(np.int64) + (first - 1)]
-    return background
+    return background_of(_unknown_labels(seg, seg_thresh)[0], first, is_background)
 
 
 @dataclass

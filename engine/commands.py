@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from deepliif.cell_data import read_cell_data, uses_optical_density, write_cell_data
 from deepliif.cells import CellGeometry, write_cells
-from deepliif.rescore import rescore
+from deepliif.rescore import rescore, rescore_cells
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import (DEFAULT_MAX_PIXELS, expand_inputs, prepare_out_dir, probe_image, read_image,
                              write_json, write_png)
@@ -29,7 +29,7 @@ from engine.backends.precision import Precision
 from .backends import BackendKind
 from .image_files import describe_session, infer_image_files
 from .session import Session
-from .slide_inference import infer_slide, postprocess_slide
+from .slide_inference import infer_slide, postprocess_slide, rescore_slide, slide_stem
 from .samples import benchmark_tiles, mini_model_dir, sample_images, synthetic_ihc
 
 logger = project_logger("engine")
@@ -157,23 +157,29 @@ def cmd_postprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_rescore(args: argparse.Namespace) -> int:
-    """DeepLIIF 1.2.7's `cells_to_final_results`: the scoring and both overlays from cell data alone."""
-    if is_slide(args.image):
-        raise ArgumentError(f"{args.image}: rescoring a whole slide is not available yet; give an image")
+    """DeepLIIF 1.2.7's `cells_to_final_results`: the scoring and both overlays from cell data alone; for
+    a slide (its cell data from `infer`/`postprocess --cell-data`), the overlays as pyramids."""
+    slide = is_slide(args.image)
+    image = None if slide else read_image(args.image, max_pixels=args.max_pixels)
     cells, settings, version = read_cell_data(args.cells)
     options = PostprocessOptions(size_thresh=args.size_thresh, size_thresh_upper=args.size_thresh_upper,
                                  marker_thresh=None if uses_optical_density(version) else args.marker_thresh,
                                  od_thresh_lower=args.od_thresh_lower, od_thresh_upper=args.od_thresh_upper)
-    image = read_image(args.image, max_pixels=args.max_pixels)
     start = time.perf_counter()
-    result = rescore(cells, settings, version, image, options)
-    out, stem = prepare_out_dir(args.out), args.image.stem
-    write_png(out / f"{stem}_SegOverlaid.png", result.overlaid)
-    write_png(out / f"{stem}_SegRefined.png", result.refined)
-    write_json(out / f"{stem}.json", {"image": str(args.image), "cells": str(args.cells), "data_version": version,
-                                      "scoring": result.scoring,
-                                      "timings": {"rescore_seconds": round(time.perf_counter() - start, 4)}})
-    print(json.dumps(result.scoring))
+    stem = slide_stem(args.image) if slide else args.image.stem
+    if slide:
+        rescored = rescore_cells(cells, settings, version, options)
+        outputs, scoring = rescore_slide(rescored, args.image, args.out), rescored.scoring
+    else:
+        result = rescore(cells, settings, version, image, options)
+        out = prepare_out_dir(args.out)
+        write_png(out / f"{stem}_SegOverlaid.png", result.overlaid)
+        write_png(out / f"{stem}_SegRefined.png", result.refined)
+        outputs, scoring = [f"{stem}_SegOverlaid.png", f"{stem}_SegRefined.png"], result.scoring
+    write_json(Path(args.out) / f"{stem}.json", {
+        "image": str(args.image), "cells": str(args.cells), "data_version": version, "scoring": scoring,
+        "outputs": outputs, "timings": {"rescore_seconds": round(time.perf_counter() - start, 4)}})
+    print(json.dumps(scoring))
     return 0
 
 

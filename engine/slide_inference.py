@@ -24,7 +24,9 @@ from deepliif.scoring_rules import PostprocessOptions
 from deepliif.pyramid import PyramidCompression, PyramidWriter, pyramid_from_regions
 from deepliif.slide_checkpoint import SlideCheckpoint, region_ends
 from deepliif.slide_loop import SlideRun, run_slide
+from deepliif.rescore import RescoredCells
 from deepliif.slide_cell_data import open_slide_cell_data, slide_cell_data_file_name
+from deepliif.slide_rescore import draw_rescored_slide
 from deepliif.slide_overlays import draw_slide
 from deepliif.slide_scoring import Bands, SlideScore, region_bands, score_slide, slide_bands
 from deepliif.slides import SlideInfo, open_slide
@@ -191,6 +193,21 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
                     "overlay_seconds": round(time.perf_counter() - scored, 3),
                     "total_seconds": round(time.perf_counter() - start, 3)}})
     return out / f"{stem}.json"
+
+
+def rescore_slide(rescored: RescoredCells, image: Path, out: Path, threads: int | None = None) -> dict[str, dict]:
+    """SegOverlaid and SegRefined pyramids of a slide from its re-scored cell data (`rescore` of a slide),
+    band by band over the input slide; returns what was published."""
+    with open_slide(image) as slide:
+        info = slide.info
+        overlays = SlideOutputs(Destination(prepare_out_dir(Path(out)), slide_stem(image), info), OVERLAY_NAMES)
+        with contextlib.closing(overlays):
+            draw_rescored_slide(rescored, info.width, info.height,
+                                lambda top, count: slide.read_region(0, top, info.width, count),
+                                lambda top, overlaid, refined: overlays.add(dict(zip(OVERLAY_NAMES,
+                                                                                     (overlaid, refined)))),
+                                resolve_threads(threads))
+            return overlays.finish()
 
 
 def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, destination: Destination, tile_size: int,

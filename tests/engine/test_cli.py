@@ -177,18 +177,6 @@ def test_postprocess_writes_deepliif_cell_data_and_rescore_redraws_from_it_alone
     assert not (tmp_path / "bad").exists()
 
 
-def test_rescoring_a_slide_is_refused_before_anything_is_read(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    import tifffile
-    slide = tmp_path / "s.tif"
-    tifffile.imwrite(slide, np.full((1100, 1100, 3), 236, np.uint8), tile=(256, 256), photometric="rgb")
-    cells = tmp_path / "cells.json"
-    cells.write_text(json.dumps({"cells": [], "settings": {"default_size_thresh": 0, "seg_thresh": 120},
-                                 "dataVersion": 3}))
-    assert main(["-q", "rescore", "--cells", str(cells), "--image", str(slide), "--out", str(tmp_path / "o")]) == 2
-    assert "rescoring a whole slide is not available" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
-
-
 # this project's output names -> DeepLIIF 1.2.7's, for the model whose options name the modalities
 DEEPLIIF_127_NAMES = {"Hema": "mod1-Hema", "DAPI": "mod2-DAPI", "Lap2": "mod3-Lap2", "Marker": "mod4-Marker",
                       "Seg": "Seg", "SegOverlaid": "SegOverlaid", "SegRefined": "SegRefined",

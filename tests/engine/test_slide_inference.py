@@ -184,6 +184,37 @@ def test_postprocess_of_a_slide_by_optical_density_writes_the_images_cell_data(
     np.testing.assert_array_equal(level0(tmp_path / "out" / "case_SegOverlaid.ome.tif"), whole.overlaid)
 
 
+def test_a_slide_is_rescored_from_its_cell_data_alone_as_the_image_is(deepliif_fixtures: Path,
+                                                                       tmp_path: Path) -> None:
+    """`postprocess --cell-data 4` of a slide, then `rescore` of the slide from its .json.gz with other
+    thresholds: the scoring and both pyramids equal re-scoring the same pixels as one image."""
+    from deepliif.cell_data import decode_cell
+    from deepliif.postprocessing import postprocess
+    from deepliif.rescore import rescore
+    from deepliif.scoring_rules import PostprocessOptions
+    from engine.cli import main
+
+    from ..deepliif.test_slide_scoring import on_glass
+    orig, seg, marker = on_glass(deepliif_fixtures)
+    for name, image in (("case", orig), ("case_Seg", seg), ("case_Marker", marker)):
+        write_ome_pyramid(tmp_path / f"{name}.ome.tif", image, mpp=0.5)
+    assert main(["-q", "postprocess", "--image", str(tmp_path / "case.ome.tif"), "--seg",
+                 str(tmp_path / "case_Seg.ome.tif"), "--marker", str(tmp_path / "case_Marker.ome.tif"),
+                 "--tile-size", "512", "--cell-data", "4", "--out", str(tmp_path / "post")]) == 0
+    assert main(["-q", "rescore", "--cells", str(tmp_path / "post" / "case_cells.json.gz"), "--image",
+                 str(tmp_path / "case.ome.tif"), "--size-thresh", "40", "--marker-thresh", "default",
+                 "--out", str(tmp_path / "again")]) == 0
+    document = postprocess(orig, seg, marker, 512, cell_data=4).cell_data
+    cells = [decode_cell(cell, "marker") for cell in document["cells"]]
+    whole = rescore(cells, document["settings"], 4, orig, PostprocessOptions(size_thresh=40, marker_thresh="default"))
+    record = json.loads((tmp_path / "again" / "case.json").read_text())
+    assert record["scoring"] == whole.scoring and whole.scoring["num_total"] > 100
+    assert set(record["outputs"]) == {"SegOverlaid", "SegRefined"}
+    np.testing.assert_array_equal(level0(tmp_path / "again" / "case_SegOverlaid.ome.tif"), whole.overlaid)
+    np.testing.assert_array_equal(level0(tmp_path / "again" / "case_SegRefined.ome.tif"), whole.refined)
+    assert not [p.name for p in (tmp_path / "again").iterdir() if p.name.startswith(".")]
+
+
 def test_postprocess_refuses_mixed_or_mismatched_inputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from deepliif.imageio import write_png
     from engine.cli import main
