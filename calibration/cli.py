@@ -9,7 +9,7 @@ from engine.errors import AccuracyGateError
 from engine.backends.precision import Precision
 
 from .gate import REPORT_FILE, GateThresholds, format_markdown
-from .quantize import CalibrationMethod, QuantizationConfig
+from .quantize import CalibrationMethod, FloatType, QuantizationConfig
 from .tiles import DEFAULT_SEED
 
 
@@ -29,7 +29,10 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                         help="how activation ranges are chosen")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the tile draw and the hold-out split")
     parser.add_argument("--quantize-edge-layers", action="store_true",
-                        help="also quantize each generator's first and last convolution (default: float32)")
+                        help="also quantize each generator's first and last convolution (default: float)")
+    parser.add_argument("--float-type", choices=[t.value for t in FloatType], default=FloatType.FP16.value,
+                        help="type of what stays float in the INT8 graph (convolution outputs, the ops between "
+                        "them, Q/DQ scales): fp16 (opset 19; faster than fp16 on a GPU) or fp32 (the quantizer's)")
     parser.add_argument("--fp32-onnx", type=Path, help="the model's fused fp32 ONNX, if already exported")
     defaults = GateThresholds()
     parser.add_argument("--max-percent-pos-delta", type=_limit, default=defaults.max_percent_pos_delta,
@@ -62,7 +65,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                                 None if args.max_abs is None else int(args.max_abs))
     plan = CalibrationPlan(args.model_dir, tuple(args.images), args.out, Precision.parse(args.precision),
                            args.tiles, args.seed, tuple(args.holdout),
-                           QuantizationConfig(args.method, keep_edge_layers=not args.quantize_edge_layers),
+                           QuantizationConfig(args.method, keep_edge_layers=not args.quantize_edge_layers,
+                                              float_type=args.float_type),
                            thresholds, args.fp32_onnx)
     try:
         report = calibrate(plan)

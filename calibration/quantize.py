@@ -5,6 +5,12 @@ scales (zero point 0), per-channel weight scales, Q/DQ in front of the layers th
 ONNX Runtime's static quantizer writes exactly that and runs the same graph on CPU, so what the accuracy
 gate measures here is what a plan built from the file computes (up to kernel rounding).
 
+The floating-point part is fp16 by default (`FloatType.FP16`): the calibrated graph is converted as the
+fp16 export is (InstanceNormalization, the input scaling, the Seg average and the uint8 conversion stay
+fp32) and its Q/DQ scales become fp16, which QuantizeLinear/DequantizeLinear take from opset 19 (onnx-
+tensorrt: QuantizeLinear FP32/FP16/BF16). DequantizeLinear outputs its scale's type, so with fp32 scales
+every convolution output and every op between them would run in fp32 and INT8 would be slower than fp16.
+
 What stays in floating point, and why (recorded in `quantization.json`):
 - InstanceNormalization (DeepLIIF's per-tile BatchNorm statistics): a reduction whose output feeds every
   later layer; INT8 there would quantize the statistics themselves.
@@ -26,12 +32,30 @@ from deepliif.errors import ArgumentError, ChoiceEnum
 from engine.errors import ExportError
 
 from deepliif.contract import FUSED_GRAPH
+from export.fp16 import convert_to_fp16
 from export.parser_rules import check_tensorrt_rules
 
 from . import logger
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose")
-FLOAT_OPS_NOTE = "InstanceNormalization and all non-convolution ops stay float32"
+FP16_QDQ_OPSET = 19  # the first opset whose QuantizeLinear/DequantizeLinear take fp16 scales
+
+
+class FloatType(ChoiceEnum):
+    """The type of what is not INT8: convolution outputs, the ops between them, Q/DQ scales."""
+
+    FP16 = "fp16"  # the fp16 graph's types: INT8 faster than fp16 on a GPU
+    FP32 = "fp32"  # ONNX Runtime's quantizer as it writes it (every float op in fp32)
+
+    @classmethod
+    def choice_name(cls) -> str:
+        return "float type"
+
+    def note(self) -> str:
+        if self is FloatType.FP32:
+            return "InstanceNormalization and all non-convolution ops stay float32"
+        return ("non-convolution ops and Q/DQ scales float16; InstanceNormalization, the input scaling, the Seg "
+                "average and the uint8 conversion float32")
 
 
 class CalibrationMethod(ChoiceEnum):
@@ -54,18 +78,20 @@ class CalibrationMethod(ChoiceEnum):
 @dataclass(frozen=True)
 class QuantizationConfig:
     method: CalibrationMethod = CalibrationMethod.ENTROPY
-    keep_edge_layers: bool = True  # first and last convolution of every generator stay float32
+    keep_edge_layers: bool = True  # first and last convolution of every generator stay in `float_type`
+    float_type: FloatType = FloatType.FP16
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "method", CalibrationMethod.parse(self.method))
+        object.__setattr__(self, "float_type", FloatType.parse(self.float_type))
         if not isinstance(self.keep_edge_layers, bool):
             raise ArgumentError(f"keep_edge_layers must be true or false; got {self.keep_edge_layers!r}")
 
     def describe(self) -> dict:
         return {"method": self.method.value, "format": "QDQ", "activations": "int8 symmetric per-tensor",
-                "weights": "int8 symmetric per-channel", "bias": "float32 (not quantized)",
-                "quantized_ops": list(QUANTIZED_OPS), "float_ops": FLOAT_OPS_NOTE,
-                "keep_edge_layers": self.keep_edge_layers}
+                "weights": "int8 symmetric per-channel", "bias": f"{self.float_type.value} (not quantized)",
+                "quantized_ops": list(QUANTIZED_OPS), "float_type": self.float_type.value,
+                "float_ops": self.float_type.note(), "keep_edge_layers": self.keep_edge_layers}
 
 
 class _TileReader:
@@ -156,6 +182,27 @@ def quantize_int8(fp32_onnx: Path, out_path: Path, tiles: np.ndarray, config: Qu
                         calibrate_method=config.method.onnxruntime_method(), extra_options=options)
     except (ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
         raise ExportError(f"INT8 quantization of {fp32_onnx} failed: {exc}") from exc
+    if config.float_type is FloatType.FP16:
+        onnx.save(with_fp16_floats(onnx.load(str(out_path))), str(out_path))
     check_tensorrt_rules(out_path)  # Q/DQ placement and the uint8 boundary, before any gate time is spent
     return {**config.describe(), "convolutions": len(convolutions),
             "int8_convolutions": len(convolutions) - len(excluded), "float_convolutions": excluded}
+
+
+def _generator_or_its_quantization(node: onnx.NodeProto) -> bool:
+    """The generators' nodes, and the Q/DQ nodes the quantizer adds for them (named after the tensor they
+    quantize: "/translators.…" for activations, "translators.…" for weights)."""
+    return node.name.lstrip("/").startswith(("translators.", "segmenters."))
+
+
+def with_fp16_floats(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The calibrated Q/DQ graph with the fp16 export's types and fp16 scales (opset 19), in place."""
+    convert_to_fp16(model, _generator_or_its_quantization)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, FP16_QDQ_OPSET)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the fp16 form of the INT8 graph is not valid ONNX: {exc}") from exc
+    return model

@@ -76,7 +76,8 @@ def _break_a_scale(source: Path, target: Path, prefix: str) -> str:
     node = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.name.startswith(prefix)
             and n.input[0] not in inits][-1]
     scale = inits[node.input[1]]
-    scale.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(scale) * 1e3).astype(np.float32), scale.name))
+    value = numpy_helper.to_array(scale)
+    scale.CopyFrom(numpy_helper.from_array((value * 1e3).astype(value.dtype), scale.name))  # fp16 scales stay fp16
     onnx.save(model, str(target))
     return node.name
 
