@@ -20,8 +20,8 @@ from .errors import ArgumentError
 from .model_dir import DeepLIIFModel
 from .networks import NormMode, set_norm_mode
 
-__all__ = ["MODALITIES", "NETWORK_TILE", "OUTPUT_NAMES", "SEG_INTERMEDIATE_NAMES", "SEG_SOURCES", "DeepLIIFWayRunner", "FusedPipeline",
-           "TileRunner", "check_seg_weights", "check_tile_batch", "run_in_chunks", "to_network_input",
+__all__ = ["MODALITIES", "NETWORK_TILE", "OUTPUT_NAMES", "SEG_INTERMEDIATE_NAMES", "SEG_SOURCES", "DeepLIIFWayRunner",
+           "FusedPipeline", "TileRunner", "check_seg_weights", "check_tile_batch", "run_in_chunks", "to_network_input",
            "to_uint8_image"]
 
 

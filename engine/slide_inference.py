@@ -125,9 +125,9 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
                 cell_geometry: CellGeometry = CellGeometry.POLYGONS, cell_data: int | None = None) -> Path:
     """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and SegOverlaid/SegRefined, the
     slide's cells (`<stem>_cells.csv`, `.geojson.gz`, outlines or centroids by `cell_geometry`; with
-    `cell_data`, DeepLIIF's `<stem>_cells.json.gz` of that version) and `OUT/<stem>.json` with its scoring. `run` wraps
-    `session.run` (the kernel takes turns per batch); `stem` names the outputs (default: the file's).
-    The network outputs' level 0 is checkpointed region by region in `checkpoint_dir` (default
+    `cell_data`, DeepLIIF's `<stem>_cells.json.gz` of that version) and `OUT/<stem>.json` with its
+    scoring. `run` wraps `session.run` (the kernel takes turns per batch); `stem` names the outputs
+    (default: the file's). The network outputs' level 0 is checkpointed region by region in `checkpoint_dir` (default
     `OUT/.<stem>.resume`): a rerun after a kill resumes from the last whole region. `stage` hears each
     stage as it begins: tiles, pyramids, scoring, overlays. Only the `outputs` asked for are written as
     pyramids; scoring reads the network's Seg and Marker from the run's own regions either way, so the
