@@ -84,8 +84,8 @@ class BoundaryPixels:
         classes = np.repeat(np.where(positive, 1, 2).astype(np.int8), [len(p) for p in parts])
         flat = points[:, 1] * width + points[:, 0]
         order = np.argsort(flat, kind="stable")
-        last = np.append(flat[order][1:] != flat[order][:-1], len(flat) > 0)  # cells sharing a pixel: the later
-        kept = order[last]
+        ordered = flat[order]
+        kept = order[np.append(ordered[1:] != ordered[:-1], True)] if len(flat) else order  # shared pixel: the later
         self.x, self.y, self.classes, self.width = points[kept, 0], points[kept, 1], classes[kept], width
 
     def rows(self, top: int, count: int) -> np.ndarray:

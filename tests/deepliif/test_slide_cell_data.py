@@ -62,3 +62,10 @@ def test_a_failed_pass_leaves_no_cell_data_file(deepliif_fixtures: Path, tmp_pat
         with open_slide_cell_data(tmp_path, "slide", score, 3, PostprocessOptions(), True, seg.shape[1]):
             pass  # no band handed over
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_slide_without_cells_writes_an_empty_cell_list(tmp_path: Path) -> None:
+    glass = np.full((300, 200, 3), 236, np.uint8)
+    path = write_slide_cell_data(tmp_path, glass, np.zeros_like(glass), np.zeros_like(glass), 64, 6)
+    cells, settings, version = read_cell_data(path)
+    assert cells == [] and version == 6 and settings["seg_thresh"] == 120

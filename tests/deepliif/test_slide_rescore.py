@@ -47,3 +47,18 @@ def test_slide_rescoring_draws_the_images_of_the_whole_image(deepliif_fixtures: 
     overlaid, refined = draw_in_bands(cells, settings, version, orig, options, band_height, threads)
     np.testing.assert_array_equal(overlaid, whole.overlaid)
     np.testing.assert_array_equal(refined, whole.refined)
+
+
+def test_nothing_counted_draws_the_input_alone(deepliif_fixtures: Path) -> None:
+    """A size threshold above every cell counts none: image and slide re-scoring give the input unchanged
+    as SegOverlaid and a black SegRefined, and score zero."""
+    orig, seg, marker = on_glass(deepliif_fixtures)
+    document = postprocess(orig, seg, marker, 512, cell_data=3).cell_data
+    options = PostprocessOptions(size_thresh=10**9)
+    whole = rescore(document["cells"], document["settings"], 3, orig, options)
+    assert whole.scoring["num_total"] == 0
+    np.testing.assert_array_equal(whole.overlaid, orig)
+    assert not whole.refined.any()
+    overlaid, refined = draw_in_bands(document["cells"], document["settings"], 3, orig, options, 97, 2)
+    np.testing.assert_array_equal(overlaid, orig)
+    assert not refined.any()
