@@ -32,7 +32,8 @@ def add_calibrate_parser(sub: argparse._SubParsersAction) -> None:
                         help="also quantize each generator's first and last convolution (default: float)")
     parser.add_argument("--float-type", choices=[t.value for t in FloatType], default=FloatType.FP16.value,
                         help="type of what stays float in the INT8 graph (convolution outputs, the ops between "
-                        "them, Q/DQ scales): fp16 (opset 19; faster than fp16 on a GPU) or fp32 (the quantizer's)")
+                        "them, Q/DQ scales): fp16 (opset 19; the fp16 export's types, so a TensorRT plan has no fp32 "
+                        "between its INT8 convolutions) or fp32 (the quantizer's own graph)")
     parser.add_argument("--fp32-onnx", type=Path, help="the model's fused fp32 ONNX, if already exported")
     defaults = GateThresholds()
     parser.add_argument("--max-percent-pos-delta", type=_limit, default=defaults.max_percent_pos_delta,

@@ -44,7 +44,7 @@ FP16_QDQ_OPSET = 19  # the first opset whose QuantizeLinear/DequantizeLinear tak
 class FloatType(ChoiceEnum):
     """The type of what is not INT8: convolution outputs, the ops between them, Q/DQ scales."""
 
-    FP16 = "fp16"  # the fp16 graph's types: INT8 faster than fp16 on a GPU
+    FP16 = "fp16"  # the fp16 export's types: no fp32 between the INT8 convolutions of a plan
     FP32 = "fp32"  # ONNX Runtime's quantizer as it writes it (every float op in fp32)
 
     @classmethod
