@@ -99,9 +99,14 @@ class InferenceOptions:
         return TileSpec(self.tile_size, self.batch_size)
 
     @property
+    def intermediate_names(self) -> tuple[str, ...]:
+        """The per-generator segmentations this image asks back (none unless `seg_intermediate`)."""
+        return SEG_INTERMEDIATE_NAMES if self.seg_intermediate else ()
+
+    @property
     def network_names(self) -> tuple[str, ...]:
         """The network outputs the tile loop stitches for this image."""
-        return OUTPUT_NAMES + (SEG_INTERMEDIATE_NAMES if self.seg_intermediate else ())
+        return OUTPUT_NAMES + self.intermediate_names
 
 
 @dataclass
@@ -135,8 +140,7 @@ def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
                        options.postprocess, options.threads, overlays=any(n in wanted for n in OVERLAY_NAMES),
                        outlines=options.cell_geometry is CellGeometry.POLYGONS, cell_data=options.cell_data)
     everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
-    extra = SEG_INTERMEDIATE_NAMES if options.seg_intermediate else ()
-    return {name: everything[name] for name in wanted + extra}, post
+    return {name: everything[name] for name in wanted + options.intermediate_names}, post
 
 
 def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Sequence[np.ndarray],

@@ -15,7 +15,7 @@ from .cell_data import CELL_DATA_VERSIONS, cell_data_document, cell_records, use
 from .cell_outlines import OutlineTracer
 from .cells import Cell, Outline, counted_cells
 from .errors import ArgumentError
-from .scoring_rules import PostprocessOptions, Resolution, optical_density
+from .scoring_rules import PostprocessOptions, Resolution, mean_density, optical_density
 from .label_stats import LabelledPixels, UnionFind, grey_levels, join_edge
 from .workers import for_row_bands, parallel_map, resolve_threads, row_bands
 
@@ -155,7 +155,7 @@ def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessO
 def mean_optical_density(pixels: LabelledPixels, sizes: np.ndarray, orig: np.ndarray) -> np.ndarray:
     """Per label, the IHC's optical density summed over its pixels and divided by its size, halves rounded
     to even (DeepLIIF's `round` of the mean)."""
-    return np.rint(pixels.image_sums(optical_density(orig)) / np.maximum(sizes, 1)).astype(np.int64)
+    return mean_density(pixels.image_sums(optical_density(orig)), sizes)
 
 
 def kernel_density(values: np.ndarray, points: int = KDE_POINTS, bandwidth: float = 1.0,

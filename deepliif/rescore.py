@@ -106,14 +106,11 @@ def positive_pixels(drawn: np.ndarray, background: np.ndarray) -> np.ndarray:
     return (drawn == 1) | (enclosed & (np.take_along_axis(drawn, np.maximum(left, 0), axis=1) == 1))
 
 
-RESCORE_REACH = 3  # rows an outline pixel depends on each way: one step into the background, two growth steps
-
-
 def outline_and_paint(orig: np.ndarray, background: np.ndarray, positive: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray]:
     """SegOverlaid and SegRefined from the cells' pixels (not background) and their positive pixels: the
     background 4-adjacent to a cell, grown twice through the 8-neighbourhood, the first outline pixel in
-    raster order deciding; a pixel depends on rows at most `RESCORE_REACH` away."""
+    raster order deciding; a pixel depends on rows at most `OUTLINE_REACH` away, as for `outline`."""
     in_cell = ~background
     border, border_positive = grow(in_cell, positive, background, RASTER_FOUR_NEIGHBOURS[::-1])
     border &= background

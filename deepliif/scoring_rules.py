@@ -111,6 +111,11 @@ def optical_density(image: np.ndarray) -> np.ndarray:
     return np.rint(total * 100).astype(np.uint16)
 
 
+def mean_density(density_sums: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Per cell, its summed optical density over its size, halves rounded to even (DeepLIIF's `round`)."""
+    return np.rint(density_sums / np.maximum(sizes, 1)).astype(np.int64)
+
+
 def _check_int(name: str, value: object, low: int, high: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise ArgumentError(f"{name} must be an integer; got {value!r}")

@@ -25,11 +25,21 @@ OverlaySink = Callable[[int, np.ndarray, np.ndarray], None]  # (top, SegOverlaid
 
 class MaskWindow:
     """Per-pixel masks of consecutive rows of a slide (here: background, in a counted cell, in a positive
-    counted cell), extended band by band below and dropped above once drawn."""
+    counted cell), extended band by band below and dropped above once drawn. `add` hands over the rows
+    that have `OUTLINE_REACH` rows of halo below (or reach the slide's bottom) and keeps that many above."""
 
-    def __init__(self, width: int, layers: int = 3) -> None:
-        self.top = 0
+    def __init__(self, width: int, height: int, layers: int = 3) -> None:
+        self.top, self.height, self.drawn = 0, height, 0
         self.masks = [np.zeros((0, width), bool) for _ in range(layers)]
+
+    def add(self, masks: list[np.ndarray], draw: Callable[[int, int], None]) -> None:
+        """Extends the window by a band's masks; `draw(first, stop)` the rows that can now be drawn exactly."""
+        self.extend(masks)
+        ready = self.height if self.bottom >= self.height else self.bottom - OUTLINE_REACH
+        if ready > self.drawn:
+            draw(self.drawn, ready)
+            self.drawn = ready
+            self.drop_above(ready - OUTLINE_REACH)
 
     @property
     def bottom(self) -> int:
@@ -74,7 +84,7 @@ def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: 
     `tracer` (if any) each band's counted cells and `cell_data` (if any) each band's labels. `bands` must
     be the bands the slide was scored with. The next bands' masks are made on `threads` threads while a
     band is drawn."""
-    window, drawn = MaskWindow(width), 0
+    window = MaskWindow(width, height)
     made = ordered_map(lambda item: _band_cells(score, item[0], item[1], tracer is not None, cell_data is not None),
                        enumerate(bands()), threads)
     for band in made:
@@ -82,12 +92,7 @@ def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: 
             tracer.add(band.top, band.owner)
         if cell_data is not None:
             cell_data.add(band.top, *band.labels)
-        window.extend(band.masks)
-        ready = height if window.bottom >= height else window.bottom - OUTLINE_REACH
-        if ready > drawn:
-            _draw(window, rows, score, drawn, ready, width, sink)
-            drawn = ready
-            window.drop_above(drawn - OUTLINE_REACH)
+        window.add(band.masks, lambda first, stop: _draw(window, rows, score, first, stop, width, sink))
 
 
 def _draw(window: MaskWindow, rows: Rows, score: SlideScore, first: int, stop: int, width: int,

@@ -5,7 +5,7 @@ The scoring needs only the cells. The images need which pixels no boundary enclo
 slide's border), a slide-wide question answered as slide scoring answers it: pass one labels each
 full-width band's pixels that no boundary covers and joins labels across band edges (`border_components`);
 pass two fills each band (row by row, so exactly) and draws its outlines from a window of its rows plus
-`RESCORE_REACH` rows of halo each side, keeping only the band's own rows. The boundaries are held as their
+`OUTLINE_REACH` rows of halo each side, keeping only the band's own rows. The boundaries are held as their
 pixels sorted by row (`BoundaryPixels`), so no image of the slide is ever held.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .rescore import RESCORE_REACH, BoundaryPixels, RescoredCells, outline_and_paint, positive_pixels
+from .rescore import BoundaryPixels, RescoredCells, outline_and_paint, positive_pixels
 from .slide_overlays import MaskWindow, OverlaySink
 from .slide_scoring import background_of, band_rows, border_components, unknown_labels
 from .workers import ordered_map
@@ -41,14 +41,13 @@ def draw_rescored_slide(rescored: RescoredCells, width: int, height: int, rows: 
         background = background_of(unknown_labels(drawn == 0)[0], firsts[index], is_background)
         return [background, positive_pixels(drawn, background)]
 
-    window, done = MaskWindow(width, layers=2), 0
+    window = MaskWindow(width, height, layers=2)
+
+    def draw(first: int, stop: int) -> None:
+        background, positive = window.masks
+        overlaid, refined = outline_and_paint(rows(window.top, window.bottom - window.top), background, positive)
+        keep = slice(first - window.top, stop - window.top)
+        sink(first, overlaid[keep], refined[keep])
+
     for band_masks in ordered_map(masks, enumerate(bands), threads):
-        window.extend(band_masks)
-        ready = height if window.bottom >= height else window.bottom - RESCORE_REACH
-        if ready > done:
-            background, positive = window.masks
-            overlaid, refined = outline_and_paint(rows(window.top, window.bottom - window.top), background, positive)
-            keep = slice(done - window.top, ready - window.top)
-            sink(done, overlaid[keep], refined[keep])
-            done = ready
-            window.drop_above(done - RESCORE_REACH)
+        window.add(band_masks, draw)

@@ -24,13 +24,12 @@ from scipy import ndimage
 from .cells import Cell
 from .errors import ArgumentError
 from .label_stats import LabelledPixels, UnionFind, grey_levels, join_edge
-from .scoring_rules import PostprocessOptions, Resolution, optical_density
+from .scoring_rules import PostprocessOptions, Resolution, mean_density, optical_density
 from .postprocessing import (_EIGHT_CONNECTED, _FOUR_CONNECTED, classify_pixels,
                              default_size_threshold)
 from .pyramid import LevelRows
 from .slides import open_slide
 from .workers import ordered_map
-
 
 
 class Band(NamedTuple):
@@ -120,11 +119,6 @@ class SlideLabels:
         first = self.cell_firsts[band] - 1
         return labels, np.concatenate([[-1], self.cell_of_label[first + 1: first + 1 + count]])
 
-    def cells(self, band: int, seg: np.ndarray) -> np.ndarray:
-        """Per pixel of band `band`: its cell's index, -1 on background."""
-        labels, cell_of = self.band_labels(band, seg)
-        return cell_of[labels]
-
 
 @dataclass
 class SlideCells:
@@ -145,10 +139,10 @@ class SlideCells:
     labels: SlideLabels | None = None
 
     def mean_optical_density(self) -> np.ndarray:
-        """Per cell, its summed optical density over its size, halves rounded to even (as for images)."""
+        """Per cell, its mean optical density, as for an image."""
         if self.od_sum is None:
             raise ArgumentError("the optical density of a slide's cells needs bands that carry the IHC")
-        return np.rint(self.od_sum / np.maximum(self.sizes, 1)).astype(np.int64)
+        return mean_density(self.od_sum, self.sizes)
 
 
 def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads: int = 1) -> SlideCells:

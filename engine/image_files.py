@@ -23,7 +23,7 @@ import numpy as np
 
 from deepliif.cell_data import cell_data_file_name, write_cell_data
 from deepliif.cells import cells_file_names, write_cells
-from deepliif.contract import OUTPUT_NAMES, SEG_INTERMEDIATE_NAMES
+from deepliif.contract import OUTPUT_NAMES
 from deepliif.imageio import (DEFAULT_MAX_PIXELS, encode_png, prepare_out_dir, read_image, write_atomically,
                              write_json)
 from deepliif.inference import InferenceOptions, InferenceResult, Stitched
@@ -123,8 +123,7 @@ def _infer_one(session: ImageSession, path: Path, image: np.ndarray, decode_seco
                options: InferenceOptions, describe: dict, encoders: Encoders,
                progress: Callable[[int], None] | None) -> _Finishing:
     stem = path.stem
-    network_names = [name for name in options.outputs.names if name in OUTPUT_NAMES] + \
-        list(SEG_INTERMEDIATE_NAMES if options.seg_intermediate else ())
+    network_names = [name for name in options.outputs.names if name in OUTPUT_NAMES] + list(options.intermediate_names)
     writes: list[Future] = []
 
     def stitched(_: int, outputs: dict[str, np.ndarray]) -> None:
