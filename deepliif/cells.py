@@ -17,12 +17,10 @@ from collections.abc import Iterator
 from dataclasses import astuple, dataclass, fields
 from enum import Enum
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
-from scipy import ndimage
-
 from .imageio import open_stream, write_atomically
-from .label_stats import LabelledPixels
 
 Outline = list[np.ndarray]  # closed (n, 2) rings of level-0 (x, y): the shell, then any holes
 
@@ -65,24 +63,32 @@ class Cell:
         return values
 
 
-def counted_cells(labels: np.ndarray, pixels: LabelledPixels, label_ids: np.ndarray, sizes: np.ndarray,
-                  positive: np.ndarray, marker: np.ndarray, marker_sum: np.ndarray | None = None) -> list[Cell]:
-    """The cells `label_ids` of a label image, numbered 1.. in raster order of their labels. Centroids are
-    the bounding box's corner plus the mean offset from it, rounded to 2 places by Python's `round`.
-    Bounding boxes come from `ndimage.find_objects`, which frees the GIL (this runs beside the overlays)."""
-    boxes = ndimage.find_objects(labels, max_label=pixels.count)
-    rows, cols = pixels.coordinates()
-    sum_x, sum_y = pixels.sums(cols), pixels.sums(rows)
-    cells = []
-    for number, label in enumerate(label_ids.tolist(), start=1):
-        box_rows, box_cols = boxes[label - 1]
-        area = int(sizes[label])
-        mean_x = (int(sum_x[label]) - area * box_cols.start) / area
-        mean_y = (int(sum_y[label]) - area * box_rows.start) / area
-        cells.append(Cell(number, round(box_cols.start + mean_x, 2), round(box_rows.start + mean_y, 2),
-                          box_cols.start, box_rows.start, box_cols.stop, box_rows.stop, area, bool(positive[label]),
-                          int(marker[label]), 0.0 if marker_sum is None else round(int(marker_sum[label]) / area, 2)))
-    return cells
+class CellStats(Protocol):
+    """Per-label arrays that a cell table is made from: an image's `Components`, a slide's merged cells."""
+    sizes: np.ndarray
+    x0: np.ndarray
+    y0: np.ndarray
+    x1: np.ndarray  # exclusive
+    y1: np.ndarray  # exclusive
+    sum_x: np.ndarray
+    sum_y: np.ndarray
+
+
+def counted_cells(stats: CellStats, label_ids: np.ndarray, positive: np.ndarray, marker: np.ndarray,
+                  marker_sum: np.ndarray | None = None) -> list[Cell]:
+    """The cells `label_ids`, numbered 1.. in that order. Centroids are the bounding box's corner plus the
+    mean offset from it, rounded to 2 places by Python's `round` (the float steps are those of Python's
+    int arithmetic: every operand is an exact integer in float64)."""
+    ids = np.asarray(label_ids, np.int64)
+    area, x0, y0 = stats.sizes[ids], stats.x0[ids], stats.y0[ids]
+    centroid_x = x0 + (stats.sum_x[ids] - area * x0) / area
+    centroid_y = y0 + (stats.sum_y[ids] - area * y0) / area
+    marker_mean = np.zeros(len(ids)) if marker_sum is None else marker_sum[ids] / area
+    columns = zip(centroid_x.tolist(), centroid_y.tolist(), x0.tolist(), y0.tolist(), stats.x1[ids].tolist(),
+                  stats.y1[ids].tolist(), area.tolist(), positive[ids].tolist(), marker[ids].tolist(),
+                  marker_mean.tolist())
+    return [Cell(number, round(cx, 2), round(cy, 2), bx0, by0, bx1, by1, size, bool(pos), int(mx), round(mean, 2))
+            for number, (cx, cy, bx0, by0, bx1, by1, size, pos, mx, mean) in enumerate(columns, start=1)]
 
 
 def cells_csv(cells: list[Cell], mpp: float | None = None) -> bytes:

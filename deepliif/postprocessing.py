@@ -16,24 +16,19 @@ from .cell_outlines import OutlineTracer
 from .cells import Cell, Outline, counted_cells
 from .errors import ArgumentError
 from .scoring_rules import PostprocessOptions, Resolution, mean_density, optical_density
-from .label_stats import LabelledPixels, UnionFind, grey_levels, join_edge
+from .label_stats import Components, LabelledPixels, UnionFind, components, grey_levels, join_edge
+from .overlays import OUTLINE_REACH, cell_codes, outline, paint
 from .workers import for_row_bands, parallel_map, resolve_threads, row_bands
 
 KDE_POINTS = 500
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
-_EIGHT_CONNECTED = ndimage.generate_binary_structure(2, 2)
-# Neighbour offsets (dy, dx) in the raster order of the *source* pixel relative to its target.
-RASTER_NEIGHBOURS = [(-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]
-RASTER_FOUR_NEIGHBOURS = [(-1, 0), (0, -1), (0, 1), (1, 0)]
-_OUTLINE_COLOURS = np.array([(255, 0, 0), (0, 0, 255)], np.uint8)  # positive, negative
 
 @dataclass
 class CellTable:
-    """Connected cells of a Seg image. Arrays are indexed by cell label (index 0 is background)."""
+    """Connected cells of a Seg. Arrays are indexed by cell label (index 0 is background)."""
 
-    labels: np.ndarray  # int32 [H, W], 0 = background
+    components: Components  # labels, sizes, boxes and coordinate sums
     background: np.ndarray  # bool [H, W]
-    sizes: np.ndarray
     positive: np.ndarray  # bool: positive pixels >= negative pixels
     marker: np.ndarray  # max Marker grey value over the cell (0 without a Marker image)
     marker_sum: np.ndarray | None  # sum of the Marker grey values over the cell (None without a Marker image)
@@ -41,6 +36,14 @@ class CellTable:
     first_pixel: np.ndarray  # flat index of each cell's first pixel in raster order
     kept: np.ndarray  # bool: above the noise threshold
     pixels: LabelledPixels  # the labelled pixels, for further per-cell reductions
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.components.labels
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self.components.sizes
 
 
 @dataclass
@@ -112,19 +115,9 @@ def lookup(table: np.ndarray, labels: np.ndarray, threads: int = 1) -> np.ndarra
     return out
 
 
-def counted_masks(labels: np.ndarray, counted: np.ndarray, is_positive: np.ndarray,
-                  threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel masks (in a counted cell, in a positive counted cell) from one lookup of a per-label code."""
-    code = counted.astype(np.uint8) + (counted & is_positive)  # 0 not counted, 1 negative, 2 positive
-    pixel_code = lookup(code, labels, threads)
-    in_counted, positive = np.empty(labels.shape, bool), np.empty(labels.shape, bool)
-
-    def split(rows: slice) -> None:
-        np.not_equal(pixel_code[rows], 0, out=in_counted[rows])
-        np.equal(pixel_code[rows], 2, out=positive[rows])
-
-    for_row_bands(split, len(labels), threads)
-    return in_counted, positive
+def counted_codes(labels: np.ndarray, counted: np.ndarray, is_positive: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Each pixel's code (`overlays.NONE` outside counted cells, else its cell's class), by one lookup."""
+    return lookup(cell_codes(counted, counted & is_positive), labels, threads)
 
 
 def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessOptions,
@@ -134,22 +127,22 @@ def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessO
     over `orig` (the input IHC) too."""
     positive, negative = classify_pixels(seg, options.seg_thresh, threads)
     background = mark_background(~(positive | negative), threads)
-    labels, count = ndimage.label(~background, structure=_EIGHT_CONNECTED)
-    pixels = LabelledPixels.of(labels, count)
+    found = components(~background, threads)
+    pixels, sizes = LabelledPixels.of(found.labels, found.count), found.sizes
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-counts") as pool:  # bincount frees the GIL
-        counts = pool.submit(lambda: (pixels.sizes(), pixels.count_true(positive) >= pixels.count_true(negative)))
+        counts = pool.submit(lambda: pixels.count_true(positive) >= pixels.count_true(negative))
         grey = None if marker is None else grey_levels(marker)
-        marker_values = np.zeros(count + 1, np.int64) if grey is None else pixels.maximum(grey)
+        marker_values = np.zeros(found.count + 1, np.int64) if grey is None else pixels.maximum(grey)
         marker_sum = None if grey is None else pixels.image_sums(grey)
         first = pixels.first_pixels()
-        sizes, is_positive = counts.result()
+        is_positive = counts.result()
         od = mean_optical_density(pixels, sizes, orig) if options.uses_optical_density else None
     kept = sizes > options.noise_thresh
     large_noise = options.large_noise_size(resolution)
     if large_noise is not None:
         kept &= sizes < large_noise
     kept[0] = False
-    return CellTable(labels, background, sizes, is_positive, marker_values, marker_sum, od, first, kept, pixels)
+    return CellTable(found, background, is_positive, marker_values, marker_sum, od, first, kept, pixels)
 
 
 def mean_optical_density(pixels: LabelledPixels, sizes: np.ndarray, orig: np.ndarray) -> np.ndarray:
@@ -203,21 +196,11 @@ def default_marker_threshold(marker: np.ndarray) -> int:
     return round((high - low) * 0.9) + low
 
 
-def _overlap(dy: int, dx: int, shape: tuple[int, ...]) -> tuple[tuple[slice, slice], tuple[slice, slice]]:
-    """Slices (target, source) such that target[y, x] pairs with source[y + dy, x + dx] inside the image."""
-    h, w = shape[:2]
-    target = (slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), w - max(0, dx)))
-    source = (slice(max(0, dy), h - max(0, -dy)), slice(max(0, dx), w - max(0, -dx)))
-    return target, source
-
-
-OUTLINE_REACH = 3  # rows an outline pixel depends on each way: one step to the background, two growth steps
-
-
-def draw_overlays(orig: np.ndarray, background: np.ndarray, in_counted: np.ndarray, positive_pixels: np.ndarray,
-                  seeds: np.ndarray, seeds_positive: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """SegOverlaid and SegRefined, drawn in row bands on `threads` threads. Each band is outlined from its
-    rows plus `OUTLINE_REACH` rows of halo each side, so the result equals drawing the whole image at once."""
+def draw_overlays(orig: np.ndarray, background: np.ndarray, cells: np.ndarray, seeds: np.ndarray,
+                  seeds_positive: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """SegOverlaid and SegRefined from the counted cells' codes, drawn in row bands on `threads` threads.
+    Each band is outlined from its rows plus `OUTLINE_REACH` rows of halo each side, so the result equals
+    drawing the whole image at once."""
     overlaid, refined = np.empty_like(orig), np.empty_like(orig)
     width = orig.shape[1]
     seed_rows = seeds // width
@@ -227,61 +210,12 @@ def draw_overlays(orig: np.ndarray, background: np.ndarray, in_counted: np.ndarr
         low, high = max(0, top - OUTLINE_REACH), min(len(orig), bottom + OUTLINE_REACH)
         inside = (seed_rows >= top) & (seed_rows < bottom)
         window = slice(low, high)
-        border, border_positive = outline(background[window], in_counted[window], positive_pixels[window],
-                                          seeds[inside] - low * width, seeds_positive[inside])
-        drawn = paint(orig[window], border, border_positive, in_counted[window], positive_pixels[window])
-        for target, image in zip((overlaid, refined), drawn):
-            target[top:bottom] = image[top - low: bottom - low]
+        border = outline(background[window], cells[window], seeds[inside] - low * width, seeds_positive[inside])
+        keep = slice(top - low, bottom - low)
+        overlaid[top:bottom], refined[top:bottom] = paint(orig[top:bottom], border[keep], cells[window][keep])
 
     parallel_map(band, row_bands(len(orig), 2 * threads if threads > 1 else 1), threads)
     return overlaid, refined
-
-
-def outline(background: np.ndarray, in_counted: np.ndarray, positive_pixels: np.ndarray, seeds: np.ndarray,
-            seeds_positive: np.ndarray, grow_steps: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """Background pixels 4-adjacent to a counted cell (where two cells reach one, the later neighbour in
-    raster order gives its class), grown `grow_steps` times (8-neighbourhood) into background, each new
-    pixel taking the class of the first outline pixel next to it in raster order, as DeepLIIF's in-place
-    raster scan decides (measured: half the differences from DeepLIIF's images of the other choice). DeepLIIF also marks each
-    cell's first pixel (its flood-fill seed, a flat index in `seeds`) as outline; so does this. Every step
-    looks one pixel away, so a pixel's outline depends on pixels at most `1 + grow_steps` rows away: a band
-    with that many rows of halo each side is drawn exactly."""
-    border, border_positive = grow(in_counted, positive_pixels, background, RASTER_FOUR_NEIGHBOURS)
-    border &= background
-    for _ in range(grow_steps):
-        border, border_positive = grow(border, border_positive, background, RASTER_NEIGHBOURS[::-1])
-    border.ravel()[seeds] = True
-    border_positive.ravel()[seeds] = seeds_positive
-    return border, border_positive & border
-
-
-def grow(source: np.ndarray, source_positive: np.ndarray, allowed: np.ndarray,
-          offsets: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Add allowed pixels next to `source` (at the given offsets of the neighbour; where several reach one
-    pixel, the last offset's positivity wins, so offsets in reverse raster order let the first win). Works on views of the overlapping parts, not shifted copies.
-    (Outlines are dense, about a sixth of a cell-dense image, so following only the newest outline
-    pixels by index was measured slower than these whole-array steps.)"""
-    grown, grown_positive = source.copy(), source_positive.copy()
-    candidates = allowed & ~source
-    for dy, dx in offsets:
-        target, origin = _overlap(dy, dx, source.shape)
-        reached = source[origin] & candidates[target]
-        grown[target] |= reached
-        np.copyto(grown_positive[target], source_positive[origin], where=reached)
-    return grown, grown_positive
-
-
-def paint(orig: np.ndarray, border: np.ndarray, border_positive: np.ndarray, in_counted: np.ndarray,
-          positive_pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """SegOverlaid (outlines on the input: red positive, blue negative) and SegRefined (green outlines,
-    red/blue interiors on black). Outline pixels are written by flat index and SegRefined from three
-    stacked masks: boolean-mask assignment of colours to a 3-channel image is several times slower."""
-    overlaid = orig.copy()
-    outlined = np.flatnonzero(border)
-    overlaid.reshape(-1, 3)[outlined] = _OUTLINE_COLOURS[(~border_positive.ravel()[outlined]).view(np.uint8)]
-    interior = in_counted & ~border
-    planes = np.stack([interior & positive_pixels, border, interior & ~positive_pixels], axis=2)
-    return overlaid, planes.view(np.uint8) * np.uint8(255)
 
 
 def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, tile_size: int,
@@ -307,14 +241,14 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
 
     counted = cells.kept & options.counted(cells.sizes, size_thresh)
     is_positive = options.positive(cells.positive, cells.marker if cells.od is None else cells.od, marker_thresh)
-    in_counted, positive_pixels = counted_masks(cells.labels, counted, is_positive, threads) if overlays else (None, None)
+    codes = counted_codes(cells.labels, counted, is_positive, threads) if overlays else None
     ids = np.flatnonzero(counted)
     overlaid = refined = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-table") as pool:
         table = pool.submit(_cell_table, cells, ids, is_positive, outlines)
         if overlays:
-            overlaid, refined = draw_overlays(orig, cells.background, in_counted, positive_pixels,
-                                              cells.first_pixel[ids], is_positive[ids], threads)
+            overlaid, refined = draw_overlays(orig, cells.background, codes, cells.first_pixel[ids],
+                                              is_positive[ids], threads)
 
     scoring = options.scoring(counted, is_positive, size_thresh, marker_thresh if marker is not None else None)
     document = None if cell_data is None else \
@@ -332,9 +266,8 @@ def _cell_data(cells: CellTable, version: int, orig: np.ndarray, marker: np.ndar
         values = cells.od if cells.od is not None else mean_optical_density(cells.pixels, cells.sizes, orig)
     else:
         values = cells.marker
-    rows, cols = cells.pixels.coordinates()
     records = cell_records(cells.labels, np.flatnonzero(cells.kept), cells.sizes, cells.positive, values,
-                           cells.first_pixel, cells.pixels.sums(cols), cells.pixels.sums(rows),
+                           cells.first_pixel, cells.components.sum_x, cells.components.sum_y,
                            "od" if by_density else "marker")
     settings = {"default_size_thresh": int(default_size), "noise_thresh": options.noise_thresh,
                 "large_noise_thresh": options.large_noise_size(resolution), "seg_thresh": options.seg_thresh}
@@ -345,7 +278,7 @@ def _cell_data(cells: CellTable, version: int, orig: np.ndarray, marker: np.ndar
 
 def _cell_table(cells: CellTable, ids: np.ndarray, is_positive: np.ndarray, outlines: bool
                 ) -> tuple[list[Cell], dict[int, Outline] | None]:
-    table = counted_cells(cells.labels, cells.pixels, ids, cells.sizes, is_positive, cells.marker, cells.marker_sum)
+    table = counted_cells(cells.components, ids, is_positive, cells.marker, cells.marker_sum)
     if not outlines:
         return table, None
     owner = np.zeros(len(cells.sizes), np.int32)

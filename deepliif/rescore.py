@@ -16,7 +16,8 @@ import numpy as np
 
 from .cell_data import full_contour, uses_optical_density
 from .errors import ArgumentError
-from .postprocessing import RASTER_FOUR_NEIGHBOURS, RASTER_NEIGHBOURS, grow, mark_background, paint
+from .overlays import RASTER_FOUR_NEIGHBOURS, cell_codes, outline, paint
+from .postprocessing import mark_background
 from .scoring_rules import PostprocessOptions
 
 
@@ -65,7 +66,7 @@ def rescore(cells: list[dict], settings: dict, version: int, orig: np.ndarray,
     boundaries = BoundaryPixels(rescored.counted, rescored.positive, width, height)
     drawn = boundaries.rows(0, height)
     background = mark_background(drawn == 0)
-    overlaid, refined = outline_and_paint(orig, background, positive_pixels(drawn, background))
+    overlaid, refined = outline_and_paint(orig, background, cell_codes(~background, positive_pixels(drawn, background)))
     return Rescored(overlaid, refined, rescored.scoring)
 
 
@@ -106,14 +107,8 @@ def positive_pixels(drawn: np.ndarray, background: np.ndarray) -> np.ndarray:
     return (drawn == 1) | (enclosed & (np.take_along_axis(drawn, np.maximum(left, 0), axis=1) == 1))
 
 
-def outline_and_paint(orig: np.ndarray, background: np.ndarray, positive: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """SegOverlaid and SegRefined from the cells' pixels (not background) and their positive pixels: the
-    background 4-adjacent to a cell, grown twice through the 8-neighbourhood, the first outline pixel in
-    raster order deciding; a pixel depends on rows at most `OUTLINE_REACH` away, as for `outline`."""
-    in_cell = ~background
-    border, border_positive = grow(in_cell, positive, background, RASTER_FOUR_NEIGHBOURS[::-1])
-    border &= background
-    for _ in range(2):
-        border, border_positive = grow(border, border_positive, background, RASTER_NEIGHBOURS[::-1])
-    return paint(orig, border, border_positive & border, in_cell, positive)
+def outline_and_paint(orig: np.ndarray, background: np.ndarray, cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """SegOverlaid and SegRefined from the cells' codes (every pixel not background is in a cell): the
+    background 4-adjacent to a cell (the first such neighbour in raster order deciding), grown twice through
+    the 8-neighbourhood as for `overlays.outline`, whose reach in rows it shares; no seed pixels."""
+    return paint(orig, outline(background, cells, first_step=RASTER_FOUR_NEIGHBOURS), cells)

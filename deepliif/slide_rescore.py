@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from .overlays import cell_codes
 from .rescore import BoundaryPixels, RescoredCells, outline_and_paint, positive_pixels
 from .slide_overlays import MaskWindow, OverlaySink
 from .slide_scoring import background_of, band_rows, border_components, unknown_labels
@@ -39,13 +40,13 @@ def draw_rescored_slide(rescored: RescoredCells, width: int, height: int, rows: 
         index, band = item
         drawn = boundaries.rows(*band)
         background = background_of(unknown_labels(drawn == 0)[0], firsts[index], is_background)
-        return [background, positive_pixels(drawn, background)]
+        return [background, cell_codes(~background, positive_pixels(drawn, background))]
 
-    window = MaskWindow(width, height, layers=2)
+    window = MaskWindow(height)
 
     def draw(first: int, stop: int) -> None:
-        background, positive = window.masks
-        overlaid, refined = outline_and_paint(rows(window.top, window.bottom - window.top), background, positive)
+        background, codes = window.masks
+        overlaid, refined = outline_and_paint(rows(window.top, window.bottom - window.top), background, codes)
         keep = slice(first - window.top, stop - window.top)
         sink(first, overlaid[keep], refined[keep])
 

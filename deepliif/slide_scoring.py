@@ -21,12 +21,11 @@ from typing import NamedTuple, TypeVar
 import numpy as np
 from scipy import ndimage
 
-from .cells import Cell
+from .cells import Cell, counted_cells
 from .errors import ArgumentError
-from .label_stats import LabelledPixels, UnionFind, grey_levels, join_edge
+from .label_stats import Components, LabelledPixels, UnionFind, components, grey_levels, join_edge
 from .scoring_rules import PostprocessOptions, Resolution, mean_density, optical_density
-from .postprocessing import (_EIGHT_CONNECTED, _FOUR_CONNECTED, classify_pixels,
-                             default_size_threshold)
+from .postprocessing import _FOUR_CONNECTED, classify_pixels, default_size_threshold
 from .pyramid import LevelRows
 from .slides import open_slide
 from .workers import ordered_map
@@ -115,9 +114,9 @@ class SlideLabels:
     def band_labels(self, band: int, seg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Band `band`'s own 8-connected labels, and per label its merged cell's index (-1 for label 0)."""
         background = band_background(seg, self.seg_thresh, self.no_cell_firsts[band], self.is_background)
-        labels, count = ndimage.label(~background, structure=_EIGHT_CONNECTED)
+        found = components(~background)
         first = self.cell_firsts[band] - 1
-        return labels, np.concatenate([[-1], self.cell_of_label[first + 1: first + 1 + count]])
+        return found.labels, np.concatenate([[-1], self.cell_of_label[first + 1: first + 1 + found.count]])
 
 
 @dataclass
@@ -154,9 +153,9 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
         band, first = item
         grey = None if band.marker is None else grey_levels(band.marker)
         background = band_background(band.seg, seg_thresh, first, is_background)
-        labels, count = ndimage.label(~background, structure=_EIGHT_CONNECTED)
+        found = components(~background)
         histogram = None if grey is None else np.bincount(grey.ravel(), minlength=256)
-        return labels, count, _band_stats(labels, count, band, grey, width, seg_thresh), histogram
+        return found.labels, found.count, _band_stats(found, band, grey, width, seg_thresh), histogram
 
     sets, previous, parts, histogram, cell_firsts = UnionFind(), None, [], np.zeros(256, np.int64), []
     for labels, count, stats, band_histogram in ordered_map(measured, zip(bands(), no_cell_firsts), threads):
@@ -173,24 +172,20 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
     return cells
 
 
-def _band_stats(labels: np.ndarray, count: int, band: Band, grey: np.ndarray | None, width: int,
+def _band_stats(found: Components, band: Band, grey: np.ndarray | None, width: int,
                 seg_thresh: int) -> dict[str, np.ndarray]:
-    top = band.top
+    top, count = band.top, found.count
     positive, negative = classify_pixels(band.seg, seg_thresh)
-    pixels = LabelledPixels.of(labels, count)
-    rows, cols = pixels.coordinates()
-    sizes = pixels.sizes()[1:]
-    boxes = ndimage.find_objects(labels, max_label=count)
+    pixels = LabelledPixels.of(found.labels, count)
+    sizes = found.sizes[1:]
     od = {} if band.ihc is None else {"od_sum": pixels.image_sums(optical_density(band.ihc))[1:]}
     return {**od, "sizes": sizes, "positive": pixels.count_true(positive)[1:],
             "negative": pixels.count_true(negative)[1:],
             "marker": pixels.maximum(grey)[1:] if grey is not None else np.zeros(count, np.int64),
             "marker_sum": pixels.image_sums(grey)[1:] if grey is not None else np.zeros(count, np.int64),
             "first_pixel": pixels.first_pixels()[1:] + top * width,
-            "sum_x": pixels.sums(cols)[1:], "sum_y": pixels.sums(rows)[1:] + top * sizes,
-            "x0": np.array([b[1].start for b in boxes], np.int64), "x1": np.array([b[1].stop for b in boxes], np.int64),
-            "y0": np.array([b[0].start + top for b in boxes], np.int64),
-            "y1": np.array([b[0].stop + top for b in boxes], np.int64)}
+            "sum_x": found.sum_x[1:], "sum_y": found.sum_y[1:] + top * sizes,
+            "x0": found.x0[1:], "x1": found.x1[1:], "y0": found.y0[1:] + top, "y1": found.y1[1:] + top}
 
 
 def _merge(roots: np.ndarray, parts: list[dict[str, np.ndarray]], histogram: np.ndarray
@@ -276,15 +271,8 @@ def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marke
     values = cells.mean_optical_density() if options.uses_optical_density else cells.marker
     is_positive = options.positive(cells.positive, values, marker_thresh)
     scoring = options.scoring(counted, is_positive, size_thresh, marker_thresh if has_marker else None)
-    table = []
-    for i in np.flatnonzero(counted):
-        size = int(cells.sizes[i])
-        centroid_x = round(int(cells.x0[i]) + (int(cells.sum_x[i]) - size * int(cells.x0[i])) / size, 2)
-        centroid_y = round(int(cells.y0[i]) + (int(cells.sum_y[i]) - size * int(cells.y0[i])) / size, 2)
-        marker_mean = round(int(cells.marker_sum[i]) / size, 2) if has_marker else 0.0
-        table.append(Cell(len(table) + 1, centroid_x, centroid_y, int(cells.x0[i]), int(cells.y0[i]),
-                          int(cells.x1[i]), int(cells.y1[i]), size, bool(is_positive[i]), int(cells.marker[i]),
-                          marker_mean))
+    table = counted_cells(cells, np.flatnonzero(counted), is_positive, cells.marker,
+                          cells.marker_sum if has_marker else None)
     counted_ids = np.zeros(len(counted), np.int32)
     counted_ids[counted] = np.arange(1, len(table) + 1)
     return SlideScore(scoring, table, counted, is_positive, cells.first_pixel[counted], is_positive[counted],

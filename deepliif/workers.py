@@ -43,6 +43,16 @@ def resolve_threads(threads: int | None) -> int:
     return threads
 
 
+def opencv(threads: int | None = None):
+    """cv2, imported on first use; with `threads`, its process-wide thread pool sized to them (every entry
+    point resolves the same count, so in a kernel it is set once). OpenCV releases the GIL, and a parallel
+    loop it is asked for while its pool is busy runs in the calling thread, so band threads may call it."""
+    import cv2
+    if threads is not None and cv2.getNumThreads() != threads:
+        cv2.setNumThreads(threads)
+    return cv2
+
+
 def parallel_map(function: Callable[[Item], Result], items: Iterable[Item], threads: int) -> list[Result]:
     """`[function(item) for item in items]`, on up to `threads` threads; the first error is re-raised
     after every started part has finished (no part is left running on shared buffers)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from deepliif.cells import cell_features, cells_csv, counted_cells, write_cells
-from deepliif.label_stats import LabelledPixels
+from deepliif.label_stats import LabelledPixels, components
 from deepliif.imageio import read_image
 from deepliif.postprocessing import postprocess
 
@@ -40,15 +40,15 @@ def test_the_cell_table_lists_every_counted_cell_of_the_real_fixtures(deepliif_f
 
 
 def test_centroids_bounding_boxes_and_areas_of_known_cells() -> None:
-    labels = np.zeros((20, 30), np.int32)
-    labels[2:5, 3:7] = 1    # 3 x 4 rectangle
-    labels[10:19, 20:21] = 2  # a vertical line
-    sizes = np.bincount(labels.ravel())
-    pixels = LabelledPixels.of(labels, 2)
-    marker = np.zeros(labels.shape, np.int64)
+    mask = np.zeros((20, 30), bool)
+    mask[2:5, 3:7] = True    # 3 x 4 rectangle
+    mask[10:19, 20:21] = True  # a vertical line
+    found = components(mask)
+    pixels = LabelledPixels.of(found.labels, found.count)
+    marker = np.zeros(mask.shape, np.int64)
     marker[2:5, 3:5] = 9  # 6 of the rectangle's 12 pixels
-    cells = counted_cells(labels, pixels, np.array([1, 2]), sizes, np.array([False, True, False]),
-                          np.array([0, 7, 200]), pixels.image_sums(marker))
+    cells = counted_cells(found, np.array([1, 2]), np.array([False, True, False]), np.array([0, 7, 200]),
+                          pixels.image_sums(marker))
     assert [(c.centroid_x, c.centroid_y, c.bbox_x0, c.bbox_y0, c.bbox_x1, c.bbox_y1, c.area_px) for c in cells] == \
         [(4.5, 3.0, 3, 2, 7, 5, 12), (20.0, 14.0, 20, 10, 21, 19, 9)]
     assert [(c.id, c.classification, c.marker, c.marker_mean) for c in cells] == \
@@ -79,18 +79,17 @@ def test_outlines_of_thin_diagonal_and_one_pixel_cells_are_valid_polygons() -> N
     labels[2, 3:15] = 1
     for k in range(6):
         labels[5 + k, 20 + k] = 2
-    labels[20, 5] = 3
-    labels[15:25, 25:35] = 4
+    labels[20, 5] = 4
+    labels[15:25, 25:35] = 3
     labels[17:23, 27:33] = 0
-    labels[20, 27:29] = 4  # a spur into the hole
+    labels[20, 27:29] = 3  # a spur into the hole
     labels[17:23, 30] = 0
-    count = 4
-    sizes = np.bincount(labels.ravel())
-    pixels = LabelledPixels.of(labels, count)
-    cells = counted_cells(labels, pixels, np.arange(1, count + 1), sizes, np.zeros(count + 1, bool),
-                          np.zeros(count + 1, np.int64))
+    found = components(labels > 0)
+    assert np.array_equal(found.labels, labels), "the shapes are numbered as they are drawn"
+    count = found.count
+    cells = counted_cells(found, np.arange(1, count + 1), np.zeros(count + 1, bool), np.zeros(count + 1, np.int64))
     tracer = OutlineTracer(cells)
     tracer.add(0, labels)
     features = assert_qupath_imports(list_features("shapes", cells, tracer.outlines))
     assert_outlines_trace_the_cells(features)
-    assert [len(f["geometry"]["coordinates"]) for f in features] == [1, 1, 1, 2]  # the last one has a hole
+    assert [len(f["geometry"]["coordinates"]) for f in features] == [1, 1, 2, 1]  # the hook has a hole
