@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from deepliif.label_stats import LabelledPixels, grey_levels
+from deepliif.label_stats import LabelledPixels, components, grey_levels
 
 
 def _labels(seed: int, shape=(120, 150)) -> tuple[np.ndarray, int]:
@@ -41,3 +41,30 @@ def test_grey_levels_are_the_channel_maximum() -> None:
     image = np.random.default_rng(5).integers(0, 256, (7, 9, 3)).astype(np.uint8)
     assert np.array_equal(grey_levels(image), image.max(axis=2))
     assert np.array_equal(grey_levels(image[:, :, 1]), image[:, :, 1])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_components_number_and_measure_as_ndimage_does(threads: int) -> None:
+    """OpenCV's labelling gives ndimage's labels (raster order of first pixels), boxes, sizes and exact
+    coordinate sums, on one thread or several (its parallel form labels row stripes and merges them)."""
+    rng = np.random.default_rng(threads)
+    shapes = [(1, 1), (1, 40), (40, 1), (300, 7)] + [tuple(rng.integers(2, 90, 2)) for _ in range(60)]
+    for shape in shapes:
+        mask = rng.random(shape) < rng.uniform(0.05, 0.95)
+        labels, count = ndimage.label(mask, structure=np.ones((3, 3)))
+        found = components(mask, threads)
+        assert found.count == count and np.array_equal(found.labels, labels), shape
+        assert np.array_equal(found.sizes, np.bincount(labels.ravel(), minlength=count + 1))
+        boxes = ndimage.find_objects(labels)
+        assert [(b[1].start, b[0].start, b[1].stop, b[0].stop) for b in boxes] == \
+            list(zip(found.x0[1:].tolist(), found.y0[1:].tolist(), found.x1[1:].tolist(), found.y1[1:].tolist()))
+        ys, xs = np.nonzero(labels)
+        for sums, coordinate in ((found.sum_x, xs), (found.sum_y, ys)):
+            assert np.array_equal(sums[1:], np.bincount(labels[ys, xs], weights=coordinate, minlength=count + 1)[1:])
+
+
+def test_components_of_full_and_empty_masks() -> None:
+    full = components(np.ones((4, 5), bool))
+    assert full.count == 1 and full.sizes.tolist() == [0, 20] and (full.sum_x[1], full.sum_y[1]) == (40, 30)
+    assert components(np.zeros((0, 5), bool)).count == 0
+    assert components(np.zeros((3, 5), bool)).count == 0

@@ -9,7 +9,8 @@ import pytest
 import tifffile
 import tiffslide
 
-from deepliif.pyramid import PyramidWriter, StreamedLevel, average_2x2, level_sizes, pyramid_from_regions
+from deepliif.pyramid import (LevelRows, PyramidWriter, StreamedLevel, average_2x2, level_sizes,
+                             pyramid_from_regions)
 
 TILE = 128
 
@@ -65,6 +66,14 @@ def test_levels_halve_by_floor_division_down_to_one_tile() -> None:
     assert average_2x2(rows).tolist() == [[[1]]]
 
 
+def test_the_2x2_average_is_the_rounded_mean_of_every_block() -> None:
+    rows = np.random.default_rng(4).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    wide = rows.astype(np.int32)
+    blocks = wide[0::2, 0::2] + wide[1::2, 0::2] + wide[0::2, 1::2] + wide[1::2, 1::2]
+    assert np.array_equal(average_2x2(rows), (blocks + 2) // 4)
+    assert average_2x2(rows[:0]).shape == (0, 5, 3)
+
+
 def test_a_pyramid_from_unaligned_regions_is_whole_and_every_reader_sees_its_levels(tmp_path: Path) -> None:
     """Regions whose edge is not on a TIFF tile row are re-tiled; the file is still exact."""
     image = random_image()
@@ -105,3 +114,17 @@ def test_a_streamed_pyramid_is_published_whole_or_not_at_all(tmp_path: Path) -> 
     broken.add(image[:90])
     broken.discard()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ome.tif"]
+
+
+@pytest.mark.parametrize("band", [1, 37, 244, 256, 300])
+def test_level_rows_read_in_any_band_height_are_the_image(tmp_path: Path, band: int) -> None:
+    """Bands that straddle tile rows and regions read back exactly; rows of one region cannot be written
+    to (they are views of the tile rows kept for the next band)."""
+    image = random_image()
+    regions = streamed_regions(image, tmp_path, [(0, 512), (512, 700)], band=150)
+    with LevelRows(regions) as rows:
+        for y in range(0, rows.height, band):
+            part = rows.rows(y, min(band, rows.height - y))
+            np.testing.assert_array_equal(part, image[y: y + band])
+        np.testing.assert_array_equal(rows.rows(3, 600), image[3:603])  # backwards, across both regions
+        assert not rows.rows(5, 10).flags.writeable
