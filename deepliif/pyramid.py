@@ -4,7 +4,7 @@ Level 0 of each output is streamed to a temporary tiled TIFF (or several, stacke
 the slide is inferred; tifffile pulls tiles from a bounded queue on its own thread. The reduced levels
 are made from the same rows as they pass (2x2 area average, each level half the one above by floor
 division), each into its own temporary. The final file is then assembled from tiles that are already
-compressed: nothing is decoded or compressed twice. It is lossless (deflate), carries the input's
+compressed: nothing is decoded or compressed twice. It is lossless by default (deflate), carries the input's
 physical pixel size, and is written under a temporary name and renamed into place, so a killed run never
 leaves a file that looks complete.
 
@@ -136,11 +136,22 @@ def level_sizes(height: int, width: int, tile: int = TIFF_TILE) -> list[tuple[in
     return sizes
 
 
-class ReducedLevels:
-    """Levels 1.. of an image made from its level-0 rows as they pass, each streamed to `<base>.level<k>.tif`."""
+def region_levels(top: int, bottom: int, sizes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(height, width) at each of an image's levels `sizes` of its level-0 rows [top, bottom), for as many
+    levels as they make rows. `top` must be a multiple of 2**(len(sizes) - 1): rows are then halved by
+    floor division exactly as the whole image's are."""
+    if top % (1 << (len(sizes) - 1)):
+        raise ImageError(f"a region starting at row {top} does not halve evenly into {len(sizes)} levels")
+    return [(rows, width) for k, (_, width) in enumerate(sizes) if (rows := (bottom >> k) - (top >> k)) > 0]
 
-    def __init__(self, base: Path, height: int, width: int, tile: int = TIFF_TILE, codec: Codec = DEFLATE) -> None:
-        self.sizes = level_sizes(height, width, tile)
+
+class ReducedLevels:
+    """Levels 1.. of an image (or of a region of it: `region_levels`) made from its level-0 rows as they
+    pass, each streamed to `<base>.level<k>.tif`. `sizes` are every level's (height, width), level 0 first."""
+
+    def __init__(self, base: Path, sizes: list[tuple[int, int]], tile: int = TIFF_TILE, codec: Codec = DEFLATE
+                 ) -> None:
+        self.sizes = sizes
         self.writers = [StreamedLevel(Path(f"{base}.level{k}.tif"), w, h, tile, codec)
                         for k, (h, w) in enumerate(self.sizes[1:], start=1)]
         self._pending = [np.zeros((0, w, 3), np.uint8) for _, w in self.sizes[:-1]]
@@ -188,23 +199,30 @@ def average_2x2(rows: np.ndarray) -> np.ndarray:
 
 
 class PyramidWriter:
-    """One output written as rows arrive: level 0 and the reduced levels stream to hidden temporaries;
-    `publish` assembles them into the final file, `discard` removes them."""
+    """One image written as rows arrive: level 0 and the reduced levels (`sizes`: every level's (height,
+    width), level 0 first) stream to hidden temporaries `<base>.level<k>.tif`. `publish` assembles them
+    into the final file; `close` finishes them and says where they are (a slide run's checkpoint keeps
+    them per region); `discard` removes them."""
 
-    def __init__(self, base: Path, width: int, height: int, tile: int = TIFF_TILE, codec: Codec = DEFLATE) -> None:
+    def __init__(self, base: Path, sizes: list[tuple[int, int]], tile: int = TIFF_TILE, codec: Codec = DEFLATE
+                 ) -> None:
+        (height, width) = sizes[0]
         self.level0 = StreamedLevel(Path(f"{base}.level0.tif"), width, height, tile, codec)
-        self.reduced = ReducedLevels(base, height, width, tile, codec)
+        self.reduced = ReducedLevels(base, sizes, tile, codec)
         self.tile, self.codec = tile, codec
 
     def add(self, rows: np.ndarray) -> None:
         self.level0.add(rows)
         self.reduced.add(rows)
 
+    def close(self) -> list[Path]:
+        """Every level's file, level 0 first, once written whole."""
+        self.level0.close()
+        return [self.level0.path, *self.reduced.close()]
+
     def publish(self, out: Path, mpp: float | None) -> int:
         try:
-            self.level0.close()
-            return assemble_pyramid([[self.level0.path], *[[path] for path in self.reduced.close()]], out, mpp,
-                                    self.tile, self.codec)
+            return assemble_pyramid([[path] for path in self.close()], out, mpp, self.tile, self.codec)
         finally:
             self.discard()
 
@@ -216,21 +234,6 @@ class PyramidWriter:
                 pass
         self.level0.path.unlink(missing_ok=True)
         self.reduced.remove()
-
-
-def pyramid_from_regions(level0: list[Path], out: Path, mpp: float | None, tile: int = TIFF_TILE,
-                         codec: Codec = DEFLATE) -> int:
-    """The pyramid of an image whose level 0 is already written as tiled TIFF regions, top to bottom (a
-    slide run's checkpoint): level 0 is read once to make the reduced levels, and copied as it is stored."""
-    with LevelRows(level0) as rows:
-        reduced = ReducedLevels(Path(f"{level0[0]}"), rows.height, rows.width, tile, codec)
-        try:
-            for y in range(0, rows.height, 2 * tile):
-                reduced.add(rows.rows(y, 2 * tile))
-            levels = [list(level0), *[[path] for path in reduced.close()]]
-            return assemble_pyramid(levels, out, mpp, tile, codec)
-        finally:
-            reduced.remove()
 
 
 class LevelRows:
@@ -249,7 +252,9 @@ class LevelRows:
         try:
             for path in paths:
                 self.stores.append(tifffile.imread(path, aszarr=True))
-                self.arrays.append(zarr.open(self.stores[-1], mode="r"))
+                array = zarr.open(self.stores[-1], mode="r")
+                # zarr 2 cannot read an image of one row from larger tiles; one row is small, so read it now
+                self.arrays.append(tifffile.imread(path).reshape(array.shape) if array.shape[0] == 1 else array)
                 self.tops.append(top)
                 top += self.arrays[-1].shape[0]
         except BaseException:
@@ -267,7 +272,7 @@ class LevelRows:
 
     def _region_rows(self, index: int, low: int, high: int) -> np.ndarray:
         array = self.arrays[index]
-        step = array.chunks[0]
+        step = getattr(array, "chunks", array.shape)[0]
         start, stop = low // step * step, min(-(-high // step) * step, array.shape[0])
         region, first, kept = self._kept if self._kept is not None else (-1, 0, None)
         if region == index and first <= start < first + len(kept):

@@ -1,16 +1,19 @@
 """Resuming a slide run killed midway from its last completed region.
 
-Level 0 of every output is written as regions: bands of whole TIFF tile rows (the last region takes what
-is left), each region one tiled TIFF per output, so the published pyramids copy their tiles as they are
-stored. A region counts only once all of its files are closed, flushed to disk (fsync) and listed, with
-their sizes and where to resume after it, in `checkpoint.json`, which is replaced atomically. Regions end
-on TIFF tile rows but the slide loop hands rows over at its own release points, so the place to resume
-after a region is the last release point at or above its end: a resumed run hands over some rows the
-region already holds, and they are dropped. A rerun reads the manifest: the same slide (path, size,
-modification time), model, backend, tile size and regions, or it starts afresh; files that are not
-listed, or whose size changed, are deleted. The folder is hidden and holds no final output, so nothing here
-ever looks complete; the outputs are assembled from the regions only after the last one, and the folder
-goes once they are published. An exclusive, non-blocking lock on the folder keeps a second run off the
+Every output is written as regions: bands of whole TIFF tile rows (the last region takes what is left),
+each region one tiled TIFF per output and level, its reduced levels made from the rows as they stream
+past, so the published pyramids copy their tiles as they are stored and nothing is decoded again. A
+region's rows are a multiple of 2**levels, so its reduced levels are exactly the slide's rows there.
+(Smaller levels' regions are not whole tile rows; those few levels are re-tiled when published.)
+A region counts only once all of its files are closed, flushed to disk (fsync) and listed, with their
+sizes and where to resume after it, in `checkpoint.json`, which is replaced atomically. Regions end on
+TIFF tile rows but the slide loop hands rows over at its own release points, so the place to resume after
+a region is the last release point at or above its end: a resumed run hands over some rows the region
+already holds, and they are dropped. A rerun reads the manifest: the same slide (path, size, modification
+time), model, backend, tile size, regions and levels, or it starts afresh; files that are not listed, or
+whose size changed, are deleted. The folder is hidden and holds no final output, so nothing here ever
+looks complete; the outputs are assembled from the regions only after the last one, and the folder goes
+once they are published. An exclusive, non-blocking lock on the folder keeps a second run off the
 same checkpoint.
 """
 from __future__ import annotations
@@ -28,7 +31,7 @@ import numpy as np
 
 from .errors import DeepLIIFError
 from .imageio import write_json
-from .pyramid import DEFLATE, TIFF_TILE, Codec, StreamedLevel
+from .pyramid import DEFLATE, TIFF_TILE, Codec, PyramidWriter, level_sizes, region_levels
 from .slide_loop import SlidePosition
 from .logs import project_logger
 
@@ -43,9 +46,10 @@ class CheckpointBusyError(DeepLIIFError):
 
 
 def region_ends(height: int, width: int, tile: int = TIFF_TILE) -> list[int]:
-    """Where regions end: every whole number of TIFF tile rows making about `REGION_PIXELS`, then the
-    slide's height."""
-    rows = max(1, round(REGION_PIXELS / max(1, width * tile))) * tile
+    """Where regions end: every whole number of TIFF tile rows making about `REGION_PIXELS` and halving
+    evenly through every level of the slide's pyramid, then the slide's height."""
+    step = max(tile, 1 << (len(level_sizes(height, width, tile)) - 1))
+    rows = -(-max(tile, round(REGION_PIXELS / max(1, width * tile)) * tile) // step) * step
     return [*range(rows, height, rows), height]
 
 
@@ -56,10 +60,11 @@ class SlideCheckpoint:
                  ends: list[int], codecs: dict[str, Codec] | None = None) -> None:
         self.folder, self.names, self.width, self.ends = Path(folder), names, width, ends
         self.codecs = {name: (codecs or {}).get(name, DEFLATE) for name in names}
-        self.fingerprint = {**fingerprint, "names": list(names), "region_ends": ends,
+        self.sizes = level_sizes(ends[-1], width)
+        self.fingerprint = {**fingerprint, "names": list(names), "region_ends": ends, "levels": len(self.sizes),
                             "codecs": {name: codec.compression for name, codec in self.codecs.items()}}
         self.regions: list[dict] = []
-        self._writers: dict[str, StreamedLevel] = {}
+        self._writers: dict[str, PyramidWriter] = {}
         self._written = 0  # rows of level 0 in closed or open regions
         self._closed: list[dict[str, dict]] = []  # files of regions written whole, not yet listed
         self._before = SlidePosition()  # the run's last position at or above the oldest unlisted region's end
@@ -90,7 +95,8 @@ class SlideCheckpoint:
         self.regions = [region for region in self._listed() if self._whole(region)]
         whole = len(self.regions)
         self.regions = self.regions[: next((i for i, r in enumerate(self.regions) if r["index"] != i), whole)]
-        keep = {MANIFEST} | {entry["file"] for region in self.regions for entry in region["files"].values()}
+        keep = {MANIFEST} | {entry["file"] for region in self.regions for levels in region["files"].values()
+                             for entry in levels}
         for path in self.folder.iterdir():
             if path.name not in keep:
                 path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
@@ -114,8 +120,8 @@ class SlideCheckpoint:
         return list(manifest.get("regions", []))
 
     def _whole(self, region: dict) -> bool:
-        return all((self.folder / entry["file"]).is_file() and
-                   (self.folder / entry["file"]).stat().st_size == entry["bytes"] for entry in region["files"].values())
+        return all((self.folder / entry["file"]).is_file() and (self.folder / entry["file"]).stat().st_size ==
+                   entry["bytes"] for levels in region["files"].values() for entry in levels)
 
     def add(self, top: int, rows: dict[str, np.ndarray]) -> None:
         """Rows handed over by the slide loop, into the open region (opened on first use); rows a resumed
@@ -127,7 +133,8 @@ class SlideCheckpoint:
             index = len(self.regions) + len(self._closed)
             start, end = (self.ends[index - 1] if index else 0), self.ends[index]
             if not self._writers:
-                self._writers = {name: StreamedLevel(self.folder / f"{name}.{index:05d}.tif", self.width, end - start,
+                sizes = region_levels(start, end, self.sizes)
+                self._writers = {name: PyramidWriter(self.folder / f"{name}.{index:05d}", sizes,
                                                      codec=self.codecs[name]) for name in self.names}
             taken = min(count, end - self._written)
             for name, writer in self._writers.items():
@@ -137,13 +144,14 @@ class SlideCheckpoint:
             if self._written == end:
                 self._closed.append(self._close_region())
 
-    def _close_region(self) -> dict[str, dict]:
+    def _close_region(self) -> dict[str, list[dict]]:
         files = {}
         for name, writer in self._writers.items():
-            writer.close()
-            with open(writer.path, "rb") as handle:
-                os.fsync(handle.fileno())
-            files[name] = {"file": writer.path.name, "bytes": writer.path.stat().st_size}
+            files[name] = []
+            for path in writer.close():
+                with open(path, "rb") as handle:
+                    os.fsync(handle.fileno())
+                files[name].append({"file": path.name, "bytes": path.stat().st_size})
         self._writers = {}
         return files
 
@@ -164,11 +172,17 @@ class SlideCheckpoint:
     def _save(self) -> None:
         write_json(self.folder / MANIFEST, {"fingerprint": self.fingerprint, "regions": self.regions})
 
-    def level0(self, name: str) -> list[Path]:
-        """Level 0 of output `name`, region by region, top to bottom (every region whole)."""
+    def levels(self, name: str) -> list[list[Path]]:
+        """Every level of output `name`, largest first, each region by region, top to bottom (every region
+        whole; a small last region may make no rows at the smallest levels)."""
         if len(self.regions) != len(self.ends):
             raise DeepLIIFError(f"{self.folder}: {len(self.regions)} of {len(self.ends)} regions written")
-        return [self.folder / region["files"][name]["file"] for region in self.regions]
+        return [[self.folder / region["files"][name][k]["file"] for region in self.regions
+                 if k < len(region["files"][name])] for k in range(len(self.sizes))]
+
+    def level0(self, name: str) -> list[Path]:
+        """Level 0 of output `name`, region by region, top to bottom."""
+        return self.levels(name)[0]
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -21,7 +21,7 @@ from deepliif.imageio import prepare_out_dir, write_json
 from deepliif.inference import OVERLAY_NAMES, OutputSet
 from deepliif.logs import project_logger
 from deepliif.scoring_rules import PostprocessOptions
-from deepliif.pyramid import PyramidCompression, PyramidWriter, pyramid_from_regions
+from deepliif.pyramid import PyramidCompression, PyramidWriter, assemble_pyramid, level_sizes
 from deepliif.slide_checkpoint import SlideCheckpoint, region_ends
 from deepliif.slide_loop import SlideRun, run_slide
 from deepliif.rescore import RescoredCells
@@ -70,9 +70,9 @@ class Destination:
         return {name: {"file": self.path(name).name, "levels": levels,
                        "compression": self.compression.codec(name).compression}}
 
-    def from_regions(self, name: str, regions: list[Path]) -> dict[str, dict]:
-        """The pyramid of `name` from level 0 as a slide run's checkpoint holds it."""
-        levels = pyramid_from_regions(regions, self.path(name), self.info.mpp, codec=self.compression.codec(name))
+    def from_regions(self, name: str, regions: list[list[Path]]) -> dict[str, dict]:
+        """The pyramid of `name` from its levels as a slide run's checkpoint holds them, region by region."""
+        levels = assemble_pyramid(regions, self.path(name), self.info.mpp, codec=self.compression.codec(name))
         return self.described(name, levels)
 
 
@@ -82,7 +82,8 @@ class SlideOutputs:
 
     def __init__(self, destination: Destination, names: tuple[str, ...]) -> None:
         self.destination, info = destination, destination.info
-        self.pyramids = {name: PyramidWriter(destination.out / f".{destination.stem}_{name}", info.width, info.height,
+        sizes = level_sizes(info.height, info.width)
+        self.pyramids = {name: PyramidWriter(destination.out / f".{destination.stem}_{name}", sizes,
                                              codec=destination.compression.codec(name)) for name in names}
 
     def add(self, rows: dict[str, np.ndarray]) -> None:
@@ -220,7 +221,7 @@ def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, destinatio
     begun = time.perf_counter()
     stage("pyramids")
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pyramid") as pool:
-        pyramids = {name: pool.submit(destination.from_regions, name, checkpoint.level0(name))
+        pyramids = {name: pool.submit(destination.from_regions, name, checkpoint.levels(name))
                     for name in OUTPUT_NAMES if name in wanted}
         stage("scoring")
         info = destination.info

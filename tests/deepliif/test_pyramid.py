@@ -9,8 +9,9 @@ import pytest
 import tifffile
 import tiffslide
 
-from deepliif.pyramid import (LevelRows, PyramidWriter, StreamedLevel, average_2x2, level_sizes,
-                             pyramid_from_regions)
+from deepliif.errors import ImageError
+from deepliif.pyramid import (LevelRows, PyramidWriter, StreamedLevel, assemble_pyramid, average_2x2, level_sizes,
+                              region_levels)
 
 TILE = 128
 
@@ -40,6 +41,20 @@ def streamed_regions(image: np.ndarray, folder: Path, bounds: list[tuple[int, in
         region.close()
         paths.append(region.path)
     return paths
+
+
+def region_pyramids(image: np.ndarray, folder: Path, bounds: list[tuple[int, int]], band: int) -> list[list[Path]]:
+    """Every level of `image` written region by region as a slide run's checkpoint writes them: each
+    level's files, top to bottom."""
+    sizes = level_sizes(*image.shape[:2], TILE)
+    levels: list[list[Path]] = [[] for _ in sizes]
+    for index, (top, bottom) in enumerate(bounds):
+        writer = PyramidWriter(folder / f".r{index}", region_levels(top, bottom, sizes), tile=TILE)
+        for y in range(top, bottom, band):
+            writer.add(image[y: min(y + band, bottom)])
+        for level, path in enumerate(writer.close()):
+            levels[level].append(path)
+    return levels
 
 
 def assert_every_reader_sees_every_level(path: Path, levels: list[np.ndarray], mpp: float) -> None:
@@ -75,42 +90,55 @@ def test_the_2x2_average_is_the_rounded_mean_of_every_block() -> None:
 
 
 def test_a_pyramid_from_unaligned_regions_is_whole_and_every_reader_sees_its_levels(tmp_path: Path) -> None:
-    """Regions whose edge is not on a TIFF tile row are re-tiled; the file is still exact."""
+    """Regions whose levels do not end on a TIFF tile row are re-tiled there; the file is still exact."""
     image = random_image()
-    regions = streamed_regions(image, tmp_path, [(0, 333), (333, 700)], band=150)
-    levels = pyramid_from_regions(regions, tmp_path / "out.ome.tif", 0.5, tile=TILE)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".l0.0.tif", ".l0.1.tif", "out.ome.tif"]  # no partial
-    assert levels == 5
+    levels = region_pyramids(image, tmp_path, [(0, 336), (336, 700)], band=150)
+    assert [len(paths) for paths in levels] == [2, 2, 2, 2, 2]
+    assert assemble_pyramid(levels, tmp_path / "out.ome.tif", 0.5, tile=TILE) == 5
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".r")] == ["out.ome.tif"]  # no partial
     assert_every_reader_sees_every_level(tmp_path / "out.ome.tif", expected_levels(image), 0.5)
 
 
+def test_regions_make_the_reduced_levels_of_the_whole_image(tmp_path: Path) -> None:
+    """Region by region, every level is the whole image's: rows halve by floor division in each region as
+    in the image, and a last region too small for the smallest levels makes no rows there."""
+    image = random_image(653, 1100)
+    levels = region_pyramids(image, tmp_path, [(0, 256), (256, 640), (640, 653)], band=77)
+    assert [len(paths) for paths in levels] == [3, 3, 3, 3, 2]
+    for paths, expected in zip(levels, expected_levels(image)):
+        with LevelRows(paths) as rows:
+            np.testing.assert_array_equal(rows.rows(0, rows.height), expected)
+    with pytest.raises(ImageError, match="does not halve evenly"):
+        region_levels(100, 200, level_sizes(653, 1100, TILE))
+
+
 def test_aligned_regions_are_copied_as_stored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Level 0 in regions of whole tile rows goes into the pyramid without being decoded or compressed again."""
+    """Levels in regions of whole tile rows go into the pyramid without being decoded or compressed again;
+    only the levels whose regions are not whole tile rows are re-tiled."""
     from deepliif import pyramid
     image = random_image()
-    regions = streamed_regions(image, tmp_path, [(0, 256), (256, 512), (512, 700)], band=100)
-    stored = [tifffile.TiffFile(path) for path in regions]
-    stored_bytes = [len(region.read_bytes()) for region in regions]
-    [tiff.close() for tiff in stored]
+    levels = region_pyramids(image, tmp_path, [(0, 512), (512, 700)], band=100)
+    stored_bytes = sum(len(path.read_bytes()) for path in levels[0])
     recompressed = []
-    monkeypatch.setattr(pyramid, "_level_tiles", lambda paths, tile: recompressed.append(paths) or iter(()))
-    pyramid_from_regions(regions, tmp_path / "out.ome.tif", 0.25, tile=TILE)
-    assert recompressed == []
+    retile = pyramid._level_tiles
+    monkeypatch.setattr(pyramid, "_level_tiles", lambda paths, tile: recompressed.append(paths) or retile(paths, tile))
+    assemble_pyramid(levels, tmp_path / "out.ome.tif", 0.25, tile=TILE)
+    assert recompressed == levels[3:]  # 512 rows halve to whole 128-row tiles down to level 2
     assert_every_reader_sees_every_level(tmp_path / "out.ome.tif", expected_levels(image), 0.25)
     with tifffile.TiffFile(tmp_path / "out.ome.tif") as tiff:
-        assert sum(tiff.pages[0].databytecounts) <= sum(stored_bytes)
+        assert sum(tiff.pages[0].databytecounts) <= stored_bytes
 
 
 def test_a_streamed_pyramid_is_published_whole_or_not_at_all(tmp_path: Path) -> None:
     image = random_image(400, 520)
-    writer = PyramidWriter(tmp_path / ".x", 520, 400, tile=TILE)
+    writer = PyramidWriter(tmp_path / ".x", level_sizes(400, 520, TILE), tile=TILE)
     for y in range(0, 400, 90):
         writer.add(image[y: y + 90])
     assert writer.publish(tmp_path / "x.ome.tif", 0.5) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ome.tif"]  # every temporary removed
     assert_every_reader_sees_every_level(tmp_path / "x.ome.tif", expected_levels(image), 0.5)
 
-    broken = PyramidWriter(tmp_path / ".y", 520, 400, tile=TILE)
+    broken = PyramidWriter(tmp_path / ".y", level_sizes(400, 520, TILE), tile=TILE)
     broken.add(image[:90])
     broken.discard()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.ome.tif"]
