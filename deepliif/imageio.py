@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -213,3 +213,30 @@ def encode_png(image: np.ndarray) -> bytes:
 
 def write_png(path: Path, image: np.ndarray) -> None:
     write_atomically(path, encode_png(image))
+
+
+class RowBlocks:
+    """Full-width rows of an image whose file stores them in blocks of `step` rows (its tile rows, which
+    are decoded whole): rows are read by whole blocks and the last ones read are kept, so consecutive
+    bands that do not end on a block's edge decode each block once. `read(top, bottom)` reads rows of the
+    file; rows handed out are read-only views of what is kept."""
+
+    def __init__(self, read: Callable[[int, int], np.ndarray], height: int, step: int) -> None:
+        self.read, self.height, self.step = read, height, max(1, step)
+        self._first, self._kept = 0, None
+
+    def rows(self, low: int, high: int) -> np.ndarray:
+        start, stop = low // self.step * self.step, min(-(-high // self.step) * self.step, self.height)
+        kept, first = self._kept, self._first
+        if kept is not None and first <= start < first + len(kept):
+            end = first + len(kept)
+            block = np.concatenate([kept[start - first:], self.read(end, stop)]) if stop > end else kept[start - first:]
+        else:
+            block = self.read(start, stop)
+        block.flags.writeable = False
+        self._first, self._kept = start, block
+        return block[low - start: high - start]
+
+    def forget(self) -> None:
+        """Drop the rows kept (a reader of several images keeps only the one it reads)."""
+        self._kept = None

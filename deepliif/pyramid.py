@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageError
+from .imageio import RowBlocks
 from .workers import opencv
 
 TIFF_TILE = 256
@@ -237,52 +238,38 @@ class PyramidWriter:
 
 
 class LevelRows:
-    """Rows of one image stored as regions (tiled TIFFs stacked top to bottom), read through zarr.
-
-    Tiles are decoded whole, so rows are read by whole tile rows and the last ones read are kept: bands
-    that do not end on a tile row (slide scoring's bands of about 4 megapixels) decode each tile once, not
-    twice. Rows of one region are handed out as read-only views of what is kept."""
+    """Rows of one image stored as regions (tiled TIFFs stacked top to bottom), read through zarr by whole
+    tile rows (`RowBlocks`): slide scoring's bands of about 4 megapixels decode each tile once."""
 
     def __init__(self, paths: list[Path]) -> None:
         import tifffile
         import zarr
-        self.stores, self.arrays, self.tops = [], [], []
-        self._kept: tuple[int, int, np.ndarray] | None = None  # (region, first row, rows)
+        self.stores, self.blocks, self.tops = [], [], []
         top = 0
         try:
             for path in paths:
                 self.stores.append(tifffile.imread(path, aszarr=True))
                 array = zarr.open(self.stores[-1], mode="r")
-                # zarr 2 cannot read an image of one row from larger tiles; one row is small, so read it now
-                self.arrays.append(tifffile.imread(path).reshape(array.shape) if array.shape[0] == 1 else array)
+                if array.shape[0] == 1:  # zarr 2 cannot read one row from larger tiles; one row is small
+                    array = tifffile.imread(path).reshape(array.shape)
+                self.blocks.append(RowBlocks(lambda low, high, array=array: np.asarray(array[low:high]),
+                                             array.shape[0], getattr(array, "chunks", array.shape)[0]))
                 self.tops.append(top)
-                top += self.arrays[-1].shape[0]
+                top += array.shape[0]
         except BaseException:
             self.close()
             raise
-        self.height, self.width = top, self.arrays[0].shape[1]
+        self.height, self.width = top, array.shape[1]
 
     def rows(self, y: int, count: int) -> np.ndarray:
         parts = []
-        for index, (top, array) in enumerate(zip(self.tops, self.arrays)):
-            low, high = max(y, top), min(y + count, top + array.shape[0])
+        for top, blocks in zip(self.tops, self.blocks):
+            low, high = max(y, top), min(y + count, top + blocks.height)
             if low < high:
-                parts.append(self._region_rows(index, low - top, high - top))
+                parts.append(blocks.rows(low - top, high - top))
+            elif y + count <= top or high <= y:
+                blocks.forget()
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def _region_rows(self, index: int, low: int, high: int) -> np.ndarray:
-        array = self.arrays[index]
-        step = getattr(array, "chunks", array.shape)[0]
-        start, stop = low // step * step, min(-(-high // step) * step, array.shape[0])
-        region, first, kept = self._kept if self._kept is not None else (-1, 0, None)
-        if region == index and first <= start < first + len(kept):
-            fresh = [np.asarray(array[first + len(kept): stop])] if stop > first + len(kept) else []
-            block = np.concatenate([kept[start - first:], *fresh]) if fresh else kept[start - first:]
-        else:
-            block = np.asarray(array[start:stop])
-        block.flags.writeable = False
-        self._kept = (index, start, block)
-        return block[low - start: high - start]
 
     def close(self) -> None:
         for store in self.stores:

@@ -119,7 +119,7 @@ def _slide_tiles(slide: Slide, rows: list[list[Tile]], tile_size: int, timings: 
     """The splitter: each tile row read as one band of level 0, its tiles cut from it."""
     for row in rows:
         read = time.perf_counter()
-        pixels = slide.read_region(0, row[0].y, slide.info.width, tile_size)
+        pixels = slide.read_rows(row[0].y, tile_size)
         timings.add("tiling", read)
         for tile in row:
             start = time.perf_counter()

@@ -289,7 +289,7 @@ def _ihc_rows(stack: contextlib.ExitStack, ihc_path: Path | None) -> Callable[[i
     if ihc_path is None:
         return lambda top, count: None
     slide = stack.enter_context(open_slide(ihc_path))
-    return lambda top, count: slide.read_region(0, top, slide.info.width, count)
+    return slide.read_rows
 
 
 def slide_bands(seg_path: Path, marker_path: Path | None, ihc_path: Path | None = None) -> Bands:
@@ -301,11 +301,11 @@ def slide_bands(seg_path: Path, marker_path: Path | None, ihc_path: Path | None 
             seg = stack.enter_context(open_slide(seg_path))
             marker = stack.enter_context(open_slide(marker_path)) if marker_path is not None else None
             ihc = _ihc_rows(stack, ihc_path)
-            width, height, rows = seg.info.width, seg.info.height, band_rows(seg.info.width)
+            height, rows = seg.info.height, band_rows(seg.info.width)
             for top in range(0, height, rows):
                 count = min(rows, height - top)
-                yield Band(top, seg.read_region(0, top, width, count),
-                           None if marker is None else marker.read_region(0, top, width, count), ihc(top, count))
+                yield Band(top, seg.read_rows(top, count), None if marker is None else marker.read_rows(top, count),
+                           ihc(top, count))
     return bands
 
 

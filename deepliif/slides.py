@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ImageError
+from .imageio import RowBlocks
 from .logs import project_logger
 from .tiling import tile_size_for
 
@@ -48,10 +49,21 @@ class SlideInfo:
 
 class Slide(abc.ABC):
     info: SlideInfo
+    row_step: int = 1  # level-0 rows the file stores together (its tile height), 1 where unknown
+    _rows: RowBlocks | None = None
 
     @abc.abstractmethod
     def read_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         """Level-0 RGB uint8 pixels [height, width, 3] of the given rectangle (inside the slide)."""
+
+    def read_rows(self, top: int, count: int) -> np.ndarray:
+        """Full-width level-0 rows [top, top + count), read-only. A slide is read in bands top to bottom
+        (tile rows, scoring's bands) that rarely end on the file's tile rows; these reads go by whole
+        stored tile rows and keep the last ones, so each stored tile is decoded once, not two or three times."""
+        if self._rows is None:
+            self._rows = RowBlocks(lambda low, high: self.read_region(0, low, self.info.width, high - low),
+                                   self.info.height, self.row_step)
+        return self._rows.rows(top, top + count)
 
     def close(self) -> None:
         """Release the file."""
@@ -73,6 +85,7 @@ class TiffSlide(Slide):
         except Exception as exc:  # noqa: BLE001 - tifffile raises many types for damaged files
             raise ImageError(f"{path}: cannot read the slide ({type(exc).__name__}: {exc}); is it truncated or "
                              "corrupt?") from exc
+        self.row_step = int(properties.get("tiffslide.level[0].tile-height") or 1)
         self.info = SlideInfo(Path(path), str(properties.get("tiffslide.vendor") or "tiff"), int(width), int(height),
                               tuple((int(w), int(h)) for w, h in self._slide.level_dimensions),
                               _number(properties.get("tiffslide.mpp-x")) or _ome_mpp(path),
@@ -104,6 +117,7 @@ class OpenSlideSlide(Slide):
             raise ImageError(f"{path}: cannot read the {vendor} slide ({type(exc).__name__}: {exc}); is it truncated "
                              "or are its companion files missing?") from exc
         width, height = self._slide.dimensions
+        self.row_step = int(properties.get("openslide.level[0].tile-height") or 1)
         self.background = _hex_colour(properties.get(openslide.PROPERTY_NAME_BACKGROUND_COLOR))
         self.info = SlideInfo(Path(path), vendor, int(width), int(height),
                               tuple((int(w), int(h)) for w, h in self._slide.level_dimensions),

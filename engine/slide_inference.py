@@ -204,7 +204,7 @@ def rescore_slide(rescored: RescoredCells, image: Path, out: Path, threads: int 
         overlays = SlideOutputs(Destination(prepare_out_dir(Path(out)), slide_stem(image), info), OVERLAY_NAMES)
         with contextlib.closing(overlays):
             draw_rescored_slide(rescored, info.width, info.height,
-                                lambda top, count: slide.read_region(0, top, info.width, count),
+                                slide.read_rows,
                                 lambda top, overlaid, refined: overlays.add(dict(zip(OVERLAY_NAMES,
                                                                                      (overlaid, refined)))),
                                 resolve_threads(threads))
@@ -264,7 +264,7 @@ def _cells_and_overlays(path: Path, destination: Destination, bands: Bands, scor
         if names or tracer is not None or writer is not None:
             overlays = stack.enter_context(contextlib.closing(SlideOutputs(destination, names)))
             with open_slide(path) as slide:
-                draw_slide(bands, lambda top, count: slide.read_region(0, top, info.width, count), score,
+                draw_slide(bands, slide.read_rows, score,
                            info.width, info.height, lambda top, overlaid, refined: overlays.add(
                                dict(zip(OVERLAY_NAMES, (overlaid, refined)))), threads, tracer, writer)
             published = overlays.finish()

@@ -183,3 +183,23 @@ def test_a_pyramid_whose_level_0_cannot_be_read_is_refused(generated_models: dic
     assert main(args) == 2
     assert "middle.ome.tif: cannot read level 0 at 0," in capsys.readouterr().err
     assert not [p.name for p in (tmp_path / "out").iterdir() if not p.name.startswith(".")]  # nothing looks done
+
+
+@pytest.mark.parametrize("reader", ["tiffslide", "openslide"])
+def test_bands_of_rows_decode_each_stored_tile_row_once(slide_image: np.ndarray, tmp_path: Path, reader: str) -> None:
+    """Full-width bands that do not end on the file's 256-row tiles (37-row bands, tile rows of 512)
+    read back exactly, while the file is read in whole tile rows, each once."""
+    from deepliif.slides import OpenSlideSlide
+    tiled = tmp_path / "b.tif"
+    tifffile.imwrite(tiled, slide_image, tile=(256, 256), photometric="rgb", compression="zlib")
+    with (open_slide(tiled) if reader == "tiffslide" else OpenSlideSlide(tiled, "generic-tiff")) as slide:
+        assert slide.row_step == 256
+        reads, read_region = [], slide.read_region
+        slide.read_region = lambda x, y, width, height: reads.append((y, height)) or read_region(x, y, width, height)
+        for band in (37, 512):
+            for top in range(0, 1300, band):
+                rows = slide.read_rows(top, min(band, 1300 - top))
+                assert np.array_equal(rows, slide_image[top: top + band]) and not rows.flags.writeable
+            assert sum(height for _, height in reads) == 1300 and all(y % 256 == 0 for y, _ in reads)
+            reads.clear()
+            slide._rows = None  # the next pass starts afresh, as a new reader would
