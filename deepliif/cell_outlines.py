@@ -15,6 +15,8 @@ holds only the masks of the cells that cross the current band's edges.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
@@ -22,8 +24,20 @@ from .cells import Cell, Outline
 from .marching_squares import iso_lines
 
 
+@dataclass
+class TracedBand:
+    """What tracing one band found, before it is handed to the tracer: the rings of the cells lying wholly
+    inside it with their owners, and the cells that cross its edges with where they are."""
+    top: int
+    owner: np.ndarray
+    crossing: list[tuple[Cell, tuple[slice, slice]]]
+    rings: list[np.ndarray]
+    owners: list[int]
+
+
 class OutlineTracer:
-    """Outlines of `cells` (numbered 1.. in order), from owner bands handed over top to bottom."""
+    """Outlines of `cells` (numbered 1.. in order), from owner bands handed over top to bottom. `trace_band`
+    touches nothing of the tracer's, so bands may be traced on several threads and handed over in order."""
 
     def __init__(self, cells: list[Cell]) -> None:
         self.cells = cells
@@ -32,19 +46,27 @@ class OutlineTracer:
 
     def add(self, top: int, owner: np.ndarray) -> None:
         """`owner`: per pixel of rows [top, top + len(owner)), the id of the counted cell it is in, 0 if none."""
+        self.hand_over(self.trace_band(top, owner))
+
+    def trace_band(self, top: int, owner: np.ndarray) -> TracedBand:
         bottom = top + len(owner)
-        crossing = []
-        for index, found in enumerate(ndimage.find_objects(owner)):
-            cell = None if found is None else self.cells[index]
-            if cell is not None and (cell.bbox_y0 < top or cell.bbox_y1 > bottom):
-                crossing.append(cell.id)
-                self._gather(cell, top, owner, found)
+        crossing = [(self.cells[index], found) for index, found in enumerate(ndimage.find_objects(owner))
+                    if found is not None and (self.cells[index].bbox_y0 < top or self.cells[index].bbox_y1 > bottom)]
         whole = owner > 0
         if crossing:
             is_crossing = np.zeros(len(self.cells) + 1, bool)
-            is_crossing[crossing] = True
+            is_crossing[[cell.id for cell, _ in crossing]] = True
             whole &= ~is_crossing[owner]
-        self._trace_band(whole, owner, top)
+        rings, firsts = _rings_of(whole, 0, top)
+        return TracedBand(top, owner, crossing, rings, _owners_beside(firsts, owner).tolist())
+
+    def hand_over(self, band: TracedBand) -> None:
+        """A band traced by `trace_band`; bands must come top to bottom."""
+        for cell, found in band.crossing:
+            self._gather(cell, band.top, band.owner, found)
+        for cell_id, ring in zip(band.owners, band.rings):
+            self.outlines.setdefault(cell_id, []).append(ring)
+        bottom = band.top + len(band.owner)
         for cell_id in [c for c in self._pending if self.cells[c - 1].bbox_y1 <= bottom]:
             cell = self.cells[cell_id - 1]
             self.outlines[cell_id] = trace(self._pending.pop(cell_id), cell.bbox_x0, cell.bbox_y0)
@@ -57,11 +79,6 @@ class OutlineTracer:
         rows, cols = found
         mask[rows.start + top - cell.bbox_y0: rows.stop + top - cell.bbox_y0,
              cols.start - cell.bbox_x0: cols.stop - cell.bbox_x0] |= owner[rows, cols] == cell.id
-
-    def _trace_band(self, whole: np.ndarray, owner: np.ndarray, top: int) -> None:
-        rings, firsts = _rings_of(whole, 0, top)
-        for cell_id, ring in zip(_owners_beside(firsts, owner).tolist(), rings):
-            self.outlines.setdefault(cell_id, []).append(ring)
 
 
 def trace(mask: np.ndarray, x0: int, y0: int) -> Outline:

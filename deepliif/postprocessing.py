@@ -245,7 +245,7 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     ids = np.flatnonzero(counted)
     overlaid = refined = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-table") as pool:
-        table = pool.submit(_cell_table, cells, ids, is_positive, outlines)
+        table = pool.submit(_cell_table, cells, ids, is_positive, outlines, threads)
         if overlays:
             overlaid, refined = draw_overlays(orig, cells.background, codes, cells.first_pixel[ids],
                                               is_positive[ids], threads)
@@ -276,13 +276,18 @@ def _cell_data(cells: CellTable, version: int, orig: np.ndarray, marker: np.ndar
     return cell_data_document(records, version, settings)
 
 
-def _cell_table(cells: CellTable, ids: np.ndarray, is_positive: np.ndarray, outlines: bool
+def _cell_table(cells: CellTable, ids: np.ndarray, is_positive: np.ndarray, outlines: bool, threads: int
                 ) -> tuple[list[Cell], dict[int, Outline] | None]:
+    """The counted cells, and with `outlines` their outlines, traced in row bands on `threads` threads
+    (marching squares is whole-array NumPy) and handed to the tracer top to bottom."""
     table = counted_cells(cells.components, ids, is_positive, cells.marker, cells.marker_sum)
     if not outlines:
         return table, None
     owner = np.zeros(len(cells.sizes), np.int32)
     owner[ids] = np.arange(1, len(ids) + 1)
     tracer = OutlineTracer(table)
-    tracer.add(0, owner[cells.labels])
+    owners = lookup(owner, cells.labels, threads)
+    for band in parallel_map(lambda rows: tracer.trace_band(rows[0], owners[rows[0]:rows[1]]),
+                             row_bands(len(owners), threads), threads):
+        tracer.hand_over(band)
     return table, tracer.outlines

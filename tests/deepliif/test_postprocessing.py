@@ -139,15 +139,20 @@ def test_seg_without_any_background_pixel() -> None:
 
 @pytest.mark.parametrize("threads", [2, 3, 7])
 def test_threads_give_the_same_cells_scoring_and_images(deepliif_fixtures: Path, threads: int) -> None:
-    """Bands of background labelling and of outline drawing (with their halos) meet exactly: a mosaic of
-    real DeepLIIF outputs postprocessed on several threads equals one thread, pixel for pixel."""
+    """Bands of background labelling, of outline drawing (with their halos) and of polygon tracing meet
+    exactly: a mosaic of real DeepLIIF outputs postprocessed on several threads equals one thread, pixel
+    for pixel and vertex for vertex."""
     tiles = [_load(tile) for tile in _tiles(deepliif_fixtures)]
     ihc, seg, marker = (np.concatenate([np.concatenate([t[k] for t in tiles], axis=1)] * 2) for k in range(3))
     for options in (PostprocessOptions(), PostprocessOptions(marker_thresh="default")):
-        one = postprocess(ihc, seg, marker, 512, options, threads=1)
-        many = postprocess(ihc, seg, marker, 512, options, threads=threads)
+        one = postprocess(ihc, seg, marker, 512, options, threads=1, outlines=True)
+        many = postprocess(ihc, seg, marker, 512, options, threads=threads, outlines=True)
         assert many.scoring == one.scoring and many.cells == one.cells
         assert np.array_equal(many.overlaid, one.overlaid) and np.array_equal(many.refined, one.refined)
+        assert one.outlines.keys() == many.outlines.keys() == {cell.id for cell in one.cells}
+        for cell_id, rings in one.outlines.items():
+            assert len(many.outlines[cell_id]) == len(rings)
+            assert all(np.array_equal(a, b) for a, b in zip(rings, many.outlines[cell_id])), cell_id
 
 
 def test_overlays_not_asked_for_are_not_drawn(deepliif_fixtures: Path) -> None:
