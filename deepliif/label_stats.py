@@ -42,8 +42,9 @@ class Components:
     sum_y: np.ndarray
 
 
-def components(mask: np.ndarray, threads: int = 1) -> Components:
-    """The mask's `Components`, from one pass of OpenCV's labelling with statistics on `threads` threads.
+def components(mask: np.ndarray, threads: int | None = None) -> Components:
+    """The mask's `Components`, from one pass of OpenCV's labelling with statistics, its pool sized to
+    `threads` (None: left as it is, for callers that already run in band threads).
 
     Wu's algorithm (SAUF) is the one OpenCV documents as numbering labels in row-major order, which is
     `ndimage.label`'s order (the others number by 2x2 blocks). Its statistics give the boxes and sizes;

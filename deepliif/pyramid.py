@@ -267,7 +267,7 @@ class LevelRows:
             low, high = max(y, top), min(y + count, top + blocks.height)
             if low < high:
                 parts.append(blocks.rows(low - top, high - top))
-            elif y + count <= top or high <= y:
+            else:
                 blocks.forget()
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 

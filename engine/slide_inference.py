@@ -128,12 +128,13 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
     slide's cells (`<stem>_cells.csv`, `.geojson.gz`, outlines or centroids by `cell_geometry`; with
     `cell_data`, DeepLIIF's `<stem>_cells.json.gz` of that version) and `OUT/<stem>.json` with its
     scoring. `run` wraps `session.run` (the kernel takes turns per batch); `stem` names the outputs
-    (default: the file's). The network outputs' level 0 is checkpointed region by region in `checkpoint_dir` (default
-    `OUT/.<stem>.resume`): a rerun after a kill resumes from the last whole region. `stage` hears each
-    stage as it begins: tiles, pyramids, scoring, overlays. Only the `outputs` asked for are written as
-    pyramids; scoring reads the network's Seg and Marker from the run's own regions either way, so the
-    pyramids are written on `threads` threads (default: the CPUs this process may use) while the slide
-    is scored and its overlays drawn. `compression` chooses each output's codec (lossless by default)."""
+    (default: the file's). The network outputs are checkpointed region by region, every level of them, in
+    `checkpoint_dir` (default `OUT/.<stem>.resume`): a rerun after a kill resumes from the last whole
+    region. `stage` hears each stage as it begins: tiles, pyramids, scoring, overlays. Only the `outputs`
+    asked for are published as pyramids; scoring reads the network's Seg and Marker from the run's own
+    regions either way, so the pyramids are assembled from the regions' stored tiles on `threads` threads
+    (default: the CPUs this process may use) while the slide is scored and its overlays drawn.
+    `compression` chooses each output's codec (lossless by default)."""
     started = time.perf_counter()
     out, stem = prepare_out_dir(Path(out)), stem or slide_stem(path)
     with open_slide(path) as slide:
