@@ -10,15 +10,14 @@ Images and slides trace the same way: an `OutlineTracer` is handed, band by band
 counted cell owns each pixel. Two cells are never 8-adjacent (they would be one component), so one
 marching-squares pass over a band's mask separates every cell lying wholly inside it; each contour is
 given to the cell that owns the pixel beside its first vertex. A cell that crosses a band edge is
-gathered into a mask of its own until the bands have passed its bottom row, then traced alone, so a slide
-holds only the masks of the cells that cross the current band's edges.
+gathered into a mask of its own until the bands have passed its bottom row; the cells a band completes
+are then traced together, so a slide holds only the masks of the cells that cross the current band's edges.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import ndimage
 
 from .cells import Cell, Outline
 from .marching_squares import iso_lines
@@ -27,10 +26,10 @@ from .marching_squares import iso_lines
 @dataclass
 class TracedBand:
     """What tracing one band found, before it is handed to the tracer: the rings of the cells lying wholly
-    inside it with their owners, and the cells that cross its edges with where they are."""
+    inside it with their owners, and the ids of the cells that cross its edges."""
     top: int
     owner: np.ndarray
-    crossing: list[tuple[Cell, tuple[slice, slice]]]
+    crossing: np.ndarray
     rings: list[np.ndarray]
     owners: list[int]
 
@@ -43,47 +42,58 @@ class OutlineTracer:
         self.cells = cells
         self.outlines: dict[int, Outline] = {}
         self._pending: dict[int, np.ndarray] = {}
+        boxes = np.array([(c.bbox_x0, c.bbox_y0, c.bbox_x1, c.bbox_y1) for c in cells], np.int64).reshape(-1, 4)
+        self._y0, self._y1 = boxes[:, 1], boxes[:, 3]
 
     def add(self, top: int, owner: np.ndarray) -> None:
         """`owner`: per pixel of rows [top, top + len(owner)), the id of the counted cell it is in, 0 if none."""
         self.hand_over(self.trace_band(top, owner))
 
     def trace_band(self, top: int, owner: np.ndarray) -> TracedBand:
+        """A cell is in every row of its box (it is connected), so its box says whether it crosses an edge."""
         bottom = top + len(owner)
-        crossing = [(self.cells[index], found) for index, found in enumerate(ndimage.find_objects(owner))
-                    if found is not None and (self.cells[index].bbox_y0 < top or self.cells[index].bbox_y1 > bottom)]
+        crossing = np.flatnonzero((self._y0 < bottom) & (self._y1 > top) & ((self._y0 < top) | (self._y1 > bottom)))
         whole = owner > 0
-        if crossing:
+        if len(crossing):
             is_crossing = np.zeros(len(self.cells) + 1, bool)
-            is_crossing[[cell.id for cell, _ in crossing]] = True
+            is_crossing[crossing + 1] = True
             whole &= ~is_crossing[owner]
         rings, firsts = _rings_of(whole, 0, top)
-        return TracedBand(top, owner, crossing, rings, _owners_beside(firsts, owner).tolist())
+        return TracedBand(top, owner, crossing + 1, rings, _owners_beside(firsts, owner).tolist())
 
     def hand_over(self, band: TracedBand) -> None:
         """A band traced by `trace_band`; bands must come top to bottom."""
-        for cell, found in band.crossing:
-            self._gather(cell, band.top, band.owner, found)
+        for cell_id in band.crossing.tolist():
+            self._gather(self.cells[cell_id - 1], band.top, band.owner)
         for cell_id, ring in zip(band.owners, band.rings):
             self.outlines.setdefault(cell_id, []).append(ring)
         bottom = band.top + len(band.owner)
-        for cell_id in [c for c in self._pending if self.cells[c - 1].bbox_y1 <= bottom]:
-            cell = self.cells[cell_id - 1]
-            self.outlines[cell_id] = trace(self._pending.pop(cell_id), cell.bbox_x0, cell.bbox_y0)
+        done = [cell_id for cell_id in self._pending if self.cells[cell_id - 1].bbox_y1 <= bottom]
+        if done:
+            self._trace_together(done)
 
-    def _gather(self, cell: Cell, top: int, owner: np.ndarray, found: tuple[slice, slice]) -> None:
+    def _gather(self, cell: Cell, top: int, owner: np.ndarray) -> None:
         mask = self._pending.get(cell.id)
         if mask is None:
             shape = (cell.bbox_y1 - cell.bbox_y0, cell.bbox_x1 - cell.bbox_x0)
             mask = self._pending[cell.id] = np.zeros(shape, bool)
-        rows, cols = found
-        mask[rows.start + top - cell.bbox_y0: rows.stop + top - cell.bbox_y0,
-             cols.start - cell.bbox_x0: cols.stop - cell.bbox_x0] |= owner[rows, cols] == cell.id
+        low, high = max(cell.bbox_y0, top), min(cell.bbox_y1, top + len(owner))
+        mask[low - cell.bbox_y0: high - cell.bbox_y0] |= \
+            owner[low - top: high - top, cell.bbox_x0: cell.bbox_x1] == cell.id
 
-
-def trace(mask: np.ndarray, x0: int, y0: int) -> Outline:
-    """The outline of the pixels of `mask` (one cell), whose pixel (0, 0) is level-0 pixel (x0, y0)."""
-    return _rings_of(mask, x0, y0)[0]
+    def _trace_together(self, ids: list[int]) -> None:
+        """Cells gathered across band edges, traced in one marching-squares pass over a canvas holding each
+        at its place (one call per band, not one per cell): cells are never 8-adjacent, so their contours
+        stay apart, and each ring goes to the cell beside its first vertex, as in a band."""
+        cells = [self.cells[cell_id - 1] for cell_id in ids]
+        x0, y0 = min(c.bbox_x0 for c in cells), min(c.bbox_y0 for c in cells)
+        canvas = np.zeros((max(c.bbox_y1 for c in cells) - y0, max(c.bbox_x1 for c in cells) - x0), np.int32)
+        for cell in cells:
+            canvas[cell.bbox_y0 - y0: cell.bbox_y1 - y0, cell.bbox_x0 - x0: cell.bbox_x1 - x0][
+                self._pending.pop(cell.id)] = cell.id
+        rings, firsts = _rings_of(canvas > 0, x0, y0)
+        for cell_id, ring in zip(_owners_beside(firsts, canvas).tolist(), rings):
+            self.outlines.setdefault(cell_id, []).append(ring)
 
 
 def _rings_of(mask: np.ndarray, x0: int, y0: int) -> tuple[list[np.ndarray], np.ndarray]:

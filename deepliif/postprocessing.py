@@ -16,12 +16,11 @@ from .cell_outlines import OutlineTracer
 from .cells import Cell, Outline, counted_cells
 from .errors import ArgumentError
 from .scoring_rules import PostprocessOptions, Resolution, mean_density, optical_density
-from .label_stats import Components, LabelledPixels, UnionFind, components, grey_levels, join_edge
+from .label_stats import Components, LabelledPixels, UnionFind, components, four_connected, grey_levels, join_edge
 from .overlays import OUTLINE_REACH, cell_codes, outline, paint
 from .workers import for_row_bands, parallel_map, resolve_threads, row_bands
 
 KDE_POINTS = 500
-_FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
 @dataclass
 class CellTable:
@@ -73,11 +72,10 @@ def classify_pixels(seg: np.ndarray, seg_thresh: int, threads: int = 1) -> tuple
 def mark_background(unknown: np.ndarray, threads: int = 1) -> np.ndarray:
     """Unknown pixels 4-connected to the image border through unknown pixels.
 
-    With several threads the rows are labelled in bands at once (`ndimage.label` frees the GIL) and labels
-    that touch across a band edge are joined by a union-find, as for slides."""
+    With several threads the rows are labelled in bands at once (OpenCV frees the GIL) and labels that
+    touch across a band edge are joined by a union-find, as for slides."""
     bands = row_bands(len(unknown), threads)
-    labelled = parallel_map(lambda rows: ndimage.label(unknown[rows[0]:rows[1]], structure=_FOUR_CONNECTED),
-                            bands, threads)
+    labelled = parallel_map(lambda rows: four_connected(unknown[rows[0]:rows[1]]), bands, threads)
     sets, firsts = UnionFind(), []
     for labels, count in labelled:
         firsts.append(sets.grow(count + 1))  # each band's id 0 (no label) too, never joined nor touching

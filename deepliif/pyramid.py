@@ -4,9 +4,9 @@ Level 0 of each output is streamed to a temporary tiled TIFF (or several, stacke
 the slide is inferred; tifffile pulls tiles from a bounded queue on its own thread. The reduced levels
 are made from the same rows as they pass (2x2 area average, each level half the one above by floor
 division), each into its own temporary. The final file is then assembled from tiles that are already
-compressed: nothing is decoded or compressed twice. It is lossless by default (deflate), carries the input's
-physical pixel size, and is written under a temporary name and renamed into place, so a killed run never
-leaves a file that looks complete.
+compressed: nothing is decoded or compressed twice. It carries the input's physical pixel size, and is
+written under a temporary name and renamed into place, so a killed run never leaves a file that looks
+complete.
 
 Readers disagree on where a TIFF keeps its reduced levels: OME-TIFF readers (Bio-Formats, tifffile,
 tiffslide) follow the SubIFDs of the first page, OpenSlide's generic-TIFF reader walks only the main
@@ -47,10 +47,14 @@ class Codec:
         return {"compression": self.compression, "compressionargs": {"level": self.level}, **extra}
 
 
-# Lossless deflate at level 1 with the horizontal predictor, chosen by measurement (docs/BENCHMARKS.md):
-# on a 4096² IHC-like image 2.2x faster to write than deflate's default level and 23% smaller; every
-# TIFF reader (libtiff, so OpenSlide and QuPath; tifffile and tiffslide; Bio-Formats) decodes it.
+# Lossless deflate at level 1 with the horizontal predictor: on a 4096² IHC-like image 2.2x faster to
+# write than deflate's default level and 23% smaller; the TIFF codec every reader decodes.
 DEFLATE = Codec("zlib", 1, 2, (8, 32946))
+# Lossless Zstandard at level 1 with the horizontal predictor, chosen by measurement (docs/BENCHMARKS.md):
+# on DeepLIIF's outputs 1.5-3x faster to write than DEFLATE, faster to read and 3-7% smaller. OpenSlide
+# (openslide-bin's libtiff), tifffile/tiffslide (imagecodecs) and Bio-Formats (TIFF compression 50000)
+# decode it; a libtiff built without zstd does not, which is what `PyramidCompression.DEFLATE` is for.
+ZSTD = Codec("zstd", 1, 2, (50000,))
 # JPEG at quality 90 in RGB (no chroma subsampling, so coloured outlines keep their colour), 6x faster
 # than DEFLATE and 7x smaller on DeepLIIF's display images, mean error 2-3.5 grey levels (measured).
 JPEG = Codec("jpeg", 90, None, (7,))
@@ -60,19 +64,27 @@ DISPLAY_OUTPUTS = ("Hema", "DAPI", "Lap2", "SegOverlaid")
 
 
 class PyramidCompression(str, Enum):
-    """`--pyramid-compression`: DEFLATE writes every output losslessly; JPEG writes the display outputs
-    as JPEG (q90, 4:4:4) and the rest losslessly."""
-    DEFLATE = "deflate"
+    """`--pyramid-compression`: how each output's pyramid is compressed. JPEG (the default) writes the
+    display outputs as JPEG (q90, 4:4:4) and the rest as lossless ZSTD; ZSTD and DEFLATE write every
+    output losslessly, DEFLATE in the codec that every TIFF reader decodes."""
     JPEG = "jpeg"
+    ZSTD = "zstd"
+    DEFLATE = "deflate"
+
+    @classmethod
+    def default(cls) -> PyramidCompression:
+        return cls.JPEG
 
     def codec(self, output: str) -> Codec:
-        return JPEG if self is PyramidCompression.JPEG and output in DISPLAY_OUTPUTS else DEFLATE
+        if self is PyramidCompression.DEFLATE:
+            return DEFLATE
+        return JPEG if self is PyramidCompression.JPEG and output in DISPLAY_OUTPUTS else ZSTD
 
 
 class StreamedLevel:
     """One image written tile row by tile row: `add(rows)` in order, then `close()`."""
 
-    def __init__(self, path: Path, width: int, height: int, tile: int = TIFF_TILE, codec: Codec = DEFLATE) -> None:
+    def __init__(self, path: Path, width: int, height: int, tile: int = TIFF_TILE, codec: Codec = ZSTD) -> None:
         self.path, self.width, self.height, self.tile, self.codec = Path(path), width, height, tile, codec
         self._pending = np.zeros((0, width, 3), np.uint8)
         self._queue: queue.Queue = queue.Queue(maxsize=2)
@@ -150,7 +162,7 @@ class ReducedLevels:
     """Levels 1.. of an image (or of a region of it: `region_levels`) made from its level-0 rows as they
     pass, each streamed to `<base>.level<k>.tif`. `sizes` are every level's (height, width), level 0 first."""
 
-    def __init__(self, base: Path, sizes: list[tuple[int, int]], tile: int = TIFF_TILE, codec: Codec = DEFLATE
+    def __init__(self, base: Path, sizes: list[tuple[int, int]], tile: int = TIFF_TILE, codec: Codec = ZSTD
                  ) -> None:
         self.sizes = sizes
         self.writers = [StreamedLevel(Path(f"{base}.level{k}.tif"), w, h, tile, codec)
@@ -205,7 +217,7 @@ class PyramidWriter:
     into the final file; `close` finishes them and says where they are (a slide run's checkpoint keeps
     them per region); `discard` removes them."""
 
-    def __init__(self, base: Path, sizes: list[tuple[int, int]], tile: int = TIFF_TILE, codec: Codec = DEFLATE
+    def __init__(self, base: Path, sizes: list[tuple[int, int]], tile: int = TIFF_TILE, codec: Codec = ZSTD
                  ) -> None:
         (height, width) = sizes[0]
         self.level0 = StreamedLevel(Path(f"{base}.level0.tif"), width, height, tile, codec)
@@ -283,7 +295,7 @@ class LevelRows:
 
 
 def assemble_pyramid(levels: list[list[Path]], out: Path, mpp: float | None, tile: int = TIFF_TILE,
-                     codec: Codec = DEFLATE) -> int:
+                     codec: Codec = ZSTD) -> int:
     """The pyramidal OME-TIFF at `out` from every level given as tiled TIFF regions, top to bottom, largest
     level first; returns the number of levels. The regions are the caller's to remove."""
     import tifffile

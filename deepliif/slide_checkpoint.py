@@ -31,7 +31,7 @@ import numpy as np
 
 from .errors import DeepLIIFError
 from .imageio import write_json
-from .pyramid import DEFLATE, TIFF_TILE, Codec, PyramidWriter, level_sizes, region_levels
+from .pyramid import TIFF_TILE, ZSTD, Codec, PyramidWriter, level_sizes, region_levels
 from .slide_loop import SlidePosition
 from .logs import project_logger
 
@@ -59,7 +59,7 @@ class SlideCheckpoint:
     def __init__(self, folder: Path, fingerprint: dict, names: tuple[str, ...], width: int,
                  ends: list[int], codecs: dict[str, Codec] | None = None) -> None:
         self.folder, self.names, self.width, self.ends = Path(folder), names, width, ends
-        self.codecs = {name: (codecs or {}).get(name, DEFLATE) for name in names}
+        self.codecs = {name: (codecs or {}).get(name, ZSTD) for name in names}
         self.sizes = level_sizes(ends[-1], width)
         self.fingerprint = {**fingerprint, "names": list(names), "region_ends": ends, "levels": len(self.sizes),
                             "codecs": {name: codec.compression for name, codec in self.codecs.items()}}

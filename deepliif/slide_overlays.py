@@ -8,12 +8,13 @@ them, so no label image of the slide is ever held.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from .cell_outlines import OutlineTracer
+from .cell_outlines import OutlineTracer, TracedBand
+from .errors import ImageError
 from .overlays import NONE, OUTLINE_REACH, cell_codes, outline, paint
 from .slide_cell_data import SlideCellData
 from .slide_scoring import Band, Bands, SlideScore
@@ -35,11 +36,15 @@ class MaskWindow:
     def add(self, masks: list[np.ndarray], draw: Callable[[int, int], None]) -> None:
         """Extends the window by a band's masks; `draw(first, stop)` the rows that can now be drawn exactly."""
         self.extend(masks)
-        ready = self.height if self.bottom >= self.height else self.bottom - OUTLINE_REACH
+        ready = self.ready(self.bottom)
         if ready > self.drawn:
             draw(self.drawn, ready)
             self.drawn = ready
             self.drop_above(ready - OUTLINE_REACH)
+
+    def ready(self, bottom: int) -> int:
+        """The rows above which can be drawn once the window reaches row `bottom`."""
+        return self.height if bottom >= self.height else max(0, bottom - OUTLINE_REACH)
 
     @property
     def bottom(self) -> int:
@@ -56,26 +61,30 @@ class MaskWindow:
 
 @dataclass
 class _BandCells:
-    """One band's masks (background, the counted cells' codes); with owners, the id
-    of the counted cell each pixel is in (0: none); with labels, the band's own labels and their cells."""
+    """One band's masks (background, the counted cells' codes); with a tracer, its counted cells traced
+    (`OutlineTracer.trace_band`); with labels, the band's own labels and their cells."""
     top: int
     masks: list[np.ndarray]
-    owner: np.ndarray | None
+    traced: TracedBand | None
     labels: tuple[np.ndarray, np.ndarray] | None
+    pixels: np.ndarray  # the input's rows that adding this band to the window draws
 
 
-def _band_cells(score: SlideScore, index: int, band: Band, owners: bool, labelled: bool) -> _BandCells:
+def _band_cells(score: SlideScore, index: int, band: Band, pixels: np.ndarray, tracer: OutlineTracer | None,
+                labelled: bool) -> _BandCells:
+    """Each pixel's code and owner through per-label tables (one gather each, not boolean-mask indexing),
+    and the band's outlines traced here, on a band thread."""
     labels, cell_of = score.labels.band_labels(index, band.seg)
-    cell = cell_of[labels]
-    in_cell = cell >= 0
-    codes = np.zeros(cell.shape, np.uint8)
-    codes[in_cell] = cell_codes(score.counted, score.counted & score.is_positive)[cell[in_cell]]
-    owner = None
-    if owners:
-        owner = np.zeros(cell.shape, np.int32)
-        in_counted = codes != NONE
-        owner[in_counted] = score.counted_ids[cell[in_counted]]
-    return _BandCells(band.top, [~in_cell, codes], owner, (labels, cell_of) if labelled else None)
+    in_cell = cell_of >= 0
+    code_of = np.zeros(len(cell_of), np.uint8)
+    code_of[in_cell] = cell_codes(score.counted, score.counted & score.is_positive)[cell_of[in_cell]]
+    traced = None
+    if tracer is not None:
+        owner_of = np.zeros(len(cell_of), np.int32)
+        owner_of[in_cell] = score.counted_ids[cell_of[in_cell]]
+        traced = tracer.trace_band(band.top, owner_of[labels])
+    return _BandCells(band.top, [~in_cell[labels], code_of[labels]], traced, (labels, cell_of) if labelled else None,
+                      pixels)
 
 
 def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: int, sink: OverlaySink,
@@ -85,23 +94,32 @@ def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: 
     be the bands the slide was scored with. The next bands' masks are made on `threads` threads while a
     band is drawn."""
     window = MaskWindow(height)
-    made = ordered_map(lambda item: _band_cells(score, item[0], item[1], tracer is not None, cell_data is not None),
-                       enumerate(bands()), threads)
+
+    def with_pixels(bands: Iterator[Band]) -> Iterator[tuple[int, Band, np.ndarray]]:
+        """Each band with the input's rows it will draw, read in order as the bands are (off this thread)."""
+        for index, band in enumerate(bands):
+            first, stop = window.ready(band.top), window.ready(band.top + len(band.seg))
+            yield index, band, rows(first, stop - first) if stop > first else np.zeros((0, width, 3), np.uint8)
+
+    made = ordered_map(lambda item: _band_cells(score, *item, tracer, cell_data is not None), with_pixels(bands()),
+                       threads)
     for band in made:
-        if tracer is not None:
-            tracer.add(band.top, band.owner)
+        if band.traced is not None:
+            tracer.hand_over(band.traced)
         if cell_data is not None:
             cell_data.add(band.top, *band.labels)
-        window.add(band.masks, lambda first, stop: _draw(window, rows, score, first, stop, width, sink))
+        window.add(band.masks, lambda first, stop: _draw(window, band.pixels, score, first, stop, width, sink))
 
 
-def _draw(window: MaskWindow, rows: Rows, score: SlideScore, first: int, stop: int, width: int,
+def _draw(window: MaskWindow, pixels: np.ndarray, score: SlideScore, first: int, stop: int, width: int,
           sink: OverlaySink) -> None:
-    """Rows [first, stop) from the window, which holds at least `OUTLINE_REACH` rows beyond them on each
-    side, or the slide's edge."""
+    """Rows [first, stop) (the input's `pixels`) from the window, which holds at least `OUTLINE_REACH` rows
+    beyond them on each side, or the slide's edge."""
+    if len(pixels) != stop - first:
+        raise ImageError(f"the overlay pass read {len(pixels)} input rows to draw rows {first}-{stop}")
     background, codes = window.masks
     low, high = np.searchsorted(score.seeds, [window.top * width, window.bottom * width])
     border = outline(background, codes, score.seeds[low:high] - window.top * width, score.seeds_positive[low:high])
     keep = slice(first - window.top, stop - window.top)
-    overlaid, refined = paint(rows(first, stop - first), border[keep], codes[keep])
+    overlaid, refined = paint(pixels, border[keep], codes[keep])
     sink(first, overlaid, refined)

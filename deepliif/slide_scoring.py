@@ -23,9 +23,9 @@ from scipy import ndimage
 
 from .cells import Cell, counted_cells
 from .errors import ArgumentError
-from .label_stats import Components, LabelledPixels, UnionFind, components, grey_levels, join_edge
+from .label_stats import Components, LabelledPixels, UnionFind, components, four_connected, grey_levels, join_edge
 from .scoring_rules import PostprocessOptions, Resolution, mean_density, optical_density
-from .postprocessing import _FOUR_CONNECTED, classify_pixels, default_size_threshold
+from .postprocessing import classify_pixels, default_size_threshold
 from .pyramid import LevelRows
 from .slides import open_slide
 from .workers import ordered_map
@@ -46,6 +46,7 @@ BAND_PIXELS = 4_000_000
 
 
 def _global(labels: np.ndarray, first: int) -> np.ndarray:
+    """Slide-wide ids of some of a band's labels (its edge rows or columns: only they are joined), -1 for 0."""
     return np.where(labels > 0, labels.astype(np.int64) + (first - 1), -1)
 
 
@@ -56,7 +57,7 @@ def _unknown_labels(seg: np.ndarray, seg_thresh: int) -> tuple[np.ndarray, int]:
 
 def unknown_labels(unknown: np.ndarray) -> tuple[np.ndarray, int]:
     """The 4-connected components of a band's pixels of unknown class (DeepLIIF's background candidates)."""
-    return ndimage.label(unknown, structure=_FOUR_CONNECTED)
+    return four_connected(unknown)
 
 
 def border_components(bands: Iterable[T], height: int, labelled: Callable[[T], tuple[int, np.ndarray, int]],
@@ -68,13 +69,13 @@ def border_components(bands: Iterable[T], height: int, labelled: Callable[[T], t
     sets, firsts, touching, previous = UnionFind(), [], [], None
     for top, labels, count in ordered_map(labelled, bands, threads):
         firsts.append(sets.grow(count))
-        ids = _global(labels, firsts[-1])
-        edges = [ids[:, 0], ids[:, -1]] + ([ids[0]] if top == 0 else []) + \
-            ([ids[-1]] if top + len(labels) == height else [])
+        first_row, last_row = _global(labels[0], firsts[-1]), _global(labels[-1], firsts[-1])
+        edges = [_global(labels[:, 0], firsts[-1]), _global(labels[:, -1], firsts[-1])] + \
+            ([first_row] if top == 0 else []) + ([last_row] if top + len(labels) == height else [])
         touching.append(np.unique(np.concatenate(edges)))
         if previous is not None:
-            join_edge(sets, previous, ids[0], diagonal=False)
-        previous = ids[-1]
+            join_edge(sets, previous, first_row, diagonal=False)
+        previous = last_row
     roots = sets.roots()
     border = np.concatenate(touching) if touching else np.zeros(0, np.int64)
     root_is_background = np.zeros(len(roots), bool)
@@ -90,10 +91,9 @@ def background_labels(bands: Bands, height: int, seg_thresh: int, threads: int =
 
 def background_of(labels: np.ndarray, first: int, is_background: np.ndarray) -> np.ndarray:
     """A band's background pixels, from its `unknown_labels` and `border_components`' verdicts."""
-    background = np.zeros(labels.shape, bool)
-    unknown = labels > 0
-    background[unknown] = is_background[labels[unknown].astype(np.int64) + (first - 1)]
-    return background
+    count = int(labels.max(initial=0))
+    verdict = np.concatenate([[False], is_background[first: first + count]])
+    return verdict[labels]  # one gather through a per-label table (measured 2x faster than assigning through a boolean mask)
 
 
 def band_background(seg: np.ndarray, seg_thresh: int, first: int, is_background: np.ndarray) -> np.ndarray:
@@ -162,10 +162,9 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
         if band_histogram is not None:
             histogram += band_histogram
         cell_firsts.append(sets.grow(count))
-        ids = _global(labels, cell_firsts[-1])
         if previous is not None:
-            join_edge(sets, previous, ids[0], diagonal=True)
-        previous = ids[-1]
+            join_edge(sets, previous, _global(labels[0], cell_firsts[-1]), diagonal=True)
+        previous = _global(labels[-1], cell_firsts[-1])
         parts.append(stats)
     cells, cell_of_label = _merge(sets.roots(), parts, histogram)
     cells.labels = SlideLabels(seg_thresh, no_cell_firsts, is_background, cell_firsts, cell_of_label)

@@ -7,8 +7,11 @@ arrays) are enough for the CPU stages around the network.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import queue
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -66,23 +69,75 @@ def parallel_map(function: Callable[[Item], Result], items: Iterable[Item], thre
 
 def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], threads: int) -> Iterator[Result]:
     """`function(item)` for each item, yielded in order, with at most `threads` parts running or waiting to
-    be taken, so a stream of large items (slide bands) stays bounded. Items are pulled in the caller's
-    thread. An error is raised in order; parts not yet started are cancelled and started ones finish."""
+    be taken, so a stream of large items (slide bands) stays bounded. With several threads the items are
+    produced on a thread of their own (`read_ahead`), so reading the next band overlaps the caller's work
+    on the last. An error is raised in order; parts not yet started are cancelled and started ones finish."""
     if threads <= 1:
         yield from map(function, items)
         return
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cpu-stage") as pool:
         pending: deque = deque()
+        ahead = read_ahead(items)
         try:
-            for item in items:
+            for item in ahead:
                 pending.append(pool.submit(function, item))
                 if len(pending) >= threads:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
         finally:
+            ahead.close()
             for future in pending:
                 future.cancel()
+
+
+_END = object()
+
+
+def read_ahead(items: Iterable[Item], depth: int = 1) -> Iterator[Item]:
+    """`items` as they are, produced on a thread of their own at most `depth` ahead of the consumer.
+    The source's error is raised where the consumer would have met it; a consumer that stops early (or
+    fails) stops the producer and waits for it, and the source is closed on the producer's thread."""
+    hand_off: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                hand_off.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        source = iter(items)
+        try:
+            for item in source:
+                if not offer((item, None)):
+                    return
+            offer((_END, None))
+        except BaseException as exc:  # handed to the consumer
+            offer((_END, exc))
+        finally:
+            getattr(source, "close", lambda: None)()
+
+    producer = threading.Thread(target=produce, name="read-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, error = hand_off.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
+    finally:
+        stop.set()
+        while producer.is_alive():
+            with contextlib.suppress(queue.Empty):
+                hand_off.get(timeout=0.1)
+        producer.join()
 
 
 def row_bands(height: int, parts: int) -> Sequence[tuple[int, int]]:

@@ -135,9 +135,10 @@ def _values(choices) -> str:
 def _add_pyramid_compression(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pyramid-compression", type=PyramidCompression, choices=list(PyramidCompression),
                         metavar=_values(PyramidCompression),
-                        default=PyramidCompression.DEFLATE, help="slides: deflate (lossless, every output) or "
-                        "jpeg (JPEG q90 without chroma subsampling for Hema, DAPI, Lap2 and SegOverlaid, about 6x "
-                        "faster to write; Seg, Marker and SegRefined stay lossless)")
+                        default=PyramidCompression.default(), help="slides: jpeg (default: JPEG q90 without "
+                        "chroma subsampling for the display images Hema, DAPI, Lap2 and SegOverlaid; Seg, Marker and "
+                        "SegRefined lossless zstd), zstd (lossless, every output) or deflate (lossless, every output, "
+                        "for TIFF readers built without zstd)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     post.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, help="largest image decoded whole "
                       f"(default {DEFAULT_MAX_PIXELS}); slides are read band by band whatever their size")
     _add_postprocess_args(post)
+    _add_pyramid_compression(post)
     post.set_defaults(handler=cmd_postprocess)
 
     again = sub.add_parser("rescore", help="scoring, SegOverlaid and SegRefined again from a cell-data file "
@@ -182,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "<stem>_SegRefined.png, <stem>.json")
     again.add_argument("--max-pixels", type=_positive, default=DEFAULT_MAX_PIXELS, help="largest image decoded")
     _add_threshold_args(again)
+    _add_pyramid_compression(again)
     again.set_defaults(handler=cmd_rescore)
 
     demo_model = sub.add_parser("demo-model", help="write a DeepLIIF directory with random weights")

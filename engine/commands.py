@@ -169,7 +169,7 @@ def cmd_rescore(args: argparse.Namespace) -> int:
     stem = slide_stem(args.image) if slide else args.image.stem
     if slide:
         rescored = rescore_cells(cells, settings, version, options)
-        outputs, scoring = rescore_slide(rescored, args.image, args.out), rescored.scoring
+        outputs, scoring = rescore_slide(rescored, args.image, args.out, compression=args.pyramid_compression), rescored.scoring
     else:
         result = rescore(cells, settings, version, image, options)
         out = prepare_out_dir(args.out)
@@ -189,7 +189,8 @@ def _postprocess_slide(args: argparse.Namespace) -> int:
             raise ArgumentError(f"{path} is not a slide but the image {args.image} is; give its outputs as slides "
                                 "(the .ome.tif pyramids infer writes)")
     record = postprocess_slide(args.image, args.seg, args.marker, args.out, args.tile_size, _postprocess_options(args),
-                               cell_geometry=args.cell_geometry, cell_data=args.cell_data)
+                               cell_geometry=args.cell_geometry, cell_data=args.cell_data,
+                               compression=args.pyramid_compression)
     print(json.dumps(json.loads(record.read_text())["scoring"]))
     return 0
 

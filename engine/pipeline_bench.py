@@ -37,7 +37,7 @@ SLIDE_STAGES = ("tiling", "inference", "stitching", "stream", "pyramid", "scorin
 
 def bench_pipeline(source: Path, replay: Path, tiles_per_second: float | None = None, threads: int | None = None,
                    batch_size: int = 8, repeats: int = 2,
-                   compression: PyramidCompression = PyramidCompression.DEFLATE) -> dict:
+                   compression: PyramidCompression = PyramidCompression.default()) -> dict:
     """Runs `infer` on `source` `repeats` times against the replay stand-in; the report of the last run."""
     if repeats < 1:
         raise ArgumentError(f"--repeats must be at least 1; got {repeats}")

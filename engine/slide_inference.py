@@ -60,7 +60,7 @@ class Destination:
     out: Path
     stem: str
     info: SlideInfo
-    compression: PyramidCompression = PyramidCompression.DEFLATE
+    compression: PyramidCompression = PyramidCompression.default()
     cell_geometry: CellGeometry = CellGeometry.POLYGONS
 
     def path(self, name: str) -> Path:
@@ -122,7 +122,7 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
                 stem: str | None = None, postprocess: PostprocessOptions = PostprocessOptions(),
                 checkpoint_dir: Path | None = None, stage: Callable[[str], None] = lambda name: None,
                 outputs: OutputSet = OutputSet.ALL, threads: int | None = None,
-                compression: PyramidCompression = PyramidCompression.DEFLATE,
+                compression: PyramidCompression = PyramidCompression.default(),
                 cell_geometry: CellGeometry = CellGeometry.POLYGONS, cell_data: int | None = None) -> Path:
     """Writes `OUT/<stem>_<Name>.ome.tif` for the five network outputs and SegOverlaid/SegRefined, the
     slide's cells (`<stem>_cells.csv`, `.geojson.gz`, outlines or centroids by `cell_geometry`; with
@@ -163,7 +163,8 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
 
 def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, tile_size: int | None,
                       options: PostprocessOptions = PostprocessOptions(), threads: int | None = None,
-                      cell_geometry: CellGeometry = CellGeometry.POLYGONS, cell_data: int | None = None) -> Path:
+                      cell_geometry: CellGeometry = CellGeometry.POLYGONS, cell_data: int | None = None,
+                      compression: PyramidCompression = PyramidCompression.default()) -> Path:
     """`postprocess` of slide files (the IHC slide, its Seg and Marker as pyramids such as `infer` writes):
     scoring, cells (with `cell_data`, DeepLIIF's cell data too) and SegOverlaid/SegRefined pyramids,
     exactly as whole-image postprocessing of the same pixels, in bounded memory. Writes `OUT/<stem>.json`
@@ -186,7 +187,7 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
     threads = resolve_threads(threads)
     score = score_slide(bands, info.width, info.height, tile_size, marker is not None, options, threads)
     scored = time.perf_counter()
-    outputs, files = _cells_and_overlays(image, Destination(out, stem, info, cell_geometry=cell_geometry), bands,
+    outputs, files = _cells_and_overlays(image, Destination(out, stem, info, compression, cell_geometry), bands,
                                          score, OVERLAY_NAMES, threads, wanted)
     write_json(out / f"{stem}.json", {
         "slide": info.as_dict(), "seg": str(seg), "marker": None if marker is None else str(marker),
@@ -197,12 +198,14 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
     return out / f"{stem}.json"
 
 
-def rescore_slide(rescored: RescoredCells, image: Path, out: Path, threads: int | None = None) -> dict[str, dict]:
+def rescore_slide(rescored: RescoredCells, image: Path, out: Path, threads: int | None = None,
+                  compression: PyramidCompression = PyramidCompression.default()) -> dict[str, dict]:
     """SegOverlaid and SegRefined pyramids of a slide from its re-scored cell data (`rescore` of a slide),
     band by band over the input slide; returns what was published."""
     with open_slide(image) as slide:
         info = slide.info
-        overlays = SlideOutputs(Destination(prepare_out_dir(Path(out)), slide_stem(image), info), OVERLAY_NAMES)
+        overlays = SlideOutputs(Destination(prepare_out_dir(Path(out)), slide_stem(image), info, compression),
+                                OVERLAY_NAMES)
         with contextlib.closing(overlays):
             draw_rescored_slide(rescored, info.width, info.height,
                                 slide.read_rows,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from deepliif.label_stats import LabelledPixels, components, grey_levels
+from deepliif.label_stats import LabelledPixels, components, four_connected, grey_levels
 
 
 def _labels(seed: int, shape=(120, 150)) -> tuple[np.ndarray, int]:
@@ -61,6 +61,20 @@ def test_components_number_and_measure_as_ndimage_does(threads: int) -> None:
         ys, xs = np.nonzero(labels)
         for sums, coordinate in ((found.sum_x, xs), (found.sum_y, ys)):
             assert np.array_equal(sums[1:], np.bincount(labels[ys, xs], weights=coordinate, minlength=count + 1)[1:])
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_four_connected_numbers_as_ndimage_does(threads: int) -> None:
+    """OpenCV's 4-connected scan gives exactly ndimage's labels, so slide bands and whole images agree."""
+    from deepliif.workers import opencv
+    opencv(threads)
+    rng = np.random.default_rng(10 + threads)
+    for shape in [(1, 1), (1, 40), (40, 1)] + [tuple(rng.integers(2, 90, 2)) for _ in range(60)]:
+        mask = rng.random(shape) < rng.uniform(0.05, 0.95)
+        labels, count = ndimage.label(mask)  # ndimage's default structure: 4-connected
+        found, found_count = four_connected(mask)
+        assert found_count == count and np.array_equal(found, labels), shape
+    assert four_connected(np.zeros((0, 3), bool))[1] == 0
 
 
 def test_components_of_full_and_empty_masks() -> None:

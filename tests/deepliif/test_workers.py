@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from deepliif.errors import ArgumentError
-from deepliif.workers import available_cpus, ordered_map, parallel_map, resolve_threads, row_bands
+from deepliif.workers import available_cpus, ordered_map, parallel_map, read_ahead, resolve_threads, row_bands
 
 
 def test_the_cgroup_quota_caps_the_affinity(tmp_path: Path) -> None:
@@ -68,7 +68,8 @@ def test_ordered_map_yields_in_order_pulls_a_bounded_stream_and_stops_on_failure
     results = []
     for result in ordered_map(part, items(), 3):
         results.append(result)
-        assert len(pulled) <= len(results) + 3  # never more than 3 parts ahead of the consumer
+        # never more than 3 parts ahead of the consumer, one item in the read-ahead hand-off and one being read
+        assert len(pulled) <= len(results) + 3 + 2
     assert results == [i * 10 for i in range(20)] and most[0] <= 3
 
     def failing(index: int) -> int:
@@ -78,5 +79,41 @@ def test_ordered_map_yields_in_order_pulls_a_bounded_stream_and_stops_on_failure
     pulled.clear()
     with pytest.raises(ValueError, match="band 4"):
         list(ordered_map(failing, items(), 2))
-    assert len(pulled) <= 7  # the stream stopped soon after the failure
-    assert not [t for t in threading.enumerate() if t.name.startswith("cpu-stage")]
+    assert len(pulled) <= 9  # the stream stopped soon after the failure
+    assert not [t for t in threading.enumerate() if t.name.startswith(("cpu-stage", "read-ahead"))]
+
+
+def test_read_ahead_produces_on_its_own_thread_in_order_and_raises_where_the_source_did() -> None:
+    threads = []
+
+    def source(fail_at: int | None = None):
+        for index in range(6):
+            threads.append(threading.current_thread().name)
+            if index == fail_at:
+                raise OSError(f"item {index} unreadable")
+            yield index
+
+    assert list(read_ahead(source())) == list(range(6)) and set(threads) == {"read-ahead"}
+    seen = []
+    with pytest.raises(OSError, match="item 3 unreadable"):
+        for item in read_ahead(source(fail_at=3)):
+            seen.append(item)
+    assert seen == [0, 1, 2]
+
+
+def test_read_ahead_stopped_early_stops_its_producer_and_closes_the_source() -> None:
+    produced, closed = [], threading.Event()
+
+    def source():
+        try:
+            for index in range(1000):
+                produced.append(index)
+                yield index
+        finally:
+            closed.set()
+
+    ahead = read_ahead(source(), depth=2)
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    ahead.close()
+    assert closed.is_set() and len(produced) <= 3 + 2 + 1  # taken, the hand-off's depth, one being offered
+    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]

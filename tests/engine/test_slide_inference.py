@@ -151,7 +151,7 @@ def test_postprocess_of_real_outputs_on_a_slide_over_the_image_limit_equals_the_
     assert "over the limit of 1000000" in capsys.readouterr().err  # as an image it is refused
     assert main(["postprocess", "--image", str(tmp_path / "case.ome.tif"), "--seg", str(tmp_path / "case_Seg.ome.tif"),
                  "--marker", str(tmp_path / "case_Marker.ome.tif"), "--tile-size", "512", "--out",
-                 str(tmp_path / "out"), *limit]) == 0
+                 str(tmp_path / "out"), "--pyramid-compression", "zstd", *limit]) == 0  # lossless: compared exactly
     whole = postprocess(orig, seg, marker, 512, PostprocessOptions(marker_thresh="default"))
     record = json.loads((tmp_path / "out" / "case.json").read_text())
     assert record["scoring"] == whole.scoring and whole.scoring["num_total"] > 100
@@ -179,7 +179,7 @@ def test_postprocess_of_a_slide_by_optical_density_writes_the_images_cell_data(
     assert main(["-q", "postprocess", "--image", str(tmp_path / "case.ome.tif"), "--seg",
                  str(tmp_path / "case_Seg.ome.tif"), "--marker", str(tmp_path / "case_Marker.ome.tif"),
                  "--tile-size", "512", "--od-thresh-lower", "40", "--od-thresh-upper", "140", "--cell-data", "5",
-                 "--out", str(tmp_path / "out")]) == 0
+                 "--pyramid-compression", "zstd", "--out", str(tmp_path / "out")]) == 0
     options = PostprocessOptions(od_thresh_lower=40, od_thresh_upper=140)
     whole = postprocess(orig, seg, marker, 512, options, cell_data=5)
     record = json.loads((tmp_path / "out" / "case.json").read_text())
@@ -210,7 +210,7 @@ def test_a_slide_is_rescored_from_its_cell_data_alone_as_the_image_is(deepliif_f
                  "--tile-size", "512", "--cell-data", "4", "--out", str(tmp_path / "post")]) == 0
     assert main(["-q", "rescore", "--cells", str(tmp_path / "post" / "case_cells.json.gz"), "--image",
                  str(tmp_path / "case.ome.tif"), "--size-thresh", "40", "--marker-thresh", "default",
-                 "--out", str(tmp_path / "again")]) == 0
+                 "--pyramid-compression", "deflate", "--out", str(tmp_path / "again")]) == 0
     document = postprocess(orig, seg, marker, 512, cell_data=4).cell_data
     cells = [decode_cell(cell, "marker") for cell in document["cells"]]
     whole = rescore(cells, document["settings"], 4, orig, PostprocessOptions(size_thresh=40, marker_thresh="default"))
@@ -270,28 +270,34 @@ def test_a_slide_of_real_tissue_through_the_trained_mini_model_scores_its_cells_
         [[ring.tolist() for ring in image.outlines[c.id]] for c in image.cells]
 
 
-def test_every_output_opens_in_openslide_with_all_levels_and_jpeg_only_where_asked(session: Session,
-                                                                                   tmp_path: Path) -> None:
+def test_every_output_opens_in_openslide_with_all_levels_in_the_codec_asked_for(session: Session,
+                                                                               tmp_path: Path) -> None:
+    """Each `--pyramid-compression`: every output opens in OpenSlide with every level; the default writes
+    only the display outputs as JPEG (within 4 grey levels) and the rest as zstd, equal to deflate's."""
     import openslide
     from deepliif.pyramid import PyramidCompression
     slide = write_ome_pyramid(tmp_path / "slide.ome.tif", glass_with_tissue())
-    lossless = json.loads(infer_slide(session, slide, tmp_path / "deflate", TILE).read_text())
-    lossy = json.loads(infer_slide(session, slide, tmp_path / "jpeg", TILE,
-                                   compression=PyramidCompression.JPEG).read_text())
-    assert lossy["scoring"] == lossless["scoring"]
+    records = {mode: json.loads(infer_slide(session, slide, tmp_path / mode.value, TILE, compression=mode).read_text())
+               for mode in PyramidCompression}
+    assert PyramidCompression.default() is PyramidCompression.JPEG
+    assert len({json.dumps(record["scoring"]) for record in records.values()}) == 1
+    lossless = {PyramidCompression.DEFLATE: ("ADOBE_DEFLATE", "zlib")}
     for name in SLIDE_OUTPUTS:
-        for folder, record in (("deflate", lossless), ("jpeg", lossy)):
-            path = tmp_path / folder / f"slide_{name}.ome.tif"
+        display = name in ("Hema", "DAPI", "Lap2", "SegOverlaid")
+        for mode, record in records.items():
+            path = tmp_path / mode.value / f"slide_{name}.ome.tif"
             with tifffile.TiffFile(path) as tiff:
                 levels = [level.shape[:2] for level in tiff.series[0].levels]
                 codec = tiff.pages[0].compression
             with openslide.OpenSlide(str(path)) as opened:
-                assert [(h, w) for w, h in opened.level_dimensions] == levels, (folder, name)
+                assert [(h, w) for w, h in opened.level_dimensions] == levels, (mode, name)
+                smallest = opened.read_region((0, 0), len(levels) - 1, opened.level_dimensions[-1])
+                assert smallest.size == opened.level_dimensions[-1]  # OpenSlide decodes the codec
             assert len(levels) == record["outputs"][name]["levels"] == 4  # 1300x1500 down to one 256 tile
-            display = folder == "jpeg" and name in ("Hema", "DAPI", "Lap2", "SegOverlaid")
-            assert (codec == tifffile.COMPRESSION.JPEG) == display, (folder, name)
-            assert record["outputs"][name]["compression"] == ("jpeg" if display else "zlib")
-        exact, approximate = level0(tmp_path / "deflate" / f"slide_{name}.ome.tif"), \
-            level0(tmp_path / "jpeg" / f"slide_{name}.ome.tif")
-        error = np.abs(exact.astype(int) - approximate).mean()
-        assert error == 0 if name not in ("Hema", "DAPI", "Lap2", "SegOverlaid") else 0 < error < 4, (name, error)
+            tag, written = ("JPEG", "jpeg") if mode is PyramidCompression.JPEG and display else \
+                lossless.get(mode, ("ZSTD", "zstd"))
+            assert codec == tifffile.COMPRESSION[tag] and record["outputs"][name]["compression"] == written, (mode, name)
+        exact = level0(tmp_path / "deflate" / f"slide_{name}.ome.tif")
+        assert np.array_equal(level0(tmp_path / "zstd" / f"slide_{name}.ome.tif"), exact), name
+        error = np.abs(exact.astype(int) - level0(tmp_path / "jpeg" / f"slide_{name}.ome.tif")).mean()
+        assert 0 < error < 4 if display else error == 0, (name, error)
