@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import astuple, dataclass, fields
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 from typing import Protocol
@@ -94,10 +93,11 @@ def counted_cells(stats: CellStats, label_ids: np.ndarray, positive: np.ndarray,
 def cells_csv(cells: list[Cell], mpp: float | None = None) -> bytes:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([f.name for f in fields(Cell)] + ["area_um2", "classification"])
+    names = [f.name for f in fields(Cell)]  # not dataclasses.astuple, which deep-copies every field
+    writer.writerow(names + ["area_um2", "classification"])
     for cell in cells:
         area = "" if mpp is None else round(cell.area_px * mpp * mpp, 3)
-        writer.writerow([*astuple(cell), area, cell.classification])
+        writer.writerow([*(getattr(cell, name) for name in names), area, cell.classification])
     return out.getvalue().encode()
 
 
@@ -111,7 +111,7 @@ def cell_features(image: str, cells: list[Cell], mpp: float | None,
     """One GeoJSON feature per cell: its outline from `outlines` (cell id -> rings), else its centroid."""
     for cell in cells:
         rings = None if outlines is None else outlines.get(cell.id)
-        geometry = {"type": "Polygon", "coordinates": [ring.tolist() for ring in rings]} if rings else \
+        geometry = {"type": "Polygon", "coordinates": rings} if rings else \
             {"type": "Point", "coordinates": [cell.centroid_x, cell.centroid_y]}
         yield {"type": "Feature", "id": cell_uuid(image, cell), "geometry": geometry,
                "properties": {"objectType": "detection", "name": f"cell {cell.id}",
@@ -121,12 +121,18 @@ def cell_features(image: str, cells: list[Cell], mpp: float | None,
 
 
 def write_geojson(path: Path, features: Iterator[dict]) -> None:
-    """A FeatureCollection written feature by feature (gzip if `path` ends in .gz), then renamed into place."""
+    """A FeatureCollection written feature by feature (gzip if `path` ends in .gz), then renamed into place.
+    Features may hold NumPy arrays (outline rings); orjson writes them as nested lists, in UTF-8."""
+    import orjson
     with open_stream(path) as stream:
         stream.write(b'{"type": "FeatureCollection", "features": [')
+        chunk: list[bytes] = []
         for index, feature in enumerate(features):
-            stream.write((", " if index else "\n").encode() + json.dumps(feature, ensure_ascii=False).encode())
-        stream.write(b"\n]}\n")
+            chunk.append((b",\n" if index else b"\n") + orjson.dumps(feature, option=orjson.OPT_SERIALIZE_NUMPY))
+            if len(chunk) == 1000:  # a write per thousand features, not per feature
+                stream.write(b"".join(chunk))
+                chunk.clear()
+        stream.write(b"".join(chunk) + b"\n]}\n")
 
 
 def cells_file_names(stem: str, slide: bool = False) -> dict[str, str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepliif.cells import cell_features, cells_csv, counted_cells, write_cells
+from deepliif.cells import cell_features, cells_csv, counted_cells, write_cells, write_geojson
 from deepliif.label_stats import LabelledPixels, components
 from deepliif.imageio import read_image
 from deepliif.postprocessing import postprocess
@@ -17,7 +17,12 @@ from ..qupath_rules import assert_outlines_trace_the_cells, assert_qupath_import
 
 
 def list_features(image: str, cells, outlines) -> dict:
-    return {"type": "FeatureCollection", "features": list(cell_features(image, cells, None, outlines))}
+    """The FeatureCollection as a reader of the written file gets it (JSON, not the arrays it is made from)."""
+    import tempfile
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / f"{image}.geojson"
+        write_geojson(path, cell_features(image, cells, None, outlines))
+        return json.loads(path.read_text())
 
 
 def test_the_cell_table_lists_every_counted_cell_of_the_real_fixtures(deepliif_fixtures: Path) -> None:
