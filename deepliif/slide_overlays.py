@@ -101,7 +101,7 @@ def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: 
             first, stop = window.ready(band.top), window.ready(band.top + len(band.seg))
             yield index, band, rows(first, stop - first) if stop > first else np.zeros((0, width, 3), np.uint8)
 
-    made = ordered_map(lambda item: _band_cells(score, *item, tracer, cell_data is not None), with_pixels(bands()),
+    made = ordered_map(lambda item: _band_cells(score, *item, tracer, cell_data is not None), with_pixels(bands(False)),
                        threads)
     for band in made:
         if band.traced is not None:

@@ -40,7 +40,9 @@ class Band(NamedTuple):
     ihc: np.ndarray | None = None
 
 
-Bands = Callable[[], Iterator[Band]]  # called once per pass; yields the slide's bands top to bottom
+# `bands(measuring)`, called once per pass: the slide's bands top to bottom. Only the pass that measures the
+# cells (`measuring`) is given the Marker and the IHC; the others read the Seg alone.
+Bands = Callable[[bool], Iterator[Band]]
 T = TypeVar("T")
 BAND_PIXELS = 4_000_000
 
@@ -85,7 +87,7 @@ def border_components(bands: Iterable[T], height: int, labelled: Callable[[T], t
 
 def background_labels(bands: Bands, height: int, seg_thresh: int, threads: int = 1) -> tuple[list[int], np.ndarray]:
     """Pass one of scoring: `border_components` of the Seg's no-cell pixels."""
-    return border_components(bands(), height, lambda band: (band.top, *_unknown_labels(band.seg, seg_thresh)),
+    return border_components(bands(False), height, lambda band: (band.top, *_unknown_labels(band.seg, seg_thresh)),
                              threads)
 
 
@@ -158,7 +160,7 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
         return found.labels, found.count, _band_stats(found, band, grey, width, seg_thresh), histogram
 
     sets, previous, parts, histogram, cell_firsts = UnionFind(), None, [], np.zeros(256, np.int64), []
-    for labels, count, stats, band_histogram in ordered_map(measured, zip(bands(), no_cell_firsts), threads):
+    for labels, count, stats, band_histogram in ordered_map(measured, zip(bands(True), no_cell_firsts), threads):
         if band_histogram is not None:
             histogram += band_histogram
         cell_firsts.append(sets.grow(count))
@@ -295,11 +297,11 @@ def slide_bands(seg_path: Path, marker_path: Path | None, ihc_path: Path | None 
     """Bands of level 0 of a Seg (and Marker) slide, such as the pyramids `infer` writes, read region by
     region through the slide reader; with `ihc_path`, the input slide's rows too."""
 
-    def bands() -> Iterator[Band]:
+    def bands(measuring: bool = True) -> Iterator[Band]:
         with contextlib.ExitStack() as stack:
             seg = stack.enter_context(open_slide(seg_path))
-            marker = stack.enter_context(open_slide(marker_path)) if marker_path is not None else None
-            ihc = _ihc_rows(stack, ihc_path)
+            marker = stack.enter_context(open_slide(marker_path)) if marker_path is not None and measuring else None
+            ihc = _ihc_rows(stack, ihc_path if measuring else None)
             height, rows = seg.info.height, band_rows(seg.info.width)
             for top in range(0, height, rows):
                 count = min(rows, height - top)
@@ -313,11 +315,12 @@ def region_bands(seg_regions: list[Path], marker_regions: list[Path] | None, ihc
     top to bottom (with `ihc_path`, the input slide's rows too). Scoring reads these rather than the
     published pyramids, so it needs no pyramid of an output nobody asked for, and does not wait for them."""
 
-    def bands() -> Iterator[Band]:
+    def bands(measuring: bool = True) -> Iterator[Band]:
         with contextlib.ExitStack() as stack:
             seg = stack.enter_context(LevelRows(seg_regions))
-            marker = stack.enter_context(LevelRows(marker_regions)) if marker_regions is not None else None
-            ihc = _ihc_rows(stack, ihc_path)
+            marker = stack.enter_context(LevelRows(marker_regions)) \
+                if marker_regions is not None and measuring else None
+            ihc = _ihc_rows(stack, ihc_path if measuring else None)
             rows = band_rows(seg.width)
             for top in range(0, seg.height, rows):
                 count = min(rows, seg.height - top)

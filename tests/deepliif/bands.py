@@ -12,7 +12,8 @@ def array_bands(seg: np.ndarray, marker: np.ndarray | None, rows: int, ihc: np.n
     def part(image: np.ndarray | None, top: int) -> np.ndarray | None:
         return None if image is None else image[top: top + rows]
 
-    def bands() -> Iterator[Band]:
+    def bands(measuring: bool = True) -> Iterator[Band]:
         for top in range(0, seg.shape[0], rows):
-            yield Band(top, seg[top: top + rows], part(marker, top), part(ihc, top))
+            yield Band(top, seg[top: top + rows], part(marker, top) if measuring else None,
+                       part(ihc, top) if measuring else None)
     return bands
