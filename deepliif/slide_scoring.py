@@ -154,10 +154,11 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
     def measured(item: tuple[Band, int]) -> tuple[np.ndarray, int, dict[str, np.ndarray], np.ndarray | None]:
         band, first = item
         grey = None if band.marker is None else grey_levels(band.marker)
-        background = band_background(band.seg, seg_thresh, first, is_background)
+        positive, negative = classify_pixels(band.seg, seg_thresh)  # once, for the background and the counts
+        background = background_of(unknown_labels(~(positive | negative))[0], first, is_background)
         found = components(~background)
         histogram = None if grey is None else np.bincount(grey.ravel(), minlength=256)
-        return found.labels, found.count, _band_stats(found, band, grey, width, seg_thresh), histogram
+        return found.labels, found.count, _band_stats(found, band, grey, width, positive, negative), histogram
 
     sets, previous, parts, histogram, cell_firsts = UnionFind(), None, [], np.zeros(256, np.int64), []
     for labels, count, stats, band_histogram in ordered_map(measured, zip(bands(True), no_cell_firsts), threads):
@@ -173,10 +174,9 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
     return cells
 
 
-def _band_stats(found: Components, band: Band, grey: np.ndarray | None, width: int,
-                seg_thresh: int) -> dict[str, np.ndarray]:
+def _band_stats(found: Components, band: Band, grey: np.ndarray | None, width: int, positive: np.ndarray,
+                negative: np.ndarray) -> dict[str, np.ndarray]:
     top, count = band.top, found.count
-    positive, negative = classify_pixels(band.seg, seg_thresh)
     pixels = LabelledPixels.of(found.labels, count)
     sizes = found.sizes[1:]
     od = {} if band.ihc is None else {"od_sum": pixels.image_sums(optical_density(band.ihc))[1:]}
