@@ -1,7 +1,7 @@
 """From the Seg image to cells, counts and the SegOverlaid / SegRefined images, vectorised.
 
 DeepLIIF does this with per-pixel flood fills under a JIT; here every step is a whole-array operation
-(scipy.ndimage labelling, bincounts, shifted masks) that gives the same cells, thresholds and counts.
+(OpenCV labelling and morphology, bincounts, lookup tables) that gives the same cells, thresholds and counts.
 """
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
 from .cell_data import CELL_DATA_VERSIONS, cell_data_document, cell_records, uses_optical_density
 from .cell_outlines import OutlineTracer
@@ -21,6 +20,7 @@ from .overlays import OUTLINE_REACH, cell_codes, outline, paint
 from .workers import for_row_bands, parallel_map, resolve_threads, row_bands
 
 KDE_POINTS = 500
+
 
 @dataclass
 class CellTable:

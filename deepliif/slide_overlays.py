@@ -15,7 +15,7 @@ import numpy as np
 
 from .cell_outlines import OutlineTracer, TracedBand
 from .errors import ImageError
-from .overlays import NONE, OUTLINE_REACH, cell_codes, outline, paint
+from .overlays import OUTLINE_REACH, cell_codes, outline, paint
 from .slide_cell_data import SlideCellData
 from .slide_scoring import Band, Bands, SlideScore
 from .workers import ordered_map
@@ -101,8 +101,8 @@ def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: 
             first, stop = window.ready(band.top), window.ready(band.top + len(band.seg))
             yield index, band, rows(first, stop - first) if stop > first else np.zeros((0, width, 3), np.uint8)
 
-    made = ordered_map(lambda item: _band_cells(score, *item, tracer, cell_data is not None), with_pixels(bands(False)),
-                       threads)
+    made = ordered_map(lambda item: _band_cells(score, *item, tracer, cell_data is not None),
+                       with_pixels(bands(measuring=False)), threads)
     for band in made:
         if band.traced is not None:
             tracer.hand_over(band.traced)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import numpy as np
-from scipy import ndimage
 
 from .cells import Cell, counted_cells
 from .errors import ArgumentError
@@ -87,15 +86,16 @@ def border_components(bands: Iterable[T], height: int, labelled: Callable[[T], t
 
 def background_labels(bands: Bands, height: int, seg_thresh: int, threads: int = 1) -> tuple[list[int], np.ndarray]:
     """Pass one of scoring: `border_components` of the Seg's no-cell pixels."""
-    return border_components(bands(False), height, lambda band: (band.top, *_unknown_labels(band.seg, seg_thresh)),
-                             threads)
+    return border_components(bands(measuring=False), height,
+                             lambda band: (band.top, *_unknown_labels(band.seg, seg_thresh)), threads)
 
 
 def background_of(labels: np.ndarray, first: int, is_background: np.ndarray) -> np.ndarray:
-    """A band's background pixels, from its `unknown_labels` and `border_components`' verdicts."""
+    """A band's background pixels, from its `unknown_labels` and `border_components`' verdicts: one gather
+    through a per-label table (measured 2x faster than assigning through a boolean mask)."""
     count = int(labels.max(initial=0))
     verdict = np.concatenate([[False], is_background[first: first + count]])
-    return verdict[labels]  # one gather through a per-label table (measured 2x faster than assigning through a boolean mask)
+    return verdict[labels]
 
 
 def band_background(seg: np.ndarray, seg_thresh: int, first: int, is_background: np.ndarray) -> np.ndarray:
@@ -161,7 +161,8 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
         return found.labels, found.count, _band_stats(found, band, grey, width, positive, negative), histogram
 
     sets, previous, parts, histogram, cell_firsts = UnionFind(), None, [], np.zeros(256, np.int64), []
-    for labels, count, stats, band_histogram in ordered_map(measured, zip(bands(True), no_cell_firsts), threads):
+    measured_bands = ordered_map(measured, zip(bands(measuring=True), no_cell_firsts), threads)
+    for labels, count, stats, band_histogram in measured_bands:
         if band_histogram is not None:
             histogram += band_histogram
         cell_firsts.append(sets.grow(count))

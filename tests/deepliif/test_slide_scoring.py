@@ -149,3 +149,25 @@ def test_band_overlays_of_touching_cells_and_one_row_bands() -> None:
         overlaid, refined = drawn(orig, seg, None, rows, options)
         np.testing.assert_array_equal(overlaid, whole.overlaid, err_msg=f"rows={rows}")
         np.testing.assert_array_equal(refined, whole.refined, err_msg=f"rows={rows}")
+
+
+def test_a_failing_read_in_the_overlay_pass_stops_it_and_leaves_no_thread() -> None:
+    """The input's rows are read ahead on their own thread: a read that fails is raised where the pass
+    would have used it, and neither the read-ahead thread nor a band thread is left behind."""
+    import threading
+    seg = np.zeros((60, 40, 3), np.uint8)
+    for top in range(4, 56, 8):
+        seg[top: top + 4, 5:30, 0] = 255
+    orig = np.full_like(seg, 200)
+    bands = array_bands(seg, None, 7)
+    score = score_slide(bands, 40, 60, 512, False, PostprocessOptions(size_thresh=0), 2)
+    drawn_rows = []
+
+    def rows(top: int, count: int) -> np.ndarray:
+        if top >= 30:
+            raise OSError(f"rows {top}-{top + count} of the input are unreadable")
+        return orig[top: top + count]
+    with pytest.raises(OSError, match="unreadable"):
+        draw_slide(bands, rows, score, 40, 60, lambda top, overlaid, refined: drawn_rows.append(top), 2)
+    assert drawn_rows and max(drawn_rows) < 30  # what was drawn came before the failure
+    assert not [t for t in threading.enumerate() if t.name.startswith(("cpu-stage", "read-ahead"))]
