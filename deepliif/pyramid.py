@@ -50,14 +50,15 @@ class Codec:
 # Lossless deflate at level 1 with the horizontal predictor: on a 4096² IHC-like image 2.2x faster to
 # write than deflate's default level and 23% smaller; the TIFF codec every reader decodes.
 DEFLATE = Codec("zlib", 1, 2, (8, 32946))
-# Lossless Zstandard at level 1, chosen by measurement (docs/BENCHMARKS.md): on DeepLIIF's Seg and Marker
-# 1.4-2x faster to write than DEFLATE and 1.4-1.6x faster to read, 1-6% larger. The horizontal predictor
-# would make them 8-10% smaller but 12-18% slower to write and 13-33% slower to read, and they are read
-# back by every scoring pass. OpenSlide (openslide-bin's libtiff), tifffile/tiffslide (imagecodecs) and Bio-Formats
-# (TIFF compression 50000) decode it; a libtiff built without zstd does not: `PyramidCompression.DEFLATE`.
+# Lossless Zstandard at level 1, chosen by measurement (benchmarks/tiff_codecs.py): on DeepLIIF's Seg and
+# Marker 1.7-2x faster to write than DEFLATE and 1.7-1.8x faster to read, 1-6% larger. The horizontal
+# predictor would make them 8-10% smaller but about 25% slower to write and 40% slower to read, and they
+# are read back by every scoring pass. OpenSlide (openslide-bin's libtiff), tifffile/tiffslide (imagecodecs)
+# and Bio-Formats (TIFF compression 50000) decode it; a libtiff built without zstd does not, which is what
+# `PyramidCompression.DEFLATE` is for.
 ZSTD = Codec("zstd", 1, None, (50000,))
-# JPEG at quality 90 in RGB (no chroma subsampling, so coloured outlines keep their colour), 6x faster
-# than DEFLATE and 7x smaller on DeepLIIF's display images, mean error 2-3.5 grey levels (measured).
+# JPEG at quality 90 in RGB (no chroma subsampling, so coloured outlines keep their colour), 4-7x faster
+# than DEFLATE and 7-9x smaller on DeepLIIF's display images, mean error 2-3.5 grey levels (measured).
 JPEG = Codec("jpeg", 90, None, (7,))
 # Outputs that are only looked at; the others (Seg, Marker, SegRefined) are read back for scoring and
 # counting and stay lossless whatever is chosen.
