@@ -22,6 +22,8 @@ import numpy as np
 from .cells import Cell, Outline
 from .marching_squares import iso_lines
 
+_CANVAS_COLUMNS = 4096  # the cells traced on one canvas start in the same this many columns
+
 
 @dataclass
 class TracedBand:
@@ -69,8 +71,11 @@ class OutlineTracer:
             self.outlines.setdefault(cell_id, []).append(ring)
         bottom = band.top + len(band.owner)
         done = [cell_id for cell_id in self._pending if self.cells[cell_id - 1].bbox_y1 <= bottom]
-        if done:
-            self._trace_together(done)
+        by_column: dict[int, list[int]] = {}
+        for cell_id in done:
+            by_column.setdefault(self.cells[cell_id - 1].bbox_x0 // _CANVAS_COLUMNS, []).append(cell_id)
+        for ids in by_column.values():
+            self._trace_together(ids)
 
     def _gather(self, cell: Cell, top: int, owner: np.ndarray) -> None:
         mask = self._pending.get(cell.id)
@@ -83,8 +88,9 @@ class OutlineTracer:
 
     def _trace_together(self, ids: list[int]) -> None:
         """Cells gathered across band edges, traced in one marching-squares pass over a canvas holding each
-        at its place (one call per band, not one per cell): cells are never 8-adjacent, so their contours
-        stay apart, and each ring goes to the cell beside its first vertex, as in a band."""
+        at its place (a few calls per band, not one per cell): cells are never 8-adjacent, so their contours
+        stay apart, and each ring goes to the cell beside its first vertex, as in a band. The cells of one
+        canvas start in the same `_CANVAS_COLUMNS` columns, so a canvas stays small on a wide slide."""
         cells = [self.cells[cell_id - 1] for cell_id in ids]
         x0, y0 = min(c.bbox_x0 for c in cells), min(c.bbox_y0 for c in cells)
         canvas = np.zeros((max(c.bbox_y1 for c in cells) - y0, max(c.bbox_x1 for c in cells) - x0), np.int32)

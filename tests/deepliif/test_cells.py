@@ -98,3 +98,28 @@ def test_outlines_of_thin_diagonal_and_one_pixel_cells_are_valid_polygons() -> N
     features = assert_qupath_imports(list_features("shapes", cells, tracer.outlines))
     assert_outlines_trace_the_cells(features)
     assert [len(f["geometry"]["coordinates"]) for f in features] == [1, 1, 2, 1]  # the hook has a hole
+
+
+def test_cells_crossing_band_edges_far_apart_trace_as_in_one_band() -> None:
+    """Cells that cross band edges are traced together, one canvas per group of columns: on a slide-wide
+    band, cells thousands of columns apart (and one with a hole) get the outlines one band gives."""
+    from deepliif.cell_outlines import OutlineTracer
+    labels = np.zeros((24, 9000), np.int32)
+    for x in (10, 4100, 8990 - 12):
+        labels[3:20, x: x + 12] = 1
+    labels[8:12, 4104:4108] = 0  # a hole
+    labels[2:22:4, 6000:6003] = 1  # short cells that never cross a 5-row band edge
+    found = components(labels > 0)
+    count = found.count
+    cells = counted_cells(found, np.arange(1, count + 1), np.zeros(count + 1, bool), np.zeros(count + 1, np.int64))
+    whole = OutlineTracer(cells)
+    whole.add(0, found.labels)
+    banded = OutlineTracer(cells)
+    for top in range(0, 24, 5):
+        banded.add(top, found.labels[top: top + 5])
+    assert sorted(banded.outlines) == sorted(whole.outlines) == list(range(1, count + 1))
+    for cell_id, rings in whole.outlines.items():
+        assert len(banded.outlines[cell_id]) == len(rings), cell_id
+        for ring, other in zip(rings, banded.outlines[cell_id]):
+            np.testing.assert_array_equal(other, ring, err_msg=str(cell_id))
+    assert [len(whole.outlines[cell.id]) for cell in cells if cell.bbox_x0 == 4100] == [2]
