@@ -186,7 +186,8 @@ class EdiService:
                 record_path = infer_slide(self.session, local, self.state.local_dir(staging), request.tile_size,
                                           progress.add, self.turns.taking_turns(self.session.run, sync=False),
                                           slide.stem, request.postprocess, checkpoint, progress.stage,
-                                          request.outputs, cell_data=request.cell_data)
+                                          request.outputs, cell_data=request.cell_data,
+                                          compression=self.settings.pyramid_compression)
         except CheckpointBusyError:
             raise
         except Exception:

@@ -16,6 +16,7 @@
 | `DEEPLIIF_SYNC_BUDGET_S` | longer estimated runs go async | 45 |
 | `DEEPLIIF_MAX_REQUEST_MB` | largest request body / input file | 256 |
 | `DEEPLIIF_MAX_PIXELS` | largest image | 100,000,000 |
+| `DEEPLIIF_PYRAMID_COMPRESSION` | slide pyramids: jpeg (display images JPEG, the rest zstd), zstd, deflate | jpeg |
 | `REDHARE_MODEL_NAME`, `REDHARE_MODEL_PATH`, `MSD_POD_NAME` | set by EDI | deepliif, none, host name |
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from deepliif.errors import ArgumentError
 from deepliif.imageio import DEFAULT_MAX_PIXELS
+from deepliif.pyramid import PyramidCompression
 
 from ...cache import default_cache_dir
 from .model_store import ModelSource
@@ -81,6 +83,7 @@ class KernelSettings:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_async_queue: int = DEFAULT_MAX_ASYNC_QUEUE  # waiting async jobs; beyond it requests are answered "busy"
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S  # queued work finished at shutdown within this
+    pyramid_compression: PyramidCompression = PyramidCompression.default()  # of slide requests' pyramids
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str], model_description: str | None = None) -> KernelSettings:
@@ -112,7 +115,17 @@ class KernelSettings:
             max_pixels=int(_number(env, "DEEPLIIF_MAX_PIXELS", DEFAULT_MAX_PIXELS, int)),
             max_async_queue=int(_number(env, "DEEPLIIF_MAX_ASYNC_QUEUE", DEFAULT_MAX_ASYNC_QUEUE, int)),
             shutdown_grace_s=_number(env, "DEEPLIIF_SHUTDOWN_GRACE_S", DEFAULT_SHUTDOWN_GRACE_S),
+            pyramid_compression=_pyramid_compression(env),
         )
+
+
+def _pyramid_compression(env: Mapping[str, str]) -> PyramidCompression:
+    value = env.get("DEEPLIIF_PYRAMID_COMPRESSION") or PyramidCompression.default().value
+    try:
+        return PyramidCompression(value)
+    except ValueError:
+        accepted = ", ".join(member.value for member in PyramidCompression)
+        raise ArgumentError(f"DEEPLIIF_PYRAMID_COMPRESSION must be one of {accepted}; got {value!r}") from None
 
 
 def cpd_from_environment(env: Mapping[str, str]) -> CpdSettings | None:

@@ -34,6 +34,9 @@ def test_model_json_has_the_edi_fields_and_its_environment_applies() -> None:
     assert settings.backend == "auto" and settings.sync_budget_s == 45.0 and settings.pod == "p1"
     assert settings.max_request_bytes == 256 << 20 and settings.state_root == Path("/sub")
     assert model_environment(MODEL_JSON)["DEEPLIIF_SYNC_BUDGET_S"] == "45"
+    assert settings.pyramid_compression.value == "jpeg"  # the CLI's default
+    lossless = KernelSettings.from_environment({"DEEPLIIF_MODEL_DIR": "m", "DEEPLIIF_PYRAMID_COMPRESSION": "zstd"})
+    assert lossless.pyramid_compression.value == "zstd"
 
 
 @pytest.mark.parametrize("environ, problem", [
@@ -41,6 +44,8 @@ def test_model_json_has_the_edi_fields_and_its_environment_applies() -> None:
     ({"DEEPLIIF_MODEL_DIR": "m", "DEEPLIIF_SYNC_BUDGET_S": "soon"}, "DEEPLIIF_SYNC_BUDGET_S must be a number"),
     ({"DEEPLIIF_MODEL_DIR": "m", "DEEPLIIF_MAX_REQUEST_MB": "0"}, "must be positive"),
     ({"DEEPLIIF_MODEL_DIR": "m", "DEEPLIIF_CPD_URL": "https://cpd"}, "missing DEEPLIIF_CPD_API_KEY"),
+    ({"DEEPLIIF_MODEL_DIR": "m", "DEEPLIIF_PYRAMID_COMPRESSION": "png"},
+     "DEEPLIIF_PYRAMID_COMPRESSION must be one of jpeg, zstd, deflate; got 'png'"),
 ])
 def test_bad_settings_are_named(environ: dict, problem: str) -> None:
     with pytest.raises(ArgumentError, match=problem):

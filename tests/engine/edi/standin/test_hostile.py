@@ -302,10 +302,16 @@ def until_done(service: EdiService, request_id: str, timeout_s: float = 120) -> 
     return record
 
 
-def test_a_whole_slide_by_path_runs_async_into_pyramids_and_base64_is_refused(service: EdiService) -> None:
+def test_a_whole_slide_by_path_runs_async_into_pyramids_and_base64_is_refused(
+        service: EdiService, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
     import io
     import tifffile
+    from deepliif.pyramid import PyramidCompression
     from engine.samples import synthetic_ihc
+    # the kernel's DEEPLIIF_PYRAMID_COMPRESSION reaches the pyramids (here every output lossless)
+    monkeypatch.setattr(service, "settings", dataclasses.replace(service.settings,
+                                                                 pyramid_compression=PyramidCompression.ZSTD))
     buffer = io.BytesIO()
     slide = np.full((900, 1100, 3), 236, np.uint8)
     slide[100:500, 300:800] = synthetic_ihc(400, 500, seed=3)
@@ -329,6 +335,8 @@ def test_a_whole_slide_by_path_runs_async_into_pyramids_and_base64_is_refused(se
     assert record["scoring"]["num_total"] >= 0 and f"{record['scoring']['num_total']} cells" in record["msg"]
     with tifffile.TiffFile(output / "slide_Seg.ome.tif") as tiff:
         assert tiff.is_ome and tiff.series[0].shape == (900, 1100, 3)
+    outputs = json.loads((output / "slide.json").read_text())["outputs"]
+    assert {entry["compression"] for entry in outputs.values()} == {"zstd"}  # Hema too: not the jpeg default
 
 
 def test_a_slide_request_retried_after_its_kernel_died_resumes_from_the_last_region(
