@@ -70,14 +70,14 @@ class _BandCells:
     pixels: np.ndarray  # the input's rows that adding this band to the window draws
 
 
-def _band_cells(score: SlideScore, index: int, band: Band, pixels: np.ndarray, tracer: OutlineTracer | None,
-                labelled: bool) -> _BandCells:
-    """Each pixel's code and owner through per-label tables (one gather each, not boolean-mask indexing),
-    and the band's outlines traced here, on a band thread."""
+def _band_cells(score: SlideScore, cell_code: np.ndarray, index: int, band: Band, pixels: np.ndarray,
+                tracer: OutlineTracer | None, labelled: bool) -> _BandCells:
+    """Each pixel's code (`cell_code`: per merged cell) and owner through per-label tables (one gather each,
+    not boolean-mask indexing), and the band's outlines traced here, on a band thread."""
     labels, cell_of = score.labels.band_labels(index, band.seg)
     in_cell = cell_of >= 0
     code_of = np.zeros(len(cell_of), np.uint8)
-    code_of[in_cell] = cell_codes(score.counted, score.counted & score.is_positive)[cell_of[in_cell]]
+    code_of[in_cell] = cell_code[cell_of[in_cell]]
     traced = None
     if tracer is not None:
         owner_of = np.zeros(len(cell_of), np.int32)
@@ -101,7 +101,8 @@ def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: 
             first, stop = window.ready(band.top), window.ready(band.top + len(band.seg))
             yield index, band, rows(first, stop - first) if stop > first else np.zeros((0, width, 3), np.uint8)
 
-    made = ordered_map(lambda item: _band_cells(score, *item, tracer, cell_data is not None),
+    cell_code = cell_codes(score.counted, score.counted & score.is_positive)  # once per pass, not per band
+    made = ordered_map(lambda item: _band_cells(score, cell_code, *item, tracer, cell_data is not None),
                        with_pixels(bands(measuring=False)), threads)
     for band in made:
         if band.traced is not None:

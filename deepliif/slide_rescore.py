@@ -39,7 +39,7 @@ def draw_rescored_slide(rescored: RescoredCells, width: int, height: int, rows: 
     def masks(item: tuple[int, tuple[int, int]]) -> list[np.ndarray]:
         index, band = item
         drawn = boundaries.rows(*band)
-        background = background_of(unknown_labels(drawn == 0)[0], firsts[index], is_background)
+        background = background_of(unknown_labels(drawn == 0), firsts[index], is_background)
         return [background, cell_codes(~background, positive_pixels(drawn, background))]
 
     window = MaskWindow(height)

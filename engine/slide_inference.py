@@ -134,7 +134,8 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
     asked for are published as pyramids; scoring reads the network's Seg and Marker from the run's own
     regions either way, so the pyramids are assembled from the regions' stored tiles on `threads` threads
     (default: the CPUs this process may use) while the slide is scored and its overlays drawn.
-    `compression` chooses each output's codec (lossless by default)."""
+    `compression` chooses each output's codec (by default the display outputs JPEG, the rest lossless
+    zstd)."""
     started = time.perf_counter()
     out, stem = prepare_out_dir(Path(out)), stem or slide_stem(path)
     with open_slide(path) as slide:
