@@ -28,6 +28,7 @@ import numpy as np
 
 from .errors import ImageError
 from .imageio import RowBlocks
+from .tiff_rows import TiledPageRows
 from .workers import opencv
 
 TIFF_TILE = 256
@@ -88,21 +89,29 @@ class StreamedLevel:
 
     def __init__(self, path: Path, width: int, height: int, tile: int = TIFF_TILE, codec: Codec = ZSTD) -> None:
         self.path, self.width, self.height, self.tile, self.codec = Path(path), width, height, tile, codec
-        self._pending = np.zeros((0, width, 3), np.uint8)
+        self._row: np.ndarray | None = None  # the tile row being filled
+        self._held = 0
         self._queue: queue.Queue = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._write, name=f"tiff-{self.path.name}", daemon=True)
         self._thread.start()
 
     def add(self, rows: np.ndarray) -> None:
-        self._pending = np.concatenate([self._pending, rows]) if len(self._pending) else rows
-        while len(self._pending) >= self.tile:
-            self._put(self._pending[: self.tile])
-            self._pending = self._pending[self.tile:]
+        """The next rows, copied into tile rows (the caller may reuse its buffer once this returns)."""
+        while len(rows):
+            if self._row is None:
+                self._row, self._held = np.empty((self.tile, self.width, 3), np.uint8), 0
+            taken = min(len(rows), self.tile - self._held)
+            self._row[self._held: self._held + taken] = rows[:taken]
+            self._held, rows = self._held + taken, rows[taken:]
+            if self._held == self.tile:
+                self._put(self._row)
+                self._row = None
 
     def close(self) -> None:
-        if len(self._pending):
-            self._put(self._pending)
+        if self._row is not None:
+            self._put(self._row[: self._held])
+            self._row = None
         self._put(None)
         self._thread.join()
         if self._error is not None:
@@ -173,16 +182,22 @@ class ReducedLevels:
         self._rows_in = [0] * len(self.writers)
 
     def add(self, rows: np.ndarray) -> None:
+        """The next level-0 rows (not kept: the caller may reuse its buffer once this returns)."""
         for k, writer in enumerate(self.writers):
             wanted = 2 * writer.height - self._rows_in[k]  # the last odd row of a level makes no row below
             rows = rows[:wanted]
             self._rows_in[k] += len(rows)
-            pending = np.concatenate([self._pending[k], rows]) if len(self._pending[k]) else rows
-            even = len(pending) - len(pending) % 2
-            self._pending[k] = pending[even:]
-            if not even:
+            pairs = []
+            if len(self._pending[k]) and len(rows):  # the odd row left over, with the first new one
+                pairs.append(np.concatenate([self._pending[k], rows[:1]]))
+                rows = rows[1:]
+            even = len(rows) - len(rows) % 2
+            self._pending[k] = rows[even:].copy()
+            pairs += [rows[:even]] if even else []
+            if not pairs:
                 return
-            rows = average_2x2(pending[:even, : 2 * writer.width])
+            halved = [average_2x2(pair[:, : 2 * writer.width]) for pair in pairs]
+            rows = halved[0] if len(halved) == 1 else np.concatenate(halved)
             writer.add(rows)
 
     def close(self) -> list[Path]:
@@ -252,28 +267,27 @@ class PyramidWriter:
 
 
 class LevelRows:
-    """Rows of one image stored as regions (tiled TIFFs stacked top to bottom), read through zarr by whole
-    tile rows (`RowBlocks`): slide scoring's bands of about 4 megapixels decode each tile once."""
+    """Rows of one image stored as regions (tiled TIFFs stacked top to bottom), decoded by whole tile rows
+    (`TiledPageRows`, kept by `RowBlocks`): slide scoring's bands of about 4 megapixels decode each tile once."""
 
     def __init__(self, paths: list[Path]) -> None:
         import tifffile
-        import zarr
-        self.stores, self.blocks, self.tops = [], [], []
+        self.files, self.blocks, self.tops = [], [], []
         top = 0
         try:
             for path in paths:
-                self.stores.append(tifffile.imread(path, aszarr=True))
-                array = zarr.open(self.stores[-1], mode="r")
-                if array.shape[0] == 1:  # zarr 2 cannot read one row from larger tiles; one row is small
-                    array = tifffile.imread(path).reshape(array.shape)
-                self.blocks.append(RowBlocks(lambda low, high, array=array: np.asarray(array[low:high]),
-                                             array.shape[0], getattr(array, "chunks", array.shape)[0]))
+                self.files.append(tifffile.TiffFile(path))
+                page = self.files[-1].pages[0]
+                if not TiledPageRows.readable(page) or page.samplesperpixel != 3:
+                    raise ImageError(f"{path}: not a tiled RGB level this engine wrote")
+                tiles = TiledPageRows(page, self.files[-1].filehandle)
+                self.blocks.append(RowBlocks(tiles.read, tiles.height, tiles.tile_height))
                 self.tops.append(top)
-                top += array.shape[0]
+                top += tiles.height
         except BaseException:
             self.close()
             raise
-        self.height, self.width = top, array.shape[1]
+        self.height, self.width = top, tiles.width
 
     def rows(self, y: int, count: int) -> np.ndarray:
         parts = []
@@ -286,8 +300,8 @@ class LevelRows:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def close(self) -> None:
-        for store in self.stores:
-            store.close()
+        for tiff in self.files:
+            tiff.close()
 
     def __enter__(self) -> LevelRows:
         return self

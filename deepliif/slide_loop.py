@@ -3,8 +3,9 @@
 The slide is cut into the same global `TileGrid` as a whole image of its size (no region seams): each row
 of tiles is read as one band of level 0 (the splitter), its non-empty tiles are batched through `run` by
 the one tile loop (`tile_loop.run_tiles`, batches spanning rows), and results are pasted in DeepLIIF's
-order into a buffer a little more than one tile row high (the merger). Rows above the next tile row's kept area can no longer be overwritten, so they are handed
-to `sink(top, rows)` and dropped. Output pixels equal `infer` on the same pixels given as one image.
+order into a buffer one tile row high (the merger). Rows above the next tile row's kept area can no
+longer be overwritten, so they are handed to `sink(top, rows)` (views valid only during the call: the
+buffer is reused) and dropped. Output pixels equal `infer` on the same pixels given as one image.
 
 A run can start at any tile row: rows below the last release are all overwritten by the next tile row
 (its kept area spans the slide's width and reaches up to the release), so a run resumed at tile row i
@@ -23,8 +24,10 @@ from .contract import OUTPUT_NAMES
 from .errors import ArgumentError, ImageError
 from .slides import Slide, SlideInfo
 from .tile_loop import Item, Run, Strategy, TileTimings, network_tile, run_tiles
-from .tiling import EMPTY_TILE_COLOURS, Tile, TileGrid, resize_tile
+from .tiling import Tile, TileGrid, empty_tile_outputs, resize_tile
 
+# sink(top, rows): full-width rows from `top`, per output; views of the merger's buffer, so a sink that keeps
+# rows past the call copies them.
 Sink = Callable[[int, dict[str, np.ndarray]], None]
 
 
@@ -58,31 +61,40 @@ def release_points(rows: list[list[Tile]], height: int) -> list[int]:
 
 
 class _Band:
-    """The not-yet-final rows of every output, from `top` down."""
+    """The not-yet-final rows of every output, from `top` down, in buffers allocated once: a band is tens of
+    megabytes per output, which glibc would map afresh (and the kernel zero) for every tile row. The rows
+    handed to the sink are views of these buffers, valid only during the call."""
 
-    def __init__(self, width: int, top: int = 0) -> None:
-        self.width, self.top = width, top
-        self.rows = {name: np.zeros((0, width, 3), np.uint8) for name in OUTPUT_NAMES}
+    def __init__(self, width: int, tile_size: int, top: int = 0) -> None:
+        self.width, self.top, self.held = width, top, 0
+        self.buffers = {name: np.empty((tile_size, width, 3), np.uint8) for name in OUTPUT_NAMES}
+        self.empty = empty_tile_outputs(tile_size, OUTPUT_NAMES)
 
     def cover(self, bottom: int) -> None:
-        have = self.top + len(self.rows[OUTPUT_NAMES[0]])
-        if bottom > have:
-            extra = np.zeros((bottom - have, self.width, 3), np.uint8)
-            self.rows = {name: np.concatenate([rows, extra]) for name, rows in self.rows.items()}
+        """Holds rows down to `bottom` (every one of them is pasted before it is handed over)."""
+        needed = bottom - self.top
+        if needed > len(self.buffers[OUTPUT_NAMES[0]]):
+            for name, rows in self.buffers.items():
+                grown = np.empty((needed, self.width, 3), np.uint8)
+                grown[: self.held] = rows[: self.held]
+                self.buffers[name] = grown
+        self.held = max(self.held, needed)
 
     def paste(self, tile: Tile, results: dict[str, np.ndarray] | None) -> None:
         x0, y0, x1, y1 = tile.keep
         top, left = tile.y - self.top, tile.x
-        for name, rows in self.rows.items():
-            rows[top + y0: top + y1, left + x0: left + x1] = \
-                EMPTY_TILE_COLOURS[name] if results is None else results[name][y0:y1, x0:x1]
+        results = self.empty if results is None else results
+        for name, rows in self.buffers.items():
+            rows[top + y0: top + y1, left + x0: left + x1] = results[name][y0:y1, x0:x1]
 
     def release(self, until: int, sink: Sink) -> None:
         count = until - self.top
         if count > 0:
-            sink(self.top, {name: rows[:count] for name, rows in self.rows.items()})
-            self.rows = {name: rows[count:] for name, rows in self.rows.items()}
-            self.top = until
+            sink(self.top, {name: rows[:count] for name, rows in self.buffers.items()})
+            kept = self.held - count
+            for rows in self.buffers.values():
+                rows[:kept] = rows[count: self.held]  # NumPy copies overlapping rows safely
+            self.top, self.held = until, kept
 
 
 def slide_grid(info: SlideInfo, tile_size: int) -> TileGrid:
@@ -108,7 +120,7 @@ def run_slide(run: Run, slide: Slide, tile_size: int, batch_size: int, sink: Sin
                             "not a tile row's end on this slide's grid")
     if progress and position.tiles_done:
         progress(position.tiles_done)
-    merger = _SlideMerger(rows, releases, _Band(slide.info.width, position.rows_done), position, sink, row_done,
+    merger = _SlideMerger(rows, releases, _Band(slide.info.width, tile_size, position.rows_done), position, sink, row_done,
                           progress, tile_size, timings)
     run_tiles(run, _slide_tiles(slide, rows[position.next_row:], tile_size, timings), merger, batch_size, timings,
               strategy)

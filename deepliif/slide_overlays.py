@@ -3,8 +3,8 @@
 A pixel's outline depends only on pixels at most `OUTLINE_REACH` rows away (see `overlays.outline`),
 so each band is drawn from a window of its rows plus that many rows of halo on each side, and only the
 band's own rows are kept. Which cell each pixel belongs to, and whether that cell is counted and positive,
-comes from the slide's scoring (`SlideScore`): labels are made again band by band exactly as scoring made
-them, so no label image of the slide is ever held.
+comes from the slide's scoring (`SlideScore`): the bands' labels as scoring made them, kept compressed, so
+no label image of the slide is ever held and the Seg is not read again.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from .cell_outlines import OutlineTracer, TracedBand
 from .errors import ImageError
 from .overlays import OUTLINE_REACH, cell_codes, outline, paint
 from .slide_cell_data import SlideCellData
-from .slide_scoring import Band, Bands, SlideScore
+from .slide_scoring import SlideScore, StoredBand
 from .workers import ordered_map
 
 Rows = Callable[[int, int], np.ndarray]  # (top, count) -> the input image's rows (RGB), for SegOverlaid
@@ -70,11 +70,12 @@ class _BandCells:
     pixels: np.ndarray  # the input's rows that adding this band to the window draws
 
 
-def _band_cells(score: SlideScore, cell_code: np.ndarray, index: int, band: Band, pixels: np.ndarray,
+def _band_cells(score: SlideScore, cell_code: np.ndarray, index: int, band: StoredBand, pixels: np.ndarray,
                 tracer: OutlineTracer | None, labelled: bool) -> _BandCells:
     """Each pixel's code (`cell_code`: per merged cell) and owner through per-label tables (one gather each,
     not boolean-mask indexing), and the band's outlines traced here, on a band thread."""
-    labels, cell_of = score.labels.band_labels(index, band.seg)
+    top = band[0]
+    labels, cell_of = score.labels.band_labels(index, *band[1:])
     in_cell = cell_of >= 0
     code_of = np.zeros(len(cell_of), np.uint8)
     code_of[in_cell] = cell_code[cell_of[in_cell]]
@@ -82,28 +83,28 @@ def _band_cells(score: SlideScore, cell_code: np.ndarray, index: int, band: Band
     if tracer is not None:
         owner_of = np.zeros(len(cell_of), np.int32)
         owner_of[in_cell] = score.counted_ids[cell_of[in_cell]]
-        traced = tracer.trace_band(band.top, owner_of[labels])
-    return _BandCells(band.top, [~in_cell[labels], code_of[labels]], traced, (labels, cell_of) if labelled else None,
+        traced = tracer.trace_band(top, owner_of[labels])
+    return _BandCells(top, [~in_cell[labels], code_of[labels]], traced, (labels, cell_of) if labelled else None,
                       pixels)
 
 
-def draw_slide(bands: Bands, rows: Rows, score: SlideScore, width: int, height: int, sink: OverlaySink,
-               threads: int = 1, tracer: OutlineTracer | None = None, cell_data: SlideCellData | None = None) -> None:
-    """Hands `sink` the SegOverlaid and SegRefined rows of the whole slide, top to bottom, band by band,
-    `tracer` (if any) each band's counted cells and `cell_data` (if any) each band's labels. `bands` must
-    be the bands the slide was scored with. The next bands' masks are made on `threads` threads while a
-    band is drawn."""
+def draw_slide(rows: Rows, score: SlideScore, width: int, height: int, sink: OverlaySink, threads: int = 1,
+               tracer: OutlineTracer | None = None, cell_data: SlideCellData | None = None) -> None:
+    """Hands `sink` the SegOverlaid and SegRefined rows of the whole slide, top to bottom, band by band of
+    scoring's, `tracer` (if any) each band's counted cells and `cell_data` (if any) each band's labels. The
+    next bands' masks are made on `threads` threads while a band is drawn."""
     window = MaskWindow(height)
 
-    def with_pixels(bands: Iterator[Band]) -> Iterator[tuple[int, Band, np.ndarray]]:
+    def with_pixels() -> Iterator[tuple[int, StoredBand, np.ndarray]]:
         """Each band with the input's rows it will draw, read in order as the bands are (off this thread)."""
-        for index, band in enumerate(bands):
-            first, stop = window.ready(band.top), window.ready(band.top + len(band.seg))
+        for index, band in enumerate(score.labels.stored.read()):
+            top, (count, _) = band[0], band[1]
+            first, stop = window.ready(top), window.ready(top + count)
             yield index, band, rows(first, stop - first) if stop > first else np.zeros((0, width, 3), np.uint8)
 
     cell_code = cell_codes(score.counted, score.counted & score.is_positive)  # once per pass, not per band
     made = ordered_map(lambda item: _band_cells(score, cell_code, *item, tracer, cell_data is not None),
-                       with_pixels(bands(measuring=False)), threads)
+                       with_pixels(), threads)
     for band in made:
         if band.traced is not None:
             tracer.hand_over(band.traced)

@@ -20,6 +20,7 @@ import numpy as np
 from .errors import ImageError
 from .imageio import RowBlocks
 from .logs import project_logger
+from .tiff_rows import TiledPageRows
 from .tiling import tile_size_for
 
 logger = project_logger("deepliif")
@@ -86,6 +87,7 @@ class TiffSlide(Slide):
             raise ImageError(f"{path}: cannot read the slide ({type(exc).__name__}: {exc}); is it truncated or "
                              "corrupt?") from exc
         self.row_step = int(properties.get("tiffslide.level[0].tile-height") or 1)
+        self._tiles = _level0_tiles(self._slide.ts_tifffile, int(width), int(height))
         self.info = SlideInfo(Path(path), str(properties.get("tiffslide.vendor") or "tiff"), int(width), int(height),
                               tuple((int(w), int(h)) for w, h in self._slide.level_dimensions),
                               _number(properties.get("tiffslide.mpp-x")) or _ome_mpp(path),
@@ -94,6 +96,8 @@ class TiffSlide(Slide):
     def read_region(self, x: int, y: int, width: int, height: int) -> np.ndarray:
         _check_inside(self.info, x, y, width, height)
         try:
+            if self._tiles is not None and (x, width) == (0, self.info.width):
+                return np.ascontiguousarray(_rgb(self._tiles.read(y, y + height)))
             region = self._slide.read_region((x, y), 0, (width, height), as_array=True)
         except Exception as exc:  # noqa: BLE001
             raise ImageError(f"{self.info.path}: cannot read level 0 at {x},{y} {width}x{height} "
@@ -102,6 +106,20 @@ class TiffSlide(Slide):
 
     def close(self) -> None:
         self._slide.close()
+
+
+def _level0_tiles(tiff, width: int, height: int) -> TiledPageRows | None:
+    """Full-width rows of level 0 decoded tile by tile (faster than through zarr), where level 0 is one
+    tiled page of the slide's size that `TiledPageRows` reads; None otherwise (tiffslide reads those)."""
+    try:
+        level = tiff.series[0].levels[0]
+        page = level.pages[0] if len(level.pages) == 1 else None
+    except (IndexError, AttributeError):
+        return None
+    if page is None or not hasattr(page, "dataoffsets") or (page.imagewidth, page.imagelength) != (width, height) \
+            or not TiledPageRows.readable(page):
+        return None
+    return TiledPageRows(page, tiff.filehandle)
 
 
 class OpenSlideSlide(Slide):

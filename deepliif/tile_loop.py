@@ -23,7 +23,7 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 
 from .contract import NETWORK_TILE, OUTPUT_NAMES
-from .tiling import EMPTY_TILE_COLOURS, Stitcher, Tile, TileGrid, extend_by_mirroring, is_empty_tile, resize_tile
+from .tiling import Stitcher, Tile, TileGrid, extend_by_mirroring, is_empty_tile, resize_tile
 
 Run = Callable[[np.ndarray], dict[str, np.ndarray]]
 Result = TypeVar("Result")
@@ -128,7 +128,7 @@ class ImageMerger(Generic[Result]):
         while state.next_index in state.ready:
             tile, results = state.ready.pop(state.next_index)
             if results is None:
-                state.stitcher.paste_solid(tile, EMPTY_TILE_COLOURS)
+                state.stitcher.paste_empty(tile)
                 state.empty += 1
             else:
                 state.stitcher.paste(tile, results)

@@ -28,7 +28,7 @@ from deepliif.rescore import RescoredCells
 from deepliif.slide_cell_data import open_slide_cell_data, slide_cell_data_file_name
 from deepliif.slide_rescore import draw_rescored_slide
 from deepliif.slide_overlays import draw_slide
-from deepliif.slide_scoring import Bands, SlideScore, region_bands, score_slide, slide_bands
+from deepliif.slide_scoring import SlideScore, region_bands, score_slide, slide_bands
 from deepliif.slides import SlideInfo, open_slide
 from deepliif.tile_loop import Run
 from deepliif.workers import resolve_threads
@@ -188,8 +188,8 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
     threads = resolve_threads(threads)
     score = score_slide(bands, info.width, info.height, tile_size, marker is not None, options, threads)
     scored = time.perf_counter()
-    outputs, files = _cells_and_overlays(image, Destination(out, stem, info, compression, cell_geometry), bands,
-                                         score, OVERLAY_NAMES, threads, wanted)
+    outputs, files = _cells_and_overlays(image, Destination(out, stem, info, compression, cell_geometry), score,
+                                         OVERLAY_NAMES, threads, wanted)
     write_json(out / f"{stem}.json", {
         "slide": info.as_dict(), "seg": str(seg), "marker": None if marker is None else str(marker),
         "tile_size": tile_size, "outputs": outputs, "scoring": score.scoring, "cells": files,
@@ -236,7 +236,7 @@ def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, destinatio
         scored = time.perf_counter()
         stage("overlays")
         overlays = tuple(name for name in OVERLAY_NAMES if name in wanted)
-        published, files = _cells_and_overlays(path, destination, bands, score, overlays, threads, cell_data)
+        published, files = _cells_and_overlays(path, destination, score, overlays, threads, cell_data)
         drawn = time.perf_counter()
         for future in pyramids.values():
             published.update(future.result())
@@ -249,17 +249,17 @@ def _needs_ihc(options: PostprocessOptions, cell_data: CellDataRequest | None) -
     return options.uses_optical_density or (cell_data is not None and uses_optical_density(cell_data.version))
 
 
-def _cells_and_overlays(path: Path, destination: Destination, bands: Bands, score: SlideScore,
-                        names: tuple[str, ...], threads: int, cell_data: CellDataRequest | None = None
-                        ) -> tuple[dict[str, dict], dict[str, str]]:
-    """The overlays `names` (perhaps none) and the cells files from one more pass over the bands: the
-    pass that draws the overlays also traces the cells' outlines and writes the cell data asked for.
-    Returns the overlays published and the names of the cells files."""
+def _cells_and_overlays(path: Path, destination: Destination, score: SlideScore, names: tuple[str, ...],
+                        threads: int, cell_data: CellDataRequest | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+    """The overlays `names` (perhaps none) and the cells files from one more pass over scoring's bands: the
+    pass that draws the overlays also traces the cells' outlines and writes the cell data asked for. Returns
+    the overlays published and the names of the cells files; the score's stored labels are released."""
     info, polygons = destination.info, destination.cell_geometry is CellGeometry.POLYGONS
     tracer = OutlineTracer(score.cells) if polygons else None
     published: dict[str, dict] = {}
     files = cells_file_names(destination.stem, slide=True)
     with contextlib.ExitStack() as stack:
+        stack.callback(score.labels.close)
         writer = None
         if cell_data is not None:
             writer = stack.enter_context(open_slide_cell_data(destination.out, destination.stem, score,
@@ -269,9 +269,9 @@ def _cells_and_overlays(path: Path, destination: Destination, bands: Bands, scor
         if names or tracer is not None or writer is not None:
             overlays = stack.enter_context(contextlib.closing(SlideOutputs(destination, names)))
             with open_slide(path) as slide:
-                draw_slide(bands, slide.read_rows, score,
-                           info.width, info.height, lambda top, overlaid, refined: overlays.add(
-                               dict(zip(OVERLAY_NAMES, (overlaid, refined)))), threads, tracer, writer)
+                draw_slide(slide.read_rows, score, info.width, info.height,
+                           lambda top, overlaid, refined: overlays.add(dict(zip(OVERLAY_NAMES, (overlaid, refined)))),
+                           threads, tracer, writer)
             published = overlays.finish()
     write_cells(destination.out, destination.stem, score.cells, info.mpp,
                 None if tracer is None else tracer.outlines, slide=True)

@@ -25,7 +25,7 @@ def write_slide_cell_data(out: Path, ihc: np.ndarray, seg: np.ndarray, marker: n
     bands = array_bands(seg, marker, rows, ihc)
     score = score_slide(bands, width, height, 512, marker is not None, options, threads)
     with open_slide_cell_data(out, "slide", score, version, options, marker is not None, width) as cell_data:
-        draw_slide(bands, lambda top, count: ihc[top: top + count], score, width, height,
+        draw_slide(lambda top, count: ihc[top: top + count], score, width, height,
                    lambda top, overlaid, refined: None, threads, cell_data=cell_data)
     return out / "slide_cells.json.gz"
 

@@ -42,7 +42,7 @@ def collected(strategy: Strategy, batch_size: int, run=echo):
     def sink(top: int, band: dict[str, np.ndarray]) -> None:
         tops.append(top)
         for name in OUTPUT_NAMES:
-            rows[name].append(band[name])
+            rows[name].append(band[name].copy())  # the rows are views of a buffer the loop reuses
 
     def counted(batch: np.ndarray) -> dict[str, np.ndarray]:
         calls.append(len(batch))

@@ -117,7 +117,7 @@ def drawn(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, rows: in
     def sink(top: int, overlaid_rows: np.ndarray, refined_rows: np.ndarray) -> None:
         tops.append(top)
         overlaid[top: top + len(overlaid_rows)], refined[top: top + len(refined_rows)] = overlaid_rows, refined_rows
-    draw_slide(bands, lambda top, count: orig[top: top + count], score, width, height, sink, threads)
+    draw_slide(lambda top, count: orig[top: top + count], score, width, height, sink, threads)
     assert tops == sorted(tops) and tops[0] == 0  # handed over top to bottom
     return overlaid, refined
 
@@ -168,6 +168,6 @@ def test_a_failing_read_in_the_overlay_pass_stops_it_and_leaves_no_thread() -> N
             raise OSError(f"rows {top}-{top + count} of the input are unreadable")
         return orig[top: top + count]
     with pytest.raises(OSError, match="unreadable"):
-        draw_slide(bands, rows, score, 40, 60, lambda top, overlaid, refined: drawn_rows.append(top), 2)
+        draw_slide(rows, score, 40, 60, lambda top, overlaid, refined: drawn_rows.append(top), 2)
     assert drawn_rows and max(drawn_rows) < 30  # what was drawn came before the failure
     assert not [t for t in threading.enumerate() if t.name.startswith(("cpu-stage", "read-ahead"))]
