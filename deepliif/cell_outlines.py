@@ -15,11 +15,14 @@ are then traced together, so a slide holds only the masks of the cells that cros
 """
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from .cells import Cell, Outline
+from .errors import DeepLIIFError
 from .marching_squares import iso_lines
 
 _CANVAS_COLUMNS = 4096  # the cells traced on one canvas start in the same this many columns
@@ -137,3 +140,39 @@ def _owners_beside(firsts: np.ndarray, owner: np.ndarray) -> np.ndarray:
     at_left = np.where(left >= 0, owner[row, np.clip(left, 0, width - 1)], 0)
     at_right = np.where(right < width, owner[row, np.clip(right, 0, width - 1)], 0)
     return np.maximum(at_left, at_right)
+
+
+class CellsInOrder:
+    """Counted cells handed out in order as a pass over the slide completes them, to a consumer on another
+    thread (the cells files' writer, which then runs beside the pass instead of after it). A cell is
+    complete once every band down to its last row has been handed over (`passed`). Cells are numbered by
+    their first pixel, so they complete nearly in order: a tall cell holds back those after it until its
+    last row has passed."""
+
+    def __init__(self, cells: list[Cell]) -> None:
+        self.cells = cells
+        last_rows = np.array([cell.bbox_y1 for cell in cells], np.int64)
+        self._complete_below = np.maximum.accumulate(last_rows) if len(last_rows) else last_rows
+        self._ready, self._abandoned = 0, False
+        self._changed = threading.Condition()
+
+    def passed(self, bottom: int) -> None:
+        """Every row above `bottom` has been handed over: the cells lying wholly above it are complete."""
+        ready = int(np.searchsorted(self._complete_below, bottom, side="right"))
+        with self._changed:
+            self._ready = max(self._ready, ready)
+            self._changed.notify_all()
+
+    def abandon(self) -> None:
+        """The pass failed: the consumer stops at the first cell not yet complete."""
+        with self._changed:
+            self._abandoned = True
+            self._changed.notify_all()
+
+    def __iter__(self) -> Iterator[Cell]:
+        for index, cell in enumerate(self.cells):
+            with self._changed:
+                self._changed.wait_for(lambda: self._ready > index or self._abandoned)
+                if self._ready <= index:
+                    raise DeepLIIFError(f"the pass over the slide stopped before cell {cell.id} was complete")
+            yield cell

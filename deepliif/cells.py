@@ -12,7 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
@@ -90,15 +90,28 @@ def counted_cells(stats: CellStats, label_ids: np.ndarray, positive: np.ndarray,
             for number, (cx, cy, bx0, by0, bx1, by1, size, pos, mx, mean) in enumerate(columns, start=1)]
 
 
-def cells_csv(cells: list[Cell], mpp: float | None = None) -> bytes:
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    names = [f.name for f in fields(Cell)]  # not dataclasses.astuple, which deep-copies every field
-    writer.writerow(names + ["area_um2", "classification"])
+class CellsTable:
+    """The cells CSV built row by row, so it can be made in the same pass as the GeoJSON."""
+
+    def __init__(self, mpp: float | None = None) -> None:
+        self.mpp, self._out = mpp, io.StringIO()
+        self._writer = csv.writer(self._out, lineterminator="\n")
+        self._names = [f.name for f in fields(Cell)]  # not dataclasses.astuple, which deep-copies every field
+        self._writer.writerow(self._names + ["area_um2", "classification"])
+
+    def add(self, cell: Cell) -> None:
+        area = "" if self.mpp is None else round(cell.area_px * self.mpp * self.mpp, 3)
+        self._writer.writerow([*(getattr(cell, name) for name in self._names), area, cell.classification])
+
+    def data(self) -> bytes:
+        return self._out.getvalue().encode()
+
+
+def cells_csv(cells: Iterable[Cell], mpp: float | None = None) -> bytes:
+    table = CellsTable(mpp)
     for cell in cells:
-        area = "" if mpp is None else round(cell.area_px * mpp * mpp, 3)
-        writer.writerow([*(getattr(cell, name) for name in names), area, cell.classification])
-    return out.getvalue().encode()
+        table.add(cell)
+    return table.data()
 
 
 def cell_uuid(image: str, cell: Cell) -> str:
@@ -106,18 +119,22 @@ def cell_uuid(image: str, cell: Cell) -> str:
     return str(uuid.uuid5(CELL_NAMESPACE, f"{image}/{cell.id}/{cell.bbox_x0},{cell.bbox_y0}"))
 
 
-def cell_features(image: str, cells: list[Cell], mpp: float | None,
-                  outlines: dict[int, Outline] | None) -> Iterator[dict]:
+def cell_feature(image: str, cell: Cell, mpp: float | None, rings: Outline | None) -> dict:
+    """A cell's GeoJSON feature: its outline `rings`, else its centroid."""
+    geometry = {"type": "Polygon", "coordinates": rings} if rings else \
+        {"type": "Point", "coordinates": [cell.centroid_x, cell.centroid_y]}
+    return {"type": "Feature", "id": cell_uuid(image, cell), "geometry": geometry,
+            "properties": {"objectType": "detection", "name": f"cell {cell.id}",
+                           "classification": {"name": cell.classification,
+                                              "color": list(CLASS_COLOURS[cell.classification])},
+                           "isLocked": False, "measurements": cell.measurements(mpp)}}
+
+
+def cell_features(image: str, cells: Iterable[Cell], mpp: float | None,
+                  outlines: Mapping[int, Outline] | None) -> Iterator[dict]:
     """One GeoJSON feature per cell: its outline from `outlines` (cell id -> rings), else its centroid."""
     for cell in cells:
-        rings = None if outlines is None else outlines.get(cell.id)
-        geometry = {"type": "Polygon", "coordinates": rings} if rings else \
-            {"type": "Point", "coordinates": [cell.centroid_x, cell.centroid_y]}
-        yield {"type": "Feature", "id": cell_uuid(image, cell), "geometry": geometry,
-               "properties": {"objectType": "detection", "name": f"cell {cell.id}",
-                              "classification": {"name": cell.classification,
-                                                 "color": list(CLASS_COLOURS[cell.classification])},
-                              "isLocked": False, "measurements": cell.measurements(mpp)}}
+        yield cell_feature(image, cell, mpp, None if outlines is None else outlines.get(cell.id))
 
 
 def write_geojson(path: Path, features: Iterator[dict]) -> None:
@@ -139,10 +156,18 @@ def cells_file_names(stem: str, slide: bool = False) -> dict[str, str]:
     return {"csv": f"{stem}_cells.csv", "geojson": f"{stem}_cells.geojson" + (".gz" if slide else "")}
 
 
-def write_cells(out: Path, stem: str, cells: list[Cell], mpp: float | None = None,
-                outlines: dict[int, Outline] | None = None, slide: bool = False) -> list[Path]:
+def write_cells(out: Path, stem: str, cells: Iterable[Cell], mpp: float | None = None,
+                outlines: Mapping[int, Outline] | None = None, slide: bool = False) -> list[Path]:
+    """The cells CSV and GeoJSON, made in one pass over `cells`, which may be a stream (a slide's cells as
+    its overlay pass completes them: `outlines` then holds each cell's rings by the time it is handed out)."""
     names = cells_file_names(stem, slide)
     paths = [Path(out) / names["csv"], Path(out) / names["geojson"]]
-    write_atomically(paths[0], cells_csv(cells, mpp))
-    write_geojson(paths[1], cell_features(stem, cells, mpp, outlines))
+    table = CellsTable(mpp)
+
+    def features() -> Iterator[dict]:
+        for cell in cells:
+            table.add(cell)
+            yield cell_feature(stem, cell, mpp, None if outlines is None else outlines.get(cell.id))
+    write_geojson(paths[1], features())
+    write_atomically(paths[0], table.data())
     return paths

@@ -10,7 +10,6 @@ Conversions (documented in the README):
 from __future__ import annotations
 
 import contextlib
-import gzip
 import hashlib
 import io
 import json
@@ -150,13 +149,15 @@ def open_atomically(path: Path) -> Iterator:
 @contextlib.contextmanager
 def open_stream(path: Path) -> Iterator:
     """`open_atomically`, gzip-compressed when `path` ends in .gz (large results written as they are made:
-    a slide's cells). gzip level 1: on a slide's 75 000 cell outlines 5x faster than level 6 (0.7 s
-    against 3.3 s, which was most of writing them) for a file 1.4x larger."""
+    a slide's cells). ISA-L's gzip (isal) at level 1: on a slide's 108 MB of cell outlines 4x faster than
+    zlib's level 1 (0.28 s against 1.17 s) for a smaller file (23 MB against 26 MB); any gzip reader
+    reads it."""
     with open_atomically(path) as raw:
         if Path(path).suffix != ".gz":
             yield raw
             return
-        with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as stream:
+        from isal import igzip
+        with igzip.IGzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as stream:
             yield stream
 
 

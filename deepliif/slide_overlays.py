@@ -8,6 +8,7 @@ no label image of the slide is ever held and the Seg is not read again.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -89,10 +90,12 @@ def _band_cells(score: SlideScore, cell_code: np.ndarray, index: int, band: Stor
 
 
 def draw_slide(rows: Rows, score: SlideScore, width: int, height: int, sink: OverlaySink, threads: int = 1,
-               tracer: OutlineTracer | None = None, cell_data: SlideCellData | None = None) -> None:
+               tracer: OutlineTracer | None = None, cell_data: SlideCellData | None = None,
+               passed: Callable[[int], None] = lambda bottom: None) -> None:
     """Hands `sink` the SegOverlaid and SegRefined rows of the whole slide, top to bottom, band by band of
-    scoring's, `tracer` (if any) each band's counted cells and `cell_data` (if any) each band's labels. The
-    next bands' masks are made on `threads` threads while a band is drawn."""
+    scoring's, `tracer` (if any) each band's counted cells and `cell_data` (if any) each band's labels;
+    `passed` hears the bottom row of each band handed over. The next bands' masks are made on `threads`
+    threads while a band is drawn."""
     window = MaskWindow(height)
 
     def with_pixels() -> Iterator[tuple[int, StoredBand, np.ndarray]]:
@@ -105,12 +108,14 @@ def draw_slide(rows: Rows, score: SlideScore, width: int, height: int, sink: Ove
     cell_code = cell_codes(score.counted, score.counted & score.is_positive)  # once per pass, not per band
     made = ordered_map(lambda item: _band_cells(score, cell_code, *item, tracer, cell_data is not None),
                        with_pixels(), threads)
-    for band in made:
-        if band.traced is not None:
-            tracer.hand_over(band.traced)
-        if cell_data is not None:
-            cell_data.add(band.top, *band.labels)
-        window.add(band.masks, lambda first, stop: _draw(window, band.pixels, score, first, stop, width, sink))
+    with contextlib.closing(made):  # a failure here stops the band threads and the read-ahead at once
+        for band in made:
+            if band.traced is not None:
+                tracer.hand_over(band.traced)
+            if cell_data is not None:
+                cell_data.add(band.top, *band.labels)
+            passed(band.top + len(band.masks[0]))
+            window.add(band.masks, lambda first, stop: _draw(window, band.pixels, score, first, stop, width, sink))
 
 
 def _draw(window: MaskWindow, pixels: np.ndarray, score: SlideScore, first: int, stop: int, width: int,

@@ -10,6 +10,7 @@ pixels sorted by row (`BoundaryPixels`), so no image of the slide is ever held.
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import numpy as np
@@ -50,5 +51,6 @@ def draw_rescored_slide(rescored: RescoredCells, width: int, height: int, rows: 
         keep = slice(first - window.top, stop - window.top)
         sink(first, overlaid[keep], refined[keep])
 
-    for band_masks in ordered_map(masks, enumerate(bands), threads):
-        window.add(band_masks, draw)
+    with contextlib.closing(ordered_map(masks, enumerate(bands), threads)) as made:
+        for band_masks in made:
+            window.add(band_masks, draw)

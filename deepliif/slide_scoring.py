@@ -71,15 +71,16 @@ def border_components(bands: Iterable[T], height: int, labelled: Callable[[T], t
     per band the first id of its labels, and per id whether it is background. Bands are labelled on
     `threads` threads; their labels are numbered and joined in band order."""
     sets, firsts, touching, previous = UnionFind(), [], [], None
-    for top, labels, count in ordered_map(labelled, bands, threads):
-        firsts.append(sets.grow(count))
-        first_row, last_row = _global(labels[0], firsts[-1]), _global(labels[-1], firsts[-1])
-        edges = [_global(labels[:, 0], firsts[-1]), _global(labels[:, -1], firsts[-1])] + \
-            ([first_row] if top == 0 else []) + ([last_row] if top + len(labels) == height else [])
-        touching.append(np.unique(np.concatenate(edges)))
-        if previous is not None:
-            join_edge(sets, previous, first_row, diagonal=False)
-        previous = last_row
+    with contextlib.closing(ordered_map(labelled, bands, threads)) as labelled_bands:
+        for top, labels, count in labelled_bands:
+            firsts.append(sets.grow(count))
+            first_row, last_row = _global(labels[0], firsts[-1]), _global(labels[-1], firsts[-1])
+            edges = [_global(labels[:, 0], firsts[-1]), _global(labels[:, -1], firsts[-1])] + \
+                ([first_row] if top == 0 else []) + ([last_row] if top + len(labels) == height else [])
+            touching.append(np.unique(np.concatenate(edges)))
+            if previous is not None:
+                join_edge(sets, previous, first_row, diagonal=False)
+            previous = last_row
     roots = sets.roots()
     border = np.concatenate(touching) if touching else np.zeros(0, np.int64)
     root_is_background = np.zeros(len(roots), bool)
@@ -202,8 +203,8 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
 
     sets, previous, parts, histogram, cell_firsts = UnionFind(), None, [], np.zeros(256, np.int64), []
     stored = BandLabels()
+    measured_bands = ordered_map(measured, zip(bands(measuring=True), no_cell_firsts), threads)
     try:
-        measured_bands = ordered_map(measured, zip(bands(measuring=True), no_cell_firsts), threads)
         for top, labels, count, stats, band_histogram, compressed in measured_bands:
             if band_histogram is not None:
                 histogram += band_histogram
@@ -217,6 +218,8 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
     except BaseException:
         stored.close()
         raise
+    finally:
+        measured_bands.close()  # a failure here stops the band threads and the read-ahead at once
     cells.labels = SlideLabels(stored, cell_firsts, cell_of_label)
     return cells
 

@@ -71,7 +71,8 @@ def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], threa
     """`function(item)` for each item, yielded in order, with at most `threads` parts running or waiting to
     be taken, so a stream of large items (slide bands) stays bounded. With several threads the items are
     produced on a thread of their own (`read_ahead`), so reading the next band overlaps the caller's work
-    on the last. An error is raised in order; parts not yet started are cancelled and started ones finish."""
+    on the last. An error is raised in order; parts not yet started are cancelled and started ones finish.
+    A consumer that may fail between items closes it (`contextlib.closing`), so its threads end with it."""
     if threads <= 1:
         yield from map(function, items)
         return

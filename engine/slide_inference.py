@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deepliif.cell_outlines import OutlineTracer
+from deepliif.cell_outlines import CellsInOrder, OutlineTracer
 from deepliif.cell_data import uses_optical_density
 from deepliif.cells import CellGeometry, cells_file_names, write_cells
 from deepliif.contract import OUTPUT_NAMES
@@ -258,24 +258,43 @@ def _cells_and_overlays(path: Path, destination: Destination, score: SlideScore,
     tracer = OutlineTracer(score.cells) if polygons else None
     published: dict[str, dict] = {}
     files = cells_file_names(destination.stem, slide=True)
+    in_order = CellsInOrder(score.cells)  # the cells files are written beside the pass, as it completes cells
+    if tracer is None:
+        in_order.passed(info.height)  # centroids only: every cell is complete already
     with contextlib.ExitStack() as stack:
         stack.callback(score.labels.close)
-        writer = None
-        if cell_data is not None:
-            writer = stack.enter_context(open_slide_cell_data(destination.out, destination.stem, score,
-                                                              cell_data.version, cell_data.options,
-                                                              cell_data.has_marker, info.width))
-            files["cell_data"] = slide_cell_data_file_name(destination.stem)
-        if names or tracer is not None or writer is not None:
-            overlays = stack.enter_context(contextlib.closing(SlideOutputs(destination, names)))
-            with open_slide(path) as slide:
-                draw_slide(slide.read_rows, score, info.width, info.height,
-                           lambda top, overlaid, refined: overlays.add(dict(zip(OVERLAY_NAMES, (overlaid, refined)))),
-                           threads, tracer, writer)
-            published = overlays.finish()
-    write_cells(destination.out, destination.stem, score.cells, info.mpp,
-                None if tracer is None else tracer.outlines, slide=True)
+        cells_file = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="cells-file")).submit(
+            write_cells, destination.out, destination.stem, in_order, info.mpp,
+            None if tracer is None else tracer.outlines, slide=True)
+        try:
+            published = _overlay_pass(path, destination, score, names, threads, cell_data, tracer, in_order,
+                                      files, stack)
+            in_order.passed(info.height)
+        except BaseException:
+            in_order.abandon()
+            raise
+        cells_file.result()
     return published, files
+
+
+def _overlay_pass(path: Path, destination: Destination, score: SlideScore, names: tuple[str, ...], threads: int,
+                  cell_data: CellDataRequest | None, tracer: OutlineTracer | None, in_order: CellsInOrder,
+                  files: dict[str, str], stack: contextlib.ExitStack) -> dict[str, dict]:
+    """The pass itself, where one is needed (overlays, outlines or cell data asked for)."""
+    info, writer = destination.info, None
+    if cell_data is not None:
+        writer = stack.enter_context(open_slide_cell_data(destination.out, destination.stem, score,
+                                                          cell_data.version, cell_data.options,
+                                                          cell_data.has_marker, info.width))
+        files["cell_data"] = slide_cell_data_file_name(destination.stem)
+    if not (names or tracer is not None or writer is not None):
+        return {}
+    overlays = stack.enter_context(contextlib.closing(SlideOutputs(destination, names)))
+    with open_slide(path) as slide:
+        draw_slide(slide.read_rows, score, info.width, info.height,
+                   lambda top, overlaid, refined: overlays.add(dict(zip(OVERLAY_NAMES, (overlaid, refined)))),
+                   threads, tracer, writer, in_order.passed)
+    return overlays.finish()
 
 
 def _record(session: Session, info: SlideInfo, given: int | None, chosen: int, slide_run: SlideRun,

@@ -171,3 +171,36 @@ def test_a_failing_read_in_the_overlay_pass_stops_it_and_leaves_no_thread() -> N
         draw_slide(rows, score, 40, 60, lambda top, overlaid, refined: drawn_rows.append(top), 2)
     assert drawn_rows and max(drawn_rows) < 30  # what was drawn came before the failure
     assert not [t for t in threading.enumerate() if t.name.startswith(("cpu-stage", "read-ahead"))]
+
+
+def test_pass_two_keeps_each_bands_labels_and_a_failed_pass_releases_them(monkeypatch) -> None:
+    """The overlay pass reads pass two's labels back instead of the Seg: what is stored is exactly the
+    band's labelling, and a pass that fails part-way closes its store."""
+    from deepliif import slide_scoring
+    from deepliif.label_stats import components
+    seg = np.zeros((60, 40, 3), np.uint8)
+    for top in range(4, 56, 8):
+        seg[top: top + 4, 5:30, 0] = 255
+    score = score_slide(array_bands(seg, None, 7), 40, 60, 512, False, PostprocessOptions(size_thresh=0))
+    stored = list(score.labels.stored.read())
+    assert [band[0] for band in stored] == list(range(0, 60, 7))
+    for index, (top, shape, count, data) in enumerate(stored):
+        labels, cell_of = score.labels.band_labels(index, shape, count, data)
+        expected = components(seg[top: top + shape[0], :, 0] > 0)
+        np.testing.assert_array_equal(labels, expected.labels)
+        assert count == expected.count and len(cell_of) == count + 1
+    score.labels.close()
+
+    closed = []
+    original_close = slide_scoring.BandLabels.close
+    monkeypatch.setattr(slide_scoring.BandLabels, "close", lambda self: (closed.append(self), original_close(self)))
+    bands = array_bands(seg, None, 7)
+
+    def failing(measuring: bool = True):
+        for band in bands(measuring):
+            if measuring and band.top >= 28:
+                raise OSError("band unreadable")
+            yield band
+    with pytest.raises(OSError, match="unreadable"):
+        score_slide(failing, 40, 60, 512, False, PostprocessOptions(size_thresh=0), 2)
+    assert len(closed) == 1

@@ -301,3 +301,36 @@ def test_every_output_opens_in_openslide_with_all_levels_in_the_codec_asked_for(
         assert np.array_equal(level0(tmp_path / "zstd" / f"slide_{name}.ome.tif"), exact), name
         error = np.abs(exact.astype(int) - level0(tmp_path / "jpeg" / f"slide_{name}.ome.tif")).mean()
         assert 0 < error < 4 if display else error == 0, (name, error)
+
+
+def test_a_failing_overlay_pass_leaves_no_cells_file_no_temporary_and_no_thread(
+        deepliif_fixtures: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cells files are written beside the overlay pass, as it completes cells: when the pass fails
+    part-way, the writer stops, removes what it had begun, and its thread ends with the pass's."""
+    import threading
+
+    from deepliif import slide_overlays
+    from engine.slide_inference import postprocess_slide
+
+    from ..deepliif.test_slide_scoring import on_glass
+    orig, seg, marker = on_glass(deepliif_fixtures)
+    for name, image in (("case", orig), ("case_Seg", seg), ("case_Marker", marker)):
+        write_ome_pyramid(tmp_path / f"{name}.ome.tif", image, mpp=0.5)
+    from deepliif import slide_scoring
+    monkeypatch.setattr(slide_scoring, "BAND_PIXELS", 100 * seg.shape[1])  # bands of 100 rows
+    drawn = []
+    draw = slide_overlays._draw
+
+    def failing(window, pixels, score, first, stop, width, sink) -> None:
+        if first >= 600:
+            raise OSError("disk gone")
+        drawn.append(first)
+        draw(window, pixels, score, first, stop, width, sink)
+    monkeypatch.setattr(slide_overlays, "_draw", failing)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk gone"):
+        postprocess_slide(tmp_path / "case.ome.tif", tmp_path / "case_Seg.ome.tif", tmp_path / "case_Marker.ome.tif",
+                          out, 512)
+    assert drawn and max(drawn) < 600
+    assert sorted(p.name for p in out.iterdir()) == []  # no cells file, no overlay, no temporary
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("cells-file", "read-ahead", "cpu-stage"))]
