@@ -180,6 +180,11 @@ class SlideCheckpoint:
         return [[self.folder / region["files"][name][k]["file"] for region in self.regions
                  if k < len(region["files"][name])] for k in range(len(self.sizes))]
 
+    def written_level0(self, name: str) -> list[Path]:
+        """Level 0 of output `name` in the regions listed so far (what a resumed run wrote before), top to
+        bottom."""
+        return [self.folder / region["files"][name][0]["file"] for region in self.regions]
+
     def level0(self, name: str) -> list[Path]:
         """Level 0 of output `name`, region by region, top to bottom."""
         return self.levels(name)[0]

@@ -24,7 +24,7 @@ from .contract import OUTPUT_NAMES
 from .errors import ArgumentError, ImageError
 from .slides import Slide, SlideInfo
 from .tile_loop import Item, Run, Strategy, TileTimings, network_tile, run_tiles
-from .tiling import Tile, TileGrid, empty_tile_outputs, resize_tile
+from .tiling import Tile, TileGrid, empty_tile_outputs, grey_of, resize_tile
 
 # sink(top, rows): full-width rows from `top`, per output; views of the merger's buffer, so a sink that keeps
 # rows past the call copies them.
@@ -132,10 +132,12 @@ def _slide_tiles(slide: Slide, rows: list[list[Tile]], tile_size: int, timings: 
     for row in rows:
         read = time.perf_counter()
         pixels = slide.read_rows(row[0].y, tile_size)
+        grey = grey_of(pixels)  # one conversion for the row's tiles, which overlap
         timings.add("tiling", read)
         for tile in row:
             start = time.perf_counter()
-            item = 0, tile, network_tile(pixels[:, tile.x: tile.x + tile_size])
+            columns = slice(tile.x, tile.x + tile_size)
+            item = 0, tile, network_tile(pixels[:, columns], grey[:, columns])
             timings.add("tiling", start)
             yield item
 

@@ -185,10 +185,15 @@ class SlideCells:
         return mean_density(self.od_sum, self.sizes)
 
 
-def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads: int = 1) -> SlideCells:
+Background = tuple[list[int], np.ndarray]  # pass one's result: per band its first id, per id its verdict
+
+
+def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads: int = 1,
+                background: Background | None = None) -> SlideCells:
     """Pass two: the cells, merged across bands and ordered by their first pixel. Bands are labelled and
-    measured on `threads` threads; their labels are numbered and joined in band order."""
-    no_cell_firsts, is_background = background_labels(bands, height, seg_thresh, threads)
+    measured on `threads` threads; their labels are numbered and joined in band order. `background`: pass
+    one's result where it was made already (as the tile loop handed the Seg over), else it is made here."""
+    no_cell_firsts, is_background = background or background_labels(bands, height, seg_thresh, threads)
 
     def measured(item: tuple[Band, int]) -> tuple[int, np.ndarray, int, dict[str, np.ndarray], np.ndarray | None,
                                                   bytes]:
@@ -303,11 +308,13 @@ class SlideScore:
 
 
 def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marker: bool,
-                options: PostprocessOptions = PostprocessOptions(), threads: int = 1) -> SlideScore:
+                options: PostprocessOptions = PostprocessOptions(), threads: int = 1,
+                background: Background | None = None) -> SlideScore:
     """The scoring `postprocess` gives for the same pixels as one image, and its counted cells; bands are
-    worked on `threads` threads. With optical-density thresholds the bands must carry the IHC."""
+    worked on `threads` threads. With optical-density thresholds the bands must carry the IHC. `background`:
+    pass one's result, where it was made as the Seg streamed past (`StreamedBackground`)."""
     resolution = Resolution.from_tile_size(tile_size)
-    cells = slide_cells(bands, width, height, options.seg_thresh, threads)
+    cells = slide_cells(bands, width, height, options.seg_thresh, threads, background)
     kept = cells.sizes > options.noise_thresh
     large_noise = options.large_noise_size(resolution)
     if large_noise is not None:

@@ -23,7 +23,7 @@ from typing import Generic, Protocol, TypeVar
 import numpy as np
 
 from .contract import NETWORK_TILE, OUTPUT_NAMES
-from .tiling import Stitcher, Tile, TileGrid, extend_by_mirroring, is_empty_tile, resize_tile
+from .tiling import Stitcher, Tile, TileGrid, extend_by_mirroring, is_empty_grey, is_empty_tile, resize_tile
 
 Run = Callable[[np.ndarray], dict[str, np.ndarray]]
 Result = TypeVar("Result")
@@ -80,9 +80,11 @@ class _ImageState:
         self.started = time.perf_counter()
 
 
-def network_tile(crop: np.ndarray) -> np.ndarray | None:
-    """A tile's crop at the network's size, or None for an empty tile (DeepLIIF does not run it)."""
-    return None if is_empty_tile(crop) else resize_tile(crop, NETWORK_TILE)
+def network_tile(crop: np.ndarray, grey: np.ndarray | None = None) -> np.ndarray | None:
+    """A tile's crop at the network's size, or None for an empty tile (DeepLIIF does not run it); `grey`:
+    the crop's `grey_of`, where it was made for a whole band at once."""
+    empty = is_empty_tile(crop) if grey is None else is_empty_grey(grey)
+    return None if empty else resize_tile(crop, NETWORK_TILE)
 
 
 def split(states: Sequence[_ImageState], timings: TileTimings) -> Iterator[Item]:

@@ -147,11 +147,30 @@ def empty_tile_outputs(tile_size: int, names: tuple[str, ...]) -> dict[str, np.n
     return {name: np.full((tile_size, tile_size, 3), EMPTY_TILE_COLOURS[name], np.uint8) for name in names}
 
 
+def grey_of(image: np.ndarray) -> np.ndarray:
+    """PIL's "L" conversion, DeepLIIF's greyscale; per pixel, so a band's grey holds each of its tiles'."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(image)).convert("L"))
+
+
+_GREY_LEVELS = np.arange(256, dtype=np.int64)
+
+
+def is_empty_grey(grey: np.ndarray) -> bool:
+    """DeepLIIF skips tiles whose greyscale variance (pure black/white pixels ignored) is below 9. Decided
+    from the tile's histogram in exact integers (n·Σv² − (Σv)² < 9·n²), where DeepLIIF takes `np.var` of
+    the pixels it keeps: the same variance without its rounding, about 8x faster (no boolean gather, no
+    float pass over the pixels), which was half of a slide's splitting thread."""
+    counts = np.bincount(grey.ravel(), minlength=256)
+    counts[0] = counts[255] = 0
+    n = int(counts.sum())
+    if n == 0:
+        return True
+    total, squares = int(counts @ _GREY_LEVELS), int(counts @ (_GREY_LEVELS * _GREY_LEVELS))
+    return n * squares - total * total < EMPTY_VARIANCE * n * n
+
+
 def is_empty_tile(tile: np.ndarray) -> bool:
-    """DeepLIIF skips tiles whose greyscale variance (pure black/white pixels ignored) is below 9."""
-    grey = np.asarray(Image.fromarray(tile).convert("L"))
-    values = grey[(grey != 0) & (grey != 255)]
-    return values.size == 0 or float(np.var(values)) < EMPTY_VARIANCE
+    return is_empty_grey(grey_of(tile))
 
 
 def resize_tile(tile: np.ndarray, size: int) -> np.ndarray:

@@ -21,15 +21,16 @@ from deepliif.imageio import prepare_out_dir, write_json
 from deepliif.inference import OVERLAY_NAMES, OutputSet
 from deepliif.logs import project_logger
 from deepliif.scoring_rules import PostprocessOptions
-from deepliif.pyramid import PyramidCompression, PyramidWriter, assemble_pyramid, level_sizes
+from deepliif.pyramid import LevelRows, PyramidCompression, PyramidWriter, assemble_pyramid, level_sizes
+from deepliif.slide_background import StreamedBackground
 from deepliif.slide_checkpoint import SlideCheckpoint, region_ends
-from deepliif.slide_loop import SlideRun, run_slide
+from deepliif.slide_loop import SlidePosition, SlideRun, run_slide
 from deepliif.rescore import RescoredCells
 from deepliif.slide_cell_data import open_slide_cell_data, slide_cell_data_file_name
 from deepliif.slide_rescore import draw_rescored_slide
 from deepliif.slide_overlays import draw_slide
-from deepliif.slide_scoring import SlideScore, region_bands, score_slide, slide_bands
-from deepliif.slides import SlideInfo, open_slide
+from deepliif.slide_scoring import Background, SlideScore, region_bands, score_slide, slide_bands
+from deepliif.slides import Slide, SlideInfo, open_slide
 from deepliif.tile_loop import Run
 from deepliif.workers import resolve_threads
 
@@ -147,13 +148,14 @@ def infer_slide(session: Session, path: Path, out: Path, tile_size: int | None =
                              {name: compression.codec(name) for name in OUTPUT_NAMES}) as checkpoint:
             start = checkpoint.resume()
             stage("tiles")
-            slide_run = run_slide(run or session.run, slide, chosen, session.batch_size, checkpoint.add, progress,
-                                  start, checkpoint.row_done)
+            threads = resolve_threads(threads)
+            slide_run, background = _stream(run or session.run, slide, chosen, session.batch_size, checkpoint,
+                                            progress, start, postprocess.seg_thresh, threads)
             seconds: dict[str, float] = {}
             wanted = None if cell_data is None else CellDataRequest(cell_data, postprocess, True)
             published, score, files = _pyramids_beside_scoring(checkpoint, path, destination, chosen, postprocess,
-                                                               outputs.names, stage, seconds, resolve_threads(threads),
-                                                               wanted)
+                                                               outputs.names, stage, seconds, threads, wanted,
+                                                               background)
             record = _record(session, info, tile_size, chosen, slide_run, published, score, files, seconds, started)
             write_json(out / f"{stem}.json", record)
             checkpoint.remove()
@@ -216,10 +218,34 @@ def rescore_slide(rescored: RescoredCells, image: Path, out: Path, threads: int 
             return overlays.finish()
 
 
+def _stream(run: Run, slide: Slide, tile_size: int, batch_size: int, checkpoint: SlideCheckpoint,
+            progress: Callable[[int], None] | None, start: SlidePosition | None, seg_thresh: int, threads: int
+            ) -> tuple[SlideRun, Background]:
+    """The tile loop into the checkpoint, with pass one of scoring made from the Seg as it is handed over
+    (rows a resumed run wrote before are read back from its regions first)."""
+    info = slide.info
+    background = StreamedBackground(info.width, info.height, seg_thresh, threads)
+    try:
+        if start is not None and start.rows_done:
+            with LevelRows(checkpoint.written_level0("Seg")) as written:
+                for top in range(0, start.rows_done, background.band_height):
+                    background.add(top, written.rows(top, min(background.band_height, start.rows_done - top)))
+
+        def sink(top: int, rows: dict[str, np.ndarray]) -> None:
+            checkpoint.add(top, rows)
+            background.add(top, rows["Seg"])
+        slide_run = run_slide(run, slide, tile_size, batch_size, sink, progress, start, checkpoint.row_done)
+        return slide_run, background.finish()
+    except BaseException:
+        background.abandon()
+        raise
+
+
 def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, destination: Destination, tile_size: int,
                              postprocess: PostprocessOptions, wanted: tuple[str, ...],
                              stage: Callable[[str], None], seconds: dict[str, float], threads: int,
-                             cell_data: CellDataRequest | None) -> tuple[dict[str, dict], SlideScore, dict[str, str]]:
+                             cell_data: CellDataRequest | None, background: Background
+                             ) -> tuple[dict[str, dict], SlideScore, dict[str, str]]:
     """The wanted network outputs' pyramids, assembled from the regions on a pool, while the slide is
     scored from the same regions and its overlays drawn; `seconds` gets each stage's own duration.
     Returns the pyramids published, the score and the cells files."""
@@ -232,7 +258,7 @@ def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, destinatio
         info = destination.info
         bands = region_bands(checkpoint.level0("Seg"), checkpoint.level0("Marker"),
                              path if _needs_ihc(postprocess, cell_data) else None)
-        score = score_slide(bands, info.width, info.height, tile_size, True, postprocess, threads)
+        score = score_slide(bands, info.width, info.height, tile_size, True, postprocess, threads, background)
         scored = time.perf_counter()
         stage("overlays")
         overlays = tuple(name for name in OVERLAY_NAMES if name in wanted)

@@ -69,3 +69,23 @@ def test_resize_is_pil_bicubic_and_identity_at_same_size() -> None:
     tile = np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8)
     assert resize_tile(tile, 300) is tile
     assert resize_tile(tile, 512).shape == (512, 512, 3)
+
+
+def test_emptiness_from_the_histogram_is_deepliifs_variance_rule() -> None:
+    """Tiles whose variance lies on both sides of 9 and right next to it, and a band's grey sliced per tile:
+    the same verdicts as `np.var` of the pixels that are neither black nor white."""
+    from deepliif.tiling import EMPTY_VARIANCE, grey_of, is_empty_grey
+    rng = np.random.default_rng(3)
+    verdicts = []
+    for spread in (0.0, 2.0, 2.9, 3.0, 3.1, 4.0, 60.0):
+        tile = np.clip(rng.normal(128, spread, (64, 64, 3)), 0, 255).astype(np.uint8)
+        tile[:5] = 0
+        tile[5:9] = 255
+        grey = grey_of(tile)
+        kept = grey[(grey != 0) & (grey != 255)]
+        expected = kept.size == 0 or float(np.var(kept)) < EMPTY_VARIANCE
+        assert is_empty_grey(grey) == expected == is_empty_tile(tile), spread
+        verdicts.append(expected)
+    assert True in verdicts and False in verdicts
+    band = rng.integers(0, 256, (32, 200, 3), np.uint8)
+    np.testing.assert_array_equal(grey_of(band)[:, 50:90], grey_of(band[:, 50:90]))
