@@ -333,4 +333,5 @@ def test_a_failing_overlay_pass_leaves_no_cells_file_no_temporary_and_no_thread(
                           out, 512)
     assert drawn and max(drawn) < 600
     assert sorted(p.name for p in out.iterdir()) == []  # no cells file, no overlay, no temporary
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(("cells-file", "read-ahead", "cpu-stage"))]
+    assert not [t.name for t in threading.enumerate()
+                if t.name.startswith(("cells-file", "read-ahead", "cpu-stage", "background-pass"))]
