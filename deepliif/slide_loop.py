@@ -120,8 +120,8 @@ def run_slide(run: Run, slide: Slide, tile_size: int, batch_size: int, sink: Sin
                             "not a tile row's end on this slide's grid")
     if progress and position.tiles_done:
         progress(position.tiles_done)
-    merger = _SlideMerger(rows, releases, _Band(slide.info.width, tile_size, position.rows_done), position, sink, row_done,
-                          progress, tile_size, timings)
+    band = _Band(slide.info.width, tile_size, position.rows_done)
+    merger = _SlideMerger(rows, releases, band, position, sink, row_done, progress, tile_size, timings)
     run_tiles(run, _slide_tiles(slide, rows[position.next_row:], tile_size, timings), merger, batch_size, timings,
               strategy)
     return SlideRun(tile_size, len(grid), merger.position.empty_tiles, timings, time.perf_counter() - begin, start)

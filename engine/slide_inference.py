@@ -276,7 +276,8 @@ def _needs_ihc(options: PostprocessOptions, cell_data: CellDataRequest | None) -
 
 
 def _cells_and_overlays(path: Path, destination: Destination, score: SlideScore, names: tuple[str, ...],
-                        threads: int, cell_data: CellDataRequest | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+                        threads: int, cell_data: CellDataRequest | None = None
+                        ) -> tuple[dict[str, dict], dict[str, str]]:
     """The overlays `names` (perhaps none) and the cells files from one more pass over scoring's bands: the
     pass that draws the overlays also traces the cells' outlines and writes the cell data asked for. Returns
     the overlays published and the names of the cells files; the score's stored labels are released."""
