@@ -107,13 +107,14 @@ StoredBand = tuple[int, tuple[int, int], int, bytes]  # top row, shape, label co
 
 class BandLabels:
     """Every band's own 8-connected labels as pass two made them, zstd-compressed in an anonymous temporary
-    file (so memory does not grow with the slide; the system removes it once closed). The overlay pass reads
+    file in `folder` (the run's own, known writable; default the system's temporary folder), so memory does
+    not grow with the slide; the system removes the file once it is closed. The overlay pass reads
     them back rather than decoding the Seg and labelling it again: a cell-dense band of 16 MB of labels
     compresses to about 0.2 MB in 10 ms and decompresses in 8 ms, where reading, classifying and labelling
     its Seg again took about 0.2 s (measured on a 16k slide's bands)."""
 
-    def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile(prefix="deepliif-labels-")
+    def __init__(self, folder: Path | None = None) -> None:
+        self._file = tempfile.TemporaryFile(prefix="deepliif-labels-", dir=folder)
         self._bands: list[tuple[int, tuple[int, int], int, int, int]] = []  # top, shape, labels, offset, bytes
 
     def add(self, top: int, shape: tuple[int, int], count: int, compressed: bytes) -> None:
@@ -189,10 +190,11 @@ Background = tuple[list[int], np.ndarray]  # pass one's result: per band its fir
 
 
 def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads: int = 1,
-                background: Background | None = None) -> SlideCells:
+                background: Background | None = None, scratch: Path | None = None) -> SlideCells:
     """Pass two: the cells, merged across bands and ordered by their first pixel. Bands are labelled and
     measured on `threads` threads; their labels are numbered and joined in band order. `background`: pass
-    one's result where it was made already (as the tile loop handed the Seg over), else it is made here."""
+    one's result where it was made already (as the tile loop handed the Seg over), else it is made here.
+    `scratch`: where the bands' labels are kept for the overlay pass (`BandLabels`)."""
     no_cell_firsts, is_background = background or background_labels(bands, height, seg_thresh, threads)
 
     def measured(item: tuple[Band, int]) -> tuple[int, np.ndarray, int, dict[str, np.ndarray], np.ndarray | None,
@@ -207,7 +209,7 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
         return band.top, found.labels, found.count, stats, histogram, BandLabels.encode(found.labels)
 
     sets, previous, parts, histogram, cell_firsts = UnionFind(), None, [], np.zeros(256, np.int64), []
-    stored = BandLabels()
+    stored = BandLabels(scratch)
     measured_bands = ordered_map(measured, zip(bands(measuring=True), no_cell_firsts), threads)
     try:
         for top, labels, count, stats, band_histogram, compressed in measured_bands:
@@ -309,12 +311,13 @@ class SlideScore:
 
 def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marker: bool,
                 options: PostprocessOptions = PostprocessOptions(), threads: int = 1,
-                background: Background | None = None) -> SlideScore:
+                background: Background | None = None, scratch: Path | None = None) -> SlideScore:
     """The scoring `postprocess` gives for the same pixels as one image, and its counted cells; bands are
     worked on `threads` threads. With optical-density thresholds the bands must carry the IHC. `background`:
-    pass one's result, where it was made as the Seg streamed past (`StreamedBackground`)."""
+    pass one's result, where it was made as the Seg streamed past (`StreamedBackground`); `scratch`: the
+    run's folder, where the bands' labels are kept until the overlays are drawn."""
     resolution = Resolution.from_tile_size(tile_size)
-    cells = slide_cells(bands, width, height, options.seg_thresh, threads, background)
+    cells = slide_cells(bands, width, height, options.seg_thresh, threads, background, scratch)
     kept = cells.sizes > options.noise_thresh
     large_noise = options.large_noise_size(resolution)
     if large_noise is not None:

@@ -188,7 +188,8 @@ def postprocess_slide(image: Path, seg: Path, marker: Path | None, out: Path, ti
     wanted = None if cell_data is None else CellDataRequest(cell_data, options, marker is not None)
     bands = slide_bands(seg, marker, image if _needs_ihc(options, wanted) else None)
     threads = resolve_threads(threads)
-    score = score_slide(bands, info.width, info.height, tile_size, marker is not None, options, threads)
+    score = score_slide(bands, info.width, info.height, tile_size, marker is not None, options, threads,
+                        scratch=out)
     scored = time.perf_counter()
     outputs, files = _cells_and_overlays(image, Destination(out, stem, info, compression, cell_geometry), score,
                                          OVERLAY_NAMES, threads, wanted)
@@ -258,7 +259,8 @@ def _pyramids_beside_scoring(checkpoint: SlideCheckpoint, path: Path, destinatio
         info = destination.info
         bands = region_bands(checkpoint.level0("Seg"), checkpoint.level0("Marker"),
                              path if _needs_ihc(postprocess, cell_data) else None)
-        score = score_slide(bands, info.width, info.height, tile_size, True, postprocess, threads, background)
+        score = score_slide(bands, info.width, info.height, tile_size, True, postprocess, threads, background,
+                            checkpoint.folder)
         scored = time.perf_counter()
         stage("overlays")
         overlays = tuple(name for name in OVERLAY_NAMES if name in wanted)

@@ -173,15 +173,18 @@ def test_a_failing_read_in_the_overlay_pass_stops_it_and_leaves_no_thread() -> N
     assert not [t for t in threading.enumerate() if t.name.startswith(("cpu-stage", "read-ahead"))]
 
 
-def test_pass_two_keeps_each_bands_labels_and_a_failed_pass_releases_them(monkeypatch) -> None:
-    """The overlay pass reads pass two's labels back instead of the Seg: what is stored is exactly the
-    band's labelling, and a pass that fails part-way closes its store."""
+def test_pass_two_keeps_each_bands_labels_and_a_failed_pass_releases_them(monkeypatch, tmp_path: Path) -> None:
+    """The overlay pass reads pass two's labels back instead of the Seg: what is stored (in the run's own
+    folder, as a file nobody else sees) is exactly the band's labelling, and a pass that fails part-way
+    closes its store."""
     from deepliif import slide_scoring
     from deepliif.label_stats import components
     seg = np.zeros((60, 40, 3), np.uint8)
     for top in range(4, 56, 8):
         seg[top: top + 4, 5:30, 0] = 255
-    score = score_slide(array_bands(seg, None, 7), 40, 60, 512, False, PostprocessOptions(size_thresh=0))
+    score = score_slide(array_bands(seg, None, 7), 40, 60, 512, False, PostprocessOptions(size_thresh=0),
+                        scratch=tmp_path)
+    assert not list(tmp_path.iterdir())
     stored = list(score.labels.stored.read())
     assert [band[0] for band in stored] == list(range(0, 60, 7))
     for index, (top, shape, count, data) in enumerate(stored):
