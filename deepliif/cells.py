@@ -164,10 +164,10 @@ def write_cells(out: Path, stem: str, cells: Iterable[Cell], mpp: float | None =
     paths = [Path(out) / names["csv"], Path(out) / names["geojson"]]
     table = CellsTable(mpp)
 
-    def features() -> Iterator[dict]:
+    def tabled() -> Iterator[Cell]:
         for cell in cells:
             table.add(cell)
-            yield cell_feature(stem, cell, mpp, None if outlines is None else outlines.get(cell.id))
-    write_geojson(paths[1], features())
+            yield cell
+    write_geojson(paths[1], cell_features(stem, tabled(), mpp, outlines))
     write_atomically(paths[0], table.data())
     return paths

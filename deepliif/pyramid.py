@@ -29,7 +29,7 @@ import numpy as np
 from .errors import ImageError
 from .imageio import RowBlocks
 from .tiff_rows import TiledPageRows
-from .workers import opencv
+from .workers import hand_to, opencv
 
 TIFF_TILE = 256
 
@@ -118,13 +118,7 @@ class StreamedLevel:
             raise ImageError(f"cannot write {self.path}: {self._error}") from self._error
 
     def _put(self, band: np.ndarray | None) -> None:
-        while self._thread.is_alive():
-            try:
-                self._queue.put(band, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-        if self._error is not None:
+        if not hand_to(self._thread, self._queue, band) and self._error is not None:
             raise ImageError(f"cannot write {self.path}: {self._error}") from self._error
 
     def _write(self) -> None:

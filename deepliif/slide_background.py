@@ -17,6 +17,7 @@ import numpy as np
 
 from .errors import DeepLIIFError, ImageError
 from .slide_scoring import Background, Band, background_labels, band_rows
+from .workers import hand_to
 
 _END, _ABANDONED = object(), object()
 
@@ -67,13 +68,7 @@ class StreamedBackground:
         self._thread.join()
 
     def _put(self, item: object) -> None:
-        while self._thread.is_alive():
-            try:
-                self._queue.put(item, timeout=0.2)
-                return
-            except queue.Full:
-                continue
-        if self._error is not None and item is not _ABANDONED:
+        if not hand_to(self._thread, self._queue, item) and self._error is not None and item is not _ABANDONED:
             raise self._error
 
     def _bands(self) -> Iterator[Band]:

@@ -95,6 +95,18 @@ def ordered_map(function: Callable[[Item], Result], items: Iterable[Item], threa
 _END = object()
 
 
+def hand_to(consumer: threading.Thread, hand_off: queue.Queue, item: object, poll: float = 0.2) -> bool:
+    """Puts `item` for a consumer thread, waiting for room while it lives; False once it has ended (it
+    failed or finished), so a producer never blocks forever on a queue nobody reads."""
+    while consumer.is_alive():
+        try:
+            hand_off.put(item, timeout=poll)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
 def read_ahead(items: Iterable[Item], depth: int = 1) -> Iterator[Item]:
     """`items` as they are, produced on a thread of their own at most `depth` ahead of the consumer.
     The source's error is raised where the consumer would have met it; a consumer that stops early (or
