@@ -1,7 +1,8 @@
 """PNG encoders side by side on seven 4096² outputs of real DeepLIIF images (a mosaic of the replay tiles):
-Pillow at its default level and at level 1, and libpng through imagecodecs at level 1 with the Sub filter
-(what `encode_png` uses), on one thread and on `--threads`. Every encoding is decoded back and compared:
-the pixels must be identical.
+Pillow at its default level and at level 1, libpng through imagecodecs at level 1 with the Sub filter
+(what `encode_png` used before), and `deepliif.png_bands` (Sub filter, ISA-L deflate level 1, 512-row
+bands: whole files per thread, and every band a task of its own as `infer` runs it), on one thread and on
+`--threads`. Every encoding is decoded back and compared: the pixels must be identical.
 
     .venv/bin/python benchmarks/png_encoding.py --replay ../shared/fixtures/deepliif/replay --threads 2
 """
@@ -19,6 +20,8 @@ import imagecodecs
 import numpy as np
 from PIL import Image
 
+from deepliif.png_bands import band_edges, compress_band, encode_png, png_chunks
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from postprocess_vs_deepliif import mosaic  # noqa: E402 - the same mosaic as the postprocessing comparison
 
@@ -35,6 +38,18 @@ def libpng(image: np.ndarray) -> bytes:
     return bytes(imagecodecs.png_encode(image, level=1, filter=16))
 
 
+def banded(images: list[np.ndarray], pool: ThreadPoolExecutor) -> list[bytes]:
+    """Every band of every image a task of its own, then each file assembled."""
+    def band(job: tuple[int, int, int]):
+        index, top, bottom = job
+        return compress_band(images[index][top:bottom], top, bottom == len(images[index]))
+
+    jobs = [(index, top, bottom) for index, image in enumerate(images) for top, bottom in band_edges(len(image))]
+    bands = list(pool.map(band, jobs))
+    return [b"".join(png_chunks(image.shape[1], len(image), 3, [b for b, job in zip(bands, jobs) if job[0] == index]))
+            for index, image in enumerate(images)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--replay", type=Path, default=Path("../shared/fixtures/deepliif/replay"))
@@ -46,11 +61,12 @@ def main() -> int:
     images[-1] = np.ascontiguousarray(images[-1][::-1])
     report = {}
     for label, encode in (("pillow default level", pillow(None)), ("pillow level 1", pillow(1)),
-                          ("libpng level 1 sub", libpng)):
+                          ("libpng level 1 sub", libpng), ("png_bands, a file per task", encode_png),
+                          ("png_bands, a band per task", None)):
         for threads in sorted({1, args.threads}):
             start = time.perf_counter()
             with ThreadPoolExecutor(threads) as pool:
-                encoded = list(pool.map(encode, images))
+                encoded = banded(images, pool) if encode is None else list(pool.map(encode, images))
             seconds = time.perf_counter() - start
             assert all(np.array_equal(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")), image)
                        for data, image in zip(encoded, images)), label

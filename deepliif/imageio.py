@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import ArgumentError, ImageError
+from .png_bands import encode_png
 
 DEFAULT_MAX_PIXELS = 100_000_000
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -161,9 +162,13 @@ def open_stream(path: Path) -> Iterator:
             yield stream
 
 
-def write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes | Iterable[bytes]) -> None:
+    """`data`, or its pieces one after another, published whole under `path` (temporary name, then rename)."""
     with open_atomically(path) as handle:
-        handle.write(data)
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            handle.write(data)
+        else:
+            handle.writelines(data)
 
 
 def write_json(path: Path, record: dict) -> None:
@@ -200,17 +205,6 @@ def file_sha256(path: Path, memo: RememberedDigests | None = None) -> str:
     digest = hashlib.sha256()
     update_digest(digest, path)
     return digest.hexdigest()
-
-
-PNG_LEVEL, PNG_FILTER = 1, 16  # zlib level 1 with libpng's Sub filter on every row
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    """Lossless PNG at memory speed. Chosen by measurement on seven 4096² outputs (docs/BENCHMARKS.md):
-    libpng through imagecodecs at level 1 with the Sub filter encodes them 2.4x faster than Pillow at
-    level 1 on one core (8.8x Pillow's default level) and frees the GIL, so outputs encode in parallel,
-    for files 3% larger than Pillow's level 1; the pixels decode identical either way."""
-    return bytes(imagecodecs.png_encode(np.ascontiguousarray(image), level=PNG_LEVEL, filter=PNG_FILTER))
 
 
 def write_png(path: Path, image: np.ndarray) -> None:

@@ -19,7 +19,7 @@ from .contract import MODALITIES, OUTPUT_NAMES, SEG_INTERMEDIATE_NAMES
 from .errors import ArgumentError, ChoiceEnum, ImageError
 from .postprocessing import PostprocessResult, postprocess
 from .scoring_rules import PostprocessOptions
-from .tile_loop import StitchedImage, Strategy, run_tile_loop
+from .tile_loop import RowsFinal, StitchedImage, Strategy, run_tile_loop
 from .tiling import DEFAULT_TILE_SIZE, TileGrid, check_tile_size
 from .workers import resolve_threads
 
@@ -128,7 +128,6 @@ def check_image_array(image: np.ndarray) -> None:
                             f"{getattr(image, 'shape', None)} {getattr(image, 'dtype', type(image).__name__)}")
 
 
-Stitched = Callable[[int, dict[str, np.ndarray]], None]  # (image index, its five network outputs)
 
 
 def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
@@ -146,13 +145,14 @@ def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
 def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Sequence[np.ndarray],
                  options: InferenceOptions | Sequence[InferenceOptions] = InferenceOptions(),
                  strategy: Strategy = Strategy.THREADED, progress: Callable[[int], None] | None = None,
-                 stitched: Stitched | None = None) -> list[InferenceResult]:
+                 stitched: RowsFinal | None = None) -> list[InferenceResult]:
     """DeepLIIF's `infer_modalities` for several RGB uint8 images through one tile loop (tiles of all of
     them batched together): images, scoring and timings per image. `options` is one for all, or one per
     image: they must share a `TileSpec`, and each image gets back what its own options ask for. Each
     result's timings hold the stage sums of the whole call (one image's own figures when called with one)
-    and its own total. `stitched(index, outputs)` hears each image's five network outputs as soon as they
-    are stitched, before postprocessing, so a caller can encode them while the cells are found."""
+    and its own total. `stitched(index, outputs, rows)` hears each image's network outputs as their rows
+    become final (`tile_loop.RowsFinal`), all of them before its postprocessing, so a caller can encode
+    them while the network runs the later tiles and the cells are found."""
     for image in images:
         check_image_array(image)
     per_image = [options] * len(images) if isinstance(options, InferenceOptions) else list(options)
@@ -164,14 +164,12 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
     spec = specs.pop() if specs else InferenceOptions().tile_spec
 
     def finish(done: StitchedImage) -> InferenceResult:
-        if stitched is not None:
-            stitched(done.index, done.images)
         selected, post = finish_image(images[done.index], done.images, per_image[done.index])
         return InferenceResult(selected, post.scoring, {"total_seconds": time.perf_counter() - done.started},
                                done.tiles, done.empty, post.cells, post.outlines, post.cell_data)
 
     results, timings = run_tile_loop(run, images, spec.tile_size, spec.batch_size, finish, strategy, progress,
-                                     [o.network_names for o in per_image])
+                                     [o.network_names for o in per_image], stitched)
     for result in results:
         result.timings = {**timings.as_dict(), **result.timings}
     return results

@@ -28,6 +28,9 @@ from .tiling import Stitcher, Tile, TileGrid, extend_by_mirroring, is_empty_grey
 Run = Callable[[np.ndarray], dict[str, np.ndarray]]
 Result = TypeVar("Result")
 Item = tuple[int, Tile, "np.ndarray | None"]  # image index, tile, network tile (None: empty)
+# (image index, views of its network outputs at its size, how many rows of them are final): heard after each
+# tile row is pasted, so finished rows can be encoded while the network runs the rest; the last call says all.
+RowsFinal = Callable[[int, dict[str, np.ndarray], int], None]
 _DONE = object()
 
 
@@ -109,9 +112,10 @@ class ImageMerger(Generic[Result]):
     finishes each image as soon as its last tile is pasted."""
 
     def __init__(self, states: Sequence[_ImageState], tile_size: int, timings: TileTimings,
-                 finish: Callable[[StitchedImage], Result], progress: Callable[[int], None] | None) -> None:
+                 finish: Callable[[StitchedImage], Result], progress: Callable[[int], None] | None,
+                 rows_final: RowsFinal | None = None) -> None:
         self.states, self.tile_size, self.timings = states, tile_size, timings
-        self.finish, self.progress = finish, progress
+        self.finish, self.progress, self.rows_final = finish, progress, rows_final
         self.results: list[Result | None] = [None] * len(states)
 
     def add(self, items: Sequence[Item], outputs: dict[str, np.ndarray] | None) -> None:
@@ -121,12 +125,12 @@ class ImageMerger(Generic[Result]):
             results = None if outputs is None else \
                 {name: resize_tile(outputs[name][position], self.tile_size) for name in state.names}
             state.ready[tile.index] = (tile, results)
-            self._paste_ready(state)
+            self._paste_ready(index, state)
             self.timings.add("stitching", start)
             if state.next_index == len(state.grid):
                 self._finish(index, state)
 
-    def _paste_ready(self, state: _ImageState) -> None:
+    def _paste_ready(self, index: int, state: _ImageState) -> None:
         while state.next_index in state.ready:
             tile, results = state.ready.pop(state.next_index)
             if results is None:
@@ -137,6 +141,9 @@ class ImageMerger(Generic[Result]):
             state.next_index += 1
             if self.progress:
                 self.progress(1)
+            final = state.grid.rows_final_after(tile)
+            if final is not None and self.rows_final is not None:
+                self.rows_final(index, state.stitcher.cropped(), min(final, state.stitcher.original_height))
 
     def _finish(self, index: int, state: _ImageState) -> None:
         start = time.perf_counter()
@@ -148,14 +155,16 @@ class ImageMerger(Generic[Result]):
 def run_tile_loop(run: Run, images: Sequence[np.ndarray], tile_size: int, batch_size: int,
                   finish: Callable[[StitchedImage], Result], strategy: Strategy = Strategy.THREADED,
                   progress: Callable[[int], None] | None = None,
-                  names: Sequence[Sequence[str]] | None = None) -> tuple[list[Result], TileTimings]:
+                  names: Sequence[Sequence[str]] | None = None,
+                  rows_final: RowsFinal | None = None) -> tuple[list[Result], TileTimings]:
     """`finish(stitched)` for every image, in order, and the stage timings of the whole call. `batch_size`
     is the number of tiles per `run` call; tiles of several images share a batch. `names[k]`: the outputs
-    stitched for image k (default: the fused graph's five); `run` must give at least those."""
+    stitched for image k (default: the fused graph's five); `run` must give at least those. `rows_final`
+    hears each image's rows as they become final, the last time before its `finish`."""
     timings = TileTimings()
     states = [_ImageState(image, tile_size, OUTPUT_NAMES if names is None else names[k])
               for k, image in enumerate(images)]
-    merger = ImageMerger(states, tile_size, timings, finish, progress)
+    merger = ImageMerger(states, tile_size, timings, finish, progress, rows_final)
     run_tiles(run, split(states, timings), merger, batch_size, timings, strategy)
     return merger.results, timings  # type: ignore[return-value]
 

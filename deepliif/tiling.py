@@ -85,6 +85,7 @@ class TileGrid:
         self.width, self.height = width, height
         xs, self._x_overlap = self._axis(width)
         ys, self._y_overlap = self._axis(height)
+        self.columns, self._row_tops = len(xs), ys
         self.tiles = [self._tile(len(xs) * j + i, x, y) for j, y in enumerate(ys) for i, x in enumerate(xs)]
 
     def _axis(self, extent: int) -> tuple[list[int], int]:
@@ -104,6 +105,14 @@ class TileGrid:
         x1 = t if x + t == self.width else t - ox
         y1 = t if y + t == self.height else t - oy
         return Tile(index, x, y, (x0, y0, x1, y1))
+
+    def rows_final_after(self, tile: Tile) -> int | None:
+        """Once the tiles up to `tile` are pasted in order, the rows above the returned one are final: each
+        later tile row pastes from its own kept part's top down. None unless `tile` ends a tile row."""
+        if (tile.index + 1) % self.columns:
+            return None
+        row = tile.index // self.columns + 1
+        return self.height if row == len(self._row_tops) else self._row_tops[row] + self._y_overlap
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -134,6 +143,10 @@ class Stitcher:
         if self._empty is None:
             self._empty = empty_tile_outputs(self.grid.tile_size, tuple(self.images))
         self.paste(tile, self._empty)
+
+    def cropped(self) -> dict[str, np.ndarray]:
+        """Views of the images at the original size, as they stand (rows still to be pasted included)."""
+        return {n: im[: self.original_height, : self.original_width] for n, im in self.images.items()}
 
     def results(self) -> dict[str, np.ndarray]:
         return {n: np.ascontiguousarray(im[: self.original_height, : self.original_width])

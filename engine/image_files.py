@@ -24,11 +24,12 @@ import numpy as np
 from deepliif.cell_data import cell_data_file_name, write_cell_data
 from deepliif.cells import cells_file_names, write_cells
 from deepliif.contract import OUTPUT_NAMES
-from deepliif.imageio import (DEFAULT_MAX_PIXELS, encode_png, prepare_out_dir, read_image, write_atomically,
-                             write_json)
-from deepliif.inference import InferenceOptions, InferenceResult, Stitched
+from deepliif.imageio import DEFAULT_MAX_PIXELS, prepare_out_dir, read_image, write_atomically, write_json
+from deepliif.inference import InferenceOptions, InferenceResult
 from deepliif.logs import project_logger
+from deepliif.png_bands import BandedPng, band_edges, check_png_image
 from deepliif.slides import is_slide, read_whole_slide
+from deepliif.tile_loop import RowsFinal
 from deepliif.workers import resolve_threads
 
 logger = project_logger("engine")
@@ -40,7 +41,7 @@ class ImageSession(Protocol):
     startup: dict[str, float]
 
     def infer_many(self, images, options=None, progress=None, run=None,
-                   stitched: Stitched | None = None) -> list[InferenceResult]: ...
+                   stitched: RowsFinal | None = None) -> list[InferenceResult]: ...
 
 
 @dataclass
@@ -58,8 +59,14 @@ class Encoders:
     def __init__(self, threads: int) -> None:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
 
-    def png(self, path: Path, image: np.ndarray) -> Future:
-        return self.pool.submit(self._timed, lambda: write_atomically(path, encode_png(image)))
+    def png(self, path: Path, image: np.ndarray) -> list[Future]:
+        """One PNG in row bands, each a task of its own, so a large image spreads over the pool; the task
+        that compresses the last band writes the file."""
+        png = banded_png(path, image)
+        return [self.band(png, image[top:bottom], top) for top, bottom in band_edges(len(image))]
+
+    def band(self, png: BandedPng, rows: np.ndarray, top: int) -> Future:
+        return self.pool.submit(self._timed, lambda: png.add(rows, top))
 
     def call(self, function: Callable[[], object]) -> Future:
         return self.pool.submit(self._timed, function)
@@ -72,6 +79,32 @@ class Encoders:
 
     def close(self, cancel: bool = False) -> None:
         self.pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+def banded_png(path: Path, image: np.ndarray) -> BandedPng:
+    """The PNG file of an image (or of the rows it will hold) that bands are added to."""
+    height, width, channels = check_png_image(image)
+    return BandedPng(path, width, height, channels, write_atomically)
+
+
+class StreamedPngs:
+    """An image's network outputs encoded band by band as the tile loop makes their rows final (its
+    `RowsFinal` hook), so they are encoded while the network runs the later tiles."""
+
+    def __init__(self, encoders: Encoders, out: Path, stem: str, names: list[str]) -> None:
+        self.encoders, self.out, self.stem, self.names = encoders, out, stem, names
+        self.files: dict[str, BandedPng] = {}
+        self.writes: list[Future] = []
+        self.encoded = 0  # rows handed to the encoders
+
+    def __call__(self, _index: int, outputs: dict[str, np.ndarray], final: int) -> None:
+        if final <= self.encoded:
+            return
+        for name in self.names:
+            if name not in self.files:
+                self.files[name] = banded_png(self.out / f"{self.stem}_{name}.png", outputs[name])
+            self.writes.append(self.encoders.band(self.files[name], outputs[name][self.encoded:final], self.encoded))
+        self.encoded = final
 
 
 def describe_session(session) -> dict:
@@ -124,14 +157,12 @@ def _infer_one(session: ImageSession, path: Path, image: np.ndarray, decode_seco
                progress: Callable[[int], None] | None) -> _Finishing:
     stem = path.stem
     network_names = [name for name in options.outputs.names if name in OUTPUT_NAMES] + list(options.intermediate_names)
-    writes: list[Future] = []
-
-    def stitched(_: int, outputs: dict[str, np.ndarray]) -> None:
-        writes.extend(encoders.png(out / f"{stem}_{name}.png", outputs[name]) for name in network_names)
-
-    (result,) = session.infer_many([image], options, progress=progress, stitched=stitched)
-    writes.extend(encoders.png(out / f"{stem}_{name}.png", array) for name, array in result.images.items()
-                  if name not in network_names)
+    streamed = StreamedPngs(encoders, out, stem, network_names)
+    (result,) = session.infer_many([image], options, progress=progress, stitched=streamed)
+    writes = streamed.writes
+    for name, array in result.images.items():
+        if name not in network_names:
+            writes.extend(encoders.png(out / f"{stem}_{name}.png", array))
     cells = encoders.call(lambda: write_cells(out, stem, result.cells, outlines=result.outlines))
     cell_files = list(cells_file_names(stem).values())
     if result.cell_data is not None:

@@ -19,7 +19,8 @@ import numpy as np
 from deepliif.contract import NETWORK_TILE, OUTPUT_NAMES, check_tile_batch
 from deepliif.errors import ArgumentError
 from deepliif.imageio import read_image
-from deepliif.inference import InferenceOptions, InferenceResult, Stitched, infer_images
+from deepliif.inference import InferenceOptions, InferenceResult, infer_images
+from deepliif.tile_loop import RowsFinal
 
 from .backends import BackendInfo
 from .backends.precision import Precision
@@ -88,7 +89,7 @@ class ReplaySession:
         return outputs
 
     def infer_many(self, images, options: InferenceOptions | None = None, progress=None, run=None,
-                   stitched: Stitched | None = None) -> list[InferenceResult]:
+                   stitched: RowsFinal | None = None) -> list[InferenceResult]:
         options = options or InferenceOptions(batch_size=self.batch_size)
         return infer_images(run or self.run, images, options, progress=progress, stitched=stitched)
 

@@ -18,9 +18,10 @@ import numpy as np
 from deepliif.contract import run_in_chunks
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import file_sha256
-from deepliif.inference import InferenceOptions, InferenceResult, Stitched, infer_images
+from deepliif.inference import InferenceOptions, InferenceResult, infer_images
 from deepliif.logs import project_logger
 from deepliif.model_files import ModelFiles, read_model_files
+from deepliif.tile_loop import RowsFinal
 from engine.errors import ArtifactError, BackendUnavailableError
 
 from .artifacts import Artifact, ArtifactLoaders, Provenance
@@ -228,7 +229,7 @@ class Session:
                    options: InferenceOptions | Sequence[InferenceOptions] | None = None,
                    progress: Callable[[int], None] | None = None,
                    run: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
-                   stitched: Stitched | None = None) -> list[InferenceResult]:
+                   stitched: RowsFinal | None = None) -> list[InferenceResult]:
         """The images through the threaded tile loop; `run` wraps `self.run` (the kernel takes turns per batch);
         `stitched` hears each image's network outputs before postprocessing (see `infer_images`)."""
         options = options or InferenceOptions(batch_size=self.batch_size)

@@ -132,3 +132,19 @@ def test_images_that_share_a_tile_spec_share_batches_whatever_they_ask_back(runn
             np.testing.assert_array_equal(got.images[name], want.images[name])
     with pytest.raises(ArgumentError, match="share one tile spec"):
         infer_images(counting_run, images, [asks[0], InferenceOptions(tile_size=256, batch_size=3)])
+
+
+def test_rows_become_final_tile_row_by_tile_row_before_the_image_is_finished() -> None:
+    image = synthetic_ihc(1400, 1000, seed=8)
+    heard, finished = [], []
+
+    def rows_final(index: int, outputs: dict[str, np.ndarray], final: int) -> None:
+        assert not finished and sorted(outputs) == sorted(OUTPUT_NAMES)
+        heard.append((index, final, outputs["Hema"][:final].copy()))
+
+    results, _ = run_tile_loop(_replaying_run, [image], 512, 2, lambda done: finished.append(done) or done.images,
+                               rows_final=rows_final)
+    # tile rows at 0, 448 and 888 (moved back to end at the edge); each pastes from 32 rows below its top
+    assert [final for _, final, _ in heard] == [480, 920, 1400] and {index for index, _, _ in heard} == {0}
+    for _, final, rows in heard:
+        assert np.array_equal(rows, results[0]["Hema"][:final])  # what was final then is what was kept

@@ -89,3 +89,23 @@ def test_emptiness_from_the_histogram_is_deepliifs_variance_rule() -> None:
     assert True in verdicts and False in verdicts
     band = rng.integers(0, 256, (32, 200, 3), np.uint8)
     np.testing.assert_array_equal(grey_of(band)[:, 50:90], grey_of(band[:, 50:90]))
+
+
+@pytest.mark.parametrize("size", [(512, 512), (1000, 900), (1300, 2100), (512, 1500)])
+def test_rows_said_final_after_a_tile_row_never_change_again(size: tuple[int, int]) -> None:
+    width, height = size
+    grid = TileGrid(width, height, 512)
+    stitcher = Stitcher(grid, ("Seg",), (width, height))
+    snapshots = []
+    for tile in grid:
+        stitcher.paste(tile, {"Seg": np.full((512, 512, 3), tile.index + 1, np.uint8)})
+        final = grid.rows_final_after(tile)
+        assert (final is None) == bool((tile.index + 1) % grid.columns)
+        if final is not None:
+            snapshots.append(stitcher.cropped()["Seg"][:final].copy())
+    assert len(snapshots) == len(grid) // grid.columns and len(snapshots[-1]) == height
+    result = stitcher.results()["Seg"]
+    for earlier, later in zip(snapshots, snapshots[1:]):
+        assert len(earlier) < len(later)
+        assert np.array_equal(earlier, result[:len(earlier)])
+        assert not (later[len(earlier):] == 0).all()  # each tile row makes rows final

@@ -59,16 +59,16 @@ def test_outputs_not_asked_for_are_not_written(deepliif_fixtures: Path, tmp_path
 def test_a_failed_write_stops_the_run_leaves_no_json_and_no_thread(deepliif_fixtures: Path, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     replay = deepliif_fixtures / "replay"
-    real = image_files.encode_png
+    real = image_files.write_atomically
 
-    def failing(image: np.ndarray) -> bytes:
-        if image.shape[0] and threading.current_thread().name.startswith("encode") and failing.calls == 3:
+    def failing(path: Path, data) -> None:
+        if threading.current_thread().name.startswith("encode") and failing.calls == 3:
             raise OSError("no space left on device")
         failing.calls += 1
-        return real(image)
+        real(path, data)
 
     failing.calls = 0
-    monkeypatch.setattr(image_files, "encode_png", failing)
+    monkeypatch.setattr(image_files, "write_atomically", failing)
     with pytest.raises(OSError, match="no space"):
         infer_image_files(ReplaySession(replay), _inputs(replay, tmp_path / "in"), tmp_path / "out",
                           InferenceOptions(threads=2), {})
