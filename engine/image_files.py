@@ -2,8 +2,10 @@
 
 The stages overlap so the network is never the one waiting:
 - the next image is decoded on a reader thread while the current one is in the tile loop (one ahead);
-- each image's five network outputs are handed to the encoder pool the moment they are stitched, so they
-  are encoded while its cells are found and its overlays drawn; the overlays and the cells files follow;
+- each image's network outputs are handed to the encoder pool band by band as the tile loop makes their
+  rows final, so they are encoded while the network runs the later tiles and while its cells are found and
+  its overlays drawn; the overlays and the cells files follow; every PNG is encoded in row bands, each a
+  task of its own, so one image spreads over the pool;
 - an image's `<stem>.json` is written last, after every file of that image is published (by rename), and
   only after the next image has gone through the tile loop, so at most two images' outputs are held.
 Outputs that were not asked for are neither drawn nor encoded. A failure anywhere stops the run: pools
