@@ -2,9 +2,12 @@
 
 scikit-image's `find_contours` gives the same lines but assembles them segment by segment in Python
 (about 2.7 s for the 1.1 million segments of a cell-dense 4096² image); here every step is an array
-operation: each 2x2 quad's case (which corners are inside) gives its segments between edge midpoints,
-oriented so the inside is always on the same side, so every vertex has exactly one successor; the
-successor map is a set of cycles, labelled by connected components and ordered by pointer doubling.
+operation and none sorts. The vertices are the midpoints of the edges between an inside and an outside
+pixel, numbered horizontal edges first, row by row, so the two edge masks list them in order. Segments
+are oriented so the inside is always on their right, so each vertex starts exactly one segment, in a
+quad its edge and its inside pixel determine; that quad's case (which corners are inside) gives the
+segment's end, and the successor map is a set of cycles: labelled by connected components, then walked
+by one depth-first pass once each cycle's end is pointed at the next cycle's start.
 Diagonal inside corners join (8-connected foreground, scikit-image's `fully_connected="high"`): a saddle
 quad cuts off its two outside corners. The tests check the rings against scikit-image on random masks.
 """
@@ -12,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.sparse import csr_matrix
-from scipy.sparse.csgraph import connected_components
+from scipy.sparse.csgraph import connected_components, depth_first_order
 
 # Quad corners a (top left), b (top right), c (bottom right), d (bottom left) as case bits 1, 2, 4, 8;
 # quad edges T, R, B, L with their two corners and their midpoints as (row, column) offsets.
@@ -58,69 +61,82 @@ def iso_lines(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The rings of `iso_rings` without their closing vertex, all in one (N, 2) array, and their lengths."""
     padded = np.pad(mask, 1).astype(np.uint8)
     height, width = padded.shape
-    case = padded[:-1, :-1] | (padded[:-1, 1:] << 1) | (padded[1:, 1:] << 2) | (padded[1:, :-1] << 3)
-    flat = case.ravel()
-    quads = np.flatnonzero((flat != 0) & (flat != 15))
-    if not len(quads):
+    across = np.flatnonzero(padded[:, :-1] != padded[:, 1:])  # horizontal-edge vertex ids, ascending
+    down = np.flatnonzero(padded[:-1] != padded[1:])  # vertical-edge vertices, ids after every horizontal one
+    if not len(across):
         return np.zeros((0, 2)), np.zeros(0, np.int64)
-    rows, cols = np.divmod(quads, width - 1)
-    kinds = flat[quads]
-    horizontal_count = height * (width - 1)  # vertex ids: horizontal edges first, then vertical ones
-    edge_id = {"T": lambda i, j: i * (width - 1) + j, "B": lambda i, j: (i + 1) * (width - 1) + j,
-               "L": lambda i, j: horizontal_count + i * width + j,
-               "R": lambda i, j: horizontal_count + i * width + j + 1}
-    starts, ends = [], []
-    for kind, segments in _CASES.items():
-        chosen = kinds == kind
-        for first, second in segments if chosen.any() else []:
-            starts.append(edge_id[first](rows[chosen], cols[chosen]))
-            ends.append(edge_id[second](rows[chosen], cols[chosen]))
-    order = np.argsort(np.concatenate(starts))
-    ids, successor_ids = np.concatenate(starts)[order], np.concatenate(ends)[order]
-    successor = np.searchsorted(ids, successor_ids)
-    walk, lengths = _cycles(successor)
+    horizontal_count = height * (width - 1)
+    quad, start = _segment_starts(padded, across, down)
+    flat = padded.ravel()
+    case = flat[quad] | (flat[quad + 1] << 1) | (flat[quad + width + 1] << 2) | (flat[quad + width] << 3)
+    end = _END[case, start]
+    quad_row, quad_col = np.divmod(quad, width)
+    end_id = quad_row * np.array([width - 1, width, width - 1, width])[end] + quad_col
+    end_id += np.array([0, horizontal_count + 1, width - 1, horizontal_count])[end]
+    ids = np.concatenate([across, down + horizontal_count])
+    index_of = np.empty(horizontal_count + (height - 1) * width, np.int32)  # only the vertices' entries are set
+    index_of[ids] = np.arange(len(ids), dtype=np.int32)
+    walk, lengths = _cycles(index_of[end_id])
     vertex = ids[walk]
     on_row = vertex < horizontal_count
-    row = np.where(on_row, vertex // (width - 1), (vertex - horizontal_count) // width) + np.where(on_row, 0.0, 0.5)
-    col = np.where(on_row, vertex % (width - 1), (vertex - horizontal_count) % width) + np.where(on_row, 0.5, 0.0)
+    vertex = np.where(on_row, vertex, vertex - horizontal_count)
+    row = np.where(on_row, vertex // (width - 1), vertex // width) + np.where(on_row, 0.0, 0.5)
+    col = np.where(on_row, vertex % (width - 1), vertex % width) + np.where(on_row, 0.5, 0.0)
     return np.column_stack([row, col]), lengths
 
 
-_SMALL = 4096  # below this many vertices, cycles are found by doubling alone (no sparse-graph set-up)
+def _segment_starts(padded: np.ndarray, across: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per vertex, the quad whose segment leaves it (as the flat index of its top-left pixel in `padded`)
+    and the edge it leaves by. A vertex lies on the edge of two quads; the segment keeping the inside on
+    its right leaves from the quad below a horizontal edge (top edge) when the pixel left of the vertex is
+    inside, else from the quad above (bottom edge); from the quad left of a vertical edge (right edge)
+    when the pixel above is inside, else from the quad right of it (left edge)."""
+    width = padded.shape[1]
+    flat = padded.ravel()
+    row, col = np.divmod(across, width - 1)
+    left_inside = flat[row * width + col].astype(bool)
+    horizontal_quad = np.where(left_inside, row, row - 1) * width + col
+    vertical_quad = down - flat[down].astype(np.int64)  # down is already the flat index of the pixel above
+    quad = np.concatenate([horizontal_quad, vertical_quad])
+    start = np.concatenate([np.where(left_inside, _T, _B), np.where(flat[down].astype(bool), _R, _L)])
+    return quad, start
+
+
+_T, _R, _B, _L = range(4)
+
+
+def _end_table() -> np.ndarray:
+    """Per quad case and start edge, the edge its segment ends on (-1 where no segment starts)."""
+    table = np.full((16, 4), -1, np.int8)
+    for case, segments in _CASES.items():
+        for first, second in segments:
+            table[case, "TRBL".index(first)] = "TRBL".index(second)
+    return table
+
+
+_END = _end_table()
 
 
 def _cycles(successor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A permutation's cycles: every index in cycle order, each cycle from its smallest index, cycles in
-    order of their smallest index; and each cycle's length."""
+    order of their smallest index; and each cycle's length. Each cycle's last index is re-pointed to the
+    next cycle's first, which makes the permutation one path that a single depth-first walk follows."""
     n = len(successor)
-    root_of = _smallest_in_cycle(successor)
-    roots = np.flatnonzero(root_of == np.arange(n))  # ascending: cycles in order of their smallest index
-    size_of = np.bincount(root_of, minlength=n)
+    index = np.arange(n)
+    count, label = connected_components(_graph(successor), directed=True, connection="weak")
+    roots = np.full(count, n, np.int64)
+    np.minimum.at(roots, label, index)
+    by_root = np.argsort(roots)
+    roots, sizes = roots[by_root], np.bincount(label, minlength=count)[by_root]
     predecessor = np.empty(n, np.int64)
-    predecessor[successor] = np.arange(n)
-    tail = predecessor[roots]  # each cycle cut before its root: each index's distance to its tail
-    ahead, distance = successor.copy(), np.ones(n, np.int64)
-    ahead[tail], distance[tail] = tail, 0
-    longest = int(size_of.max())
-    for _ in range(int(np.ceil(np.log2(max(longest, 2))))):
-        distance, ahead = distance + distance[ahead], ahead[ahead]
-    position = size_of[root_of] - 1 - distance
-    rank = np.zeros(n, np.int64)
-    rank[roots] = np.arange(len(roots))
-    return np.argsort(rank[root_of] * (longest + 1) + position), size_of[roots]
+    predecessor[successor] = index
+    chained = successor.astype(np.int64)
+    chained[predecessor[roots]] = np.roll(roots, -1)
+    walk = depth_first_order(_graph(chained), int(roots[0]), directed=True, return_predecessors=False)
+    return walk, sizes
 
 
-def _smallest_in_cycle(successor: np.ndarray) -> np.ndarray:
-    """Per index, the smallest index of its cycle: by doubling for small permutations (one cell's
-    outline), through scipy's connected components for large ones (a band's)."""
+def _graph(successor: np.ndarray) -> csr_matrix:
+    """The map index -> successor[index] as a sparse graph with one edge per row."""
     n = len(successor)
-    if n <= _SMALL:
-        smallest, ahead = np.arange(n), successor.copy()
-        for _ in range(int(np.ceil(np.log2(max(n, 2))))):
-            smallest, ahead = np.minimum(smallest, smallest[ahead]), ahead[ahead]
-        return smallest
-    _, label = connected_components(csr_matrix((np.ones(n, np.int8), (np.arange(n), successor)), shape=(n, n)),
-                                    directed=True, connection="weak")
-    smallest = np.full(int(label.max()) + 1, n, np.int64)
-    np.minimum.at(smallest, label, np.arange(n))
-    return smallest[label]
+    return csr_matrix((np.ones(n, np.int8), successor, np.arange(n + 1)), shape=(n, n))
