@@ -2,7 +2,7 @@
 
 scikit-image's `find_contours` gives the same lines but assembles them segment by segment in Python
 (about 2.7 s for the 1.1 million segments of a cell-dense 4096² image); here every step is an array
-operation and none sorts. The vertices are the midpoints of the edges between an inside and an outside
+operation and none sorts the vertices. They are the midpoints of the edges between an inside and an outside
 pixel, numbered horizontal edges first, row by row, so the two edge masks list them in order. Segments
 are oriented so the inside is always on their right, so each vertex starts exactly one segment, in a
 quad its edge and its inside pixel determine; that quad's case (which corners are inside) gives the
