@@ -77,12 +77,11 @@ def iso_lines(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     index_of = np.empty(horizontal_count + (height - 1) * width, np.int32)  # only the vertices' entries are set
     index_of[ids] = np.arange(len(ids), dtype=np.int32)
     walk, lengths = _cycles(index_of[end_id])
-    vertex = ids[walk]
-    on_row = vertex < horizontal_count
-    vertex = np.where(on_row, vertex, vertex - horizontal_count)
-    row = np.where(on_row, vertex // (width - 1), vertex // width) + np.where(on_row, 0.0, 0.5)
-    col = np.where(on_row, vertex % (width - 1), vertex % width) + np.where(on_row, 0.5, 0.0)
-    return np.column_stack([row, col]), lengths
+    across_row, across_col = np.divmod(across, width - 1)
+    down_row, down_col = np.divmod(down, width)
+    points = np.concatenate([np.column_stack([across_row, across_col + 0.5]),
+                             np.column_stack([down_row + 0.5, down_col])])  # (row, column), in id order
+    return points[walk], lengths
 
 
 def _segment_starts(padded: np.ndarray, across: np.ndarray, down: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
