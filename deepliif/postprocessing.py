@@ -128,12 +128,12 @@ def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessO
     found = components(~background, threads)
     pixels, sizes = LabelledPixels.of(found.labels, found.count), found.sizes
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-counts") as pool:  # bincount frees the GIL
-        counts = pool.submit(lambda: pixels.count_true(positive) >= pixels.count_true(negative))
+        counts = pool.submit(lambda: (pixels.count_true(positive) >= pixels.count_true(negative),
+                                      pixels.first_pixels()))
         grey = None if marker is None else grey_levels(marker)
         marker_values = np.zeros(found.count + 1, np.int64) if grey is None else pixels.maximum(grey)
         marker_sum = None if grey is None else pixels.image_sums(grey)
-        first = pixels.first_pixels()
-        is_positive = counts.result()
+        is_positive, first = counts.result()
         od = mean_optical_density(pixels, sizes, orig) if options.uses_optical_density else None
     kept = sizes > options.noise_thresh
     large_noise = options.large_noise_size(resolution)
@@ -277,15 +277,16 @@ def _cell_data(cells: CellTable, version: int, orig: np.ndarray, marker: np.ndar
 def _cell_table(cells: CellTable, ids: np.ndarray, is_positive: np.ndarray, outlines: bool, threads: int
                 ) -> tuple[list[Cell], dict[int, Outline] | None]:
     """The counted cells, and with `outlines` their outlines, traced in row bands on `threads` threads
-    (marching squares is whole-array NumPy) and handed to the tracer top to bottom."""
+    (marching squares is whole-array NumPy) and handed to the tracer top to bottom. Each band looks up its
+    own pixels' owners, so no image-sized owner array is made on one thread first."""
     table = counted_cells(cells.components, ids, is_positive, cells.marker, cells.marker_sum)
     if not outlines:
         return table, None
     owner = np.zeros(len(cells.sizes), np.int32)
     owner[ids] = np.arange(1, len(ids) + 1)
     tracer = OutlineTracer(table)
-    owners = lookup(owner, cells.labels, threads)
-    for band in parallel_map(lambda rows: tracer.trace_band(rows[0], owners[rows[0]:rows[1]]),
-                             row_bands(len(owners), threads), threads):
+    labels = cells.labels
+    for band in parallel_map(lambda rows: tracer.trace_band(rows[0], owner[labels[rows[0]:rows[1]]]),
+                             row_bands(len(labels), threads), threads):
         tracer.hand_over(band)
     return table, tracer.outlines

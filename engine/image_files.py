@@ -162,10 +162,11 @@ def _infer_one(session: ImageSession, path: Path, image: np.ndarray, decode_seco
     streamed = StreamedPngs(encoders, out, stem, network_names)
     (result,) = session.infer_many([image], options, progress=progress, stitched=streamed)
     writes = streamed.writes
+    # the cells files first: one serial task, the longest left, so it does not queue behind the PNG bands
+    cells = encoders.call(lambda: write_cells(out, stem, result.cells, outlines=result.outlines))
     for name, array in result.images.items():
         if name not in network_names:
             writes.extend(encoders.png(out / f"{stem}_{name}.png", array))
-    cells = encoders.call(lambda: write_cells(out, stem, result.cells, outlines=result.outlines))
     cell_files = list(cells_file_names(stem).values())
     if result.cell_data is not None:
         writes.append(encoders.call(lambda: write_cell_data(out, stem, result.cell_data)))
