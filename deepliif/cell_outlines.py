@@ -143,11 +143,11 @@ def _owners_beside(firsts: np.ndarray, owner: np.ndarray) -> np.ndarray:
 
 
 class CellsInOrder:
-    """Counted cells handed out in order as a pass over the slide completes them, to a consumer on another
-    thread (the cells files' writer, which then runs beside the pass instead of after it). A cell is
-    complete once every band down to its last row has been handed over (`passed`). Cells are numbered by
-    their first pixel, so they complete nearly in order: a tall cell holds back those after it until its
-    last row has passed."""
+    """Counted cells handed out in order as a pass over an image or slide completes them (traces their
+    outlines), to a consumer on another thread (the cells files' writer, which then runs beside the pass
+    instead of after it). A cell is complete once every band down to its last row has been handed over
+    (`passed`). Cells are numbered by their first pixel, so they complete nearly in order: a tall cell
+    holds back those after it until its last row has passed."""
 
     def __init__(self, cells: list[Cell]) -> None:
         self.cells = cells
@@ -174,5 +174,5 @@ class CellsInOrder:
             with self._changed:
                 self._changed.wait_for(lambda: self._ready > index or self._abandoned)
                 if self._ready <= index:
-                    raise DeepLIIFError(f"the pass over the slide stopped before cell {cell.id} was complete")
+                    raise DeepLIIFError(f"the outline pass stopped before cell {cell.id} was complete")
             yield cell

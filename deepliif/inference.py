@@ -17,9 +17,9 @@ from .cell_data import CELL_DATA_VERSIONS
 from .cells import Cell, CellGeometry, Outline
 from .contract import MODALITIES, OUTPUT_NAMES, SEG_INTERMEDIATE_NAMES
 from .errors import ArgumentError, ChoiceEnum, ImageError
-from .postprocessing import PostprocessResult, postprocess
+from .postprocessing import PostprocessResult, PostprocessSink, postprocess
 from .scoring_rules import PostprocessOptions
-from .tile_loop import RowsFinal, StitchedImage, Strategy, run_tile_loop
+from .tile_loop import StitchedImage, Strategy, run_tile_loop
 from .tiling import DEFAULT_TILE_SIZE, TileGrid, check_tile_size
 from .workers import resolve_threads
 
@@ -55,6 +55,17 @@ class OutputSet(ChoiceEnum):
     @classmethod
     def choice_name(cls) -> str:
         return "outputs"
+
+
+class ImageSink(Protocol):
+    """Hears each image of an `infer_images` call as its results are made, so a caller writes them while
+    the network runs the later tiles and the cells are traced: its network outputs as their rows become
+    final (the tile loop's `RowsFinal`), then what its postprocessing finishes."""
+
+    def rows_final(self, index: int, outputs: dict[str, np.ndarray], final: int) -> None: ...
+
+    def postprocessed(self, index: int) -> PostprocessSink | None:
+        """What hears image `index`'s overlay bands and cells (None: nothing)."""
 
 
 class TileBatchRunner(Protocol):
@@ -130,14 +141,16 @@ def check_image_array(image: np.ndarray) -> None:
 
 
 
-def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
-                 options: InferenceOptions) -> tuple[dict[str, np.ndarray], PostprocessResult]:
+def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray], options: InferenceOptions,
+                 sink: PostprocessSink | None = None) -> tuple[dict[str, np.ndarray], PostprocessResult]:
     """Postprocess stitched network images: the selected output images, and the scoring and cells. The
-    overlays are drawn only when one of them is selected, the outlines only when polygons are."""
+    overlays are drawn only when one of them is selected, the outlines only when polygons are; `sink`
+    hears them as they are finished."""
     wanted = options.outputs.names
     post = postprocess(image, network_images["Seg"], network_images["Marker"], options.tile_size,
                        options.postprocess, options.threads, overlays=any(n in wanted for n in OVERLAY_NAMES),
-                       outlines=options.cell_geometry is CellGeometry.POLYGONS, cell_data=options.cell_data)
+                       outlines=options.cell_geometry is CellGeometry.POLYGONS, cell_data=options.cell_data,
+                       sink=sink)
     everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
     return {name: everything[name] for name in wanted + options.intermediate_names}, post
 
@@ -145,14 +158,13 @@ def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray],
 def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Sequence[np.ndarray],
                  options: InferenceOptions | Sequence[InferenceOptions] = InferenceOptions(),
                  strategy: Strategy = Strategy.THREADED, progress: Callable[[int], None] | None = None,
-                 stitched: RowsFinal | None = None) -> list[InferenceResult]:
+                 sink: ImageSink | None = None) -> list[InferenceResult]:
     """DeepLIIF's `infer_modalities` for several RGB uint8 images through one tile loop (tiles of all of
     them batched together): images, scoring and timings per image. `options` is one for all, or one per
     image: they must share a `TileSpec`, and each image gets back what its own options ask for. Each
     result's timings hold the stage sums of the whole call (one image's own figures when called with one)
-    and its own total. `stitched(index, outputs, rows)` hears each image's network outputs as their rows
-    become final (`tile_loop.RowsFinal`), all of them before its postprocessing, so a caller can encode
-    them while the network runs the later tiles and the cells are found."""
+    and its own total. `sink` hears each image's network outputs as their rows become final, all of them
+    before its postprocessing, then its overlay bands and cells as they are finished (`ImageSink`)."""
     for image in images:
         check_image_array(image)
     per_image = [options] * len(images) if isinstance(options, InferenceOptions) else list(options)
@@ -164,12 +176,13 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
     spec = specs.pop() if specs else InferenceOptions().tile_spec
 
     def finish(done: StitchedImage) -> InferenceResult:
-        selected, post = finish_image(images[done.index], done.images, per_image[done.index])
+        selected, post = finish_image(images[done.index], done.images, per_image[done.index],
+                                      None if sink is None else sink.postprocessed(done.index))
         return InferenceResult(selected, post.scoring, {"total_seconds": time.perf_counter() - done.started},
                                done.tiles, done.empty, post.cells, post.outlines, post.cell_data)
 
     results, timings = run_tile_loop(run, images, spec.tile_size, spec.batch_size, finish, strategy, progress,
-                                     [o.network_names for o in per_image], stitched)
+                                     [o.network_names for o in per_image], None if sink is None else sink.rows_final)
     for result in results:
         result.timings = {**timings.as_dict(), **result.timings}
     return results

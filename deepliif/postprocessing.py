@@ -5,21 +5,25 @@ DeepLIIF does this with per-pixel flood fills under a JIT; here every step is a 
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
 from .cell_data import CELL_DATA_VERSIONS, cell_data_document, cell_records, uses_optical_density
-from .cell_outlines import OutlineTracer
+from .cell_outlines import CellsInOrder, OutlineTracer
 from .cells import Cell, Outline, counted_cells
 from .errors import ArgumentError
 from .scoring_rules import PostprocessOptions, Resolution, mean_density, optical_density
 from .label_stats import Components, LabelledPixels, UnionFind, components, four_connected, grey_levels, join_edge
 from .overlays import OUTLINE_REACH, cell_codes, outline, paint
-from .workers import for_row_bands, parallel_map, resolve_threads, row_bands
+from .workers import for_row_bands, ordered_map, parallel_map, resolve_threads, row_bands
 
 KDE_POINTS = 500
+TRACE_BAND_ROWS = 512  # rows per outline band: the cells above a band are written while those below are traced
 
 
 @dataclass
@@ -53,6 +57,20 @@ class PostprocessResult:
     cells: list[Cell] = field(default_factory=list)  # every counted cell, for the per-cell table
     outlines: dict[int, Outline] | None = None  # cell id -> its outline, when asked for
     cell_data: dict | None = None  # DeepLIIF 1.2.7's per-cell data document, when asked for
+
+
+class PostprocessSink(Protocol):
+    """Hears parts of one image's results as soon as they are final, so a caller writes them while the
+    rest is still being made (the encoders run beside the tracing and drawing, not after them)."""
+
+    def overlay_rows(self, top: int, overlaid: np.ndarray, refined: np.ndarray) -> None:
+        """Rows `top` to `top + len(overlaid)` of SegOverlaid and SegRefined are drawn (bands arrive in
+        any order, from any thread)."""
+
+    def cells(self, cells: Iterable[Cell], outlines: Mapping[int, Outline] | None) -> None:
+        """The counted cells, once: iterating `cells` yields each as soon as its outline in `outlines` is
+        complete, and blocks until then, so it must be consumed on another thread. If postprocessing
+        fails, the iteration raises at the first cell not complete."""
 
 
 def classify_pixels(seg: np.ndarray, seg_thresh: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -195,10 +213,11 @@ def default_marker_threshold(marker: np.ndarray) -> int:
 
 
 def draw_overlays(orig: np.ndarray, background: np.ndarray, cells: np.ndarray, seeds: np.ndarray,
-                  seeds_positive: np.ndarray, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """SegOverlaid and SegRefined from the counted cells' codes, drawn in row bands on `threads` threads.
-    Each band is outlined from its rows plus `OUTLINE_REACH` rows of halo each side, so the result equals
-    drawing the whole image at once."""
+                  seeds_positive: np.ndarray, threads: int = 1, sink: PostprocessSink | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """SegOverlaid and SegRefined from the counted cells' codes, drawn in row bands on `threads` threads,
+    each band handed to `sink` as soon as it is painted. Each band is outlined from its rows plus
+    `OUTLINE_REACH` rows of halo each side, so the result equals drawing the whole image at once."""
     overlaid, refined = np.empty_like(orig), np.empty_like(orig)
     width = orig.shape[1]
     seed_rows = seeds // width
@@ -211,19 +230,33 @@ def draw_overlays(orig: np.ndarray, background: np.ndarray, cells: np.ndarray, s
         border = outline(background[window], cells[window], seeds[inside] - low * width, seeds_positive[inside])
         keep = slice(top - low, bottom - low)
         overlaid[top:bottom], refined[top:bottom] = paint(orig[top:bottom], border[keep], cells[window][keep])
+        if sink is not None:
+            sink.overlay_rows(top, overlaid[top:bottom], refined[top:bottom])
 
-    parallel_map(band, row_bands(len(orig), 2 * threads if threads > 1 else 1), threads)
+    parallel_map(band, row_bands(len(orig), overlay_bands(len(orig), threads, sink is not None)), threads)
     return overlaid, refined
+
+
+OVERLAY_BAND_ROWS = 512  # rows per overlay band when the bands are handed on to be encoded as drawn
+
+
+def overlay_bands(height: int, threads: int, streamed: bool) -> int:
+    """How many row bands the overlays are drawn in: two per thread (one band with one thread); when each
+    is handed on as drawn, bands of about `OVERLAY_BAND_ROWS` rows, so encoding starts after the first."""
+    parts = 2 * threads if threads > 1 else 1
+    return max(parts, -(-height // OVERLAY_BAND_ROWS)) if streamed else parts
 
 
 def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, tile_size: int,
                 options: PostprocessOptions = PostprocessOptions(), threads: int | None = None,
-                overlays: bool = True, outlines: bool = False, cell_data: int | None = None) -> PostprocessResult:
+                overlays: bool = True, outlines: bool = False, cell_data: int | None = None,
+                sink: PostprocessSink | None = None) -> PostprocessResult:
     """Cells, counts and the two overlay images for one (stitched) image; the overlays are drawn on
     `threads` threads (default: every CPU this process may use), or not at all with `overlays=False`
     (a caller that wants only the scoring and cells; `overlaid` and `refined` are then None). With
     `outlines`, each counted cell's outline is traced too (beside the overlays); with `cell_data` (3 to
-    6), DeepLIIF 1.2.7's per-cell data of that version is made too."""
+    6), DeepLIIF 1.2.7's per-cell data of that version is made too. A `sink` hears the overlay bands and
+    the cells as they are finished."""
     if seg.shape[:2] != orig.shape[:2] or (marker is not None and marker.shape[:2] != orig.shape[:2]):
         raise ArgumentError(f"image sizes differ: input {orig.shape[:2]}, Seg {seg.shape[:2]}, "
                             f"Marker {None if marker is None else marker.shape[:2]}")
@@ -243,10 +276,10 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     ids = np.flatnonzero(counted)
     overlaid = refined = None
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-table") as pool:
-        table = pool.submit(_cell_table, cells, ids, is_positive, outlines, threads)
+        table = pool.submit(_cell_table, cells, ids, is_positive, outlines, threads, sink)
         if overlays:
             overlaid, refined = draw_overlays(orig, cells.background, codes, cells.first_pixel[ids],
-                                              is_positive[ids], threads)
+                                              is_positive[ids], threads, sink)
 
     scoring = options.scoring(counted, is_positive, size_thresh, marker_thresh if marker is not None else None)
     document = None if cell_data is None else \
@@ -274,19 +307,37 @@ def _cell_data(cells: CellTable, version: int, orig: np.ndarray, marker: np.ndar
     return cell_data_document(records, version, settings)
 
 
-def _cell_table(cells: CellTable, ids: np.ndarray, is_positive: np.ndarray, outlines: bool, threads: int
-                ) -> tuple[list[Cell], dict[int, Outline] | None]:
+def _cell_table(cells: CellTable, ids: np.ndarray, is_positive: np.ndarray, outlines: bool, threads: int,
+                sink: PostprocessSink | None = None) -> tuple[list[Cell], dict[int, Outline] | None]:
     """The counted cells, and with `outlines` their outlines, traced in row bands on `threads` threads
-    (marching squares is whole-array NumPy) and handed to the tracer top to bottom. Each band looks up its
-    own pixels' owners, so no image-sized owner array is made on one thread first."""
+    (marching squares is whole-array NumPy) and handed to the tracer top to bottom; `sink` is handed the
+    cells first, each to be taken once the bands down to its last row are in. Each band looks up its own
+    pixels' owners, so no image-sized owner array is made on one thread first."""
     table = counted_cells(cells.components, ids, is_positive, cells.marker, cells.marker_sum)
-    if not outlines:
-        return table, None
-    owner = np.zeros(len(cells.sizes), np.int32)
+    tracer = OutlineTracer(table) if outlines else None
+    in_order = CellsInOrder(table)
+    if sink is not None:
+        sink.cells(in_order, None if tracer is None else tracer.outlines)
+    try:
+        if tracer is not None:
+            _trace(tracer, cells.labels, ids, len(cells.sizes), threads, in_order)
+        in_order.passed(len(cells.labels))
+    except BaseException:
+        in_order.abandon()
+        raise
+    return table, None if tracer is None else tracer.outlines
+
+
+def _trace(tracer: OutlineTracer, labels: np.ndarray, ids: np.ndarray, label_count: int, threads: int,
+           in_order: CellsInOrder) -> None:
+    """Every counted cell's outline, in bands of about `TRACE_BAND_ROWS` rows traced on `threads` threads
+    and handed over top to bottom as each is done; `in_order` hears how far they have come, so the cells
+    above are written while the bands below are traced."""
+    owner = np.zeros(label_count, np.int32)
     owner[ids] = np.arange(1, len(ids) + 1)
-    tracer = OutlineTracer(table)
-    labels = cells.labels
-    for band in parallel_map(lambda rows: tracer.trace_band(rows[0], owner[labels[rows[0]:rows[1]]]),
-                             row_bands(len(labels), threads), threads):
-        tracer.hand_over(band)
-    return table, tracer.outlines
+    bands = row_bands(len(labels), max(threads, -(-len(labels) // TRACE_BAND_ROWS)))
+    traced = ordered_map(lambda rows: tracer.trace_band(rows[0], owner[labels[rows[0]:rows[1]]]), bands, threads)
+    with contextlib.closing(traced):
+        for (_, bottom), band in zip(bands, traced):
+            tracer.hand_over(band)
+            in_order.passed(bottom)

@@ -4,8 +4,9 @@ The stages overlap so the network is never the one waiting:
 - the next image is decoded on a reader thread while the current one is in the tile loop (one ahead);
 - each image's network outputs are handed to the encoder pool band by band as the tile loop makes their
   rows final, so they are encoded while the network runs the later tiles and while its cells are found and
-  its overlays drawn; the overlays and the cells files follow; every PNG is encoded in row bands, each a
-  task of its own, so one image spreads over the pool;
+  its overlays drawn; the overlays are handed on band by band as they are drawn, and the cells files are
+  written on a thread of their own as the cells' outlines are traced; every PNG is encoded in row bands,
+  each a task of its own, so one image spreads over the pool;
 - an image's `<stem>.json` is written last, after every file of that image is published (by rename), and
   only after the next image has gone through the tile loop, so at most two images' outputs are held.
 Outputs that were not asked for are neither drawn nor encoded. A failure anywhere stops the run: pools
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +25,12 @@ from typing import Protocol
 import numpy as np
 
 from deepliif.cell_data import cell_data_file_name, write_cell_data
-from deepliif.cells import cells_file_names, write_cells
-from deepliif.contract import OUTPUT_NAMES
+from deepliif.cells import Cell, Outline, cells_file_names, write_cells
 from deepliif.imageio import DEFAULT_MAX_PIXELS, prepare_out_dir, read_image, write_atomically, write_json
-from deepliif.inference import InferenceOptions, InferenceResult
+from deepliif.inference import OVERLAY_NAMES, ImageSink, InferenceOptions, InferenceResult
 from deepliif.logs import project_logger
 from deepliif.png_bands import BandedPng, band_edges, check_png_image
 from deepliif.slides import is_slide, read_whole_slide
-from deepliif.tile_loop import RowsFinal
 from deepliif.workers import resolve_threads
 
 logger = project_logger("engine")
@@ -43,7 +42,7 @@ class ImageSession(Protocol):
     startup: dict[str, float]
 
     def infer_many(self, images, options=None, progress=None, run=None,
-                   stitched: RowsFinal | None = None) -> list[InferenceResult]: ...
+                   sink: ImageSink | None = None) -> list[InferenceResult]: ...
 
 
 @dataclass
@@ -56,22 +55,30 @@ class _Finishing:
 
 
 class Encoders:
-    """A pool that encodes and publishes files; each task's future gives the seconds it ran."""
+    """A pool that encodes and publishes files, and a thread of its own for the cells files (a long serial
+    task that waits for cells as they are traced, so it must not hold a pool thread or queue behind PNG
+    bands); each task's future gives the seconds it ran."""
 
     def __init__(self, threads: int) -> None:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
+        self.cells_writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cells-file")
 
     def png(self, path: Path, image: np.ndarray) -> list[Future]:
         """One PNG in row bands, each a task of its own, so a large image spreads over the pool; the task
         that compresses the last band writes the file."""
-        png = banded_png(path, image)
-        return [self.band(png, image[top:bottom], top) for top, bottom in band_edges(len(image))]
+        return self.bands(banded_png(path, image), image, 0)
 
-    def band(self, png: BandedPng, rows: np.ndarray, top: int) -> Future:
-        return self.pool.submit(self._timed, lambda: png.add(rows, top))
+    def bands(self, png: BandedPng, rows: np.ndarray, top: int) -> list[Future]:
+        """Rows `top` to `top + len(rows)` of a PNG, in bands of `png_bands.BAND_ROWS` rows, a task each."""
+        return [self.pool.submit(self._timed, lambda start=start, end=end: png.add(rows[start:end], top + start))
+                for start, end in band_edges(len(rows))]
 
     def call(self, function: Callable[[], object]) -> Future:
         return self.pool.submit(self._timed, function)
+
+    def cells(self, function: Callable[[], object]) -> Future:
+        """`function` on the cells files' own thread."""
+        return self.cells_writer.submit(self._timed, function)
 
     def _timed(self, function: Callable[[], object]) -> float:
         """Runs one task; its seconds (the future's result)."""
@@ -81,6 +88,7 @@ class Encoders:
 
     def close(self, cancel: bool = False) -> None:
         self.pool.shutdown(wait=True, cancel_futures=cancel)
+        self.cells_writer.shutdown(wait=True, cancel_futures=cancel)
 
 
 def banded_png(path: Path, image: np.ndarray) -> BandedPng:
@@ -89,24 +97,44 @@ def banded_png(path: Path, image: np.ndarray) -> BandedPng:
     return BandedPng(path, width, height, channels, write_atomically)
 
 
-class StreamedPngs:
-    """An image's network outputs encoded band by band as the tile loop makes their rows final (its
-    `RowsFinal` hook), so they are encoded while the network runs the later tiles."""
+class StreamedFiles:
+    """One image's files written as its results are made (an `ImageSink` for a call with one image): the
+    network outputs band by band as the tile loop makes their rows final, so they are encoded while the
+    network runs the later tiles; the overlays band by band as they are drawn; the cells files as the
+    cells' outlines are traced. `writes` are the futures of every file's tasks."""
 
-    def __init__(self, encoders: Encoders, out: Path, stem: str, names: list[str]) -> None:
-        self.encoders, self.out, self.stem, self.names = encoders, out, stem, names
+    def __init__(self, encoders: Encoders, out: Path, stem: str, names: list[str], height: int) -> None:
+        self.encoders, self.out, self.stem, self.names, self.height = encoders, out, stem, names, height
         self.files: dict[str, BandedPng] = {}
         self.writes: list[Future] = []
-        self.encoded = 0  # rows handed to the encoders
+        self.encoded = 0  # network output rows handed to the encoders
 
-    def __call__(self, _index: int, outputs: dict[str, np.ndarray], final: int) -> None:
+    def rows_final(self, _index: int, outputs: dict[str, np.ndarray], final: int) -> None:
         if final <= self.encoded:
             return
         for name in self.names:
-            if name not in self.files:
-                self.files[name] = banded_png(self.out / f"{self.stem}_{name}.png", outputs[name])
-            self.writes.append(self.encoders.band(self.files[name], outputs[name][self.encoded:final], self.encoded))
+            if name in outputs:
+                self._encode(name, outputs[name][self.encoded:final], self.encoded)
         self.encoded = final
+
+    def postprocessed(self, _index: int) -> StreamedFiles:
+        return self
+
+    def overlay_rows(self, top: int, overlaid: np.ndarray, refined: np.ndarray) -> None:
+        for name, rows in zip(OVERLAY_NAMES, (overlaid, refined)):
+            if name in self.names:
+                self._encode(name, rows, top)
+
+    def cells(self, cells: Iterable[Cell], outlines: Mapping[int, Outline] | None) -> None:
+        self.writes.append(self.encoders.cells(lambda: write_cells(self.out, self.stem, cells, outlines=outlines)))
+
+    def _encode(self, name: str, rows: np.ndarray, top: int) -> None:
+        """Rows `top` on of output `name`; its PNG is made on the first rows that arrive."""
+        if name not in self.files:
+            _, width, channels = check_png_image(rows)
+            self.files[name] = BandedPng(self.out / f"{self.stem}_{name}.png", width, self.height, channels,
+                                         write_atomically)
+        self.writes.extend(self.encoders.bands(self.files[name], rows, top))
 
 
 def describe_session(session) -> dict:
@@ -158,14 +186,12 @@ def _infer_one(session: ImageSession, path: Path, image: np.ndarray, decode_seco
                options: InferenceOptions, describe: dict, encoders: Encoders,
                progress: Callable[[int], None] | None) -> _Finishing:
     stem = path.stem
-    network_names = [name for name in options.outputs.names if name in OUTPUT_NAMES] + list(options.intermediate_names)
-    streamed = StreamedPngs(encoders, out, stem, network_names)
-    (result,) = session.infer_many([image], options, progress=progress, stitched=streamed)
+    streamed = StreamedFiles(encoders, out, stem, list(options.outputs.names + options.intermediate_names),
+                             len(image))
+    (result,) = session.infer_many([image], options, progress=progress, sink=streamed)
     writes = streamed.writes
-    # the cells files first: one serial task, the longest left, so it does not queue behind the PNG bands
-    cells = encoders.call(lambda: write_cells(out, stem, result.cells, outlines=result.outlines))
     for name, array in result.images.items():
-        if name not in network_names:
+        if name not in streamed.files:
             writes.extend(encoders.png(out / f"{stem}_{name}.png", array))
     cell_files = list(cells_file_names(stem).values())
     if result.cell_data is not None:
@@ -176,7 +202,7 @@ def _infer_one(session: ImageSession, path: Path, image: np.ndarray, decode_seco
               "cells": cell_files, "scoring": result.scoring,
               "timings": {"decode_seconds": decode_seconds, **result.timings}}
     logger.info("%s: %s", path.name, json.dumps(result.scoring))
-    return _Finishing(record, out / f"{stem}.json", writes + [cells])
+    return _Finishing(record, out / f"{stem}.json", writes)
 
 
 def _publish(finishing: _Finishing, encoders: Encoders) -> Path:

@@ -19,8 +19,7 @@ import numpy as np
 from deepliif.contract import NETWORK_TILE, OUTPUT_NAMES, check_tile_batch
 from deepliif.errors import ArgumentError
 from deepliif.imageio import read_image
-from deepliif.inference import InferenceOptions, InferenceResult, infer_images
-from deepliif.tile_loop import RowsFinal
+from deepliif.inference import ImageSink, InferenceOptions, InferenceResult, infer_images
 
 from .backends import BackendInfo
 from .backends.precision import Precision
@@ -89,9 +88,9 @@ class ReplaySession:
         return outputs
 
     def infer_many(self, images, options: InferenceOptions | None = None, progress=None, run=None,
-                   stitched: RowsFinal | None = None) -> list[InferenceResult]:
+                   sink: ImageSink | None = None) -> list[InferenceResult]:
         options = options or InferenceOptions(batch_size=self.batch_size)
-        return infer_images(run or self.run, images, options, progress=progress, stitched=stitched)
+        return infer_images(run or self.run, images, options, progress=progress, sink=sink)
 
     def close(self) -> None:
         """Nothing to release; here so the stand-in is used as a Session is."""

@@ -18,10 +18,9 @@ import numpy as np
 from deepliif.contract import run_in_chunks
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import file_sha256
-from deepliif.inference import InferenceOptions, InferenceResult, infer_images
+from deepliif.inference import ImageSink, InferenceOptions, InferenceResult, infer_images
 from deepliif.logs import project_logger
 from deepliif.model_files import ModelFiles, read_model_files
-from deepliif.tile_loop import RowsFinal
 from engine.errors import ArtifactError, BackendUnavailableError
 
 from .artifacts import Artifact, ArtifactLoaders, Provenance
@@ -229,16 +228,16 @@ class Session:
                    options: InferenceOptions | Sequence[InferenceOptions] | None = None,
                    progress: Callable[[int], None] | None = None,
                    run: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
-                   stitched: RowsFinal | None = None) -> list[InferenceResult]:
+                   sink: ImageSink | None = None) -> list[InferenceResult]:
         """The images through the threaded tile loop; `run` wraps `self.run` (the kernel takes turns per batch);
-        `stitched` hears each image's network outputs before postprocessing (see `infer_images`)."""
+        `sink` hears each image's results as they are made (see `infer_images`)."""
         options = options or InferenceOptions(batch_size=self.batch_size)
         for each in [options] if isinstance(options, InferenceOptions) else options:
             missing = [name for name in each.network_names if name not in self.output_names]
             if missing:
                 raise ArgumentError(f"this session's {self.info.name} backend gives no {', '.join(missing)}: "
                                     "open it with seg_intermediate (--seg-intermediate, the torch backend)")
-        return infer_images(run or self.run, images, options, progress=progress, stitched=stitched)
+        return infer_images(run or self.run, images, options, progress=progress, sink=sink)
 
     def close(self) -> None:
         self.backend.close()
