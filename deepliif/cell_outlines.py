@@ -7,25 +7,32 @@ pixel wide. Cells are 8-connected, so diagonal neighbours join. Coordinates are 
 [x, x+1) x [y, y+1), so a pixel's centre is (x + 0.5, y + 0.5).
 
 Images and slides trace the same way: an `OutlineTracer` is handed, band by band from the top, which
-counted cell owns each pixel. Two cells are never 8-adjacent (they would be one component), so one
-marching-squares pass over a band's mask separates every cell lying wholly inside it; each contour is
-given to the cell that owns the pixel beside its first vertex. A cell that crosses a band edge is
-gathered into a mask of its own until the bands have passed its bottom row; the cells a band completes
-are then traced together, so a slide holds only the masks of the cells that cross the current band's edges.
+object owns each pixel (a slide: its counted cells; an image: every labelled component, traced before
+the thresholds decide which are counted). Two cells are never 8-adjacent (they would be one component), so
+one marching-squares pass over a band's mask separates every cell lying wholly inside it, and a cell's
+rings depend on its own pixels only; each contour is given to the cell that owns the pixel beside its
+first vertex. A cell that crosses a band edge is gathered into a mask of its own until the bands have
+passed its bottom row; the cells a band completes are then traced together, so a slide holds only the
+masks of the cells that cross the current band's edges.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
 from .cells import Cell, Outline
 from .errors import DeepLIIFError
+from .label_stats import Components
 from .marching_squares import iso_lines
+from .workers import ordered_map, row_bands
 
 _CANVAS_COLUMNS = 4096  # the cells traced on one canvas start in the same this many columns
+TRACE_BAND_ROWS = 512  # rows per band an image's labels are traced in, handed over as each is done
 
 
 @dataclass
@@ -40,27 +47,33 @@ class TracedBand:
 
 
 class OutlineTracer:
-    """Outlines of `cells` (numbered 1.. in order), from owner bands handed over top to bottom. `trace_band`
-    touches nothing of the tracer's, so bands may be traced on several threads and handed over in order."""
+    """Outlines of objects 1..n with the bounding boxes `x0`, `y0`, `x1`, `y1` (exclusive ends; index k is
+    object k + 1), from owner bands handed over top to bottom. `trace_band` touches nothing of the tracer's,
+    so bands may be traced on several threads and handed over in order."""
 
-    def __init__(self, cells: list[Cell]) -> None:
-        self.cells = cells
+    def __init__(self, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> None:
+        self._x0, self._y0, self._x1, self._y1 = (np.asarray(edge, np.int64) for edge in (x0, y0, x1, y1))
         self.outlines: dict[int, Outline] = {}
         self._pending: dict[int, np.ndarray] = {}
+
+    @classmethod
+    def for_cells(cls, cells: list[Cell]) -> OutlineTracer:
+        """The tracer of counted cells numbered 1.. in order."""
         boxes = np.array([(c.bbox_x0, c.bbox_y0, c.bbox_x1, c.bbox_y1) for c in cells], np.int64).reshape(-1, 4)
-        self._y0, self._y1 = boxes[:, 1], boxes[:, 3]
+        return cls(*boxes.T)
 
     def add(self, top: int, owner: np.ndarray) -> None:
-        """`owner`: per pixel of rows [top, top + len(owner)), the id of the counted cell it is in, 0 if none."""
+        """`owner`: per pixel of rows [top, top + len(owner)), the id of the object it is in, 0 if none."""
         self.hand_over(self.trace_band(top, owner))
 
     def trace_band(self, top: int, owner: np.ndarray) -> TracedBand:
-        """A cell is in every row of its box (it is connected), so its box says whether it crosses an edge."""
+        """An object is connected, so it is in every row of its box, and its box says whether it crosses
+        an edge."""
         bottom = top + len(owner)
         crossing = np.flatnonzero((self._y0 < bottom) & (self._y1 > top) & ((self._y0 < top) | (self._y1 > bottom)))
         whole = owner > 0
         if len(crossing):
-            is_crossing = np.zeros(len(self.cells) + 1, bool)
+            is_crossing = np.zeros(len(self._y0) + 1, bool)
             is_crossing[crossing + 1] = True
             whole &= ~is_crossing[owner]
         rings, firsts = _rings_of(whole, 0, top)
@@ -68,41 +81,97 @@ class OutlineTracer:
 
     def hand_over(self, band: TracedBand) -> None:
         """A band traced by `trace_band`; bands must come top to bottom."""
-        for cell_id in band.crossing.tolist():
-            self._gather(self.cells[cell_id - 1], band.top, band.owner)
-        for cell_id, ring in zip(band.owners, band.rings):
-            self.outlines.setdefault(cell_id, []).append(ring)
+        for object_id in band.crossing.tolist():
+            self._gather(object_id, band.top, band.owner)
+        for object_id, ring in zip(band.owners, band.rings):
+            self.outlines.setdefault(object_id, []).append(ring)
         bottom = band.top + len(band.owner)
-        done = [cell_id for cell_id in self._pending if self.cells[cell_id - 1].bbox_y1 <= bottom]
+        done = [object_id for object_id in self._pending if self._y1[object_id - 1] <= bottom]
         by_column: dict[int, list[int]] = {}
-        for cell_id in done:
-            by_column.setdefault(self.cells[cell_id - 1].bbox_x0 // _CANVAS_COLUMNS, []).append(cell_id)
+        for object_id in done:
+            by_column.setdefault(int(self._x0[object_id - 1]) // _CANVAS_COLUMNS, []).append(object_id)
         for ids in by_column.values():
-            self._trace_together(ids)
+            self._trace_together(np.array(ids))
 
-    def _gather(self, cell: Cell, top: int, owner: np.ndarray) -> None:
-        mask = self._pending.get(cell.id)
+    def _gather(self, object_id: int, top: int, owner: np.ndarray) -> None:
+        x0, y0, x1, y1 = (int(edge[object_id - 1]) for edge in (self._x0, self._y0, self._x1, self._y1))
+        mask = self._pending.get(object_id)
         if mask is None:
-            shape = (cell.bbox_y1 - cell.bbox_y0, cell.bbox_x1 - cell.bbox_x0)
-            mask = self._pending[cell.id] = np.zeros(shape, bool)
-        low, high = max(cell.bbox_y0, top), min(cell.bbox_y1, top + len(owner))
-        mask[low - cell.bbox_y0: high - cell.bbox_y0] |= \
-            owner[low - top: high - top, cell.bbox_x0: cell.bbox_x1] == cell.id
+            mask = self._pending[object_id] = np.zeros((y1 - y0, x1 - x0), bool)
+        low, high = max(y0, top), min(y1, top + len(owner))
+        mask[low - y0: high - y0] |= owner[low - top: high - top, x0: x1] == object_id
 
-    def _trace_together(self, ids: list[int]) -> None:
-        """Cells gathered across band edges, traced in one marching-squares pass over a canvas holding each
-        at its place (a few calls per band, not one per cell): cells are never 8-adjacent, so their contours
-        stay apart, and each ring goes to the cell beside its first vertex, as in a band. The cells of one
-        canvas start in the same `_CANVAS_COLUMNS` columns, so a canvas stays small on a wide slide."""
-        cells = [self.cells[cell_id - 1] for cell_id in ids]
-        x0, y0 = min(c.bbox_x0 for c in cells), min(c.bbox_y0 for c in cells)
-        canvas = np.zeros((max(c.bbox_y1 for c in cells) - y0, max(c.bbox_x1 for c in cells) - x0), np.int32)
-        for cell in cells:
-            canvas[cell.bbox_y0 - y0: cell.bbox_y1 - y0, cell.bbox_x0 - x0: cell.bbox_x1 - x0][
-                self._pending.pop(cell.id)] = cell.id
+    def _trace_together(self, ids: np.ndarray) -> None:
+        """Objects gathered across band edges, traced in one marching-squares pass over a canvas holding
+        each at its place (a few calls per band, not one per object): they are never 8-adjacent, so their
+        contours stay apart, and each ring goes to the object beside its first vertex, as in a band. The
+        objects of one canvas start in the same `_CANVAS_COLUMNS` columns, so a canvas stays small on a
+        wide slide."""
+        x0s, y0s, x1s, y1s = (edge[ids - 1] for edge in (self._x0, self._y0, self._x1, self._y1))
+        x0, y0 = int(x0s.min()), int(y0s.min())
+        canvas = np.zeros((int(y1s.max()) - y0, int(x1s.max()) - x0), np.int32)
+        for object_id, left, top, right, bottom in zip(ids.tolist(), x0s.tolist(), y0s.tolist(), x1s.tolist(),
+                                                       y1s.tolist()):
+            canvas[top - y0: bottom - y0, left - x0: right - x0][self._pending.pop(object_id)] = object_id
         rings, firsts = _rings_of(canvas > 0, x0, y0)
-        for cell_id, ring in zip(_owners_beside(firsts, canvas).tolist(), rings):
-            self.outlines.setdefault(cell_id, []).append(ring)
+        for object_id, ring in zip(_owners_beside(firsts, canvas).tolist(), rings):
+            self.outlines.setdefault(object_id, []).append(ring)
+
+
+class LabelOutlines:
+    """Every label's outline of an image's label image, traced on a thread of its own from the moment the
+    labels exist, so tracing overlaps the per-cell measures, the thresholds and the overlays instead of
+    waiting for the thresholds that say which labels are counted cells (a label's rings depend on its own
+    pixels only). Bands of about `TRACE_BAND_ROWS` rows are traced on `threads` threads and handed to the
+    tracer top to bottom; `follow` hears how far they have come. Use it as a context manager: leaving
+    stops the tracing and waits for its threads, whatever happened."""
+
+    def __init__(self, found: Components, threads: int) -> None:
+        self.tracer = OutlineTracer(found.x0[1:], found.y0[1:], found.x1[1:], found.y1[1:])
+        self._labels, self._threads = found.labels, threads
+        self._rows, self._listener = 0, None
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="outlines")
+        self._done = self._pool.submit(self._trace)
+
+    @property
+    def outlines(self) -> dict[int, Outline]:
+        """Label -> its rings, filled as the bands are handed over."""
+        return self.tracer.outlines
+
+    def follow(self, passed: Callable[[int], None]) -> None:
+        """`passed(bottom)` now for the rows traced so far, and after each band from now on (calls may
+        repeat a row already passed, never one not yet traced)."""
+        with self._lock:
+            self._listener, rows = passed, self._rows
+        passed(rows)
+
+    def wait(self) -> dict[int, Outline]:
+        """Every label's rings, once all are traced; the tracing's error, if it failed."""
+        self._done.result()
+        return self.tracer.outlines
+
+    def _trace(self) -> None:
+        height = len(self._labels)
+        bands = row_bands(height, max(self._threads, -(-height // TRACE_BAND_ROWS)))
+        traced = ordered_map(lambda rows: self.tracer.trace_band(rows[0], self._labels[rows[0]:rows[1]]),
+                             bands, self._threads)
+        with contextlib.closing(traced):
+            for (_, bottom), band in zip(bands, traced):
+                if self._stop.is_set():
+                    return
+                self.tracer.hand_over(band)
+                with self._lock:
+                    self._rows, listener = bottom, self._listener
+                if listener is not None:
+                    listener(bottom)
+
+    def __enter__(self) -> LabelOutlines:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._pool.shutdown(wait=True)
 
 
 def _rings_of(mask: np.ndarray, x0: int, y0: int) -> tuple[list[np.ndarray], np.ndarray]:

@@ -6,7 +6,7 @@ DeepLIIF does this with per-pixel flood fills under a JIT; here every step is a 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -14,16 +14,15 @@ from typing import Protocol
 import numpy as np
 
 from .cell_data import CELL_DATA_VERSIONS, cell_data_document, cell_records, uses_optical_density
-from .cell_outlines import CellsInOrder, OutlineTracer
+from .cell_outlines import CellsInOrder, LabelOutlines
 from .cells import Cell, Outline, counted_cells
 from .errors import ArgumentError
 from .scoring_rules import PostprocessOptions, Resolution, mean_density, optical_density
 from .label_stats import Components, LabelledPixels, UnionFind, components, four_connected, grey_levels, join_edge
 from .overlays import OUTLINE_REACH, cell_codes, outline, paint
-from .workers import for_row_bands, ordered_map, parallel_map, resolve_threads, row_bands
+from .workers import for_row_bands, parallel_map, resolve_threads, row_bands
 
 KDE_POINTS = 500
-TRACE_BAND_ROWS = 512  # rows per outline band: the cells above a band are written while those below are traced
 
 
 @dataclass
@@ -141,12 +140,33 @@ def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessO
                ) -> CellTable:
     """The cells of a Seg; with an optical-density threshold in `options`, their mean optical density
     over `orig` (the input IHC) too."""
-    positive, negative = classify_pixels(seg, options.seg_thresh, threads)
+    return measure_cells(label_cells(seg, options.seg_thresh, threads), marker, options, threads, resolution, orig)
+
+
+@dataclass(frozen=True)
+class LabelledSeg:
+    """A Seg's classified pixels, its background and its cells' components, before any per-cell measure."""
+    positive: np.ndarray
+    negative: np.ndarray
+    background: np.ndarray
+    found: Components
+
+
+def label_cells(seg: np.ndarray, seg_thresh: int, threads: int = 1) -> LabelledSeg:
+    """Cell pixels, the unknown pixels 4-connected to the border (background), and the 8-connected
+    components of everything else."""
+    positive, negative = classify_pixels(seg, seg_thresh, threads)
     background = mark_background(~(positive | negative), threads)
-    found = components(~background, threads)
+    return LabelledSeg(positive, negative, background, components(~background, threads))
+
+
+def measure_cells(labelled: LabelledSeg, marker: np.ndarray | None, options: PostprocessOptions, threads: int = 1,
+                  resolution: Resolution = Resolution.X40, orig: np.ndarray | None = None) -> CellTable:
+    """Per label: class, Marker values, optical density, first pixel, and whether it is above the noise."""
+    found = labelled.found
     pixels, sizes = LabelledPixels.of(found.labels, found.count), found.sizes
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-counts") as pool:  # bincount frees the GIL
-        counts = pool.submit(lambda: (pixels.count_true(positive) >= pixels.count_true(negative),
+        counts = pool.submit(lambda: (pixels.count_true(labelled.positive) >= pixels.count_true(labelled.negative),
                                       pixels.first_pixels()))
         grey = None if marker is None else grey_levels(marker)
         marker_values = np.zeros(found.count + 1, np.int64) if grey is None else pixels.maximum(grey)
@@ -158,7 +178,7 @@ def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessO
     if large_noise is not None:
         kept &= sizes < large_noise
     kept[0] = False
-    return CellTable(found, background, is_positive, marker_values, marker_sum, od, first, kept, pixels)
+    return CellTable(found, labelled.background, is_positive, marker_values, marker_sum, od, first, kept, pixels)
 
 
 def mean_optical_density(pixels: LabelledPixels, sizes: np.ndarray, orig: np.ndarray) -> np.ndarray:
@@ -264,27 +284,64 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
         raise ArgumentError("marker_thresh 'default' needs the Marker image")
     threads = resolve_threads(threads)
     resolution = Resolution.from_tile_size(tile_size)
-    cells = find_cells(seg, marker, options, threads, resolution, orig)
-    default_size = default_size_threshold(cells.sizes[cells.kept], resolution, threads) \
-        if options.size_thresh == "default" or cell_data is not None else None
-    size_thresh = (default_size if options.size_thresh == "default" else options.size_thresh) or 0
-    marker_thresh = default_marker_threshold(marker) if options.marker_thresh == "default" else options.marker_thresh
-
-    counted = cells.kept & options.counted(cells.sizes, size_thresh)
-    is_positive = options.positive(cells.positive, cells.marker if cells.od is None else cells.od, marker_thresh)
-    codes = counted_codes(cells.labels, counted, is_positive, threads) if overlays else None
-    ids = np.flatnonzero(counted)
-    overlaid = refined = None
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-table") as pool:
-        table = pool.submit(_cell_table, cells, ids, is_positive, outlines, threads, sink)
-        if overlays:
-            overlaid, refined = draw_overlays(orig, cells.background, codes, cells.first_pixel[ids],
-                                              is_positive[ids], threads, sink)
-
+    labelled = label_cells(seg, options.seg_thresh, threads)
+    with contextlib.ExitStack() as stack:
+        traced = stack.enter_context(LabelOutlines(labelled.found, threads)) if outlines else None
+        cells = measure_cells(labelled, marker, options, threads, resolution, orig)
+        default_size = default_size_threshold(cells.sizes[cells.kept], resolution, threads) \
+            if options.size_thresh == "default" or cell_data is not None else None
+        size_thresh = (default_size if options.size_thresh == "default" else options.size_thresh) or 0
+        marker_thresh = default_marker_threshold(marker) if options.marker_thresh == "default" \
+            else options.marker_thresh
+        counted = cells.kept & options.counted(cells.sizes, size_thresh)
+        is_positive = options.positive(cells.positive, cells.marker if cells.od is None else cells.od, marker_thresh)
+        ids = np.flatnonzero(counted)
+        table = counted_cells(cells.components, ids, is_positive, cells.marker, cells.marker_sum)
+        in_order = CellsInOrder(table)
+        cell_outlines = None if traced is None else CountedOutlines(traced.outlines, ids)
+        if sink is not None:
+            sink.cells(in_order, cell_outlines)
+        try:
+            overlaid, refined = _overlays(orig, cells, counted, is_positive, ids, threads, sink) if overlays \
+                else (None, None)
+            if traced is None:
+                in_order.passed(len(seg))
+            else:
+                traced.follow(in_order.passed)
+                traced.wait()
+        except BaseException:
+            in_order.abandon()
+            raise
     scoring = options.scoring(counted, is_positive, size_thresh, marker_thresh if marker is not None else None)
     document = None if cell_data is None else \
         _cell_data(cells, cell_data, orig, marker, options, resolution, default_size)
-    return PostprocessResult(overlaid, refined, scoring, *table.result(), document)
+    return PostprocessResult(overlaid, refined, scoring, table, None if cell_outlines is None else dict(cell_outlines),
+                             document)
+
+
+def _overlays(orig: np.ndarray, cells: CellTable, counted: np.ndarray, is_positive: np.ndarray, ids: np.ndarray,
+              threads: int, sink: PostprocessSink | None) -> tuple[np.ndarray, np.ndarray]:
+    codes = counted_codes(cells.labels, counted, is_positive, threads)
+    return draw_overlays(orig, cells.background, codes, cells.first_pixel[ids], is_positive[ids], threads, sink)
+
+
+class CountedOutlines(Mapping):
+    """Counted cell id (1.., in the order of `ids`) -> its outline, read through to the outlines of every
+    label (`LabelOutlines.outlines`) as they are traced; a cell not traced yet is not in it."""
+
+    def __init__(self, by_label: Mapping[int, Outline], ids: np.ndarray) -> None:
+        self._by_label, self._ids = by_label, ids.tolist()
+
+    def __getitem__(self, cell_id: int) -> Outline:
+        if not 1 <= cell_id <= len(self._ids):
+            raise KeyError(cell_id)
+        return self._by_label[self._ids[cell_id - 1]]
+
+    def __iter__(self) -> Iterator[int]:
+        return (cell_id for cell_id, label in enumerate(self._ids, start=1) if label in self._by_label)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _cell_data(cells: CellTable, version: int, orig: np.ndarray, marker: np.ndarray | None,
@@ -305,39 +362,3 @@ def _cell_data(cells: CellTable, version: int, orig: np.ndarray, marker: np.ndar
     if not by_density:
         settings["default_marker_thresh"] = None if marker is None else default_marker_threshold(marker)
     return cell_data_document(records, version, settings)
-
-
-def _cell_table(cells: CellTable, ids: np.ndarray, is_positive: np.ndarray, outlines: bool, threads: int,
-                sink: PostprocessSink | None = None) -> tuple[list[Cell], dict[int, Outline] | None]:
-    """The counted cells, and with `outlines` their outlines, traced in row bands on `threads` threads
-    (marching squares is whole-array NumPy) and handed to the tracer top to bottom; `sink` is handed the
-    cells first, each to be taken once the bands down to its last row are in. Each band looks up its own
-    pixels' owners, so no image-sized owner array is made on one thread first."""
-    table = counted_cells(cells.components, ids, is_positive, cells.marker, cells.marker_sum)
-    tracer = OutlineTracer(table) if outlines else None
-    in_order = CellsInOrder(table)
-    if sink is not None:
-        sink.cells(in_order, None if tracer is None else tracer.outlines)
-    try:
-        if tracer is not None:
-            _trace(tracer, cells.labels, ids, len(cells.sizes), threads, in_order)
-        in_order.passed(len(cells.labels))
-    except BaseException:
-        in_order.abandon()
-        raise
-    return table, None if tracer is None else tracer.outlines
-
-
-def _trace(tracer: OutlineTracer, labels: np.ndarray, ids: np.ndarray, label_count: int, threads: int,
-           in_order: CellsInOrder) -> None:
-    """Every counted cell's outline, in bands of about `TRACE_BAND_ROWS` rows traced on `threads` threads
-    and handed over top to bottom as each is done; `in_order` hears how far they have come, so the cells
-    above are written while the bands below are traced."""
-    owner = np.zeros(label_count, np.int32)
-    owner[ids] = np.arange(1, len(ids) + 1)
-    bands = row_bands(len(labels), max(threads, -(-len(labels) // TRACE_BAND_ROWS)))
-    traced = ordered_map(lambda rows: tracer.trace_band(rows[0], owner[labels[rows[0]:rows[1]]]), bands, threads)
-    with contextlib.closing(traced):
-        for (_, bottom), band in zip(bands, traced):
-            tracer.hand_over(band)
-            in_order.passed(bottom)

@@ -284,7 +284,7 @@ def _cells_and_overlays(path: Path, destination: Destination, score: SlideScore,
     pass that draws the overlays also traces the cells' outlines and writes the cell data asked for. Returns
     the overlays published and the names of the cells files; the score's stored labels are released."""
     info, polygons = destination.info, destination.cell_geometry is CellGeometry.POLYGONS
-    tracer = OutlineTracer(score.cells) if polygons else None
+    tracer = OutlineTracer.for_cells(score.cells) if polygons else None
     published: dict[str, dict] = {}
     files = cells_file_names(destination.stem, slide=True)
     in_order = CellsInOrder(score.cells)  # the cells files are written beside the pass, as it completes cells

@@ -93,7 +93,7 @@ def test_outlines_of_thin_diagonal_and_one_pixel_cells_are_valid_polygons() -> N
     assert np.array_equal(found.labels, labels), "the shapes are numbered as they are drawn"
     count = found.count
     cells = counted_cells(found, np.arange(1, count + 1), np.zeros(count + 1, bool), np.zeros(count + 1, np.int64))
-    tracer = OutlineTracer(cells)
+    tracer = OutlineTracer.for_cells(cells)
     tracer.add(0, labels)
     features = assert_qupath_imports(list_features("shapes", cells, tracer.outlines))
     assert_outlines_trace_the_cells(features)
@@ -112,9 +112,9 @@ def test_cells_crossing_band_edges_far_apart_trace_as_in_one_band() -> None:
     found = components(labels > 0)
     count = found.count
     cells = counted_cells(found, np.arange(1, count + 1), np.zeros(count + 1, bool), np.zeros(count + 1, np.int64))
-    whole = OutlineTracer(cells)
+    whole = OutlineTracer.for_cells(cells)
     whole.add(0, found.labels)
-    banded = OutlineTracer(cells)
+    banded = OutlineTracer.for_cells(cells)
     for top in range(0, 24, 5):
         banded.add(top, found.labels[top: top + 5])
     assert sorted(banded.outlines) == sorted(whole.outlines) == list(range(1, count + 1))
