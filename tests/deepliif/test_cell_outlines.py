@@ -1,13 +1,17 @@
-"""`CellsInOrder`: a slide's cells handed to the cells-file writer as the overlay pass completes them."""
+"""`CellsInOrder`: cells handed to the cells-file writer as the outline pass completes them; `LabelOutlines`:
+an image's labels traced on a thread of their own."""
 from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 
-from deepliif.cell_outlines import CellsInOrder
+from deepliif import cell_outlines
+from deepliif.cell_outlines import CellsInOrder, LabelOutlines, OutlineTracer
 from deepliif.cells import Cell
 from deepliif.errors import DeepLIIFError
+from deepliif.label_stats import components
 
 
 def cell(number: int, top: int, bottom: int) -> Cell:
@@ -61,3 +65,53 @@ def test_an_abandoned_pass_stops_the_consumer_at_the_first_incomplete_cell() -> 
     assert seen == [1] and not thread.is_alive()
     with pytest.raises(DeepLIIFError, match="before cell 2"):
         raise failed[0]
+
+
+def _random_labels(seed: int = 7, size: int = 200) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.random((size, size)) < 0.35  # many small components, tall ones crossing band edges
+
+
+def _outline_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(("outlines", "cpu-stage", "read-ahead"))]
+
+
+def test_label_outlines_in_bands_on_threads_equal_one_pass_over_the_whole_image(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cell_outlines, "TRACE_BAND_ROWS", 16)
+    found = components(_random_labels())
+    whole = OutlineTracer(found.x0[1:], found.y0[1:], found.x1[1:], found.y1[1:])
+    whole.add(0, found.labels)
+    passed: list[int] = []
+    with LabelOutlines(found, threads=2) as traced:
+        traced.follow(passed.append)
+        banded = traced.wait()
+    assert sorted(banded) == sorted(whole.outlines) == list(range(1, found.count + 1))
+    for label, rings in whole.outlines.items():
+        assert len(banded[label]) == len(rings), label
+        for ring, other in zip(rings, banded[label]):
+            np.testing.assert_array_equal(other, ring, err_msg=str(label))
+    assert passed == sorted(passed) and passed[-1] == 200, "rows are heard in order, down to the last"
+    assert _outline_threads() == []
+
+
+def test_leaving_label_outlines_early_or_on_a_failed_band_ends_its_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cell_outlines, "TRACE_BAND_ROWS", 8)
+    found = components(_random_labels(size=400))
+    with LabelOutlines(found, threads=2):
+        pass  # left before waiting: the tracing stops at the next band
+    assert _outline_threads() == []
+    real = OutlineTracer.trace_band
+
+    def failing(self, top: int, owner: np.ndarray):
+        if top >= 200:
+            raise MemoryError("band at row 200")
+        return real(self, top, owner)
+
+    monkeypatch.setattr(OutlineTracer, "trace_band", failing)
+    passed: list[int] = []
+    with pytest.raises(MemoryError, match="row 200"), LabelOutlines(found, threads=2) as traced:
+        traced.follow(passed.append)
+        traced.wait()
+    assert max(passed) <= 200, "no row past the failed band is heard"
+    assert _outline_threads() == []

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from deepliif.errors import ArgumentError
+from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import read_image
 from deepliif.postprocessing import default_marker_threshold, default_size_threshold, find_cells, postprocess
 from deepliif.scoring_rules import PostprocessOptions, Resolution
@@ -161,3 +162,76 @@ def test_overlays_not_asked_for_are_not_drawn(deepliif_fixtures: Path) -> None:
     scored = postprocess(*_load(tile), 512, overlays=False)
     assert scored.overlaid is None and scored.refined is None
     assert scored.scoring == drawn.scoring and scored.cells == drawn.cells
+
+
+class _RecordingSink:
+    """A `PostprocessSink` that assembles the overlay bands and takes the cells on a thread of its own,
+    noting for each cell whether its outline was there when it was handed out."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.overlaid, self.refined = np.zeros(shape, np.uint8), np.zeros(shape, np.uint8)
+        self.rows_heard = np.zeros(shape[0], np.int64)
+        self.taken: list = []
+        self.failure: list[BaseException] = []
+        self.thread: threading.Thread | None = None
+
+    def overlay_rows(self, top: int, overlaid: np.ndarray, refined: np.ndarray) -> None:
+        self.overlaid[top: top + len(overlaid)], self.refined[top: top + len(refined)] = overlaid, refined
+        self.rows_heard[top: top + len(overlaid)] += 1
+
+    def cells(self, cells, outlines) -> None:
+        def take() -> None:
+            try:
+                for cell in cells:
+                    self.taken.append((cell, None if outlines is None else outlines.get(cell.id)))
+            except DeepLIIFError as exc:
+                self.failure.append(exc)
+        self.thread = threading.Thread(target=take, name="test-cells-taker")
+        self.thread.start()
+
+
+def _mosaic(fixtures: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Four real tiles side by side and stacked (1024²), so bands and cells cross tile seams."""
+    tiles = ([_load(tile) for tile in _tiles(fixtures)] * 4)[:4]
+    return tuple(np.vstack([np.hstack([tiles[0][k], tiles[1][k]]), np.hstack([tiles[2][k], tiles[3][k]])])
+                 for k in range(3))
+
+
+def test_a_sink_hears_every_overlay_band_once_and_each_cell_with_its_whole_outline(
+        deepliif_fixtures: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepliif import cell_outlines, postprocessing
+    monkeypatch.setattr(cell_outlines, "TRACE_BAND_ROWS", 64)
+    monkeypatch.setattr(postprocessing, "OVERLAY_BAND_ROWS", 64)
+    orig, seg, marker = _mosaic(deepliif_fixtures)
+    sink = _RecordingSink(orig.shape)
+    result = postprocess(orig, seg, marker, 512, threads=2, outlines=True, sink=sink)
+    sink.thread.join(10)
+    assert (sink.rows_heard == 1).all(), "every row of the overlays is handed on exactly once"
+    assert np.array_equal(sink.overlaid, result.overlaid) and np.array_equal(sink.refined, result.refined)
+    assert [cell for cell, _ in sink.taken] == result.cells and not sink.failure
+    for cell, rings in sink.taken:
+        assert rings is not None and len(rings) == len(result.outlines[cell.id]), cell.id
+        for ring, final in zip(rings, result.outlines[cell.id]):
+            np.testing.assert_array_equal(ring, final)
+    plain = postprocess(orig, seg, marker, 512, threads=1, outlines=True)
+    assert plain.cells == result.cells and plain.scoring == result.scoring
+    assert all(np.array_equal(a, b) for cell_id, rings in plain.outlines.items()
+               for a, b in zip(rings, result.outlines[cell_id]))
+
+
+def test_a_failure_while_drawing_stops_the_cells_stream_and_leaves_no_thread(
+        deepliif_fixtures: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepliif import postprocessing
+
+    def broken(*args, **kwargs):
+        raise MemoryError("overlays")
+
+    monkeypatch.setattr(postprocessing, "draw_overlays", broken)
+    orig, seg, marker = _load(_tiles(deepliif_fixtures)[0])
+    sink = _RecordingSink(orig.shape)
+    with pytest.raises(MemoryError, match="overlays"):
+        postprocess(orig, seg, marker, 512, threads=2, outlines=True, sink=sink)
+    sink.thread.join(10)
+    assert not sink.thread.is_alive() and sink.failure, "the taker stops at the first cell not complete"
+    assert "outline pass stopped" in str(sink.failure[0])
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("outlines", "cpu-stage"))]

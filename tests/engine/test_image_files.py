@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from deepliif.cells import write_cells
 from deepliif.imageio import read_image
 from deepliif.inference import InferenceOptions, OutputSet
 from deepliif.postprocessing import postprocess
@@ -26,7 +27,8 @@ def _inputs(replay: Path, into: Path) -> list[Path]:
 
 
 def _threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith(("encode", "decode", "tile-"))]
+    return [t.name for t in threading.enumerate()
+            if t.name.startswith(("encode", "decode", "tile-", "cells-file", "outlines", "cpu-stage"))]
 
 
 def test_every_image_gets_its_files_and_json_equal_to_postprocessing_its_outputs(
@@ -34,11 +36,14 @@ def test_every_image_gets_its_files_and_json_equal_to_postprocessing_its_outputs
     replay = deepliif_fixtures / "replay"
     inputs = _inputs(replay, tmp_path / "in")
     written = infer_image_files(ReplaySession(replay), inputs, tmp_path / "out", InferenceOptions(threads=2), {})
+    (tmp_path / "expected").mkdir()
     assert [p.name for p in written] == [f"{p.stem}.json" for p in inputs]
     for folder in sorted(replay.iterdir()):  # the stand-in answers the tiles in this order, one per image
         expected = postprocess(read_image(folder / "IHC.png"), read_image(folder / "Seg.png"),
-                               read_image(folder / "Marker.png"), 512)
+                               read_image(folder / "Marker.png"), 512, outlines=True)
         out = tmp_path / "out" / folder.name
+        for path in write_cells(tmp_path / "expected", folder.name, expected.cells, outlines=expected.outlines):
+            assert (tmp_path / "out" / path.name).read_bytes() == path.read_bytes(), path.name
         assert np.array_equal(read_image(f"{out}_SegRefined.png"), expected.refined)
         assert np.array_equal(read_image(f"{out}_SegOverlaid.png"), expected.overlaid)
         assert np.array_equal(read_image(f"{out}_Hema.png"), read_image(folder / "Hema.png"))
