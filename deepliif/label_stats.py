@@ -2,17 +2,19 @@
 
 `scipy.ndimage.maximum(values, labels, index)` and `np.unique(labels, return_index=True)` each sort the
 whole image; a cell-dense 4096² Seg spent over 2 s in them. Here the labelled pixels are listed once, in
-raster order (`where`, their flat indices, and `owner`, their labels), and every per-cell figure is a
-`bincount` or an unbuffered `ufunc.at` over that list: linear, no sort, and the NumPy calls release the GIL.
+raster order (their flat indices and their labels, in row bands), and every per-cell figure is a
+`bincount` or an unbuffered `ufunc.at` over that list: linear, no sort, and the NumPy calls release the GIL,
+so the bands are reduced on several threads at once.
 Results are exactly those of the ndimage/unique forms (integer sums are exact in float64 below 2**53).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from .workers import opencv
+from .workers import opencv, parallel_map, row_bands
 
 _NO_PIXEL = np.iinfo(np.int64).max
 
@@ -79,65 +81,89 @@ def four_connected(mask: np.ndarray, threads: int | None = None) -> tuple[np.nda
 
 @dataclass(frozen=True)
 class LabelledPixels:
-    """The pixels of labels 1..count of a label image, in raster order."""
+    """The pixels of labels 1..count of a label image, in raster order, listed in row bands (one per
+    thread): every reduction runs on all bands at once, on `threads` threads (the NumPy calls release the
+    GIL), and the bands' results are combined (counts and sums add, maxima take the larger)."""
 
-    where: np.ndarray  # int64 flat indices, ascending
-    owner: np.ndarray  # the label of each
+    bands: tuple[tuple[np.ndarray, np.ndarray], ...]  # per band: flat indices in the image, ascending; their labels
     count: int
     shape: tuple[int, int]
+    threads: int = 1
 
     @classmethod
-    def of(cls, labels: np.ndarray, count: int) -> LabelledPixels:
-        flat = labels.ravel()
-        where = np.flatnonzero(flat)
-        return cls(where, flat[where].astype(np.intp, copy=False), int(count), labels.shape[:2])
+    def of(cls, labels: np.ndarray, count: int, threads: int = 1) -> LabelledPixels:
+        width = labels.shape[1]
+
+        def listed(rows: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+            flat = labels[rows[0]:rows[1]].ravel()
+            where = np.flatnonzero(flat)
+            owner = flat[where].astype(np.intp, copy=False)
+            where += rows[0] * width
+            return where, owner
+
+        bands = parallel_map(listed, row_bands(len(labels), threads), threads) if len(labels) else \
+            [(np.zeros(0, np.int64), np.zeros(0, np.intp))]
+        return cls(tuple(bands), int(count), labels.shape[:2], threads)
+
+    def _per_band(self, reduce: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> list[np.ndarray]:
+        return parallel_map(lambda band: reduce(*band), self.bands, self.threads)
 
     def sizes(self) -> np.ndarray:
         """Pixels per label; index 0 counts the unlabelled pixels."""
-        sizes = np.bincount(self.owner, minlength=self.count + 1)
-        sizes[0] = self.shape[0] * self.shape[1] - len(self.where)
+        sizes = np.sum(self._per_band(lambda where, owner: np.bincount(owner, minlength=self.count + 1)), axis=0)
+        sizes[0] = self.shape[0] * self.shape[1] - sum(len(where) for where, _ in self.bands)
         return sizes
 
     def count_true(self, mask: np.ndarray) -> np.ndarray:
         """How many pixels of each label are True in `mask` (index 0: 0)."""
-        return np.bincount(self.owner[mask.ravel()[self.where]], minlength=self.count + 1)
+        flat = mask.ravel()
+        return np.sum(self._per_band(lambda where, owner: np.bincount(owner[flat[where]], minlength=self.count + 1)),
+                      axis=0)
 
     def maximum(self, values: np.ndarray) -> np.ndarray:
         """The largest of `values` (an image of the labels' shape) over each label; 0 for label 0."""
-        out = np.zeros(self.count + 1, np.int64)
-        np.maximum.at(out, self.owner, values.ravel()[self.where].astype(np.int64))
+        flat = values.ravel()
+
+        def band_maximum(where: np.ndarray, owner: np.ndarray) -> np.ndarray:
+            out = np.zeros(self.count + 1, np.int64)
+            np.maximum.at(out, owner, flat[where].astype(np.int64))
+            return out
+
+        out = np.maximum.reduce(self._per_band(band_maximum))
         out[0] = 0
         return out
 
     def first_pixels(self) -> np.ndarray:
         """Flat index of each label's first pixel in raster order (index 0: -1).
 
-        `ndimage.label` numbers labels by their first pixel in raster order, so the first pixels are where
-        the running maximum of `owner` rises; labels from elsewhere fall back to a `minimum.at`."""
+        `ndimage.label` numbers labels by their first pixel in raster order, so within a band a label's
+        first pixel is where the running maximum of the labels rises to it, and the first band it rises in
+        holds it. Numbered so, the first pixels increase with the label; labels from elsewhere, which fail
+        that check, fall back to a `minimum.at`."""
         first = np.full(self.count + 1, -1, np.int64)
         if not self.count:
             return first
-        running = np.maximum.accumulate(self.owner)
-        rises = np.flatnonzero(np.concatenate([[True], running[1:] > running[:-1]]))
-        if len(rises) == self.count and self.owner[rises[-1]] == self.count:
-            first[1:] = self.where[rises]
+        for where, owner in self.bands:
+            running = np.maximum.accumulate(owner) if len(owner) else owner
+            rises = np.flatnonzero(np.concatenate([[True], running[1:] > running[:-1]])) if len(owner) else owner
+            risen = owner[rises]
+            unset = first[risen] == -1
+            first[risen[unset]] = where[rises[unset]]
+        if (first[1:] >= 0).all() and (np.diff(first[1:]) > 0).all():
             return first
         lowest = np.full(self.count + 1, _NO_PIXEL, np.int64)
-        np.minimum.at(lowest, self.owner, self.where)
+        for where, owner in self.bands:
+            np.minimum.at(lowest, owner, where)
         first[1:] = np.where(lowest[1:] == _NO_PIXEL, -1, lowest[1:])
         return first
 
-    def coordinates(self) -> tuple[np.ndarray, np.ndarray]:
-        """Row and column of every listed pixel."""
-        return np.divmod(self.where, self.shape[1])
-
-    def sums(self, values: np.ndarray) -> np.ndarray:
-        """Per-label sums of one value per listed pixel, as exact int64."""
-        return np.bincount(self.owner, weights=values, minlength=self.count + 1).astype(np.int64)
-
     def image_sums(self, image: np.ndarray) -> np.ndarray:
-        """Per-label sums of an image's values (one per pixel of the labelled image), as exact int64."""
-        return self.sums(image.ravel()[self.where])
+        """Per-label sums of an image's values (one per pixel of the labelled image), as exact int64 (each
+        band's float64 sums are exact below 2**53, and so is their total)."""
+        flat = image.ravel()
+        return np.sum(self._per_band(lambda where, owner: np.bincount(owner, weights=flat[where],
+                                                                      minlength=self.count + 1).astype(np.int64)),
+                      axis=0)
 
 
 class UnionFind:

@@ -164,7 +164,7 @@ def measure_cells(labelled: LabelledSeg, marker: np.ndarray | None, options: Pos
                   resolution: Resolution = Resolution.X40, orig: np.ndarray | None = None) -> CellTable:
     """Per label: class, Marker values, optical density, first pixel, and whether it is above the noise."""
     found = labelled.found
-    pixels, sizes = LabelledPixels.of(found.labels, found.count), found.sizes
+    pixels, sizes = LabelledPixels.of(found.labels, found.count, threads), found.sizes
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="cell-counts") as pool:  # bincount frees the GIL
         counts = pool.submit(lambda: (pixels.count_true(labelled.positive) >= pixels.count_true(labelled.negative),
                                       pixels.first_pixels()))

@@ -12,21 +12,24 @@ def _labels(seed: int, shape=(120, 150)) -> tuple[np.ndarray, int]:
     return ndimage.label(rng.random(shape) < 0.45, structure=np.ones((3, 3)))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_reductions_equal_the_ndimage_and_unique_forms(seed: int) -> None:
+@pytest.mark.parametrize("seed, threads", [(0, 1), (1, 1), (2, 1), (0, 3), (1, 2), (2, 7)])
+def test_reductions_equal_the_ndimage_and_unique_forms(seed: int, threads: int) -> None:
+    """On one band or several (labels crossing band edges), the same figures."""
     labels, count = _labels(seed)
     values = np.random.default_rng(seed + 10).integers(0, 256, labels.shape).astype(np.uint8)
     mask = np.random.default_rng(seed + 20).random(labels.shape) < 0.5
-    pixels = LabelledPixels.of(labels, count)
+    pixels = LabelledPixels.of(labels, count, threads)
+    assert len(pixels.bands) == threads
     index = np.arange(1, count + 1)
     assert np.array_equal(pixels.sizes(), np.bincount(labels.ravel(), minlength=count + 1))
     assert np.array_equal(pixels.count_true(mask)[1:], ndimage.sum(mask, labels, index).astype(int))
     assert np.array_equal(pixels.maximum(values)[1:], ndimage.maximum(values, labels, index).astype(int))
     present, first = np.unique(labels.ravel(), return_index=True)
     assert np.array_equal(pixels.first_pixels()[present[1:]], first[1:])
-    rows, cols = pixels.coordinates()
+    assert np.array_equal(pixels.image_sums(values)[1:], ndimage.sum(values.astype(np.int64), labels, index))
+    rows, cols = np.indices(labels.shape)
     ys, xs = np.nonzero(labels == 1)
-    assert pixels.sums(cols)[1] == xs.sum() and pixels.sums(rows)[1] == ys.sum()
+    assert pixels.image_sums(cols)[1] == xs.sum() and pixels.image_sums(rows)[1] == ys.sum()
 
 
 def test_first_pixels_of_labels_not_numbered_in_raster_order() -> None:
@@ -34,7 +37,8 @@ def test_first_pixels_of_labels_not_numbered_in_raster_order() -> None:
     labels, count = _labels(3)
     shuffled = np.concatenate([[0], np.random.default_rng(4).permutation(count) + 1])[labels]
     present, first = np.unique(shuffled.ravel(), return_index=True)
-    assert np.array_equal(LabelledPixels.of(shuffled, count).first_pixels()[present[1:]], first[1:])
+    for threads in (1, 4):
+        assert np.array_equal(LabelledPixels.of(shuffled, count, threads).first_pixels()[present[1:]], first[1:])
 
 
 def test_grey_levels_are_the_channel_maximum() -> None:
