@@ -274,7 +274,7 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     """Cells, counts and the two overlay images for one (stitched) image; the overlays are drawn on
     `threads` threads (default: every CPU this process may use), or not at all with `overlays=False`
     (a caller that wants only the scoring and cells; `overlaid` and `refined` are then None). With
-    `outlines`, each counted cell's outline is traced too (beside the overlays); with `cell_data` (3 to
+    `outlines`, each counted cell's outline is traced too (beside the measures and overlays); with `cell_data` (3 to
     6), DeepLIIF 1.2.7's per-cell data of that version is made too. A `sink` hears the overlay bands and
     the cells as they are finished."""
     if seg.shape[:2] != orig.shape[:2] or (marker is not None and marker.shape[:2] != orig.shape[:2]):
@@ -288,35 +288,54 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     with contextlib.ExitStack() as stack:
         traced = stack.enter_context(LabelOutlines(labelled.found, threads)) if outlines else None
         cells = measure_cells(labelled, marker, options, threads, resolution, orig)
-        default_size = default_size_threshold(cells.sizes[cells.kept], resolution, threads) \
-            if options.size_thresh == "default" or cell_data is not None else None
-        size_thresh = (default_size if options.size_thresh == "default" else options.size_thresh) or 0
-        marker_thresh = default_marker_threshold(marker) if options.marker_thresh == "default" \
-            else options.marker_thresh
+        default_size, size_thresh, marker_thresh = _thresholds(cells, marker, options, resolution, threads,
+                                                               cell_data is not None)
         counted = cells.kept & options.counted(cells.sizes, size_thresh)
         is_positive = options.positive(cells.positive, cells.marker if cells.od is None else cells.od, marker_thresh)
         ids = np.flatnonzero(counted)
         table = counted_cells(cells.components, ids, is_positive, cells.marker, cells.marker_sum)
-        in_order = CellsInOrder(table)
-        cell_outlines = None if traced is None else CountedOutlines(traced.outlines, ids)
-        if sink is not None:
-            sink.cells(in_order, cell_outlines)
-        try:
-            overlaid, refined = _overlays(orig, cells, counted, is_positive, ids, threads, sink) if overlays \
-                else (None, None)
-            if traced is None:
-                in_order.passed(len(seg))
-            else:
-                traced.follow(in_order.passed)
-                traced.wait()
-        except BaseException:
-            in_order.abandon()
-            raise
+        overlaid, refined, cell_outlines = _draw_and_trace(orig, cells, counted, is_positive, table, ids, traced,
+                                                           overlays, threads, sink)
     scoring = options.scoring(counted, is_positive, size_thresh, marker_thresh if marker is not None else None)
     document = None if cell_data is None else \
         _cell_data(cells, cell_data, orig, marker, options, resolution, default_size)
-    return PostprocessResult(overlaid, refined, scoring, table, None if cell_outlines is None else dict(cell_outlines),
-                             document)
+    return PostprocessResult(overlaid, refined, scoring, table, cell_outlines, document)
+
+
+def _thresholds(cells: CellTable, marker: np.ndarray | None, options: PostprocessOptions, resolution: Resolution,
+                threads: int, need_default_size: bool) -> tuple[int | None, int, int]:
+    """The default size threshold (when asked for, or `need_default_size`), the size threshold and the
+    Marker threshold in force."""
+    default_size = default_size_threshold(cells.sizes[cells.kept], resolution, threads) \
+        if options.size_thresh == "default" or need_default_size else None
+    size_thresh = (default_size if options.size_thresh == "default" else options.size_thresh) or 0
+    marker_thresh = default_marker_threshold(marker) if options.marker_thresh == "default" else options.marker_thresh
+    return default_size, size_thresh, marker_thresh
+
+
+def _draw_and_trace(orig: np.ndarray, cells: CellTable, counted: np.ndarray, is_positive: np.ndarray,
+                    table: list[Cell], ids: np.ndarray, traced: LabelOutlines | None, overlays: bool, threads: int,
+                    sink: PostprocessSink | None
+                    ) -> tuple[np.ndarray | None, np.ndarray | None, dict[int, Outline] | None]:
+    """The overlays (with `overlays`) drawn while the labels' tracing finishes; `sink` is handed the cells
+    first, each to be taken once the bands down to its last row are traced, and every overlay band as it
+    is drawn. Returns the overlays and the counted cells' outlines (None without tracing)."""
+    in_order = CellsInOrder(table)
+    cell_outlines = None if traced is None else CountedOutlines(traced.outlines, ids)
+    if sink is not None:
+        sink.cells(in_order, cell_outlines)
+    try:
+        overlaid, refined = _overlays(orig, cells, counted, is_positive, ids, threads, sink) if overlays \
+            else (None, None)
+        if traced is None:
+            in_order.passed(len(orig))
+        else:
+            traced.follow(in_order.passed)
+            traced.wait()
+    except BaseException:
+        in_order.abandon()
+        raise
+    return overlaid, refined, None if cell_outlines is None else dict(cell_outlines)
 
 
 def _overlays(orig: np.ndarray, cells: CellTable, counted: np.ndarray, is_positive: np.ndarray, ids: np.ndarray,
