@@ -9,12 +9,16 @@ Results are exactly those of the ndimage/unique forms (integer sums are exact in
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
-from .workers import opencv, parallel_map, row_bands
+from .workers import opencv, ordered_map, parallel_map, row_bands
+
+T = TypeVar("T")
 
 _NO_PIXEL = np.iinfo(np.int64).max
 
@@ -212,3 +216,41 @@ def join_edge(sets: UnionFind, above: np.ndarray, below: np.ndarray, diagonal: b
         b = below[max(0, shift): width - max(0, -shift)]
         both = (a >= 0) & (b >= 0)
         sets.union_pairs(a[both], b[both])
+
+
+def global_ids(labels: np.ndarray, first: int) -> np.ndarray:
+    """Image-wide ids of some of a band's labels (its edge rows or columns: only they are joined), -1 for 0."""
+    return np.where(labels > 0, labels.astype(np.int64) + (first - 1), -1)
+
+
+def border_components(bands: Iterable[T], height: int, labelled: Callable[[T], tuple[int, np.ndarray, int]],
+                      threads: int = 1) -> tuple[list[int], np.ndarray]:
+    """Which 4-connected components of an image's or slide's unknown pixels touch its border (DeepLIIF's
+    background), from full-width row bands: `labelled(band)` gives its top row and the band's `unknown_labels`. Returns
+    per band the first id of its labels, and per id whether it is background. Bands are labelled on
+    `threads` threads; their labels are numbered and joined in band order."""
+    sets, firsts, touching, previous = UnionFind(), [], [], None
+    with contextlib.closing(ordered_map(labelled, bands, threads)) as labelled_bands:
+        for top, labels, count in labelled_bands:
+            firsts.append(sets.grow(count))
+            first_row, last_row = global_ids(labels[0], firsts[-1]), global_ids(labels[-1], firsts[-1])
+            edges = [global_ids(labels[:, 0], firsts[-1]), global_ids(labels[:, -1], firsts[-1])] + \
+                ([first_row] if top == 0 else []) + ([last_row] if top + len(labels) == height else [])
+            touching.append(np.unique(np.concatenate(edges)))
+            if previous is not None:
+                join_edge(sets, previous, first_row, diagonal=False)
+            previous = last_row
+    roots = sets.roots()
+    border = np.concatenate(touching) if touching else np.zeros(0, np.int64)
+    root_is_background = np.zeros(len(roots), bool)
+    root_is_background[roots[border[border >= 0]]] = True
+    return firsts, root_is_background[roots]
+
+
+def background_of(unknown: tuple[np.ndarray, int], first: int, is_background: np.ndarray,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """A band's background pixels, from its `unknown_labels` (labels, count) and `border_components`'
+    verdicts: one gather through a per-label table (measured 2x faster than assigning through a boolean mask)."""
+    labels, count = unknown
+    verdict = np.concatenate([[False], is_background[first: first + count]])
+    return np.take(verdict, labels, out=out)

@@ -18,7 +18,8 @@ from .cell_outlines import CellsInOrder, LabelOutlines
 from .cells import Cell, Outline, counted_cells
 from .errors import ArgumentError
 from .scoring_rules import PostprocessOptions, Resolution, mean_density, optical_density
-from .label_stats import Components, LabelledPixels, UnionFind, components, four_connected, grey_levels, join_edge
+from .label_stats import (Components, LabelledPixels, background_of, border_components, components, four_connected,
+                          grey_levels)
 from .overlays import OUTLINE_REACH, cell_codes, outline, paint
 from .workers import for_row_bands, parallel_map, resolve_threads, row_bands
 
@@ -87,35 +88,19 @@ def classify_pixels(seg: np.ndarray, seg_thresh: int, threads: int = 1) -> tuple
 
 
 def mark_background(unknown: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Unknown pixels 4-connected to the image border through unknown pixels.
-
-    With several threads the rows are labelled in bands at once (OpenCV frees the GIL) and labels that
-    touch across a band edge are joined by a union-find, as for slides."""
+    """Unknown pixels 4-connected to the image border through unknown pixels: row bands labelled at once
+    on `threads` threads (OpenCV frees the GIL), their labels joined across band edges as for slides
+    (`border_components`), then each band's verdicts looked up on its own thread."""
     bands = row_bands(len(unknown), threads)
-    labelled = parallel_map(lambda rows: four_connected(unknown[rows[0]:rows[1]]), bands, threads)
-    sets, firsts = UnionFind(), []
-    for labels, count in labelled:
-        firsts.append(sets.grow(count + 1))  # each band's id 0 (no label) too, never joined nor touching
-    for (labels, _), (below, _), first, next_first in zip(labelled, labelled[1:], firsts, firsts[1:]):
-        join_edge(sets, np.where(labels[-1] > 0, labels[-1] + first, -1),
-                  np.where(below[0] > 0, below[0] + next_first, -1), diagonal=False)
-    roots = sets.roots()
-    touching = np.zeros(len(roots), bool)
-    last = len(labelled) - 1
-    for index, ((labels, _), first) in enumerate(zip(labelled, firsts)):
-        edges = [labels[:, 0], labels[:, -1]] + ([labels[0]] if index == 0 else []) + \
-            ([labels[-1]] if index == last else [])
-        touching[roots[np.concatenate(edges) + first]] = True
-    is_background = touching[roots]
-    for first in firsts:
-        is_background[first] = False
+    labelled = parallel_map(lambda rows: (rows[0], *four_connected(unknown[rows[0]:rows[1]])), bands, threads)
+    firsts, is_background = border_components(labelled, len(unknown), lambda band: band)
     background = np.empty(unknown.shape, bool)
 
-    def look(band: tuple[tuple[int, int], tuple[np.ndarray, int], int]) -> None:
-        (top, bottom), (labels, count), first = band
-        np.take(is_background[first: first + count + 1], labels, out=background[top:bottom])
+    def look(index: int) -> None:
+        top, labels, count = labelled[index]
+        background_of((labels, count), firsts[index], is_background, out=background[top: top + len(labels)])
 
-    parallel_map(look, list(zip(bands, labelled, firsts)), threads)
+    parallel_map(look, range(len(labelled)), threads)
     return background
 
 

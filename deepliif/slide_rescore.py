@@ -18,7 +18,8 @@ import numpy as np
 from .overlays import cell_codes
 from .rescore import BoundaryPixels, RescoredCells, outline_and_paint, positive_pixels
 from .slide_overlays import MaskWindow, OverlaySink
-from .slide_scoring import background_of, band_rows, border_components, unknown_labels
+from .label_stats import background_of, border_components
+from .slide_scoring import band_rows, unknown_labels
 from .workers import ordered_map
 
 Rows = Callable[[int, int], np.ndarray]  # (top, count) -> the input slide's rows (RGB)
