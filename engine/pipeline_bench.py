@@ -73,15 +73,16 @@ def cpus_limited_to(threads: int) -> Iterator[None]:
 def _bench_once(session: ReplaySession, source: Path, threads: int, batch_size: int, slide: bool,
                 compression: PyramidCompression) -> dict:
     with tempfile.TemporaryDirectory(prefix="deepliif-pipeline-") as scratch:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
         record_path = _run(session, source, Path(scratch), threads, batch_size, slide, compression)
-        wall = time.perf_counter() - start
+        wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
         record = json.loads(record_path.read_text())
     stages = SLIDE_STAGES if slide else IMAGE_STAGES
     return {"input": str(source), "kind": "slide" if slide else "image", "wall_s": round(wall, 3),
             "network_s": round(session.busy_seconds, 3),
             "network_busy": round(session.busy_seconds / wall, 3) if wall else 0.0,
             "network_tiles_per_s": session.tiles_per_second,
+            "cpu_s": round(cpu, 3), "cores_busy": round(cpu / wall, 2) if wall else 0.0,
             "stages": {name: round(record["timings"].get(f"{name}_seconds", 0.0), 3) for name in stages},
             "tiles": record["tiles"], "network_tiles": session.tiles, "pixels": _pixels(source, slide),
             "threads": threads, "batch_size": batch_size, "scoring": record["scoring"],
@@ -94,6 +95,13 @@ def _run(session: ReplaySession, source: Path, out: Path, threads: int, batch_si
         return infer_slide(session, source, out, threads=threads, compression=compression)
     options = InferenceOptions(batch_size=batch_size, threads=threads)
     return infer_image_files(session, [source], out, options, describe_session(session))[0]
+
+
+def _cpu_seconds() -> float:
+    """User and system CPU seconds of this process so far (every thread; the paced stand-in's waits are
+    not CPU), so a run's `cores_busy` (CPU seconds over wall seconds) says how CPU-bound it was."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _pixels(source: Path, slide: bool) -> int:
@@ -109,6 +117,7 @@ def format_pipeline(report: dict) -> str:
             ("network busy share", f"{report['network_busy']:.0%}"),
             ("network pace", f"{report['network_tiles_per_s']} tiles/s" if report["network_tiles_per_s"]
              else "unpaced"),
+            ("CPU (s), cores busy", f"{report['cpu_s']:.2f}, {report['cores_busy']:.2f}"),
             ("tiles (run by the network)", f"{report['tiles']} ({report['network_tiles']})"),
             ("megapixels", f"{report['pixels'] / 1e6:.1f}"), ("threads", str(report["threads"])),
             ("every run's wall (s)", ", ".join(f"{w:.2f}" for w in report["runs_wall_s"])),

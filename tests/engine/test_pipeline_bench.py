@@ -25,6 +25,8 @@ def test_the_pipeline_bench_runs_infers_own_path_on_replayed_outputs(deepliif_fi
     assert report["tiles"] == 3 and report["network_tiles"] == 3  # 1024 wide: x at 0, 448, 512
     assert 0 < report["network_s"] < report["wall_s"]
     assert abs(report["network_busy"] - report["network_s"] / report["wall_s"]) < 0.01
+    assert report["cpu_s"] > 0 and abs(report["cores_busy"] - report["cpu_s"] / report["wall_s"]) < 0.01
+    assert report["cores_busy"] <= 2.05, "the runs are held to the CPUs `threads` asks for"
     assert set(report["stages"]) == {"decode", "tiling", "inference", "stitching", "postprocess", "encode"}
     assert report["pixels"] == 1024 * 512 and report["threads"] == 2 and report["scoring"]["num_total"] > 0
 
