@@ -79,3 +79,22 @@ def test_a_failed_write_stops_the_run_leaves_no_json_and_no_thread(deepliif_fixt
                           InferenceOptions(threads=2), {})
     assert not list((tmp_path / "out").glob("*.json")) and not list((tmp_path / "out").glob(".*tmp"))
     assert _threads() == []
+
+
+def test_a_failure_while_drawing_leaves_no_cells_file_half_written_and_no_thread(
+        deepliif_fixtures: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cells files are being written while the overlays are drawn: a failure there ends their writer
+    at the first cell not yet complete, and nothing of theirs is left under a final or temporary name."""
+    from deepliif import postprocessing
+    replay = deepliif_fixtures / "replay"
+
+    def broken(*args, **kwargs):
+        raise MemoryError("drawing the overlays")
+
+    monkeypatch.setattr(postprocessing, "draw_overlays", broken)
+    with pytest.raises(MemoryError, match="drawing the overlays"):
+        infer_image_files(ReplaySession(replay), _inputs(replay, tmp_path / "in")[:1], tmp_path / "out",
+                          InferenceOptions(threads=2), {})
+    left = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert not [name for name in left if "_cells" in name or name.endswith((".json", ".tmp"))], left
+    assert _threads() == []
