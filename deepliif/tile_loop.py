@@ -5,18 +5,21 @@ Shaped like MONAI's `PatchInferer(splitter, merger)`: `run_tiles` takes a splitt
 with their network-size crops) and a `Merger` (what `add` does with each batch's results). Images use
 `split` and `ImageMerger` (mirror extension, whole-image stitching, finish an image when its last tile
 lands); slides use `slide_loop`'s row-band splitter and band merger. A `Strategy` says how the three
-stages run: `SERIAL` in the caller's thread (the accuracy gate, reference runs), `THREADED` with splitting
-and merging on their own threads so they overlap the backend calls (serving: numpy, PIL and the backends
-release the GIL in their heavy parts). Both give the same pixels, whatever the batch size, because the
-networks normalise per sample and tiles are pasted in DeepLIIF's order.
+stages run: `SERIAL` in the caller's thread (the accuracy gate, reference runs), `THREADED` with splitting,
+merging and finishing (postprocessing) on threads of their own so they overlap the backend calls and each
+other: the tiles of the next images are stitched, and the network kept fed, while an image is postprocessed
+(serving: numpy, PIL and the backends release the GIL in their heavy parts). Both give the same pixels,
+whatever the batch size, because the networks normalise per sample and tiles are pasted in DeepLIIF's order.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
@@ -109,16 +112,20 @@ class Merger(Protocol):
 
 class ImageMerger(Generic[Result]):
     """Pastes results strictly in tile order however batches complete (DeepLIIF's overwrite order) and
-    finishes each image as soon as its last tile is pasted."""
+    finishes each image as soon as its last tile is pasted: on `finishing` (a one-thread executor) when
+    given, so the tiles of the next images are stitched, and the network kept fed, while an image is
+    postprocessed; at most `FINISH_BACKLOG` more stitched images wait for it before stitching waits too."""
 
     def __init__(self, states: Sequence[_ImageState], tile_size: int, timings: TileTimings,
                  finish: Callable[[StitchedImage], Result], progress: Callable[[int], None] | None,
-                 rows_final: RowsFinal | None = None) -> None:
+                 rows_final: RowsFinal | None = None, finishing: Executor | None = None) -> None:
         self.states, self.tile_size, self.timings = states, tile_size, timings
         self.finish, self.progress, self.rows_final = finish, progress, rows_final
-        self.results: list[Result | None] = [None] * len(states)
+        self.finishing = finishing
+        self.results: list[Future] = []
 
     def add(self, items: Sequence[Item], outputs: dict[str, np.ndarray] | None) -> None:
+        self._raise_failed()
         for position, (index, tile, _) in enumerate(items):
             start = time.perf_counter()
             state = self.states[index]
@@ -129,6 +136,15 @@ class ImageMerger(Generic[Result]):
             self.timings.add("stitching", start)
             if state.next_index == len(state.grid):
                 self._finish(index, state)
+
+    def collect(self) -> list[Result]:
+        """Every image's result, in order, once all are finished (the first failure is raised)."""
+        return [future.result() for future in self.results]
+
+    def cancel(self) -> None:
+        """Drop the images not yet being finished (the loop failed)."""
+        for future in self.results:
+            future.cancel()
 
     def _paste_ready(self, index: int, state: _ImageState) -> None:
         while state.next_index in state.ready:
@@ -146,10 +162,32 @@ class ImageMerger(Generic[Result]):
                 self.rows_final(index, state.stitcher.cropped(), min(final, state.stitcher.original_height))
 
     def _finish(self, index: int, state: _ImageState) -> None:
-        start = time.perf_counter()
         stitched = StitchedImage(index, state.stitcher.results(), len(state.grid), state.empty, state.started)
-        self.results[index] = self.finish(stitched)
-        self.timings.add("postprocess", start)
+        if self.finishing is None:
+            future: Future = Future()
+            future.set_result(self._timed_finish(stitched))
+        else:
+            waiting = [f for f in self.results if not f.done()]
+            if len(waiting) > FINISH_BACKLOG:  # stitching waits: memory stays bounded
+                waiting[0].result()
+            future = self.finishing.submit(self._timed_finish, stitched)
+        self.results.append(future)
+
+    def _timed_finish(self, stitched: StitchedImage) -> Result:
+        start = time.perf_counter()
+        try:
+            return self.finish(stitched)
+        finally:
+            self.timings.add("postprocess", start)
+
+    def _raise_failed(self) -> None:
+        """An image's postprocessing failed: stop the loop with its error."""
+        for future in self.results:
+            if future.done() and future.exception() is not None:
+                raise future.exception()
+
+
+FINISH_BACKLOG = 1  # stitched images that may wait for postprocessing while later tiles are stitched
 
 
 def run_tile_loop(run: Run, images: Sequence[np.ndarray], tile_size: int, batch_size: int,
@@ -164,9 +202,17 @@ def run_tile_loop(run: Run, images: Sequence[np.ndarray], tile_size: int, batch_
     timings = TileTimings()
     states = [_ImageState(image, tile_size, OUTPUT_NAMES if names is None else names[k])
               for k, image in enumerate(images)]
-    merger = ImageMerger(states, tile_size, timings, finish, progress, rows_final)
-    run_tiles(run, split(states, timings), merger, batch_size, timings, strategy)
-    return merger.results, timings  # type: ignore[return-value]
+    threaded = strategy is Strategy.THREADED
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-finish") if threaded else \
+            contextlib.nullcontext() as finishing:
+        merger = ImageMerger(states, tile_size, timings, finish, progress, rows_final, finishing)
+        try:
+            run_tiles(run, split(states, timings), merger, batch_size, timings, strategy)
+            results = merger.collect()
+        except BaseException:
+            merger.cancel()
+            raise
+    return results, timings
 
 
 def run_tiles(run: Run, items: Iterator[Item], merger: Merger, batch_size: int, timings: TileTimings,

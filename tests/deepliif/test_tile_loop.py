@@ -60,7 +60,7 @@ def test_bad_images_are_named(runner: TileRunner, image) -> None:
 
 
 def _loop_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name in ("tile-split", "tile-merge")]
+    return [t.name for t in threading.enumerate() if t.name.startswith(("tile-split", "tile-merge", "tile-finish"))]
 
 
 def _replaying_run(batch: np.ndarray) -> dict[str, np.ndarray]:
@@ -148,3 +148,60 @@ def test_rows_become_final_tile_row_by_tile_row_before_the_image_is_finished() -
     assert [final for _, final, _ in heard] == [480, 920, 1400] and {index for index, _, _ in heard} == {0}
     for _, final, rows in heard:
         assert np.array_equal(rows, results[0]["Hema"][:final])  # what was final then is what was kept
+
+
+def test_an_image_is_postprocessed_while_the_next_images_tiles_go_through_the_network() -> None:
+    """Finishing image 0 waits until the network has run every tile of image 1: were it done on the
+    stitching thread, stitching and then the network (bounded queues) would stall and the wait time out."""
+    images = [synthetic_ihc(1400, 1400, seed=11), synthetic_ihc(1400, 1400, seed=12)]  # 9 tiles each
+    calls, all_run, waited = [], threading.Event(), []
+
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(len(batch))
+        if sum(calls) == 18:
+            all_run.set()
+        return _replaying_run(batch)
+
+    def finish(done) -> int:
+        if done.index == 0:
+            waited.append(all_run.wait(10))
+        return done.index
+
+    results, _ = run_tile_loop(run, images, 512, 1, finish)
+    assert results == [0, 1] and waited == [True]
+    assert _loop_threads() == []
+
+
+def test_stitched_images_wait_for_postprocessing_in_a_bounded_backlog() -> None:
+    """A slow postprocessing: at most the backlog of stitched images (and the one being finished, and the
+    one just stitched) are held, unfinished, at any time."""
+    from deepliif.tile_loop import FINISH_BACKLOG
+    images = [synthetic_ihc(400, 400, seed=k) for k in range(6)]  # one tile each
+    stitched, finished, most = [], [], []
+
+    def rows_final(index: int, outputs: dict[str, np.ndarray], final: int) -> None:
+        if final == 400:
+            stitched.append(index)
+            most.append(len(stitched) - len(finished))
+
+    def finish(done) -> int:
+        time.sleep(0.05)
+        finished.append(done.index)
+        return done.index
+
+    results, _ = run_tile_loop(_replaying_run, images, 512, 1, finish, rows_final=rows_final)
+    assert results == list(range(6)) and finished == list(range(6))
+    assert max(most) <= FINISH_BACKLOG + 2 and max(most) >= 2, most
+
+
+def test_a_failed_postprocessing_stops_the_loop_and_its_threads() -> None:
+    images = [synthetic_ihc(1400, 1400, seed=13) for _ in range(3)]
+
+    def finish(done) -> int:
+        if done.index == 0:
+            raise MemoryError("postprocessing image 0")
+        return done.index
+
+    with pytest.raises(MemoryError, match="image 0"):
+        run_tile_loop(_replaying_run, images, 512, 1, finish)
+    assert _loop_threads() == []
