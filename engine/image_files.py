@@ -15,6 +15,7 @@ are shut down after their running tasks end, and the image without its JSON is t
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -26,6 +27,7 @@ import numpy as np
 
 from deepliif.cell_data import cell_data_file_name, write_cell_data
 from deepliif.cells import Cell, Outline, cells_file_names, write_cells
+from deepliif.errors import DeepLIIFError
 from deepliif.imageio import DEFAULT_MAX_PIXELS, prepare_out_dir, read_image, write_atomically, write_json
 from deepliif.inference import OVERLAY_NAMES, ImageSink, InferenceOptions, InferenceResult
 from deepliif.logs import project_logger
@@ -52,6 +54,7 @@ class _Finishing:
     record: dict
     path: Path
     writes: list[Future] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # every file the JSON names, checked before it is written
 
 
 class Encoders:
@@ -101,13 +104,15 @@ class StreamedFiles:
     """One image's files written as its results are made (an `ImageSink` for a call with one image): the
     network outputs band by band as the tile loop makes their rows final, so they are encoded while the
     network runs the later tiles; the overlays band by band as they are drawn; the cells files as the
-    cells' outlines are traced. `writes` are the futures of every file's tasks."""
+    cells' outlines are traced. `writes` are the futures of every file's tasks. Overlay bands arrive from
+    several drawing threads at once, so making a file and adding tasks are done under a lock."""
 
     def __init__(self, encoders: Encoders, out: Path, stem: str, names: list[str], height: int) -> None:
         self.encoders, self.out, self.stem, self.names, self.height = encoders, out, stem, names, height
         self.files: dict[str, BandedPng] = {}
         self.writes: list[Future] = []
         self.encoded = 0  # network output rows handed to the encoders
+        self._lock = threading.Lock()
 
     def rows_final(self, _index: int, outputs: dict[str, np.ndarray], final: int) -> None:
         if final <= self.encoded:
@@ -129,12 +134,14 @@ class StreamedFiles:
         self.writes.append(self.encoders.cells(lambda: write_cells(self.out, self.stem, cells, outlines=outlines)))
 
     def _encode(self, name: str, rows: np.ndarray, top: int) -> None:
-        """Rows `top` on of output `name`; its PNG is made on the first rows that arrive."""
-        if name not in self.files:
-            _, width, channels = check_png_image(rows)
-            self.files[name] = BandedPng(self.out / f"{self.stem}_{name}.png", width, self.height, channels,
-                                         write_atomically)
-        self.writes.extend(self.encoders.bands(self.files[name], rows, top))
+        """Rows `top` on of output `name`; its PNG is made on the first rows that arrive (once: two drawing
+        threads must not each make one, or neither would ever hold every band)."""
+        with self._lock:
+            if name not in self.files:
+                _, width, channels = check_png_image(rows)
+                self.files[name] = BandedPng(self.out / f"{self.stem}_{name}.png", width, self.height, channels,
+                                             write_atomically)
+            self.writes.extend(self.encoders.bands(self.files[name], rows, top))
 
 
 def describe_session(session) -> dict:
@@ -202,13 +209,18 @@ def _infer_one(session: ImageSession, path: Path, image: np.ndarray, decode_seco
               "cells": cell_files, "scoring": result.scoring,
               "timings": {"decode_seconds": decode_seconds, **result.timings}}
     logger.info("%s: %s", path.name, json.dumps(result.scoring))
-    return _Finishing(record, out / f"{stem}.json", writes)
+    files = [out / f"{stem}_{name}.png" for name in result.images] + [out / name for name in cell_files]
+    return _Finishing(record, out / f"{stem}.json", writes, files)
 
 
 def _publish(finishing: _Finishing, encoders: Encoders) -> Path:
-    """Wait for every file of one image (re-raising the first failure), then write its JSON."""
+    """Wait for every file of one image (re-raising the first failure), check that each file its JSON names
+    was published, then write the JSON."""
     start = time.perf_counter()
     encode_seconds = sum(write.result() for write in finishing.writes)
+    missing = [path.name for path in finishing.files if not path.is_file()]
+    if missing:
+        raise DeepLIIFError(f"{finishing.path.stem}: every write ended but {', '.join(missing)} was not published")
     finishing.record["timings"].update({"encode_seconds": encode_seconds,  # busy time, overlapping the rest
                                         "encode_wait_seconds": time.perf_counter() - start})
     write_json(finishing.path, finishing.record)

@@ -98,3 +98,48 @@ def test_a_failure_while_drawing_leaves_no_cells_file_half_written_and_no_thread
     left = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert not [name for name in left if "_cells" in name or name.endswith((".json", ".tmp"))], left
     assert _threads() == []
+
+
+def test_overlay_bands_from_several_drawing_threads_make_one_whole_file_each(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bands of one overlay arrive at once from several threads; a slow first look at the rows (widening
+    the window in which two threads could each start a file) must still give one file holding every band."""
+    import time
+    real = image_files.check_png_image
+
+    def slow(rows):
+        time.sleep(0.02)
+        return real(rows)
+
+    monkeypatch.setattr(image_files, "check_png_image", slow)
+    rng = np.random.default_rng(5)
+    overlaid, refined = (rng.integers(0, 256, (96, 40, 3)).astype(np.uint8) for _ in range(2))
+    encoders = image_files.Encoders(2)
+    files = image_files.StreamedFiles(encoders, tmp_path, "x", ["SegOverlaid", "SegRefined"], len(overlaid))
+    start = threading.Barrier(8)
+
+    def hand(top: int) -> None:
+        start.wait()
+        files.overlay_rows(top, overlaid[top: top + 12], refined[top: top + 12])
+
+    threads = [threading.Thread(target=hand, args=(top,)) for top in range(0, 96, 12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for write in files.writes:
+        write.result()
+    encoders.close()
+    assert sorted(files.files) == ["SegOverlaid", "SegRefined"]
+    assert np.array_equal(read_image(tmp_path / "x_SegOverlaid.png"), overlaid)
+    assert np.array_equal(read_image(tmp_path / "x_SegRefined.png"), refined)
+
+
+def test_an_image_whose_named_file_was_not_published_gets_no_json(tmp_path: Path) -> None:
+    from deepliif.errors import DeepLIIFError
+    encoders = image_files.Encoders(1)
+    finishing = image_files._Finishing({"timings": {}}, tmp_path / "x.json", [], [tmp_path / "x_Seg.png"])
+    with pytest.raises(DeepLIIFError, match="x_Seg.png was not published"):
+        image_files._publish(finishing, encoders)
+    encoders.close()
+    assert not (tmp_path / "x.json").exists()
