@@ -148,8 +148,10 @@ class LabelledPixels:
         if not self.count:
             return first
         for where, owner in self.bands:
-            running = np.maximum.accumulate(owner) if len(owner) else owner
-            rises = np.flatnonzero(np.concatenate([[True], running[1:] > running[:-1]])) if len(owner) else owner
+            if not len(owner):
+                continue
+            running = np.maximum.accumulate(owner)
+            rises = np.flatnonzero(np.concatenate([[True], running[1:] > running[:-1]]))
             risen = owner[rises]
             unset = first[risen] == -1
             first[risen[unset]] = where[rises[unset]]

@@ -94,10 +94,11 @@ class Encoders:
         self.cells_writer.shutdown(wait=True, cancel_futures=cancel)
 
 
-def banded_png(path: Path, image: np.ndarray) -> BandedPng:
-    """The PNG file of an image (or of the rows it will hold) that bands are added to."""
-    height, width, channels = check_png_image(image)
-    return BandedPng(path, width, height, channels, write_atomically)
+def banded_png(path: Path, rows: np.ndarray, height: int | None = None) -> BandedPng:
+    """The PNG file that bands are added to, shaped like `rows` (the whole image, or its first band with
+    the image's `height`)."""
+    rows_height, width, channels = check_png_image(rows)
+    return BandedPng(path, width, rows_height if height is None else height, channels, write_atomically)
 
 
 class StreamedFiles:
@@ -138,9 +139,7 @@ class StreamedFiles:
         threads must not each make one, or neither would ever hold every band)."""
         with self._lock:
             if name not in self.files:
-                _, width, channels = check_png_image(rows)
-                self.files[name] = BandedPng(self.out / f"{self.stem}_{name}.png", width, self.height, channels,
-                                             write_atomically)
+                self.files[name] = banded_png(self.out / f"{self.stem}_{name}.png", rows, self.height)
             self.writes.extend(self.encoders.bands(self.files[name], rows, top))
 
 
