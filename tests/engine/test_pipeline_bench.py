@@ -17,6 +17,15 @@ def _mosaic(replay: Path, name: str) -> np.ndarray:
     return np.concatenate(tiles[:2], axis=1)
 
 
+def _share_of_wall(report: dict, seconds_key: str, share: float, digits: int) -> bool:
+    """Whether `share` is `report[seconds_key] / wall_s` up to the rounding of all three figures: seconds are
+    rounded to 3 digits and the share to `digits`, so on a run of a few hundredths of a second the ratio of the
+    rounded figures can differ from the rounded ratio by more than any fixed tolerance."""
+    wall, seconds = report["wall_s"], report[seconds_key]
+    slack = 0.5 * 10 ** -digits * wall + 0.0005 * (1 + share)
+    return abs(share * wall - seconds) <= slack + 1e-9
+
+
 def test_the_pipeline_bench_runs_infers_own_path_on_replayed_outputs(deepliif_fixtures: Path, tmp_path: Path) -> None:
     replay = deepliif_fixtures / "replay"
     image = tmp_path / "ihc.png"
@@ -24,8 +33,8 @@ def test_the_pipeline_bench_runs_infers_own_path_on_replayed_outputs(deepliif_fi
     report = bench_pipeline(image, replay, threads=2, batch_size=2, repeats=1)
     assert report["tiles"] == 3 and report["network_tiles"] == 3  # 1024 wide: x at 0, 448, 512
     assert 0 < report["network_s"] < report["wall_s"]
-    assert abs(report["network_busy"] - report["network_s"] / report["wall_s"]) < 0.01
-    assert report["cpu_s"] > 0 and abs(report["cores_busy"] - report["cpu_s"] / report["wall_s"]) < 0.01
+    assert _share_of_wall(report, "network_s", report["network_busy"], digits=3)
+    assert report["cpu_s"] > 0 and _share_of_wall(report, "cpu_s", report["cores_busy"], digits=2)
     assert report["cores_busy"] <= 2.05, "the runs are held to the CPUs `threads` asks for"
     assert set(report["stages"]) == {"decode", "tiling", "inference", "stitching", "postprocess", "encode"}
     assert report["pixels"] == 1024 * 512 and report["threads"] == 2 and report["scoring"]["num_total"] > 0
