@@ -310,12 +310,13 @@ def _draw_and_trace(orig: np.ndarray, cells: CellTable, counted: np.ndarray, is_
     if sink is not None:
         sink.cells(in_order, cell_outlines)
     try:
-        overlaid, refined = _overlays(orig, cells, counted, is_positive, ids, threads, sink) if overlays \
-            else (None, None)
         if traced is None:
             in_order.passed(len(orig))
         else:
-            traced.follow(in_order.passed)
+            traced.follow(in_order.passed)  # before drawing: the cells files are written beside the overlays
+        overlaid, refined = _overlays(orig, cells, counted, is_positive, ids, threads, sink) if overlays \
+            else (None, None)
+        if traced is not None:
             traced.wait()
     except BaseException:
         in_order.abandon()

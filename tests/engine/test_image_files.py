@@ -84,7 +84,9 @@ def test_a_failed_write_stops_the_run_leaves_no_json_and_no_thread(deepliif_fixt
 def test_a_failure_while_drawing_leaves_no_cells_file_half_written_and_no_thread(
         deepliif_fixtures: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The cells files are being written while the overlays are drawn: a failure there ends their writer
-    at the first cell not yet complete, and nothing of theirs is left under a final or temporary name."""
+    at the first cell not yet complete, so nothing of theirs is left under a temporary name, and what is
+    left under a final name (the tracing may have finished first) holds every cell; no JSON says the
+    image is done."""
     from deepliif import postprocessing
     replay = deepliif_fixtures / "replay"
 
@@ -95,8 +97,16 @@ def test_a_failure_while_drawing_leaves_no_cells_file_half_written_and_no_thread
     with pytest.raises(MemoryError, match="drawing the overlays"):
         infer_image_files(ReplaySession(replay), _inputs(replay, tmp_path / "in")[:1], tmp_path / "out",
                           InferenceOptions(threads=2), {})
-    left = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert not [name for name in left if "_cells" in name or name.endswith((".json", ".tmp"))], left
+    out = tmp_path / "out"
+    left = sorted(p.name for p in out.iterdir())
+    assert not [name for name in left if name.endswith((".json", ".tmp")) or name.startswith(".")], left
+    cells_files = sorted(name for name in left if "_cells" in name)
+    if cells_files:  # only ever both, each whole
+        (csv_name, geojson_name) = cells_files
+        features = json.loads((out / geojson_name).read_text())["features"]
+        rows = (out / csv_name).read_text().splitlines()
+        assert len(features) > 0 and len(rows) == len(features) + 1
+        assert all(feature["geometry"]["type"] == "Polygon" for feature in features)
     assert _threads() == []
 
 
