@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -221,12 +222,24 @@ def test_a_sink_hears_every_overlay_band_once_and_each_cell_with_its_whole_outli
 
 def test_a_failure_while_drawing_stops_the_cells_stream_and_leaves_no_thread(
         deepliif_fixtures: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from deepliif import postprocessing
+    """The cells are handed out while the overlays are drawn; a failure in the drawing while cells are
+    still being traced ends the stream at the first cell not complete (the tracing here is held back
+    until the drawing has failed, so it cannot finish first)."""
+    from deepliif import cell_outlines, postprocessing
+    failed = threading.Event()
+    trace_band = cell_outlines.OutlineTracer.trace_band
 
     def broken(*args, **kwargs):
+        failed.set()
         raise MemoryError("overlays")
 
+    def held_back(self, *args, **kwargs):
+        failed.wait(10)
+        time.sleep(0.3)  # the failure reaches the stream first
+        return trace_band(self, *args, **kwargs)
+
     monkeypatch.setattr(postprocessing, "draw_overlays", broken)
+    monkeypatch.setattr(cell_outlines.OutlineTracer, "trace_band", held_back)
     orig, seg, marker = _load(_tiles(deepliif_fixtures)[0])
     sink = _RecordingSink(orig.shape)
     with pytest.raises(MemoryError, match="overlays"):
