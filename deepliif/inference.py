@@ -17,7 +17,7 @@ from .cell_data import CELL_DATA_VERSIONS
 from .cells import Cell, CellGeometry, Outline
 from .contract import MODALITIES, OUTPUT_NAMES, SEG_INTERMEDIATE_NAMES
 from .errors import ArgumentError, ChoiceEnum, ImageError
-from .postprocessing import PostprocessResult, PostprocessSink, postprocess
+from .postprocessing import PostprocessResult, PostprocessSink, SegRows, postprocess
 from .scoring_rules import PostprocessOptions
 from .tile_loop import StitchedImage, Strategy, run_tile_loop
 from .tiling import DEFAULT_TILE_SIZE, TileGrid, check_tile_size
@@ -142,15 +142,16 @@ def check_image_array(image: np.ndarray) -> None:
 
 
 def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray], options: InferenceOptions,
-                 sink: PostprocessSink | None = None) -> tuple[dict[str, np.ndarray], PostprocessResult]:
+                 sink: PostprocessSink | None = None, seg_rows: SegRows | None = None
+                 ) -> tuple[dict[str, np.ndarray], PostprocessResult]:
     """Postprocess stitched network images: the selected output images, and the scoring and cells. The
     overlays are drawn only when one of them is selected, the outlines only when polygons are; `sink`
-    hears them as they are finished."""
+    hears them as they are finished; `seg_rows` holds the Seg's rows labelled while it was stitched."""
     wanted = options.outputs.names
     post = postprocess(image, network_images["Seg"], network_images["Marker"], options.tile_size,
                        options.postprocess, options.threads, overlays=any(n in wanted for n in OVERLAY_NAMES),
                        outlines=options.cell_geometry is CellGeometry.POLYGONS, cell_data=options.cell_data,
-                       sink=sink)
+                       sink=sink, seg_rows=seg_rows)
     everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
     return {name: everything[name] for name in wanted + options.intermediate_names}, post
 
@@ -174,15 +175,22 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
     if len(specs) > 1:
         raise ArgumentError(f"images inferred together must share one tile spec; got {sorted(specs, key=str)}")
     spec = specs.pop() if specs else InferenceOptions().tile_spec
+    seg_rows: list[SegRows | None] = [SegRows(o.postprocess.seg_thresh) for o in per_image]
+
+    def rows_final(index: int, outputs: dict[str, np.ndarray], final: int) -> None:
+        seg_rows[index].rows_final(outputs["Seg"], final)  # labelled while the network runs the later tiles
+        if sink is not None:
+            sink.rows_final(index, outputs, final)
 
     def finish(done: StitchedImage) -> InferenceResult:
+        rows, seg_rows[done.index] = seg_rows[done.index], None  # its arrays go with its result
         selected, post = finish_image(images[done.index], done.images, per_image[done.index],
-                                      None if sink is None else sink.postprocessed(done.index))
+                                      None if sink is None else sink.postprocessed(done.index), rows)
         return InferenceResult(selected, post.scoring, {"total_seconds": time.perf_counter() - done.started},
                                done.tiles, done.empty, post.cells, post.outlines, post.cell_data)
 
     results, timings = run_tile_loop(run, images, spec.tile_size, spec.batch_size, finish, strategy, progress,
-                                     [o.network_names for o in per_image], None if sink is None else sink.rows_final)
+                                     [o.network_names for o in per_image], rows_final)
     for result in results:
         result.timings = {**timings.as_dict(), **result.timings}
     return results

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 from deepliif.errors import ArgumentError
 from deepliif.imageio import read_image
-from deepliif.inference import InferenceOptions, OutputSet, infer_image, tile_count
+from deepliif.inference import InferenceOptions, OutputSet, infer_image, infer_images, tile_count
 from deepliif.model_dir import Layout, load_model_dir
 from deepliif.pipeline import OUTPUT_NAMES, FusedPipeline, TileRunner
 from deepliif.tiling import EMPTY_TILE_COLOURS
@@ -90,3 +91,29 @@ def test_bad_image_arrays(runner: TileRunner) -> None:
             infer_image(runner, image)
     with pytest.raises(ArgumentError, match="outputs must be one of"):
         OutputSet.parse("everything")
+
+
+def test_the_seg_is_labelled_while_it_is_stitched_and_scores_as_postprocess(
+        deepliif_fixtures: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tile loop hands each image's Seg rows to the labelling as they become final, on the stitching
+    thread (while the network runs the later tiles), band after band; the result is postprocess's on
+    the stitched outputs."""
+    from deepliif import postprocessing
+    from engine.replay import ReplaySession
+    replay = deepliif_fixtures / "replay"
+    tiles = ([read_image(folder / "IHC.png") for folder in sorted(replay.iterdir())] * 4)[:4]
+    image = np.vstack([np.hstack(tiles[:2]), np.hstack(tiles[2:4])])  # 1024², two tile rows
+    labelled_on: list[tuple[str, int]] = []
+    four_connected = postprocessing.four_connected
+
+    def recorded(mask: np.ndarray, *args, **kwargs):
+        labelled_on.append((threading.current_thread().name, len(mask)))
+        return four_connected(mask, *args, **kwargs)
+
+    monkeypatch.setattr(postprocessing, "four_connected", recorded)
+    (result,) = infer_images(ReplaySession(replay).run, [image], InferenceOptions(batch_size=2))
+    assert len(labelled_on) >= 2 and all(name.startswith("tile-merge") for name, _ in labelled_on), labelled_on
+    assert sum(rows for _, rows in labelled_on) == len(image), "every row labelled once"
+    expected = postprocessing.postprocess(image, result.images["Seg"], result.images["Marker"], 512)
+    assert result.scoring == expected.scoring and result.cells == expected.cells
+    assert np.array_equal(result.images["SegRefined"], expected.refined)

@@ -11,7 +11,8 @@ from scipy import ndimage
 
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import read_image
-from deepliif.postprocessing import default_marker_threshold, default_size_threshold, find_cells, postprocess
+from deepliif.postprocessing import (SegRows, default_marker_threshold, default_size_threshold, find_cells, label_cells,
+                                     postprocess)
 from deepliif.scoring_rules import PostprocessOptions, Resolution
 
 ARGUMENT_SETS = {
@@ -248,3 +249,38 @@ def test_a_failure_while_drawing_stops_the_cells_stream_and_leaves_no_thread(
     assert not sink.thread.is_alive() and sink.failure, "the taker stops at the first cell not complete"
     assert "outline pass stopped" in str(sink.failure[0])
     assert not [t.name for t in threading.enumerate() if t.name.startswith(("outlines", "cpu-stage"))]
+
+
+@pytest.mark.parametrize("finals", [[1, 2, 300, 300, 301, 512, 1000], [700], [64 * k for k in range(1, 17)]])
+def test_seg_rows_labelled_in_any_bands_equal_labelling_the_whole_seg(deepliif_fixtures: Path,
+                                                                       finals: list[int]) -> None:
+    """Rows handed over as the tile loop makes them final, in uneven bands (one row, repeats, one long
+    band), label to the same pixels, background and cells as the whole Seg at once."""
+    _, seg, _ = _mosaic(deepliif_fixtures)
+    rows = SegRows(120)
+    for final in finals:
+        rows.rows_final(seg, final)
+    banded, whole = rows.labelled(seg, threads=2), label_cells(seg, 120, threads=2)
+    for name in ("positive", "negative", "background"):
+        assert np.array_equal(getattr(banded, name), getattr(whole, name)), name
+    assert banded.found.count == whole.found.count > 100
+    for name in ("labels", "sizes", "x0", "y0", "x1", "y1", "sum_x", "sum_y"):
+        assert np.array_equal(getattr(banded.found, name), getattr(whole.found, name)), name
+
+
+def test_postprocess_of_seg_rows_equals_postprocess_of_the_seg(deepliif_fixtures: Path) -> None:
+    orig, seg, marker = _mosaic(deepliif_fixtures)
+    rows = SegRows(120)
+    for final in (512, 1000):
+        rows.rows_final(seg, final)
+    banded = postprocess(orig, seg, marker, 512, threads=2, outlines=True, seg_rows=rows)
+    whole = postprocess(orig, seg, marker, 512, threads=2, outlines=True)
+    assert banded.scoring == whole.scoring and banded.cells == whole.cells
+    assert np.array_equal(banded.overlaid, whole.overlaid) and np.array_equal(banded.refined, whole.refined)
+    assert all(np.array_equal(a, b) for c in whole.outlines for a, b in zip(banded.outlines[c], whole.outlines[c]))
+
+
+def test_seg_rows_labelled_at_another_threshold_are_refused(deepliif_fixtures: Path) -> None:
+    orig, seg, marker = _load(_tiles(deepliif_fixtures)[0])
+    with pytest.raises(ArgumentError, match="labelled at seg_thresh 100, the options ask 120"):
+        postprocess(orig, seg, marker, 512, seg_rows=SegRows(100))
