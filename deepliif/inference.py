@@ -17,7 +17,8 @@ from .cell_data import CELL_DATA_VERSIONS
 from .cells import Cell, CellGeometry, Outline
 from .contract import MODALITIES, OUTPUT_NAMES, SEG_INTERMEDIATE_NAMES
 from .errors import ArgumentError, ChoiceEnum, ImageError
-from .postprocessing import PostprocessResult, PostprocessSink, SegRows, postprocess
+from .postprocessing import PostprocessResult, PostprocessSink, postprocess
+from .seg_rows import SegRows
 from .scoring_rules import PostprocessOptions
 from .tile_loop import StitchedImage, Strategy, run_tile_loop
 from .tiling import DEFAULT_TILE_SIZE, TileGrid, check_tile_size
@@ -151,7 +152,8 @@ def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray], optio
     post = postprocess(image, network_images["Seg"], network_images["Marker"], options.tile_size,
                        options.postprocess, options.threads, overlays=any(n in wanted for n in OVERLAY_NAMES),
                        outlines=options.cell_geometry is CellGeometry.POLYGONS, cell_data=options.cell_data,
-                       sink=sink, seg_rows=seg_rows)
+                       sink=sink, labelled=None if seg_rows is None else
+                       seg_rows.labelled(network_images["Seg"], resolve_threads(options.threads)))
     everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
     return {name: everything[name] for name in wanted + options.intermediate_names}, post
 

@@ -143,6 +143,7 @@ class LabelledSeg:
     negative: np.ndarray
     background: np.ndarray
     found: Components
+    seg_thresh: int  # the threshold the pixels were classified at
 
 
 def label_cells(seg: np.ndarray, seg_thresh: int, threads: int = 1) -> LabelledSeg:
@@ -150,40 +151,7 @@ def label_cells(seg: np.ndarray, seg_thresh: int, threads: int = 1) -> LabelledS
     components of everything else."""
     positive, negative = classify_pixels(seg, seg_thresh, threads)
     background = mark_background(~(positive | negative), threads)
-    return LabelledSeg(positive, negative, background, components(~background, threads))
-
-
-class SegRows:
-    """A Seg's pixels classified, and its unknown pixels labelled (4-connected), band by band as the tile
-    loop makes its rows final, so that of DeepLIIF's labelling only the join across bands, the background
-    look-up and the cells' 8-connected labelling are left once the last tile is pasted. Any full-width
-    banding joins to the same background, so `labelled` equals `label_cells` on the whole Seg."""
-
-    def __init__(self, seg_thresh: int) -> None:
-        self.seg_thresh = seg_thresh
-        self._positive: np.ndarray | None = None
-        self._negative: np.ndarray | None = None
-        self._bands: list[tuple[int, np.ndarray, int]] = []
-        self._done = 0
-
-    def rows_final(self, seg: np.ndarray, final: int) -> None:
-        """Rows above `final` of `seg` (the whole image's Seg, being stitched) will not change."""
-        if final <= self._done:
-            return
-        if self._positive is None:
-            self._positive, self._negative = (np.empty(seg.shape[:2], bool) for _ in range(2))
-        rows = slice(self._done, final)
-        self._positive[rows], self._negative[rows] = classify_pixels(seg[rows], self.seg_thresh)
-        self._bands.append((self._done, *four_connected(~(self._positive[rows] | self._negative[rows]))))
-        self._done = final
-
-    def labelled(self, seg: np.ndarray, threads: int = 1) -> LabelledSeg:
-        """`label_cells(seg, seg_thresh)`, from the bands made so far and the rows left."""
-        self.rows_final(seg, len(seg))
-        if self._positive is None:  # an image without rows
-            return label_cells(seg, self.seg_thresh, threads)
-        background = background_of_bands(self._bands, seg.shape, threads)
-        return LabelledSeg(self._positive, self._negative, background, components(~background, threads))
+    return LabelledSeg(positive, negative, background, components(~background, threads), seg_thresh)
 
 
 def measure_cells(labelled: LabelledSeg, marker: np.ndarray | None, options: PostprocessOptions, threads: int = 1,
@@ -296,14 +264,14 @@ def overlay_bands(height: int, threads: int, streamed: bool) -> int:
 def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, tile_size: int,
                 options: PostprocessOptions = PostprocessOptions(), threads: int | None = None,
                 overlays: bool = True, outlines: bool = False, cell_data: int | None = None,
-                sink: PostprocessSink | None = None, seg_rows: SegRows | None = None) -> PostprocessResult:
+                sink: PostprocessSink | None = None, labelled: LabelledSeg | None = None) -> PostprocessResult:
     """Cells, counts and the two overlay images for one (stitched) image; the overlays are drawn on
     `threads` threads (default: every CPU this process may use), or not at all with `overlays=False`
     (a caller that wants only the scoring and cells; `overlaid` and `refined` are then None). With
     `outlines`, each counted cell's outline is traced too (beside the measures and overlays); with `cell_data` (3 to
     6), DeepLIIF 1.2.7's per-cell data of that version is made too. A `sink` hears the overlay bands and
-    the cells as they are finished. `seg_rows`: the Seg's rows already labelled as they were stitched
-    (its threshold must be `options.seg_thresh`)."""
+    the cells as they are finished. `labelled`: the Seg already labelled (as it was stitched:
+    `SegRows`), at `options.seg_thresh`."""
     if seg.shape[:2] != orig.shape[:2] or (marker is not None and marker.shape[:2] != orig.shape[:2]):
         raise ArgumentError(f"image sizes differ: input {orig.shape[:2]}, Seg {seg.shape[:2]}, "
                             f"Marker {None if marker is None else marker.shape[:2]}")
@@ -311,10 +279,12 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
         raise ArgumentError("marker_thresh 'default' needs the Marker image")
     threads = resolve_threads(threads)
     resolution = Resolution.from_tile_size(tile_size)
-    if seg_rows is not None and seg_rows.seg_thresh != options.seg_thresh:
-        raise ArgumentError(f"the Seg's rows were labelled at seg_thresh {seg_rows.seg_thresh}, "
-                            f"the options ask {options.seg_thresh}")
-    labelled = label_cells(seg, options.seg_thresh, threads) if seg_rows is None else seg_rows.labelled(seg, threads)
+    if labelled is None:
+        labelled = label_cells(seg, options.seg_thresh, threads)
+    elif labelled.seg_thresh != options.seg_thresh or labelled.positive.shape != seg.shape[:2]:
+        raise ArgumentError(f"the Seg was labelled at seg_thresh {labelled.seg_thresh} and size "
+                            f"{labelled.positive.shape}; the options ask {options.seg_thresh}, "
+                            f"the Seg is {seg.shape[:2]}")
     with contextlib.ExitStack() as stack:
         traced = stack.enter_context(LabelOutlines(labelled.found, threads)) if outlines else None
         cells = measure_cells(labelled, marker, options, threads, resolution, orig)

@@ -98,19 +98,19 @@ def test_the_seg_is_labelled_while_it_is_stitched_and_scores_as_postprocess(
     """The tile loop hands each image's Seg rows to the labelling as they become final, on the stitching
     thread (while the network runs the later tiles), band after band; the result is postprocess's on
     the stitched outputs."""
-    from deepliif import postprocessing
+    from deepliif import postprocessing, seg_rows
     from engine.replay import ReplaySession
     replay = deepliif_fixtures / "replay"
     tiles = ([read_image(folder / "IHC.png") for folder in sorted(replay.iterdir())] * 4)[:4]
     image = np.vstack([np.hstack(tiles[:2]), np.hstack(tiles[2:4])])  # 1024², two tile rows
     labelled_on: list[tuple[str, int]] = []
-    four_connected = postprocessing.four_connected
+    four_connected = seg_rows.four_connected
 
     def recorded(mask: np.ndarray, *args, **kwargs):
         labelled_on.append((threading.current_thread().name, len(mask)))
         return four_connected(mask, *args, **kwargs)
 
-    monkeypatch.setattr(postprocessing, "four_connected", recorded)
+    monkeypatch.setattr(seg_rows, "four_connected", recorded)
     (result,) = infer_images(ReplaySession(replay).run, [image], InferenceOptions(batch_size=2))
     assert len(labelled_on) >= 2 and all(name.startswith("tile-merge") for name, _ in labelled_on), labelled_on
     assert sum(rows for _, rows in labelled_on) == len(image), "every row labelled once"

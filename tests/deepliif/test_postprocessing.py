@@ -11,8 +11,9 @@ from scipy import ndimage
 
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import read_image
-from deepliif.postprocessing import (SegRows, default_marker_threshold, default_size_threshold, find_cells, label_cells,
+from deepliif.postprocessing import (default_marker_threshold, default_size_threshold, find_cells, label_cells,
                                      postprocess)
+from deepliif.seg_rows import SegRows
 from deepliif.scoring_rules import PostprocessOptions, Resolution
 
 ARGUMENT_SETS = {
@@ -273,14 +274,16 @@ def test_postprocess_of_seg_rows_equals_postprocess_of_the_seg(deepliif_fixtures
     rows = SegRows(120)
     for final in (512, 1000):
         rows.rows_final(seg, final)
-    banded = postprocess(orig, seg, marker, 512, threads=2, outlines=True, seg_rows=rows)
+    banded = postprocess(orig, seg, marker, 512, threads=2, outlines=True, labelled=rows.labelled(seg, 2))
     whole = postprocess(orig, seg, marker, 512, threads=2, outlines=True)
     assert banded.scoring == whole.scoring and banded.cells == whole.cells
     assert np.array_equal(banded.overlaid, whole.overlaid) and np.array_equal(banded.refined, whole.refined)
     assert all(np.array_equal(a, b) for c in whole.outlines for a, b in zip(banded.outlines[c], whole.outlines[c]))
 
 
-def test_seg_rows_labelled_at_another_threshold_are_refused(deepliif_fixtures: Path) -> None:
+def test_a_seg_labelled_at_another_threshold_or_size_is_refused(deepliif_fixtures: Path) -> None:
     orig, seg, marker = _load(_tiles(deepliif_fixtures)[0])
-    with pytest.raises(ArgumentError, match="labelled at seg_thresh 100, the options ask 120"):
-        postprocess(orig, seg, marker, 512, seg_rows=SegRows(100))
+    with pytest.raises(ArgumentError, match=r"labelled at seg_thresh 100 .*the options ask 120"):
+        postprocess(orig, seg, marker, 512, labelled=SegRows(100).labelled(seg))
+    with pytest.raises(ArgumentError, match=r"size \(512, 512\).*the Seg is \(256, 512\)"):
+        postprocess(orig[:256], seg[:256], marker[:256], 512, labelled=SegRows(120).labelled(seg))
