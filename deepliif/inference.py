@@ -147,13 +147,13 @@ def finish_image(image: np.ndarray, network_images: dict[str, np.ndarray], optio
                  ) -> tuple[dict[str, np.ndarray], PostprocessResult]:
     """Postprocess stitched network images: the selected output images, and the scoring and cells. The
     overlays are drawn only when one of them is selected, the outlines only when polygons are; `sink`
-    hears them as they are finished; `seg_rows` holds the Seg's rows labelled while it was stitched."""
+    hears them as they are finished; `seg_rows` holds the cells found as the Seg was stitched."""
     wanted = options.outputs.names
     post = postprocess(image, network_images["Seg"], network_images["Marker"], options.tile_size,
                        options.postprocess, options.threads, overlays=any(n in wanted for n in OVERLAY_NAMES),
                        outlines=options.cell_geometry is CellGeometry.POLYGONS, cell_data=options.cell_data,
-                       sink=sink, labelled=None if seg_rows is None else
-                       seg_rows.labelled(network_images["Seg"], resolve_threads(options.threads)))
+                       sink=sink, measured=None if seg_rows is None else seg_rows.cells(
+                           network_images["Seg"], network_images["Marker"], resolve_threads(options.threads)))
     everything = {**network_images, "SegOverlaid": post.overlaid, "SegRefined": post.refined}
     return {name: everything[name] for name in wanted + options.intermediate_names}, post
 
@@ -177,10 +177,11 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
     if len(specs) > 1:
         raise ArgumentError(f"images inferred together must share one tile spec; got {sorted(specs, key=str)}")
     spec = specs.pop() if specs else InferenceOptions().tile_spec
-    seg_rows: list[SegRows | None] = [SegRows(o.postprocess.seg_thresh) for o in per_image]
+    seg_rows: list[SegRows | None] = [SegRows(image, o.postprocess, spec.tile_size)
+                                      for image, o in zip(images, per_image)]
 
     def rows_final(index: int, outputs: dict[str, np.ndarray], final: int) -> None:
-        seg_rows[index].rows_final(outputs["Seg"], final)  # labelled while the network runs the later tiles
+        seg_rows[index].rows_final(outputs, final)  # its cells found while the network runs the later tiles
         if sink is not None:
             sink.rows_final(index, outputs, final)
 

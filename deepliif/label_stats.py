@@ -225,28 +225,81 @@ def global_ids(labels: np.ndarray, first: int) -> np.ndarray:
     return np.where(labels > 0, labels.astype(np.int64) + (first - 1), -1)
 
 
+class JoinedBands:
+    """Labels of full-width row bands, handed over top to bottom, numbered image-wide (each band's from
+    its first id on) and joined where they touch across band edges: 4-connected, or 8-connected with
+    `diagonal`."""
+
+    def __init__(self, diagonal: bool) -> None:
+        self.diagonal = diagonal
+        self.sets, self.firsts = UnionFind(), []  # per band, the first id of its labels
+        self.last_row: np.ndarray | None = None  # image-wide ids of the last band's last row (-1: none)
+
+    def add(self, labels: np.ndarray, count: int) -> int:
+        """The next band's labels (0: none) and their count; the first id of its labels."""
+        first = self.sets.grow(count)
+        self.firsts.append(first)
+        if self.last_row is not None:
+            join_edge(self.sets, self.last_row, global_ids(labels[0], first), self.diagonal)
+        self.last_row = global_ids(labels[-1], first)
+        return first
+
+
+class BorderComponents:
+    """Which 4-connected components of an image's or slide's unknown pixels touch its border (DeepLIIF's
+    background), as full-width row bands of their labels arrive top to bottom: labels that touch across a
+    band edge are joined. A component's verdict is final once it touches the border, or once it no longer
+    reaches the last row handed over (nothing later can join it), so the top bands are settled while
+    later rows are still being made."""
+
+    def __init__(self, height: int) -> None:
+        self.height, self._joined, self._touching, self._rows = height, JoinedBands(diagonal=False), [], 0
+
+    @property
+    def firsts(self) -> list[int]:
+        """Per band, the first id of its labels."""
+        return self._joined.firsts
+
+    def add(self, top: int, labels: np.ndarray, count: int) -> None:
+        """The next band's labels (rows `top` on; 0: not unknown) and their count."""
+        first = self._joined.add(labels, count)
+        edges = [global_ids(labels[:, 0], first), global_ids(labels[:, -1], first)] + \
+            ([global_ids(labels[0], first)] if top == 0 else []) + \
+            ([self._joined.last_row] if top + len(labels) == self.height else [])
+        self._touching.append(np.unique(np.concatenate(edges)))
+        self._rows = top + len(labels)
+
+    def verdicts(self) -> tuple[np.ndarray, int]:
+        """Per id whether it is background, and how many bands from the top are settled (every id of
+        theirs final); when the last row has been handed over, every band is."""
+        roots = self._joined.sets.roots()
+        border = np.concatenate(self._touching) if self._touching else np.zeros(0, np.int64)
+        root_is_background = np.zeros(len(roots), bool)
+        root_is_background[roots[border[border >= 0]]] = True
+        if self._rows >= self.height:
+            return root_is_background[roots], len(self.firsts)
+        root_is_open = np.zeros(len(roots), bool)
+        frontier = self._joined.last_row
+        root_is_open[roots[frontier[frontier >= 0]]] = True
+        unsettled = root_is_open[roots] & ~root_is_background[roots]
+        settled = 0
+        for first, end in zip(self.firsts, self.firsts[1:] + [len(roots)]):
+            if unsettled[first:end].any():
+                break
+            settled += 1
+        return root_is_background[roots], settled
+
+
 def border_components(bands: Iterable[T], height: int, labelled: Callable[[T], tuple[int, np.ndarray, int]],
                       threads: int = 1) -> tuple[list[int], np.ndarray]:
-    """Which 4-connected components of an image's or slide's unknown pixels touch its border (DeepLIIF's
-    background), from full-width row bands: `labelled(band)` gives its top row and the band's `unknown_labels`. Returns
-    per band the first id of its labels, and per id whether it is background. Bands are labelled on
-    `threads` threads; their labels are numbered and joined in band order."""
-    sets, firsts, touching, previous = UnionFind(), [], [], None
+    """`BorderComponents` of every band: `labelled(band)` gives its top row and the band's `unknown_labels`.
+    Returns per band the first id of its labels, and per id whether it is background. Bands are labelled
+    on `threads` threads; their labels are numbered and joined in band order."""
+    border = BorderComponents(height)
     with contextlib.closing(ordered_map(labelled, bands, threads)) as labelled_bands:
         for top, labels, count in labelled_bands:
-            firsts.append(sets.grow(count))
-            first_row, last_row = global_ids(labels[0], firsts[-1]), global_ids(labels[-1], firsts[-1])
-            edges = [global_ids(labels[:, 0], firsts[-1]), global_ids(labels[:, -1], firsts[-1])] + \
-                ([first_row] if top == 0 else []) + ([last_row] if top + len(labels) == height else [])
-            touching.append(np.unique(np.concatenate(edges)))
-            if previous is not None:
-                join_edge(sets, previous, first_row, diagonal=False)
-            previous = last_row
-    roots = sets.roots()
-    border = np.concatenate(touching) if touching else np.zeros(0, np.int64)
-    root_is_background = np.zeros(len(roots), bool)
-    root_is_background[roots[border[border >= 0]]] = True
-    return firsts, root_is_background[roots]
+            border.add(top, labels, count)
+    return border.firsts, border.verdicts()[0]
 
 
 def background_of(unknown: tuple[np.ndarray, int], first: int, is_background: np.ndarray,

@@ -38,7 +38,8 @@ class CellTable:
     od: np.ndarray | None  # mean optical density of the IHC over the cell, when an od threshold is set
     first_pixel: np.ndarray  # flat index of each cell's first pixel in raster order
     kept: np.ndarray  # bool: above the noise threshold
-    pixels: LabelledPixels  # the labelled pixels, for further per-cell reductions
+    options: PostprocessOptions  # what the cells were found and measured with
+    resolution: Resolution
 
     @property
     def labels(self) -> np.ndarray:
@@ -93,16 +94,8 @@ def mark_background(unknown: np.ndarray, threads: int = 1) -> np.ndarray:
     (`border_components`), then each band's verdicts looked up on its own thread."""
     bands = row_bands(len(unknown), threads)
     labelled = parallel_map(lambda rows: (rows[0], *four_connected(unknown[rows[0]:rows[1]])), bands, threads)
-    return background_of_bands(labelled, unknown.shape, threads)
-
-
-def background_of_bands(labelled: list[tuple[int, np.ndarray, int]], shape: tuple[int, ...],
-                        threads: int = 1) -> np.ndarray:
-    """The background of an image from its unknown pixels' 4-connected labels in full-width row bands
-    (top row, labels, count; top to bottom, any heights): joined across band edges, then looked up band
-    by band on `threads` threads."""
-    firsts, is_background = border_components(labelled, shape[0], lambda band: band)
-    background = np.empty(shape[:2], bool)
+    firsts, is_background = border_components(labelled, len(unknown), lambda band: band)
+    background = np.empty(unknown.shape, bool)
 
     def look(index: int) -> None:
         top, labels, count = labelled[index]
@@ -143,7 +136,6 @@ class LabelledSeg:
     negative: np.ndarray
     background: np.ndarray
     found: Components
-    seg_thresh: int  # the threshold the pixels were classified at
 
 
 def label_cells(seg: np.ndarray, seg_thresh: int, threads: int = 1) -> LabelledSeg:
@@ -151,7 +143,7 @@ def label_cells(seg: np.ndarray, seg_thresh: int, threads: int = 1) -> LabelledS
     components of everything else."""
     positive, negative = classify_pixels(seg, seg_thresh, threads)
     background = mark_background(~(positive | negative), threads)
-    return LabelledSeg(positive, negative, background, components(~background, threads), seg_thresh)
+    return LabelledSeg(positive, negative, background, components(~background, threads))
 
 
 def measure_cells(labelled: LabelledSeg, marker: np.ndarray | None, options: PostprocessOptions, threads: int = 1,
@@ -167,12 +159,20 @@ def measure_cells(labelled: LabelledSeg, marker: np.ndarray | None, options: Pos
         marker_sum = None if grey is None else pixels.image_sums(grey)
         is_positive, first = counts.result()
         od = mean_optical_density(pixels, sizes, orig) if options.uses_optical_density else None
+    kept = above_noise(sizes, options, resolution)
+    kept[0] = False
+    return CellTable(found, labelled.background, is_positive, marker_values, marker_sum, od, first, kept, options,
+                     resolution)
+
+
+def above_noise(sizes: np.ndarray, options: PostprocessOptions, resolution: Resolution) -> np.ndarray:
+    """Which cells of these sizes are kept: above the noise threshold, and below the large-noise size
+    where the resolution has one."""
     kept = sizes > options.noise_thresh
     large_noise = options.large_noise_size(resolution)
     if large_noise is not None:
         kept &= sizes < large_noise
-    kept[0] = False
-    return CellTable(found, labelled.background, is_positive, marker_values, marker_sum, od, first, kept, pixels)
+    return kept
 
 
 def mean_optical_density(pixels: LabelledPixels, sizes: np.ndarray, orig: np.ndarray) -> np.ndarray:
@@ -264,14 +264,14 @@ def overlay_bands(height: int, threads: int, streamed: bool) -> int:
 def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, tile_size: int,
                 options: PostprocessOptions = PostprocessOptions(), threads: int | None = None,
                 overlays: bool = True, outlines: bool = False, cell_data: int | None = None,
-                sink: PostprocessSink | None = None, labelled: LabelledSeg | None = None) -> PostprocessResult:
+                sink: PostprocessSink | None = None, measured: CellTable | None = None) -> PostprocessResult:
     """Cells, counts and the two overlay images for one (stitched) image; the overlays are drawn on
     `threads` threads (default: every CPU this process may use), or not at all with `overlays=False`
     (a caller that wants only the scoring and cells; `overlaid` and `refined` are then None). With
     `outlines`, each counted cell's outline is traced too (beside the measures and overlays); with `cell_data` (3 to
     6), DeepLIIF 1.2.7's per-cell data of that version is made too. A `sink` hears the overlay bands and
-    the cells as they are finished. `labelled`: the Seg already labelled (as it was stitched:
-    `SegRows`), at `options.seg_thresh`."""
+    the cells as they are finished. `measured`: the cells already found and measured (as the Seg was
+    stitched: `SegRows`), with these options at this tile size's resolution."""
     if seg.shape[:2] != orig.shape[:2] or (marker is not None and marker.shape[:2] != orig.shape[:2]):
         raise ArgumentError(f"image sizes differ: input {orig.shape[:2]}, Seg {seg.shape[:2]}, "
                             f"Marker {None if marker is None else marker.shape[:2]}")
@@ -279,15 +279,14 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
         raise ArgumentError("marker_thresh 'default' needs the Marker image")
     threads = resolve_threads(threads)
     resolution = Resolution.from_tile_size(tile_size)
-    if labelled is None:
-        labelled = label_cells(seg, options.seg_thresh, threads)
-    elif labelled.seg_thresh != options.seg_thresh or labelled.positive.shape != seg.shape[:2]:
-        raise ArgumentError(f"the Seg was labelled at seg_thresh {labelled.seg_thresh} and size "
-                            f"{labelled.positive.shape}; the options ask {options.seg_thresh}, "
-                            f"the Seg is {seg.shape[:2]}")
+    if measured is not None:
+        _check_measured(measured, seg, marker, options, resolution)
     with contextlib.ExitStack() as stack:
-        traced = stack.enter_context(LabelOutlines(labelled.found, threads)) if outlines else None
-        cells = measure_cells(labelled, marker, options, threads, resolution, orig)
+        labelled = None if measured is not None else label_cells(seg, options.seg_thresh, threads)
+        found = labelled.found if measured is None else measured.components
+        traced = stack.enter_context(LabelOutlines(found, threads)) if outlines else None
+        cells = measured if measured is not None else \
+            measure_cells(labelled, marker, options, threads, resolution, orig)
         default_size, size_thresh, marker_thresh = _thresholds(cells, marker, options, resolution, threads,
                                                                cell_data is not None)
         counted = cells.kept & options.counted(cells.sizes, size_thresh)
@@ -300,6 +299,16 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     document = None if cell_data is None else \
         _cell_data(cells, cell_data, orig, marker, options, resolution, default_size)
     return PostprocessResult(overlaid, refined, scoring, table, cell_outlines, document)
+
+
+def _check_measured(measured: CellTable, seg: np.ndarray, marker: np.ndarray | None, options: PostprocessOptions,
+                    resolution: Resolution) -> None:
+    """Refuse cells measured with other options, at another resolution or size, or with(out) a Marker."""
+    made = (measured.options, measured.resolution, measured.background.shape, measured.marker_sum is not None)
+    asked = (options, resolution, seg.shape[:2], marker is not None)
+    if made != asked:
+        raise ArgumentError(f"the cells were measured with {made[0]} at {made[1]}, size {made[2]}, "
+                            f"Marker {made[3]}; this asks {asked[0]} at {asked[1]}, size {asked[2]}, Marker {asked[3]}")
 
 
 def _thresholds(cells: CellTable, marker: np.ndarray | None, options: PostprocessOptions, resolution: Resolution,
@@ -371,7 +380,8 @@ def _cell_data(cells: CellTable, version: int, orig: np.ndarray, marker: np.ndar
         raise ArgumentError(f"cell data version must be one of {CELL_DATA_VERSIONS}; got {version!r}")
     by_density = uses_optical_density(version)
     if by_density:
-        values = cells.od if cells.od is not None else mean_optical_density(cells.pixels, cells.sizes, orig)
+        values = cells.od if cells.od is not None else mean_optical_density(
+            LabelledPixels.of(cells.labels, cells.components.count), cells.sizes, orig)
     else:
         values = cells.marker
     records = cell_records(cells.labels, np.flatnonzero(cells.kept), cells.sizes, cells.positive, values,

@@ -1,41 +1,114 @@
-"""A Seg labelled band by band while the tile loop stitches it."""
+"""A Seg's cells found and measured band by band while the tile loop stitches it.
+
+DeepLIIF's cells are the 8-connected components of what is not background, and its background is the
+unknown pixels 4-connected to the image's border, so neither can be decided from a band alone. As the tile
+loop makes rows final, they are classified and their unknown pixels labelled (`BorderComponents` joins the
+labels across band edges); a band's background is settled once every unknown component in it touches the
+border or no longer reaches the last row handed over. Each settled band's cells are then labelled and
+measured as a slide's band is (`slide_scoring.band_stats`), and joined across band edges. After the last
+tile only the bottom bands are left, then the merge, which numbers the cells in raster order as labelling
+the whole image does; the cells and every per-cell figure equal `measure_cells(label_cells(seg))`.
+"""
 from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
-from .label_stats import components, four_connected
-from .postprocessing import LabelledSeg, background_of_bands, classify_pixels, label_cells
+from .label_stats import BorderComponents, Components, JoinedBands, background_of, components, four_connected, \
+    grey_levels
+from .postprocessing import CellTable, above_noise, classify_pixels
+from .scoring_rules import PostprocessOptions, Resolution, mean_density
+from .slide_scoring import SlideCells, band_stats, merge_bands
+from .workers import parallel_map
+
+
+@dataclass(frozen=True)
+class _Classified:
+    """A band classified, its unknown pixels labelled, waiting for their background verdicts."""
+    top: int
+    positive: np.ndarray
+    negative: np.ndarray
+    unknown: np.ndarray  # 4-connected labels of the unknown pixels
+    count: int
+    first: int  # the image-wide id of its first unknown label
 
 
 class SegRows:
-    """A Seg's pixels classified, and its unknown pixels labelled (4-connected), band by band as the tile
-    loop makes its rows final, so that of DeepLIIF's labelling only the join across bands, the background
-    look-up and the cells' 8-connected labelling are left once the last tile is pasted. Any full-width
-    banding joins to the same background, so `labelled` equals `label_cells` on the whole Seg."""
+    """One image's cells, made from its Seg (and Marker) rows as the tile loop makes them final:
+    `rows_final` on the stitching thread while the network runs the later tiles, then `cells` once the
+    last tile is pasted. `orig` is the input IHC (for optical densities); `options` and `tile_size`
+    are those the image is postprocessed with."""
 
-    def __init__(self, seg_thresh: int) -> None:
-        self.seg_thresh = seg_thresh
-        self._positive: np.ndarray | None = None
-        self._negative: np.ndarray | None = None
-        self._bands: list[tuple[int, np.ndarray, int]] = []
+    def __init__(self, orig: np.ndarray, options: PostprocessOptions, tile_size: int) -> None:
+        self.orig, self.options, self.resolution = orig, options, Resolution.from_tile_size(tile_size)
+        self._border = BorderComponents(len(orig))
+        self._waiting: deque[_Classified] = deque()
+        self._joined = JoinedBands(diagonal=True)
+        self._measured: list[tuple[int, int, dict[str, np.ndarray]]] = []  # per band: top, bottom, its figures
+        self._labels = np.empty(orig.shape[:2], np.int32)  # each band's own labels until they are merged
+        self._background = np.empty(orig.shape[:2], bool)
         self._done = 0
 
-    def rows_final(self, seg: np.ndarray, final: int) -> None:
-        """Rows above `final` of `seg` (the whole image's Seg, being stitched) will not change."""
+    def rows_final(self, outputs: Mapping[str, np.ndarray], final: int) -> None:
+        """Rows above `final` of the Seg and Marker in `outputs` (the whole image's, being stitched) will
+        not change."""
         if final <= self._done:
             return
-        if self._positive is None:
-            self._positive, self._negative = (np.empty(seg.shape[:2], bool) for _ in range(2))
         rows = slice(self._done, final)
-        self._positive[rows], self._negative[rows] = classify_pixels(seg[rows], self.seg_thresh)
-        self._bands.append((self._done, *four_connected(~(self._positive[rows] | self._negative[rows]))))
+        positive, negative = classify_pixels(outputs["Seg"][rows], self.options.seg_thresh)
+        unknown, count = four_connected(~(positive | negative))
+        self._border.add(self._done, unknown, count)
+        self._waiting.append(_Classified(self._done, positive, negative, unknown, count, self._border.firsts[-1]))
         self._done = final
+        is_background, settled = self._border.verdicts()
+        while self._waiting and len(self._measured) < settled:
+            self._measure(self._waiting.popleft(), is_background, outputs.get("Marker"))
 
-    def labelled(self, seg: np.ndarray, threads: int = 1) -> LabelledSeg:
-        """`label_cells(seg, seg_thresh)`, from the bands made so far and the rows left."""
-        self.rows_final(seg, len(seg))
-        if self._positive is None:  # an image without rows
-            return label_cells(seg, self.seg_thresh, threads)
-        background = background_of_bands(self._bands, seg.shape, threads)
-        return LabelledSeg(self._positive, self._negative, background, components(~background, threads),
-                           self.seg_thresh)
+    def _measure(self, band: _Classified, is_background: np.ndarray, marker: np.ndarray | None) -> None:
+        top, bottom = band.top, band.top + len(band.unknown)
+        background = background_of((band.unknown, band.count), band.first, is_background,
+                                   out=self._background[top:bottom])
+        found = components(~background)
+        grey = None if marker is None else grey_levels(marker[top:bottom])
+        ihc = self.orig[top:bottom] if self.options.uses_optical_density else None
+        self._measured.append((top, bottom, band_stats(found, top, grey, ihc, self.orig.shape[1], band.positive,
+                                                       band.negative)))
+        self._joined.add(found.labels, found.count)
+        self._labels[top:bottom] = found.labels
+
+    def cells(self, seg: np.ndarray, marker: np.ndarray | None, threads: int = 1) -> CellTable:
+        """`measure_cells(label_cells(seg))`: the rows left handed over, then the bands' cells merged
+        across band edges, numbered by their first pixels, and the label image renumbered so on `threads`
+        threads."""
+        self.rows_final({"Seg": seg} if marker is None else {"Seg": seg, "Marker": marker}, len(seg))
+        merged, cell_of_label = merge_bands(self._joined.sets.roots(), [m for *_, m in self._measured],
+                                            np.zeros(256, np.int64))
+
+        def renumber(band: int) -> None:
+            top, bottom, figures = self._measured[band]
+            first = self._joined.firsts[band]
+            table = np.concatenate([[0], cell_of_label[first: first + len(figures["sizes"])] + 1]).astype(np.int32)
+            np.take(table, self._labels[top:bottom], out=self._labels[top:bottom])
+
+        parallel_map(renumber, range(len(self._measured)), threads)
+        return self._table(merged, marker is not None)
+
+    def _table(self, merged: SlideCells, has_marker: bool) -> CellTable:
+        """The merged cells as `measure_cells` gives them, indexed by label: index 0 is the unlabelled
+        pixels (their count; no box is made for them, nothing reads it)."""
+        unlabelled = np.int64(self._labels.size - merged.sizes.sum())
+
+        def indexed(values: np.ndarray, at_zero: int = 0) -> np.ndarray:
+            return np.concatenate([[at_zero], values]).astype(np.int64)
+
+        found = Components(self._labels, len(merged.sizes), indexed(merged.sizes, unlabelled),
+                           *(indexed(getattr(merged, edge)) for edge in ("x0", "y0", "x1", "y1", "sum_x", "sum_y")))
+        od = indexed(mean_density(merged.od_sum, merged.sizes)) if merged.od_sum is not None else None
+        kept = above_noise(found.sizes, self.options, self.resolution)
+        kept[0] = False
+        return CellTable(found, self._background, np.concatenate([[True], merged.positive]), indexed(merged.marker),
+                         indexed(merged.marker_sum) if has_marker else None, od, indexed(merged.first_pixel, -1), kept,
+                         self.options, self.resolution)

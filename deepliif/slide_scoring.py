@@ -25,8 +25,8 @@ import numpy as np
 
 from .cells import Cell, counted_cells
 from .errors import ArgumentError
-from .label_stats import (Components, LabelledPixels, UnionFind, background_of, border_components, components,
-                          four_connected, global_ids, grey_levels, join_edge)
+from .label_stats import (Components, JoinedBands, LabelledPixels, background_of, border_components, components,
+                          four_connected, grey_levels)
 from .scoring_rules import PostprocessOptions, Resolution, mean_density, optical_density
 from .postprocessing import classify_pixels, default_size_threshold
 from .pyramid import LevelRows
@@ -168,10 +168,10 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
         background = background_of(unknown_labels(~(positive | negative)), first, is_background)
         found = components(~background)
         histogram = None if grey is None else np.bincount(grey.ravel(), minlength=256)
-        stats = _band_stats(found, band, grey, width, positive, negative)
+        stats = band_stats(found, band.top, grey, band.ihc, width, positive, negative)
         return band.top, found.labels, found.count, stats, histogram, BandLabels.encode(found.labels)
 
-    sets, previous, parts, histogram, cell_firsts = UnionFind(), None, [], np.zeros(256, np.int64), []
+    joined, parts, histogram = JoinedBands(diagonal=True), [], np.zeros(256, np.int64)
     stored = BandLabels(scratch)
     measured_bands = ordered_map(measured, zip(bands(measuring=True), no_cell_firsts), threads)
     try:
@@ -179,27 +179,27 @@ def slide_cells(bands: Bands, width: int, height: int, seg_thresh: int, threads:
             if band_histogram is not None:
                 histogram += band_histogram
             stored.add(top, labels.shape, count, compressed)
-            cell_firsts.append(sets.grow(count))
-            if previous is not None:
-                join_edge(sets, previous, global_ids(labels[0], cell_firsts[-1]), diagonal=True)
-            previous = global_ids(labels[-1], cell_firsts[-1])
+            joined.add(labels, count)
             parts.append(stats)
-        cells, cell_of_label = _merge(sets.roots(), parts, histogram)
+        cells, cell_of_label = merge_bands(joined.sets.roots(), parts, histogram)
     except BaseException:
         stored.close()
         raise
     finally:
         measured_bands.close()  # a failure here stops the band threads and the read-ahead at once
-    cells.labels = SlideLabels(stored, cell_firsts, cell_of_label)
+    cells.labels = SlideLabels(stored, joined.firsts, cell_of_label)
     return cells
 
 
-def _band_stats(found: Components, band: Band, grey: np.ndarray | None, width: int, positive: np.ndarray,
-                negative: np.ndarray) -> dict[str, np.ndarray]:
-    top, count = band.top, found.count
+def band_stats(found: Components, top: int, grey: np.ndarray | None, ihc: np.ndarray | None, width: int,
+               positive: np.ndarray, negative: np.ndarray) -> dict[str, np.ndarray]:
+    """One band's own cells (label 1.. of `found`, indices 0..), measured in image coordinates (the band
+    starts at row `top`): the figures that add, or take a minimum or maximum, across band edges
+    (`merge_bands`); the optical density's sums where the band's IHC is given."""
+    count = found.count
     pixels = LabelledPixels.of(found.labels, count)
     sizes = found.sizes[1:]
-    od = {} if band.ihc is None else {"od_sum": pixels.image_sums(optical_density(band.ihc))[1:]}
+    od = {} if ihc is None else {"od_sum": pixels.image_sums(optical_density(ihc))[1:]}
     return {**od, "sizes": sizes, "positive": pixels.count_true(positive)[1:],
             "negative": pixels.count_true(negative)[1:],
             "marker": pixels.maximum(grey)[1:] if grey is not None else np.zeros(count, np.int64),
@@ -209,8 +209,8 @@ def _band_stats(found: Components, band: Band, grey: np.ndarray | None, width: i
             "x0": found.x0[1:], "x1": found.x1[1:], "y0": found.y0[1:] + top, "y1": found.y1[1:] + top}
 
 
-def _merge(roots: np.ndarray, parts: list[dict[str, np.ndarray]], histogram: np.ndarray
-           ) -> tuple[SlideCells, np.ndarray]:
+def merge_bands(roots: np.ndarray, parts: list[dict[str, np.ndarray]], histogram: np.ndarray
+                ) -> tuple[SlideCells, np.ndarray]:
     """One cell per union-find root, ordered by first pixel; and each band label's cell."""
     joined = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     unique_roots, cell = np.unique(roots, return_inverse=True)

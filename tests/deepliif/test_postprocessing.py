@@ -12,7 +12,7 @@ from scipy import ndimage
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import read_image
 from deepliif.postprocessing import (default_marker_threshold, default_size_threshold, find_cells, label_cells,
-                                     postprocess)
+                                     measure_cells, postprocess)
 from deepliif.seg_rows import SegRows
 from deepliif.scoring_rules import PostprocessOptions, Resolution
 
@@ -252,38 +252,74 @@ def test_a_failure_while_drawing_stops_the_cells_stream_and_leaves_no_thread(
     assert not [t.name for t in threading.enumerate() if t.name.startswith(("outlines", "cpu-stage"))]
 
 
-@pytest.mark.parametrize("finals", [[1, 2, 300, 300, 301, 512, 1000], [700], [64 * k for k in range(1, 17)]])
-def test_seg_rows_labelled_in_any_bands_equal_labelling_the_whole_seg(deepliif_fixtures: Path,
-                                                                       finals: list[int]) -> None:
-    """Rows handed over as the tile loop makes them final, in uneven bands (one row, repeats, one long
-    band), label to the same pixels, background and cells as the whole Seg at once."""
-    _, seg, _ = _mosaic(deepliif_fixtures)
-    rows = SegRows(120)
+def _hand_over(rows: SegRows, seg: np.ndarray, marker: np.ndarray, finals: list[int]) -> None:
     for final in finals:
-        rows.rows_final(seg, final)
-    banded, whole = rows.labelled(seg, threads=2), label_cells(seg, 120, threads=2)
-    for name in ("positive", "negative", "background"):
+        rows.rows_final({"Seg": seg, "Marker": marker}, final)
+
+
+@pytest.mark.parametrize("finals", [[1, 2, 300, 300, 301, 512, 1000], [700], [64 * k for k in range(1, 17)], []])
+@pytest.mark.parametrize("options", [PostprocessOptions(), PostprocessOptions(seg_thresh=100, od_thresh_lower=10)],
+                         ids=["default", "od"])
+def test_seg_rows_in_any_bands_measure_the_cells_of_the_whole_seg(deepliif_fixtures: Path, finals: list[int],
+                                                                   options: PostprocessOptions) -> None:
+    """Rows handed over as the tile loop makes them final, in uneven bands (one row, repeats, one long
+    band, none before the end), give the same background, labels and per-cell figures as the whole Seg
+    labelled and measured at once."""
+    orig, seg, marker = _mosaic(deepliif_fixtures)
+    rows = SegRows(orig, options, 512)
+    _hand_over(rows, seg, marker, finals)
+    banded = rows.cells(seg, marker, threads=2)
+    whole = measure_cells(label_cells(seg, options.seg_thresh, 2), marker, options, 2, orig=orig)
+    assert np.array_equal(banded.background, whole.background)
+    assert banded.components.count == whole.components.count > 100
+    assert np.array_equal(banded.labels, whole.labels)
+    for name in ("sizes", "sum_x", "sum_y"):
+        assert np.array_equal(getattr(banded.components, name), getattr(whole.components, name)), name
+    for name in ("x0", "y0", "x1", "y1"):  # label 0's box (the unlabelled pixels') is not made
+        assert np.array_equal(getattr(banded.components, name)[1:], getattr(whole.components, name)[1:]), name
+    for name in ("positive", "marker", "marker_sum", "od", "first_pixel", "kept"):
         assert np.array_equal(getattr(banded, name), getattr(whole, name)), name
-    assert banded.found.count == whole.found.count > 100
-    for name in ("labels", "sizes", "x0", "y0", "x1", "y1", "sum_x", "sum_y"):
-        assert np.array_equal(getattr(banded.found, name), getattr(whole.found, name)), name
+    assert banded.od is not None if options.uses_optical_density else banded.od is None
+
+
+def test_a_band_waits_until_its_background_is_settled(deepliif_fixtures: Path) -> None:
+    """An unknown region closed off from the border only by rows below it is not background; its band is
+    measured only once those rows arrive, and then as the whole image labels it."""
+    orig, seg, marker = _mosaic(deepliif_fixtures)
+    seg, marker = seg[:300].copy(), marker[:300]
+    seg[:, :] = (255, 0, 0)  # every pixel a positive cell ...
+    seg[100:200, 100:200] = 0  # ... but a square of unknown pixels ...
+    seg[150:250, 150] = 0  # ... with a tail down to row 249, still open at row 200
+    rows = SegRows(orig[:300], PostprocessOptions(), 512)
+    _hand_over(rows, seg, marker, [100, 200])
+    assert [top for top, *_ in rows._measured] == [0], "the band of rows 100-199 waits for the rows below"
+    banded = rows.cells(seg, marker)
+    whole = measure_cells(label_cells(seg, 120), marker, PostprocessOptions(), orig=orig[:300])
+    assert not banded.background.any() and banded.components.count == whole.components.count == 1
+    assert np.array_equal(banded.labels, whole.labels) and np.array_equal(banded.sizes, whole.sizes)
 
 
 def test_postprocess_of_seg_rows_equals_postprocess_of_the_seg(deepliif_fixtures: Path) -> None:
     orig, seg, marker = _mosaic(deepliif_fixtures)
-    rows = SegRows(120)
-    for final in (512, 1000):
-        rows.rows_final(seg, final)
-    banded = postprocess(orig, seg, marker, 512, threads=2, outlines=True, labelled=rows.labelled(seg, 2))
-    whole = postprocess(orig, seg, marker, 512, threads=2, outlines=True)
-    assert banded.scoring == whole.scoring and banded.cells == whole.cells
+    rows = SegRows(orig, PostprocessOptions(), 512)
+    _hand_over(rows, seg, marker, [512, 1000])
+    banded = postprocess(orig, seg, marker, 512, threads=2, outlines=True, cell_data=6,
+                         measured=rows.cells(seg, marker, 2))
+    whole = postprocess(orig, seg, marker, 512, threads=2, outlines=True, cell_data=6)
+    assert banded.scoring == whole.scoring and banded.cells == whole.cells and banded.cell_data == whole.cell_data
     assert np.array_equal(banded.overlaid, whole.overlaid) and np.array_equal(banded.refined, whole.refined)
     assert all(np.array_equal(a, b) for c in whole.outlines for a, b in zip(banded.outlines[c], whole.outlines[c]))
 
 
-def test_a_seg_labelled_at_another_threshold_or_size_is_refused(deepliif_fixtures: Path) -> None:
+def test_cells_measured_with_other_options_size_or_marker_are_refused(deepliif_fixtures: Path) -> None:
     orig, seg, marker = _load(_tiles(deepliif_fixtures)[0])
-    with pytest.raises(ArgumentError, match=r"labelled at seg_thresh 100 .*the options ask 120"):
-        postprocess(orig, seg, marker, 512, labelled=SegRows(100).labelled(seg))
-    with pytest.raises(ArgumentError, match=r"size \(512, 512\).*the Seg is \(256, 512\)"):
-        postprocess(orig[:256], seg[:256], marker[:256], 512, labelled=SegRows(120).labelled(seg))
+    other = SegRows(orig, PostprocessOptions(seg_thresh=100), 512).cells(seg, marker)
+    with pytest.raises(ArgumentError, match=r"measured with .*seg_thresh=100.*this asks .*seg_thresh=120"):
+        postprocess(orig, seg, marker, 512, measured=other)
+    with pytest.raises(ArgumentError, match=r"X40.*this asks .*X20"):
+        postprocess(orig, seg, marker, 256, measured=SegRows(orig, PostprocessOptions(), 512).cells(seg, marker))
+    with pytest.raises(ArgumentError, match=r"size \(512, 512\).*size \(256, 512\)"):
+        postprocess(orig[:256], seg[:256], marker[:256], 512,
+                    measured=SegRows(orig, PostprocessOptions(), 512).cells(seg, marker))
+    with pytest.raises(ArgumentError, match=r"Marker True.*Marker False"):
+        postprocess(orig, seg, None, 512, measured=SegRows(orig, PostprocessOptions(), 512).cells(seg, marker))

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from deepliif.imageio import read_image
+from deepliif.label_stats import UnionFind
 from deepliif.postprocessing import postprocess
 from deepliif.scoring_rules import PostprocessOptions
 from deepliif.slide_overlays import draw_slide
-from deepliif.slide_scoring import UnionFind, percentile_from_histogram, score_slide
+from deepliif.slide_scoring import percentile_from_histogram, score_slide
 
 from .bands import array_bands
 
