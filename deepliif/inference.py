@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -177,7 +178,9 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
     if len(specs) > 1:
         raise ArgumentError(f"images inferred together must share one tile spec; got {sorted(specs, key=str)}")
     spec = specs.pop() if specs else InferenceOptions().tile_spec
-    seg_rows: list[SegRows | None] = [SegRows(image, o.postprocess, spec.tile_size)
+    cells_pool = None if strategy is Strategy.SERIAL else \
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-rows")  # one thread: bands in order
+    seg_rows: list[SegRows | None] = [SegRows(image, o.postprocess, spec.tile_size, cells_pool)
                                       for image, o in zip(images, per_image)]
 
     def rows_final(index: int, outputs: dict[str, np.ndarray], final: int) -> None:
@@ -192,8 +195,12 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
         return InferenceResult(selected, post.scoring, {"total_seconds": time.perf_counter() - done.started},
                                done.tiles, done.empty, post.cells, post.outlines, post.cell_data)
 
-    results, timings = run_tile_loop(run, images, spec.tile_size, spec.batch_size, finish, strategy, progress,
-                                     [o.network_names for o in per_image], rows_final)
+    try:
+        results, timings = run_tile_loop(run, images, spec.tile_size, spec.batch_size, finish, strategy, progress,
+                                         [o.network_names for o in per_image], rows_final)
+    finally:
+        if cells_pool is not None:
+            cells_pool.shutdown(wait=True, cancel_futures=True)  # after a failure, no band is left running
     for result in results:
         result.timings = {**timings.as_dict(), **result.timings}
     return results

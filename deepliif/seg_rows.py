@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,12 +39,16 @@ class _Classified:
 
 class SegRows:
     """One image's cells, made from its Seg (and Marker) rows as the tile loop makes them final:
-    `rows_final` on the stitching thread while the network runs the later tiles, then `cells` once the
+    `rows_final` from the stitching thread while the network runs the later tiles, then `cells` once the
     last tile is pasted. `orig` is the input IHC (for optical densities); `options` and `tile_size`
-    are those the image is postprocessed with."""
+    are those the image is postprocessed with. With a `pool` (one thread: bands are worked in order),
+    each band is worked there, so stitching goes on meanwhile; without, on the caller's thread."""
 
-    def __init__(self, orig: np.ndarray, options: PostprocessOptions, tile_size: int) -> None:
+    def __init__(self, orig: np.ndarray, options: PostprocessOptions, tile_size: int,
+                 pool: Executor | None = None) -> None:
         self.orig, self.options, self.resolution = orig, options, Resolution.from_tile_size(tile_size)
+        self._pool = pool
+        self._worked: list[Future] = []
         self._border = BorderComponents(len(orig))
         self._waiting: deque[_Classified] = deque()
         self._joined = JoinedBands(diagonal=True)
@@ -54,18 +59,28 @@ class SegRows:
 
     def rows_final(self, outputs: Mapping[str, np.ndarray], final: int) -> None:
         """Rows above `final` of the Seg and Marker in `outputs` (the whole image's, being stitched) will
-        not change."""
+        not change. An earlier band's failure is raised here, so the tile loop stops."""
         if final <= self._done:
             return
-        rows = slice(self._done, final)
-        positive, negative = classify_pixels(outputs["Seg"][rows], self.options.seg_thresh)
+        top, self._done = self._done, final
+        seg, marker = outputs["Seg"][top:final], outputs.get("Marker")
+        if self._pool is None:
+            self._band(top, seg, marker)
+            return
+        for worked in self._worked:
+            if worked.done():
+                worked.result()
+        self._worked.append(self._pool.submit(self._band, top, seg, marker))
+
+    def _band(self, top: int, seg: np.ndarray, marker: np.ndarray | None) -> None:
+        """Classify and label the band at `top`, then measure every band whose background is settled."""
+        positive, negative = classify_pixels(seg, self.options.seg_thresh)
         unknown, count = four_connected(~(positive | negative))
-        self._border.add(self._done, unknown, count)
-        self._waiting.append(_Classified(self._done, positive, negative, unknown, count, self._border.firsts[-1]))
-        self._done = final
+        self._border.add(top, unknown, count)
+        self._waiting.append(_Classified(top, positive, negative, unknown, count, self._border.firsts[-1]))
         is_background, settled = self._border.verdicts()
         while self._waiting and len(self._measured) < settled:
-            self._measure(self._waiting.popleft(), is_background, outputs.get("Marker"))
+            self._measure(self._waiting.popleft(), is_background, marker)
 
     def _measure(self, band: _Classified, is_background: np.ndarray, marker: np.ndarray | None) -> None:
         top, bottom = band.top, band.top + len(band.unknown)
@@ -84,6 +99,8 @@ class SegRows:
         across band edges, numbered by their first pixels, and the label image renumbered so on `threads`
         threads."""
         self.rows_final({"Seg": seg} if marker is None else {"Seg": seg, "Marker": marker}, len(seg))
+        for worked in self._worked:
+            worked.result()
         merged, cell_of_label = merge_bands(self._joined.sets.roots(), [m for *_, m in self._measured],
                                             np.zeros(256, np.int64))
 

@@ -93,10 +93,11 @@ def test_bad_image_arrays(runner: TileRunner) -> None:
         OutputSet.parse("everything")
 
 
-def test_the_seg_is_labelled_while_it_is_stitched_and_scores_as_postprocess(
+def test_the_cells_are_found_while_the_network_runs_the_later_tiles_and_score_as_postprocess(
         deepliif_fixtures: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The tile loop hands each image's Seg rows to the labelling as they become final, on the stitching
-    thread (while the network runs the later tiles), band after band; the result is postprocess's on
+    """The tile loop hands each image's Seg rows over as they become final; they are labelled band after
+    band on a thread of their own while the network runs the later tiles (the last batch waits until the
+    first band is labelled, so labelling only after the loop fails), and the result is postprocess's on
     the stitched outputs."""
     from deepliif import postprocessing, seg_rows
     from engine.replay import ReplaySession
@@ -104,16 +105,44 @@ def test_the_seg_is_labelled_while_it_is_stitched_and_scores_as_postprocess(
     tiles = ([read_image(folder / "IHC.png") for folder in sorted(replay.iterdir())] * 4)[:4]
     image = np.vstack([np.hstack(tiles[:2]), np.hstack(tiles[2:4])])  # 1024², two tile rows
     labelled_on: list[tuple[str, int]] = []
+    first_band = threading.Event()
     four_connected = seg_rows.four_connected
 
     def recorded(mask: np.ndarray, *args, **kwargs):
         labelled_on.append((threading.current_thread().name, len(mask)))
+        first_band.set()
         return four_connected(mask, *args, **kwargs)
 
+    session, batches = ReplaySession(replay), []
+
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        batches.append(len(batch))
+        if sum(batches) == 9:  # the last of the 1024² image's 3 x 3 tiles
+            assert first_band.wait(20), "no band was labelled before the last batch"
+        return session.run(batch)
+
     monkeypatch.setattr(seg_rows, "four_connected", recorded)
-    (result,) = infer_images(ReplaySession(replay).run, [image], InferenceOptions(batch_size=2))
-    assert len(labelled_on) >= 2 and all(name.startswith("tile-merge") for name, _ in labelled_on), labelled_on
+    (result,) = infer_images(run, [image], InferenceOptions(batch_size=2))
+    assert sum(batches) == 9 and len(labelled_on) >= 2, (batches, labelled_on)
+    assert all(name.startswith("seg-rows") for name, _ in labelled_on), labelled_on
     assert sum(rows for _, rows in labelled_on) == len(image), "every row labelled once"
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("seg-rows")]
     expected = postprocessing.postprocess(image, result.images["Seg"], result.images["Marker"], 512)
     assert result.scoring == expected.scoring and result.cells == expected.cells
     assert np.array_equal(result.images["SegRefined"], expected.refined)
+
+
+def test_a_band_that_fails_stops_the_call_and_leaves_no_thread(deepliif_fixtures: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from deepliif import seg_rows
+    from engine.replay import ReplaySession
+
+    def broken(mask: np.ndarray, *args, **kwargs):
+        raise MemoryError("no memory for the band's labels")
+
+    monkeypatch.setattr(seg_rows, "components", broken)
+    image = read_image(sorted((deepliif_fixtures / "replay").iterdir())[0] / "IHC.png")
+    with pytest.raises(MemoryError, match="band's labels"):
+        infer_images(ReplaySession(deepliif_fixtures / "replay").run, [np.vstack([image, image])],
+                     InferenceOptions(batch_size=1))
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("seg-rows", "tile-"))]
