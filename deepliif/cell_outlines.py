@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,8 +76,8 @@ class OutlineTracer:
             is_crossing = np.zeros(len(self._y0) + 1, bool)
             is_crossing[crossing + 1] = True
             whole &= ~is_crossing[owner]
-        rings, firsts = _rings_of(whole, 0, top)
-        return TracedBand(top, owner, crossing + 1, rings, _owners_beside(firsts, owner).tolist())
+        rings, owners = trace_mask(whole, owner, top)
+        return TracedBand(top, owner, crossing + 1, rings, owners)
 
     def hand_over(self, band: TracedBand) -> None:
         """A band traced by `trace_band`; bands must come top to bottom."""
@@ -86,12 +86,21 @@ class OutlineTracer:
         for object_id, ring in zip(band.owners, band.rings):
             self.outlines.setdefault(object_id, []).append(ring)
         bottom = band.top + len(band.owner)
-        done = [object_id for object_id in self._pending if self._y1[object_id - 1] <= bottom]
+        self._trace_gathered([object_id for object_id in self._pending if self._y1[object_id - 1] <= bottom])
+
+    def trace_whole(self, labels: np.ndarray, ids: Iterable[int]) -> None:
+        """Objects `ids` traced from a whole image's labels (object k is label k), each within its box."""
+        ids = list(ids)
+        for object_id in ids:
+            self._gather(object_id, 0, labels)
+        self._trace_gathered(ids)
+
+    def _trace_gathered(self, ids: list[int]) -> None:
         by_column: dict[int, list[int]] = {}
-        for object_id in done:
+        for object_id in ids:
             by_column.setdefault(int(self._x0[object_id - 1]) // _CANVAS_COLUMNS, []).append(object_id)
-        for ids in by_column.values():
-            self._trace_together(np.array(ids))
+        for column_ids in by_column.values():
+            self._trace_together(np.array(column_ids))
 
     def _gather(self, object_id: int, top: int, owner: np.ndarray) -> None:
         x0, y0, x1, y1 = (int(edge[object_id - 1]) for edge in (self._x0, self._y0, self._x1, self._y1))
@@ -113,8 +122,8 @@ class OutlineTracer:
         for object_id, left, top, right, bottom in zip(ids.tolist(), x0s.tolist(), y0s.tolist(), x1s.tolist(),
                                                        y1s.tolist()):
             canvas[top - y0: bottom - y0, left - x0: right - x0][self._pending.pop(object_id)] = object_id
-        rings, firsts = _rings_of(canvas > 0, x0, y0)
-        for object_id, ring in zip(_owners_beside(firsts, canvas).tolist(), rings):
+        rings, owners = trace_mask(canvas > 0, canvas, y0, x0)
+        for object_id, ring in zip(owners, rings):
             self.outlines.setdefault(object_id, []).append(ring)
 
 
@@ -172,6 +181,30 @@ class LabelOutlines:
     def __exit__(self, *exc_info) -> None:
         self._stop.set()
         self._pool.shutdown(wait=True)
+
+
+def trace_mask(mask: np.ndarray, owner: np.ndarray, top: int, left: int = 0) -> tuple[list[np.ndarray], list[int]]:
+    """The rings of the objects in `mask` (no two 8-adjacent), placed at row `top`, column `left` of
+    level 0, and each ring's object: `owner` (the mask's shape) says which object owns each pixel."""
+    rings, firsts = _rings_of(mask, left, top)
+    return rings, _owners_beside(firsts, owner).tolist()
+
+
+class TracedOutlines:
+    """Outlines traced as the cells were found, behind `LabelOutlines`' interface: `outlines` is filled in
+    place, its last rings perhaps still on another thread until `done`."""
+
+    def __init__(self, outlines: dict[int, Outline], height: int, done: Future) -> None:
+        self.outlines, self._height, self._done = outlines, height, done
+
+    def follow(self, passed: Callable[[int], None]) -> None:
+        """`passed(height)` once every ring is traced (never, if the tracing failed: `wait` raises)."""
+        self._done.add_done_callback(lambda done: None if done.cancelled() or done.exception() is not None
+                                     else passed(self._height))
+
+    def wait(self) -> dict[int, Outline]:
+        self._done.result()
+        return self.outlines
 
 
 def _rings_of(mask: np.ndarray, x0: int, y0: int) -> tuple[list[np.ndarray], np.ndarray]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -178,9 +177,8 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
     if len(specs) > 1:
         raise ArgumentError(f"images inferred together must share one tile spec; got {sorted(specs, key=str)}")
     spec = specs.pop() if specs else InferenceOptions().tile_spec
-    cells_pool = None if strategy is Strategy.SERIAL else \
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="seg-rows")  # one thread: bands in order
-    seg_rows: list[SegRows | None] = [SegRows(image, o.postprocess, spec.tile_size, cells_pool)
+    seg_rows: list[SegRows | None] = [SegRows(image, o.postprocess, spec.tile_size, strategy is Strategy.THREADED,
+                                              outlines=o.cell_geometry is CellGeometry.POLYGONS)
                                       for image, o in zip(images, per_image)]
 
     def rows_final(index: int, outputs: dict[str, np.ndarray], final: int) -> None:
@@ -190,8 +188,11 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
 
     def finish(done: StitchedImage) -> InferenceResult:
         rows, seg_rows[done.index] = seg_rows[done.index], None  # its arrays go with its result
-        selected, post = finish_image(images[done.index], done.images, per_image[done.index],
-                                      None if sink is None else sink.postprocessed(done.index), rows)
+        try:
+            selected, post = finish_image(images[done.index], done.images, per_image[done.index],
+                                          None if sink is None else sink.postprocessed(done.index), rows)
+        finally:
+            rows.close()
         return InferenceResult(selected, post.scoring, {"total_seconds": time.perf_counter() - done.started},
                                done.tiles, done.empty, post.cells, post.outlines, post.cell_data)
 
@@ -199,8 +200,9 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
         results, timings = run_tile_loop(run, images, spec.tile_size, spec.batch_size, finish, strategy, progress,
                                          [o.network_names for o in per_image], rows_final)
     finally:
-        if cells_pool is not None:
-            cells_pool.shutdown(wait=True, cancel_futures=True)  # after a failure, no band is left running
+        for rows in seg_rows:  # after a failure, no band is left running
+            if rows is not None:
+                rows.close()
     for result in results:
         result.timings = {**timings.as_dict(), **result.timings}
     return results

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from .cell_data import CELL_DATA_VERSIONS, cell_data_document, cell_records, uses_optical_density
-from .cell_outlines import CellsInOrder, LabelOutlines
+from .cell_outlines import CellsInOrder, LabelOutlines, TracedOutlines
 from .cells import Cell, Outline, counted_cells
 from .errors import ArgumentError
 from .scoring_rules import PostprocessOptions, Resolution, mean_density, optical_density
@@ -40,6 +40,7 @@ class CellTable:
     kept: np.ndarray  # bool: above the noise threshold
     options: PostprocessOptions  # what the cells were found and measured with
     resolution: Resolution
+    traced: TracedOutlines | None = None  # every label's rings, where they are traced as the cells are found
 
     @property
     def labels(self) -> np.ndarray:
@@ -284,7 +285,9 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     with contextlib.ExitStack() as stack:
         labelled = None if measured is not None else label_cells(seg, options.seg_thresh, threads)
         found = labelled.found if measured is None else measured.components
-        traced = stack.enter_context(LabelOutlines(found, threads)) if outlines else None
+        traced = None if not outlines else measured.traced \
+            if measured is not None and measured.traced is not None else \
+            stack.enter_context(LabelOutlines(found, threads))
         cells = measured if measured is not None else \
             measure_cells(labelled, marker, options, threads, resolution, orig)
         default_size, size_thresh, marker_thresh = _thresholds(cells, marker, options, resolution, threads,
@@ -323,8 +326,8 @@ def _thresholds(cells: CellTable, marker: np.ndarray | None, options: Postproces
 
 
 def _draw_and_trace(orig: np.ndarray, cells: CellTable, counted: np.ndarray, is_positive: np.ndarray,
-                    table: list[Cell], ids: np.ndarray, traced: LabelOutlines | None, overlays: bool, threads: int,
-                    sink: PostprocessSink | None
+                    table: list[Cell], ids: np.ndarray, traced: LabelOutlines | TracedOutlines | None, overlays: bool,
+                    threads: int, sink: PostprocessSink | None
                     ) -> tuple[np.ndarray | None, np.ndarray | None, dict[int, Outline] | None]:
     """The overlays (with `overlays`) drawn while the labels' tracing finishes; `sink` is handed the cells
     first, each to be taken once the bands down to its last row are traced, and every overlay band as it

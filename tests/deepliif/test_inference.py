@@ -126,23 +126,25 @@ def test_the_cells_are_found_while_the_network_runs_the_later_tiles_and_score_as
     assert sum(batches) == 9 and len(labelled_on) >= 2, (batches, labelled_on)
     assert all(name.startswith("seg-rows") for name, _ in labelled_on), labelled_on
     assert sum(rows for _, rows in labelled_on) == len(image), "every row labelled once"
-    assert not [t.name for t in threading.enumerate() if t.name.startswith("seg-rows")]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("seg-rows", "seg-outlines"))]
     expected = postprocessing.postprocess(image, result.images["Seg"], result.images["Marker"], 512)
     assert result.scoring == expected.scoring and result.cells == expected.cells
     assert np.array_equal(result.images["SegRefined"], expected.refined)
 
 
-def test_a_band_that_fails_stops_the_call_and_leaves_no_thread(deepliif_fixtures: Path,
+@pytest.mark.parametrize("step", ["components", "trace_mask"])
+def test_a_band_that_fails_stops_the_call_and_leaves_no_thread(deepliif_fixtures: Path, step: str,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A band that fails to be labelled (on the measuring thread) or traced (on the tracing thread)."""
     from deepliif import seg_rows
     from engine.replay import ReplaySession
 
     def broken(mask: np.ndarray, *args, **kwargs):
         raise MemoryError("no memory for the band's labels")
 
-    monkeypatch.setattr(seg_rows, "components", broken)
+    monkeypatch.setattr(seg_rows, step, broken)
     image = read_image(sorted((deepliif_fixtures / "replay").iterdir())[0] / "IHC.png")
     with pytest.raises(MemoryError, match="band's labels"):
         infer_images(ReplaySession(deepliif_fixtures / "replay").run, [np.vstack([image, image])],
                      InferenceOptions(batch_size=1))
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(("seg-rows", "tile-"))]
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("seg-", "tile-"))]

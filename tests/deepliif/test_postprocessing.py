@@ -299,15 +299,23 @@ def test_a_band_waits_until_its_background_is_settled(deepliif_fixtures: Path) -
     assert np.array_equal(banded.labels, whole.labels) and np.array_equal(banded.sizes, whole.sizes)
 
 
-def test_postprocess_of_seg_rows_equals_postprocess_of_the_seg(deepliif_fixtures: Path) -> None:
+@pytest.mark.parametrize("finals", [[512, 1000], [1, 2, 300, 301, 700], []])
+@pytest.mark.parametrize("traced", [True, False], ids=["traced-in-bands", "traced-after"])
+def test_postprocess_of_seg_rows_equals_postprocess_of_the_seg(deepliif_fixtures: Path, finals: list[int],
+                                                               traced: bool) -> None:
+    """The same cells, files and outlines, ring for ring, whether the cells were found and traced band by
+    band (cells inside a band traced there, those crossing band edges once the bands are merged) or the
+    whole image at once."""
     orig, seg, marker = _mosaic(deepliif_fixtures)
-    rows = SegRows(orig, PostprocessOptions(), 512)
-    _hand_over(rows, seg, marker, [512, 1000])
+    rows = SegRows(orig, PostprocessOptions(), 512, outlines=traced)
+    _hand_over(rows, seg, marker, finals)
     banded = postprocess(orig, seg, marker, 512, threads=2, outlines=True, cell_data=6,
                          measured=rows.cells(seg, marker, 2))
     whole = postprocess(orig, seg, marker, 512, threads=2, outlines=True, cell_data=6)
     assert banded.scoring == whole.scoring and banded.cells == whole.cells and banded.cell_data == whole.cell_data
     assert np.array_equal(banded.overlaid, whole.overlaid) and np.array_equal(banded.refined, whole.refined)
+    assert banded.outlines.keys() == whole.outlines.keys()
+    assert all(len(banded.outlines[c]) == len(whole.outlines[c]) for c in whole.outlines)
     assert all(np.array_equal(a, b) for c in whole.outlines for a, b in zip(banded.outlines[c], whole.outlines[c]))
 
 
