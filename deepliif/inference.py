@@ -177,9 +177,9 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
     if len(specs) > 1:
         raise ArgumentError(f"images inferred together must share one tile spec; got {sorted(specs, key=str)}")
     spec = specs.pop() if specs else InferenceOptions().tile_spec
-    seg_rows: list[SegRows | None] = [SegRows(image, o.postprocess, spec.tile_size, strategy is Strategy.THREADED,
-                                              outlines=o.cell_geometry is CellGeometry.POLYGONS)
-                                      for image, o in zip(images, per_image)]
+    seg_rows: list[SegRows | None] = [
+        SegRows(image, o.postprocess, spec.tile_size, resolve_threads(o.threads) if strategy is Strategy.THREADED
+                else None, outlines=o.cell_geometry is CellGeometry.POLYGONS) for image, o in zip(images, per_image)]
 
     def rows_final(index: int, outputs: dict[str, np.ndarray], final: int) -> None:
         seg_rows[index].rows_final(outputs, final)  # its cells found while the network runs the later tiles

@@ -237,11 +237,15 @@ class JoinedBands:
 
     def add(self, labels: np.ndarray, count: int) -> int:
         """The next band's labels (0: none) and their count; the first id of its labels."""
+        return self.add_edges(labels[0], labels[-1], count)
+
+    def add_edges(self, first_row: np.ndarray, last_row: np.ndarray, count: int) -> int:
+        """`add`, from the band's first and last rows of labels (only they are joined)."""
         first = self.sets.grow(count)
         self.firsts.append(first)
         if self.last_row is not None:
-            join_edge(self.sets, self.last_row, global_ids(labels[0], first), self.diagonal)
-        self.last_row = global_ids(labels[-1], first)
+            join_edge(self.sets, self.last_row, global_ids(first_row, first), self.diagonal)
+        self.last_row = global_ids(last_row, first)
         return first
 
 

@@ -40,6 +40,19 @@ class _TracedInside:
 
 
 @dataclass(frozen=True)
+class _BandCells:
+    """A settled band's own cells: its rows, their count, their figures (`band_stats`), the labels of its
+    first and last rows (joined to the bands beside it) and, with outlines, what it traced."""
+    top: int
+    bottom: int
+    count: int
+    figures: dict[str, np.ndarray]
+    first_row: np.ndarray
+    last_row: np.ndarray
+    traced: _TracedInside | None
+
+
+@dataclass(frozen=True)
 class _Classified:
     """A band classified, its unknown pixels labelled, waiting for their background verdicts."""
     top: int
@@ -63,60 +76,69 @@ class SegRows:
     """One image's cells, made from its Seg (and Marker) rows as the tile loop makes them final:
     `rows_final` from the stitching thread while the network runs the later tiles, then `cells` once the
     last tile is pasted. `orig` is the input IHC (for optical densities); `options` and `tile_size`
-    are those the image is postprocessed with; with `outlines` the cells are traced too. `threaded`: the
-    bands are worked on a thread of their own (in order) and traced on another, so stitching goes on
-    meanwhile; `close` ends both. Without, everything runs on the caller's thread."""
+    are those the image is postprocessed with; with `outlines` the cells are traced too. With `threads`,
+    the bands are classified and their background settled on a thread of their own (in order), and their
+    cells measured and traced on `threads` more (any order), so stitching goes on meanwhile; `close` ends
+    them. Without, everything runs on the caller's thread."""
 
-    def __init__(self, orig: np.ndarray, options: PostprocessOptions, tile_size: int, threaded: bool = False,
+    def __init__(self, orig: np.ndarray, options: PostprocessOptions, tile_size: int, threads: int | None = None,
                  outlines: bool = False) -> None:
         self.orig, self.options, self.resolution = orig, options, Resolution.from_tile_size(tile_size)
         self.traces = outlines
-        self._measuring = ThreadPoolExecutor(1, "seg-rows") if threaded else None
-        self._tracing = ThreadPoolExecutor(1, "seg-outlines") if threaded and outlines else None
-        self._worked: list[Future] = []
-        self._traced: list[Future] = []  # per measured band, its `_TracedInside`, with `outlines`
+        self._settling = ThreadPoolExecutor(1, "seg-rows") if threads else None
+        self._measuring = ThreadPoolExecutor(threads, "seg-cells") if threads else None
+        self._settled: list[Future] = []  # per `rows_final` band, its classification and settling
+        self._measured: list[Future] = []  # per settled band, its `_BandCells`
         self._border = BorderComponents(len(orig))
         self._waiting: deque[_Classified] = deque()
-        self._joined = JoinedBands(diagonal=True)
-        self._measured: list[tuple[int, int, dict[str, np.ndarray]]] = []  # per band: top, bottom, its figures
         self._labels = np.empty(orig.shape[:2], np.int32)  # each band's own labels until they are merged
         self._background = np.empty(orig.shape[:2], bool)
-        self._done = 0
+        self._done = self._settled_rows = 0
+
+    @property
+    def settled_rows(self) -> int:
+        """How many rows from the top have their background settled (and their cells being measured)."""
+        for work in self._settled:
+            work.result()
+        return self._settled_rows
 
     def rows_final(self, outputs: Mapping[str, np.ndarray], final: int) -> None:
         """Rows above `final` of the Seg and Marker in `outputs` (the whole image's, being stitched) will
         not change. An earlier band's failure is raised here, so the tile loop stops."""
         if final <= self._done:
             return
-        for worked in self._worked:
-            if worked.done():
-                worked.result()
+        for work in self._settled + self._measured:
+            if work.done():
+                work.result()
         top, self._done = self._done, final
-        self._worked.append(_call(self._measuring, self._band, top, outputs["Seg"][top:final], outputs.get("Marker")))
+        self._settled.append(_call(self._settling, self._settle, top, outputs["Seg"][top:final],
+                                   outputs.get("Marker")))
 
-    def _band(self, top: int, seg: np.ndarray, marker: np.ndarray | None) -> None:
-        """Classify and label the band at `top`, then measure every band whose background is settled."""
+    def _settle(self, top: int, seg: np.ndarray, marker: np.ndarray | None) -> None:
+        """Classify and label the band at `top`; then every band whose background is now settled gets it,
+        and its cells are measured (`_band_cells`)."""
         positive, negative = classify_pixels(seg, self.options.seg_thresh)
         unknown, count = four_connected(~(positive | negative))
         self._border.add(top, unknown, count)
         self._waiting.append(_Classified(top, positive, negative, unknown, count, self._border.firsts[-1]))
         is_background, settled = self._border.verdicts()
         while self._waiting and len(self._measured) < settled:
-            self._measure(self._waiting.popleft(), is_background, marker)
+            band = self._waiting.popleft()
+            bottom = band.top + len(band.unknown)
+            background_of((band.unknown, band.count), band.first, is_background, out=self._background[band.top:bottom])
+            self._settled_rows = bottom
+            self._measured.append(_call(self._measuring, self._band_cells, band, marker))
 
-    def _measure(self, band: _Classified, is_background: np.ndarray, marker: np.ndarray | None) -> None:
+    def _band_cells(self, band: _Classified, marker: np.ndarray | None) -> _BandCells:
+        """A settled band's own cells: labelled, measured, and (with `outlines`) those inside it traced."""
         top, bottom = band.top, band.top + len(band.unknown)
-        background = background_of((band.unknown, band.count), band.first, is_background,
-                                   out=self._background[top:bottom])
-        found = components(~background)
+        found = components(~self._background[top:bottom])
         grey = None if marker is None else grey_levels(marker[top:bottom])
         ihc = self.orig[top:bottom] if self.options.uses_optical_density else None
-        self._measured.append((top, bottom, band_stats(found, top, grey, ihc, self.orig.shape[1], band.positive,
-                                                       band.negative)))
-        self._joined.add(found.labels, found.count)
-        if self.traces:
-            self._traced.append(_call(self._tracing, self._trace_inside, found, top, bottom))
+        figures = band_stats(found, top, grey, ihc, self.orig.shape[1], band.positive, band.negative)
         self._labels[top:bottom] = found.labels
+        return _BandCells(top, bottom, found.count, figures, found.labels[0].copy(), found.labels[-1].copy(),
+                          self._trace_inside(found, top, bottom) if self.traces else None)
 
     def _trace_inside(self, found: Components, top: int, bottom: int) -> _TracedInside:
         """The band's cells that touch neither of its edges inside the image are whole: traced now."""
@@ -131,36 +153,41 @@ class SegRows:
         return _TracedInside(owners, rings, np.flatnonzero(at_edge))
 
     def cells(self, seg: np.ndarray, marker: np.ndarray | None, threads: int = 1) -> CellTable:
-        """`measure_cells(label_cells(seg))`: the rows left handed over, then the bands' cells merged
-        across band edges, numbered by their first pixels, and the label image renumbered so on `threads`
-        threads. With `outlines`, the cells that cross band edges are traced on the tracing thread while
-        the caller goes on (`CellTable.traced` says when)."""
+        """`measure_cells(label_cells(seg))`: the rows left handed over, then the bands' cells joined
+        across band edges (in band order), numbered by their first pixels, and the label image renumbered
+        so on `threads` threads. With `outlines`, the cells that cross band edges are traced on a band
+        thread while the caller goes on (`CellTable.traced` says when)."""
         self.rows_final({"Seg": seg} if marker is None else {"Seg": seg, "Marker": marker}, len(seg))
-        for worked in self._worked:
-            worked.result()
-        merged, cell_of_label = merge_bands(self._joined.sets.roots(), [m for *_, m in self._measured],
+        for work in self._settled:
+            work.result()
+        bands = [work.result() for work in self._measured]
+        joined = JoinedBands(diagonal=True)
+        for band in bands:
+            joined.add_edges(band.first_row, band.last_row, band.count)
+        merged, cell_of_label = merge_bands(joined.sets.roots(), [band.figures for band in bands],
                                             np.zeros(256, np.int64))
 
-        def renumber(band: int) -> None:
-            top, bottom, figures = self._measured[band]
-            first = self._joined.firsts[band]
-            table = np.concatenate([[0], cell_of_label[first: first + len(figures["sizes"])] + 1]).astype(np.int32)
-            np.take(table, self._labels[top:bottom], out=self._labels[top:bottom])
+        def renumber(index: int) -> None:
+            band, first = bands[index], joined.firsts[index]
+            table = np.concatenate([[0], cell_of_label[first: first + band.count] + 1]).astype(np.int32)
+            np.take(table, self._labels[band.top:band.bottom], out=self._labels[band.top:band.bottom])
 
-        parallel_map(renumber, range(len(self._measured)), threads)
+        parallel_map(renumber, range(len(bands)), threads)
         table = self._table(merged, marker is not None)
         if self.traces:
             outlines: dict[int, Outline] = {}
-            done = _call(self._tracing, self._outlines, outlines, table.components, cell_of_label)
+            done = _call(self._measuring, self._outlines, outlines, table.components, cell_of_label,
+                         list(zip(joined.firsts, [band.traced for band in bands])))
             table.traced = TracedOutlines(outlines, len(seg), done)
         return table
 
-    def _outlines(self, outlines: dict[int, Outline], found: Components, cell_of_label: np.ndarray) -> None:
-        """Every cell's rings into `outlines`: those traced inside their bands, renumbered; then the cells
-        that cross band edges, traced from the renumbered labels."""
+    def _outlines(self, outlines: dict[int, Outline], found: Components, cell_of_label: np.ndarray,
+                  traced: list[tuple[int, _TracedInside]]) -> None:
+        """Every cell's rings into `outlines`: those traced inside their bands (each band's first id and
+        what it traced), renumbered; then the cells that cross band edges, traced from the renumbered
+        labels."""
         crossing = []
-        for first, traced in zip(self._joined.firsts, self._traced):
-            inside = traced.result()
+        for first, inside in traced:
             for owner, ring in zip(cell_of_label[first - 1 + np.asarray(inside.owners, np.int64)].tolist(),
                                    inside.rings):
                 outlines.setdefault(owner + 1, []).append(ring)
@@ -188,6 +215,6 @@ class SegRows:
 
     def close(self) -> None:
         """End the band threads: work not started is dropped, work running finishes."""
-        for pool in (self._measuring, self._tracing):
+        for pool in (self._settling, self._measuring):
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

@@ -292,7 +292,7 @@ def test_a_band_waits_until_its_background_is_settled(deepliif_fixtures: Path) -
     seg[150:250, 150] = 0  # ... with a tail down to row 249, still open at row 200
     rows = SegRows(orig[:300], PostprocessOptions(), 512)
     _hand_over(rows, seg, marker, [100, 200])
-    assert [top for top, *_ in rows._measured] == [0], "the band of rows 100-199 waits for the rows below"
+    assert rows.settled_rows == 100, "the band of rows 100-199 waits for the rows below"
     banded = rows.cells(seg, marker)
     whole = measure_cells(label_cells(seg, 120), marker, PostprocessOptions(), orig=orig[:300])
     assert not banded.background.any() and banded.components.count == whole.components.count == 1
@@ -301,16 +301,20 @@ def test_a_band_waits_until_its_background_is_settled(deepliif_fixtures: Path) -
 
 @pytest.mark.parametrize("finals", [[512, 1000], [1, 2, 300, 301, 700], []])
 @pytest.mark.parametrize("traced", [True, False], ids=["traced-in-bands", "traced-after"])
+@pytest.mark.parametrize("threads", [None, 2], ids=["inline", "band-threads"])
 def test_postprocess_of_seg_rows_equals_postprocess_of_the_seg(deepliif_fixtures: Path, finals: list[int],
-                                                               traced: bool) -> None:
+                                                               traced: bool, threads: int | None) -> None:
     """The same cells, files and outlines, ring for ring, whether the cells were found and traced band by
-    band (cells inside a band traced there, those crossing band edges once the bands are merged) or the
-    whole image at once."""
+    band (cells inside a band traced there, those crossing band edges once the bands are merged; on the
+    caller's thread or on band threads) or the whole image at once."""
     orig, seg, marker = _mosaic(deepliif_fixtures)
-    rows = SegRows(orig, PostprocessOptions(), 512, outlines=traced)
-    _hand_over(rows, seg, marker, finals)
-    banded = postprocess(orig, seg, marker, 512, threads=2, outlines=True, cell_data=6,
-                         measured=rows.cells(seg, marker, 2))
+    rows = SegRows(orig, PostprocessOptions(), 512, threads, outlines=traced)
+    try:
+        _hand_over(rows, seg, marker, finals)
+        banded = postprocess(orig, seg, marker, 512, threads=2, outlines=True, cell_data=6,
+                             measured=rows.cells(seg, marker, 2))
+    finally:
+        rows.close()
     whole = postprocess(orig, seg, marker, 512, threads=2, outlines=True, cell_data=6)
     assert banded.scoring == whole.scoring and banded.cells == whole.cells and banded.cell_data == whole.cell_data
     assert np.array_equal(banded.overlaid, whole.overlaid) and np.array_equal(banded.refined, whole.refined)
