@@ -106,22 +106,6 @@ def mark_background(unknown: np.ndarray, threads: int = 1) -> np.ndarray:
     return background
 
 
-def lookup(table: np.ndarray, labels: np.ndarray, threads: int = 1) -> np.ndarray:
-    """`table[labels]`, band by band on `threads` threads."""
-    out = np.empty(labels.shape, table.dtype)
-
-    def look(rows: slice) -> None:
-        np.take(table, labels[rows], out=out[rows])
-
-    for_row_bands(look, len(labels), threads)
-    return out
-
-
-def counted_codes(labels: np.ndarray, counted: np.ndarray, is_positive: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Each pixel's code (`overlays.NONE` outside counted cells, else its cell's class), by one lookup."""
-    return lookup(cell_codes(counted, counted & is_positive), labels, threads)
-
-
 def find_cells(seg: np.ndarray, marker: np.ndarray | None, options: PostprocessOptions,
                threads: int = 1, resolution: Resolution = Resolution.X40, orig: np.ndarray | None = None
                ) -> CellTable:
@@ -227,12 +211,14 @@ def default_marker_threshold(marker: np.ndarray) -> int:
     return round((high - low) * 0.9) + low
 
 
-def draw_overlays(orig: np.ndarray, background: np.ndarray, cells: np.ndarray, seeds: np.ndarray,
+def draw_overlays(orig: np.ndarray, background: np.ndarray, labels: np.ndarray, codes: np.ndarray, seeds: np.ndarray,
                   seeds_positive: np.ndarray, threads: int = 1, sink: PostprocessSink | None = None
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """SegOverlaid and SegRefined from the counted cells' codes, drawn in row bands on `threads` threads,
-    each band handed to `sink` as soon as it is painted. Each band is outlined from its rows plus
-    `OUTLINE_REACH` rows of halo each side, so the result equals drawing the whole image at once."""
+    """SegOverlaid and SegRefined from each label's code (`codes`, indexed by label: `overlays.NONE` for
+    what is not a counted cell, else its class), drawn in row bands on `threads` threads, each band handed
+    to `sink` as soon as it is painted. Each band looks its pixels' codes up itself (drawing starts at
+    once, without a whole-image pass before it) and is outlined from its rows plus `OUTLINE_REACH` rows of
+    halo each side, so the result equals drawing the whole image at once."""
     overlaid, refined = np.empty_like(orig), np.empty_like(orig)
     width = orig.shape[1]
     seed_rows = seeds // width
@@ -241,10 +227,10 @@ def draw_overlays(orig: np.ndarray, background: np.ndarray, cells: np.ndarray, s
         top, bottom = rows
         low, high = max(0, top - OUTLINE_REACH), min(len(orig), bottom + OUTLINE_REACH)
         inside = (seed_rows >= top) & (seed_rows < bottom)
-        window = slice(low, high)
-        border = outline(background[window], cells[window], seeds[inside] - low * width, seeds_positive[inside])
+        cells = np.take(codes, labels[low:high])
+        border = outline(background[low:high], cells, seeds[inside] - low * width, seeds_positive[inside])
         keep = slice(top - low, bottom - low)
-        overlaid[top:bottom], refined[top:bottom] = paint(orig[top:bottom], border[keep], cells[window][keep])
+        overlaid[top:bottom], refined[top:bottom] = paint(orig[top:bottom], border[keep], cells[keep])
         if sink is not None:
             sink.overlay_rows(top, overlaid[top:bottom], refined[top:bottom])
 
@@ -353,8 +339,8 @@ def _draw_and_trace(orig: np.ndarray, cells: CellTable, counted: np.ndarray, is_
 
 def _overlays(orig: np.ndarray, cells: CellTable, counted: np.ndarray, is_positive: np.ndarray, ids: np.ndarray,
               threads: int, sink: PostprocessSink | None) -> tuple[np.ndarray, np.ndarray]:
-    codes = counted_codes(cells.labels, counted, is_positive, threads)
-    return draw_overlays(orig, cells.background, codes, cells.first_pixel[ids], is_positive[ids], threads, sink)
+    return draw_overlays(orig, cells.background, cells.labels, cell_codes(counted, counted & is_positive),
+                         cells.first_pixel[ids], is_positive[ids], threads, sink)
 
 
 class CountedOutlines(Mapping):
