@@ -42,14 +42,15 @@ class _TracedInside:
 @dataclass(frozen=True)
 class _BandCells:
     """A settled band's own cells: its rows, their count, their figures (`band_stats`), the labels of its
-    first and last rows (joined to the bands beside it) and, with outlines, what it traced."""
+    first and last rows (joined to the bands beside it) and, with outlines, what it traces (a task of its
+    own, so the band's measures are not held up by it)."""
     top: int
     bottom: int
     count: int
     figures: dict[str, np.ndarray]
     first_row: np.ndarray
     last_row: np.ndarray
-    traced: _TracedInside | None
+    traced: Future | None  # its `_TracedInside`
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class SegRows:
         figures = band_stats(found, top, grey, ihc, self.orig.shape[1], band.positive, band.negative)
         self._labels[top:bottom] = found.labels
         return _BandCells(top, bottom, found.count, figures, found.labels[0].copy(), found.labels[-1].copy(),
-                          self._trace_inside(found, top, bottom) if self.traces else None)
+                          _call(self._measuring, self._trace_inside, found, top, bottom) if self.traces else None)
 
     def _trace_inside(self, found: Components, top: int, bottom: int) -> _TracedInside:
         """The band's cells that touch neither of its edges inside the image are whole: traced now."""
@@ -182,12 +183,13 @@ class SegRows:
         return table
 
     def _outlines(self, outlines: dict[int, Outline], found: Components, cell_of_label: np.ndarray,
-                  traced: list[tuple[int, _TracedInside]]) -> None:
+                  traced: list[tuple[int, Future]]) -> None:
         """Every cell's rings into `outlines`: those traced inside their bands (each band's first id and
         what it traced), renumbered; then the cells that cross band edges, traced from the renumbered
         labels."""
         crossing = []
-        for first, inside in traced:
+        for first, tracing in traced:
+            inside = tracing.result()
             for owner, ring in zip(cell_of_label[first - 1 + np.asarray(inside.owners, np.int64)].tolist(),
                                    inside.rings):
                 outlines.setdefault(owner + 1, []).append(ring)
