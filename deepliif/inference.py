@@ -177,17 +177,24 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
     if len(specs) > 1:
         raise ArgumentError(f"images inferred together must share one tile spec; got {sorted(specs, key=str)}")
     spec = specs.pop() if specs else InferenceOptions().tile_spec
-    seg_rows: list[SegRows | None] = [
-        SegRows(image, o.postprocess, spec.tile_size, resolve_threads(o.threads) if strategy is Strategy.THREADED
-                else None, outlines=o.cell_geometry is CellGeometry.POLYGONS) for image, o in zip(images, per_image)]
+    seg_rows: dict[int, SegRows] = {}  # per image in the tile loop: its cells, found as it is stitched
+
+    def rows_of(index: int) -> SegRows:
+        if index not in seg_rows:
+            o = per_image[index]
+            threads = resolve_threads(o.threads) if strategy is Strategy.THREADED else None
+            seg_rows[index] = SegRows(images[index], o.postprocess, spec.tile_size, threads,
+                                      outlines=o.cell_geometry is CellGeometry.POLYGONS)
+        return seg_rows[index]
 
     def rows_final(index: int, outputs: dict[str, np.ndarray], final: int) -> None:
-        seg_rows[index].rows_final(outputs, final)  # its cells found while the network runs the later tiles
+        rows_of(index).rows_final(outputs, final)  # its cells found while the network runs the later tiles
         if sink is not None:
             sink.rows_final(index, outputs, final)
 
     def finish(done: StitchedImage) -> InferenceResult:
-        rows, seg_rows[done.index] = seg_rows[done.index], None  # its arrays go with its result
+        rows = rows_of(done.index)
+        del seg_rows[done.index]  # its arrays go with its result
         try:
             selected, post = finish_image(images[done.index], done.images, per_image[done.index],
                                           None if sink is None else sink.postprocessed(done.index), rows)
@@ -200,9 +207,8 @@ def infer_images(run: Callable[[np.ndarray], dict[str, np.ndarray]], images: Seq
         results, timings = run_tile_loop(run, images, spec.tile_size, spec.batch_size, finish, strategy, progress,
                                          [o.network_names for o in per_image], rows_final)
     finally:
-        for rows in seg_rows:  # after a failure, no band is left running
-            if rows is not None:
-                rows.close()
+        for rows in list(seg_rows.values()):  # after a failure, no band is left running
+            rows.close()
     for result in results:
         result.timings = {**timings.as_dict(), **result.timings}
     return results
