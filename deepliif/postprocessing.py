@@ -144,20 +144,10 @@ def measure_cells(labelled: LabelledSeg, marker: np.ndarray | None, options: Pos
         marker_sum = None if grey is None else pixels.image_sums(grey)
         is_positive, first = counts.result()
         od = mean_optical_density(pixels, sizes, orig) if options.uses_optical_density else None
-    kept = above_noise(sizes, options, resolution)
+    kept = options.above_noise(sizes, resolution)
     kept[0] = False
     return CellTable(found, labelled.background, is_positive, marker_values, marker_sum, od, first, kept, options,
                      resolution)
-
-
-def above_noise(sizes: np.ndarray, options: PostprocessOptions, resolution: Resolution) -> np.ndarray:
-    """Which cells of these sizes are kept: above the noise threshold, and below the large-noise size
-    where the resolution has one."""
-    kept = sizes > options.noise_thresh
-    large_noise = options.large_noise_size(resolution)
-    if large_noise is not None:
-        kept &= sizes < large_noise
-    return kept
 
 
 def mean_optical_density(pixels: LabelledPixels, sizes: np.ndarray, orig: np.ndarray) -> np.ndarray:
@@ -271,9 +261,10 @@ def postprocess(orig: np.ndarray, seg: np.ndarray, marker: np.ndarray | None, ti
     with contextlib.ExitStack() as stack:
         labelled = None if measured is not None else label_cells(seg, options.seg_thresh, threads)
         found = labelled.found if measured is None else measured.components
-        traced = None if not outlines else measured.traced \
-            if measured is not None and measured.traced is not None else \
-            stack.enter_context(LabelOutlines(found, threads))
+        traced = None
+        if outlines:
+            traced = measured.traced if measured is not None and measured.traced is not None else \
+                stack.enter_context(LabelOutlines(found, threads))
         cells = measured if measured is not None else \
             measure_cells(labelled, marker, options, threads, resolution, orig)
         default_size, size_thresh, marker_thresh = _thresholds(cells, marker, options, resolution, threads,

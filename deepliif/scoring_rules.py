@@ -75,6 +75,15 @@ class PostprocessOptions:
         """The size from which a component is noise, with "default" resolved by magnification."""
         return resolution.large_noise_size if self.large_noise_thresh == "default" else self.large_noise_thresh
 
+    def above_noise(self, sizes: np.ndarray, resolution: Resolution) -> np.ndarray:
+        """Per cell: kept, i.e. larger than `noise_thresh` and smaller than the large-noise size where the
+        resolution has one."""
+        kept = sizes > self.noise_thresh
+        large_noise = self.large_noise_size(resolution)
+        if large_noise is not None:
+            kept &= sizes < large_noise
+        return kept
+
     def counted(self, sizes: np.ndarray, size_thresh: int) -> np.ndarray:
         """Per cell: counted, i.e. larger than `size_thresh` (resolved) and smaller than `size_thresh_upper`."""
         counted = sizes > size_thresh

@@ -24,7 +24,7 @@ from .cell_outlines import OutlineTracer, TracedOutlines, trace_mask
 from .cells import Outline
 from .label_stats import BorderComponents, Components, JoinedBands, background_of, components, four_connected, \
     grey_levels
-from .postprocessing import CellTable, above_noise, classify_pixels
+from .postprocessing import CellTable, classify_pixels
 from .scoring_rules import PostprocessOptions, Resolution, mean_density
 from .slide_scoring import SlideCells, band_stats, merge_bands
 from .workers import parallel_map
@@ -209,7 +209,7 @@ class SegRows:
         found = Components(self._labels, len(merged.sizes), indexed(merged.sizes, unlabelled),
                            *(indexed(getattr(merged, edge)) for edge in ("x0", "y0", "x1", "y1", "sum_x", "sum_y")))
         od = indexed(mean_density(merged.od_sum, merged.sizes)) if merged.od_sum is not None else None
-        kept = above_noise(found.sizes, self.options, self.resolution)
+        kept = self.options.above_noise(found.sizes, self.resolution)
         kept[0] = False
         return CellTable(found, self._background, np.concatenate([[True], merged.positive]), indexed(merged.marker),
                          indexed(merged.marker_sum) if has_marker else None, od, indexed(merged.first_pixel, -1), kept,

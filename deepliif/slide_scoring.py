@@ -281,10 +281,7 @@ def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marke
     run's folder, where the bands' labels are kept until the overlays are drawn."""
     resolution = Resolution.from_tile_size(tile_size)
     cells = slide_cells(bands, width, height, options.seg_thresh, threads, background, scratch)
-    kept = cells.sizes > options.noise_thresh
-    large_noise = options.large_noise_size(resolution)
-    if large_noise is not None:
-        kept &= cells.sizes < large_noise
+    kept = options.above_noise(cells.sizes, resolution)
     default_size = default_size_threshold(cells.sizes[kept], resolution, threads) \
         if options.size_thresh == "default" else None
     size_thresh = (default_size if options.size_thresh == "default" else options.size_thresh) or 0
