@@ -10,13 +10,13 @@ slides), so a million cells never sit in memory as one JSON tree, under a tempor
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 from .imageio import open_stream, write_atomically
@@ -26,6 +26,7 @@ Outline = list[np.ndarray]  # closed (n, 2) rings of level-0 (x, y): the shell, 
 CLASS_COLOURS = {"Positive": (255, 0, 0), "Negative": (0, 0, 255)}  # QuPath's own: red, blue
 # The namespace of cell UUIDs: uuid5 of it and "<image>/<cell>" names a cell the same way every run.
 CELL_NAMESPACE = uuid.UUID("0f0b7a3e-5d1c-4e57-9a59-6c2f1d7e4b21")
+_NAMESPACE_BYTES = CELL_NAMESPACE.bytes
 
 
 class CellGeometry(str, Enum):
@@ -34,8 +35,9 @@ class CellGeometry(str, Enum):
     POINTS = "points"
 
 
-@dataclass(frozen=True)
-class Cell:
+class Cell(NamedTuple):
+    """One counted cell. A named tuple, not a dataclass: an image makes one per cell on the request path
+    (thousands; a slide millions), and a tuple is built and written as a CSV row in C."""
     id: int
     centroid_x: float
     centroid_y: float
@@ -96,12 +98,11 @@ class CellsTable:
     def __init__(self, mpp: float | None = None) -> None:
         self.mpp, self._out = mpp, io.StringIO()
         self._writer = csv.writer(self._out, lineterminator="\n")
-        self._names = [f.name for f in fields(Cell)]  # not dataclasses.astuple, which deep-copies every field
-        self._writer.writerow(self._names + ["area_um2", "classification"])
+        self._writer.writerow([*Cell._fields, "area_um2", "classification"])
 
     def add(self, cell: Cell) -> None:
         area = "" if self.mpp is None else round(cell.area_px * self.mpp * self.mpp, 3)
-        self._writer.writerow([*(getattr(cell, name) for name in self._names), area, cell.classification])
+        self._writer.writerow((*cell, area, cell.classification))
 
     def data(self) -> bytes:
         return self._out.getvalue().encode()
@@ -115,8 +116,15 @@ def cells_csv(cells: Iterable[Cell], mpp: float | None = None) -> bytes:
 
 
 def cell_uuid(image: str, cell: Cell) -> str:
-    """The same UUID for the same cell of the same image, every run (QuPath keeps only UUID ids)."""
-    return str(uuid.uuid5(CELL_NAMESPACE, f"{image}/{cell.id}/{cell.bbox_x0},{cell.bbox_y0}"))
+    """The same UUID for the same cell of the same image, every run (QuPath keeps only UUID ids):
+    `uuid.uuid5(CELL_NAMESPACE, "<image>/<id>/<x0>,<y0>")`, made from its SHA-1 here because `uuid.UUID`
+    objects cost 3x more (a slide names millions of cells)."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + f"{image}/{cell.id}/{cell.bbox_x0},{cell.bbox_y0}".encode(),
+                                    usedforsecurity=False).digest()[:16])
+    digest[6] = digest[6] & 0x0F | 0x50  # RFC 4122 version 5
+    digest[8] = digest[8] & 0x3F | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def cell_feature(image: str, cell: Cell, mpp: float | None, rings: Outline | None) -> dict:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-from deepliif.cells import cell_features, cells_csv, counted_cells, write_cells, write_geojson
+from deepliif.cells import CELL_NAMESPACE, Cell, cell_features, cell_uuid, cells_csv, counted_cells, write_cells, write_geojson
 from deepliif.label_stats import LabelledPixels, components
 from deepliif.imageio import read_image
 from deepliif.postprocessing import postprocess
@@ -74,6 +75,17 @@ def test_qupath_imports_the_outlined_cells_of_the_real_fixtures(deepliif_fixture
         (tmp_path / "b").mkdir(exist_ok=True)
         again = write_cells(tmp_path / "b", tile.name, result.cells, 0.5, result.outlines)
         assert again[1].read_bytes() == first[1].read_bytes()
+
+
+def test_cell_ids_are_the_uuid5_of_image_cell_and_corner() -> None:
+    """The ids are made from SHA-1 directly (for speed): they must be exactly the standard library's uuid5."""
+    rng = np.random.default_rng(5)
+    for image in ("IHC 1", "slide/ü", ""):
+        for number, x0, y0 in rng.integers(0, 100_000, size=(200, 3)).tolist():
+            cell = Cell(number, 1.0, 2.0, x0, y0, x0 + 1, y0 + 1, 1, True, 0, 0.0)
+            made = cell_uuid(image, cell)
+            assert made == str(uuid.uuid5(CELL_NAMESPACE, f"{image}/{number}/{x0},{y0}"))
+            assert uuid.UUID(made).version == 5 and uuid.UUID(made).variant == uuid.RFC_4122
 
 
 def test_outlines_of_thin_diagonal_and_one_pixel_cells_are_valid_polygons() -> None:

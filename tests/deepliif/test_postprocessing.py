@@ -11,8 +11,8 @@ from scipy import ndimage
 
 from deepliif.errors import ArgumentError, DeepLIIFError
 from deepliif.imageio import read_image
-from deepliif.postprocessing import (default_marker_threshold, default_size_threshold, find_cells, label_cells,
-                                     measure_cells, postprocess)
+from deepliif.postprocessing import (default_marker_threshold, default_size_threshold, find_cells, gaussian_sums,
+                                     kernel_density, label_cells, measure_cells, postprocess)
 from deepliif.seg_rows import SegRows
 from deepliif.scoring_rules import PostprocessOptions, Resolution
 
@@ -97,6 +97,24 @@ def test_marker_threshold_makes_cells_positive() -> None:
     base = postprocess(np.full_like(seg, 255), seg, marker, 512, PostprocessOptions(size_thresh=0))
     forced = postprocess(np.full_like(seg, 255), seg, marker, 512, PostprocessOptions(size_thresh=0, marker_thresh=200))
     assert base.scoring["num_pos"] == 0 and forced.scoring["num_pos"] == 1
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_size_density_is_summed_value_after_value_as_deepliif_does(threads: int) -> None:
+    """Each point's sum is the terms added one after another in the values' order (DeepLIIF's loop), bit
+    for bit, over more values than one chunk holds; a pairwise or reordered sum differs in the last bits."""
+    values = np.sqrt(np.random.default_rng(3).integers(1, 2500, size=9000).astype(np.float64))
+    at = np.arange(40) * 1.3
+    sums = gaussian_sums(values, at, threads=threads)
+    for point in range(40):
+        terms = np.exp(-((at[point] - values) ** 2 / 2)) * (1 / np.sqrt(2 * np.pi))
+        total = 0.0
+        for term in terms.tolist():
+            total += term
+        assert sums[point] == total
+    density, step = kernel_density(values, points=40, threads=threads)
+    assert step == (values.max() + 1) / 40
+    assert np.array_equal(density, (gaussian_sums(values, np.arange(40) * step) / len(values)).astype(np.float32))
 
 
 def test_default_thresholds() -> None:
