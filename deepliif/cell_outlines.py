@@ -272,9 +272,14 @@ class CellsInOrder:
             self._changed.notify_all()
 
     def __iter__(self) -> Iterator[Cell]:
-        for index, cell in enumerate(self.cells):
+        """The cells in order, each once it is complete; the lock is taken once per run of cells found
+        complete together, not per cell (an image's cells mostly complete in a few runs)."""
+        index = 0
+        while index < len(self.cells):
             with self._changed:
                 self._changed.wait_for(lambda: self._ready > index or self._abandoned)
-                if self._ready <= index:
-                    raise DeepLIIFError(f"the outline pass stopped before cell {cell.id} was complete")
-            yield cell
+                ready = self._ready
+            if ready <= index:
+                raise DeepLIIFError(f"the outline pass stopped before cell {self.cells[index].id} was complete")
+            yield from self.cells[index:ready]
+            index = ready
