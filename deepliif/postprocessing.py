@@ -303,8 +303,8 @@ def _thresholds(cells: CellTable, marker: np.ndarray | None, options: Postproces
     """The default size threshold (when asked for, or `need_default_size`), the size threshold and the
     Marker threshold in force."""
     default_size = default_size_threshold(cells.sizes[cells.kept], resolution, threads) \
-        if options.size_thresh == "default" or need_default_size else None
-    size_thresh = (default_size if options.size_thresh == "default" else options.size_thresh) or 0
+        if options.wants_default_size or need_default_size else None
+    size_thresh = options.size_threshold(default_size)
     marker_thresh = default_marker_threshold(marker) if options.marker_thresh == "default" else options.marker_thresh
     return default_size, size_thresh, marker_thresh
 

@@ -49,7 +49,7 @@ def rescore_cells(cells: list[dict], settings: dict, version: int,
             raise ArgumentError("marker_thresh 'default': this cell data has no default_marker_thresh "
                                 "(it was made without a Marker image)")
     band = options if by_density else PostprocessOptions()
-    size_thresh = settings["default_size_thresh"] if options.size_thresh == "default" else options.size_thresh or 0
+    size_thresh = options.size_threshold(settings.get("default_size_thresh"))
     counted = options.counted(np.array([cell["size"] for cell in cells], np.int64), size_thresh)
     values = np.array([cell[key] for cell in cells], np.int64)
     colour = np.array([bool(cell["positive"]) for cell in cells], bool)

@@ -84,6 +84,17 @@ class PostprocessOptions:
             kept &= sizes < large_noise
         return kept
 
+    @property
+    def wants_default_size(self) -> bool:
+        return self.size_thresh == "default"
+
+    def size_threshold(self, default_size: int | None) -> int:
+        """The size threshold in force: the number given, else `default_size` (DeepLIIF's default, from the
+        cells' sizes) for "default"; 0 (no threshold) for None."""
+        if self.wants_default_size and default_size is None:
+            raise ArgumentError("size_thresh 'default' needs the default size threshold of the cells")
+        return (default_size if self.wants_default_size else self.size_thresh) or 0
+
     def counted(self, sizes: np.ndarray, size_thresh: int) -> np.ndarray:
         """Per cell: counted, i.e. larger than `size_thresh` (resolved) and smaller than `size_thresh_upper`."""
         counted = sizes > size_thresh

@@ -283,8 +283,8 @@ def score_slide(bands: Bands, width: int, height: int, tile_size: int, has_marke
     cells = slide_cells(bands, width, height, options.seg_thresh, threads, background, scratch)
     kept = options.above_noise(cells.sizes, resolution)
     default_size = default_size_threshold(cells.sizes[kept], resolution, threads) \
-        if options.size_thresh == "default" else None
-    size_thresh = (default_size if options.size_thresh == "default" else options.size_thresh) or 0
+        if options.wants_default_size else None
+    size_thresh = options.size_threshold(default_size)
     marker_thresh = options.marker_thresh
     if marker_thresh == "default":
         marker_thresh = slide_marker_threshold(cells.marker_histogram)

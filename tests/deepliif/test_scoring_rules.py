@@ -67,3 +67,12 @@ def test_od_thresholds_score_a_slide_in_bands_as_deepliif_127(deepliif_fixtures:
                             PostprocessOptions(**arguments), threads=2)
         assert score.scoring == expected["cases"][case]["scoring"], tile.name
         assert score.cells == postprocess(ihc, seg, marker, 512, PostprocessOptions(**arguments)).cells
+
+
+def test_the_size_threshold_in_force_is_the_number_given_or_the_default_asked_for() -> None:
+    assert PostprocessOptions(size_thresh=40).size_threshold(77) == 40
+    assert PostprocessOptions(size_thresh=None).size_threshold(77) == 0
+    assert PostprocessOptions(size_thresh="default").size_threshold(77) == 77
+    assert PostprocessOptions(size_thresh=40).size_threshold(None) == 40
+    with pytest.raises(ArgumentError, match="size_thresh 'default' needs"):
+        PostprocessOptions(size_thresh="default").size_threshold(None)
