@@ -1,16 +1,19 @@
 """`infer` on image files as a pipeline: read ahead, tile loop, encode while postprocessing, publish.
 
 The stages overlap so the network is never the one waiting:
-- the next image is decoded on a reader thread while the current one is in the tile loop (one ahead);
+- consecutive small images share one tile loop call until their tiles fill `CALL_BATCHES` batches, so a
+  folder of 512² tiles runs the network in full batches, not one tile per call (`plan_calls`); a slide, or an
+  image that fills them alone, has a call of its own;
+- the next call's images are decoded on a reader thread while the current call is in the tile loop;
 - each image's network outputs are handed to the encoder pool band by band as the tile loop makes their
   rows final, so they are encoded while the network runs the later tiles and while its cells are found and
   its overlays drawn; the overlays are handed on band by band as they are drawn, and the cells files are
   written on a thread of their own as the cells' outlines are traced; every PNG is encoded in row bands,
   each a task of its own, so one image spreads over the pool;
 - an image's `<stem>.json` is written last, after every file of that image is published (by rename), and
-  only after the next image has gone through the tile loop, so at most two images' outputs are held.
+  only after the next call has gone through the tile loop, so at most two calls' outputs are held.
 Outputs that were not asked for are neither drawn nor encoded. A failure anywhere stops the run: pools
-are shut down after their running tasks end, and the image without its JSON is the one that failed.
+are shut down after their running tasks end, and the images without their JSON are those not finished.
 """
 from __future__ import annotations
 
@@ -28,14 +31,16 @@ import numpy as np
 from deepliif.cell_data import cell_data_file_name, write_cell_data
 from deepliif.cells import Cell, Outline, cells_file_names, write_cells
 from deepliif.errors import DeepLIIFError
-from deepliif.imageio import DEFAULT_MAX_PIXELS, prepare_out_dir, read_image, write_atomically, write_json
-from deepliif.inference import OVERLAY_NAMES, ImageSink, InferenceOptions, InferenceResult
+from deepliif.imageio import DEFAULT_MAX_PIXELS, prepare_out_dir, probe_image, read_image, write_atomically, write_json
+from deepliif.inference import OVERLAY_NAMES, ImageSink, InferenceOptions, InferenceResult, tile_count
 from deepliif.logs import project_logger
 from deepliif.png_bands import BandedPng, band_edges, check_png_image
 from deepliif.slides import is_slide, read_whole_slide
 from deepliif.workers import resolve_threads
 
 logger = project_logger("engine")
+
+CALL_BATCHES = 4  # small images share a tile loop call until their tiles fill this many batches
 
 
 class ImageSession(Protocol):
@@ -102,11 +107,12 @@ def banded_png(path: Path, rows: np.ndarray, height: int | None = None) -> Bande
 
 
 class StreamedFiles:
-    """One image's files written as its results are made (an `ImageSink` for a call with one image): the
-    network outputs band by band as the tile loop makes their rows final, so they are encoded while the
-    network runs the later tiles; the overlays band by band as they are drawn; the cells files as the
-    cells' outlines are traced. `writes` are the futures of every file's tasks. Overlay bands arrive from
-    several drawing threads at once, so making a file and adding tasks are done under a lock."""
+    """One image's files written as its results are made (its `PostprocessSink`, and what `CallFiles`
+    hands its network rows to): the network outputs band by band as the tile loop makes their rows final,
+    so they are encoded while the network runs the later tiles; the overlays band by band as they are
+    drawn; the cells files as the cells' outlines are traced. `writes` are the futures of every file's
+    tasks. Overlay bands arrive from several drawing threads at once, so making a file and adding tasks
+    are done under a lock."""
 
     def __init__(self, encoders: Encoders, out: Path, stem: str, names: list[str], height: int) -> None:
         self.encoders, self.out, self.stem, self.names, self.height = encoders, out, stem, names, height
@@ -115,16 +121,13 @@ class StreamedFiles:
         self.encoded = 0  # network output rows handed to the encoders
         self._lock = threading.Lock()
 
-    def rows_final(self, _index: int, outputs: dict[str, np.ndarray], final: int) -> None:
+    def rows_final(self, outputs: dict[str, np.ndarray], final: int) -> None:
         if final <= self.encoded:
             return
         for name in self.names:
             if name in outputs:
                 self._encode(name, outputs[name][self.encoded:final], self.encoded)
         self.encoded = final
-
-    def postprocessed(self, _index: int) -> StreamedFiles:
-        return self
 
     def overlay_rows(self, top: int, overlaid: np.ndarray, refined: np.ndarray) -> None:
         for name, rows in zip(OVERLAY_NAMES, (overlaid, refined)):
@@ -143,6 +146,44 @@ class StreamedFiles:
             self.writes.extend(self.encoders.bands(self.files[name], rows, top))
 
 
+class CallFiles:
+    """The `ImageSink` of one tile loop call: each image's `StreamedFiles`, by its index in the call."""
+
+    def __init__(self, files: list[StreamedFiles]) -> None:
+        self.files = files
+
+    def rows_final(self, index: int, outputs: dict[str, np.ndarray], final: int) -> None:
+        self.files[index].rows_final(outputs, final)
+
+    def postprocessed(self, index: int) -> StreamedFiles:
+        return self.files[index]
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    path: Path
+    image: np.ndarray
+    seconds: float
+
+
+def plan_calls(images: list[Path], tile_size: int, batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
+               ) -> list[list[Path]]:
+    """The images in order, cut into tile loop calls: consecutive images share a call until their tiles
+    would pass `CALL_BATCHES` batches (each image's size read from its header); a slide has a call of its
+    own."""
+    limit = CALL_BATCHES * batch_size
+    calls: list[list[Path]] = []
+    tiles = limit
+    for path in images:
+        count = limit if is_slide(path) else tile_count(*probe_image(path, max_pixels), tile_size)
+        if tiles + count > limit:
+            calls.append([])
+            tiles = 0
+        calls[-1].append(path)
+        tiles += count
+    return calls
+
+
 def describe_session(session) -> dict:
     """What each image's JSON record says of the session that made it."""
     return {"model": session.files.describe(), "startup_seconds": session.startup,
@@ -155,26 +196,24 @@ def infer_image_files(session: ImageSession, images: list[Path], out: Path, opti
                       on_image: Callable[[Path], None] | None = None) -> list[Path]:
     """Writes `OUT/<stem>_<Name>.png` for the selected outputs, `<stem>_cells.csv/.geojson` and
     `<stem>.json` (with `describe` merged in) for each image; returns the JSON paths."""
+    calls = plan_calls(images, options.tile_size, options.batch_size, max_pixels)  # every header read first
     prepare_out_dir(out)
-    threads = resolve_threads(options.threads)
-    encoders = Encoders(threads)
+    encoders = Encoders(resolve_threads(options.threads))
     reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
     written: list[Path] = []
-    finishing: _Finishing | None = None
+    finishing: list[_Finishing] = []
     ok = False
     try:
-        upcoming = reader.submit(_decode, images[0], max_pixels) if images else None
-        for index, path in enumerate(images):
-            image, decode_seconds = upcoming.result()
-            upcoming = reader.submit(_decode, images[index + 1], max_pixels) if index + 1 < len(images) else None
+        upcoming = reader.submit(_decode_call, calls[0], max_pixels) if calls else None
+        for index, call in enumerate(calls):
+            decoded = upcoming.result()
+            upcoming = reader.submit(_decode_call, calls[index + 1], max_pixels) if index + 1 < len(calls) else None
             if on_image:
-                on_image(path)
-            current = _infer_one(session, path, image, decode_seconds, out, options, describe, encoders, progress)
-            if finishing is not None:
-                written.append(_publish(finishing, encoders))
+                on_image(call[0])
+            current = _infer_call(session, decoded, out, options, describe, encoders, progress)
+            written.extend(_publish(each, encoders) for each in finishing)
             finishing = current
-        if finishing is not None:
-            written.append(_publish(finishing, encoders))
+        written.extend(_publish(each, encoders) for each in finishing)
         ok = True
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
@@ -182,20 +221,32 @@ def infer_image_files(session: ImageSession, images: list[Path], out: Path, opti
     return written
 
 
-def _decode(path: Path, max_pixels: int) -> tuple[np.ndarray, float]:
-    start = time.perf_counter()
-    image = read_whole_slide(path, max_pixels) if is_slide(path) else read_image(path, max_pixels=max_pixels)
-    return image, time.perf_counter() - start
+def _decode_call(paths: list[Path], max_pixels: int) -> list[_Decoded]:
+    decoded = []
+    for path in paths:
+        start = time.perf_counter()
+        image = read_whole_slide(path, max_pixels) if is_slide(path) else read_image(path, max_pixels=max_pixels)
+        decoded.append(_Decoded(path, image, time.perf_counter() - start))
+    return decoded
 
 
-def _infer_one(session: ImageSession, path: Path, image: np.ndarray, decode_seconds: float, out: Path,
-               options: InferenceOptions, describe: dict, encoders: Encoders,
-               progress: Callable[[int], None] | None) -> _Finishing:
-    stem = path.stem
-    streamed = StreamedFiles(encoders, out, stem, list(options.outputs.names + options.intermediate_names),
-                             len(image))
-    (result,) = session.infer_many([image], options, progress=progress, sink=streamed)
-    writes = streamed.writes
+def _infer_call(session: ImageSession, decoded: list[_Decoded], out: Path, options: InferenceOptions,
+                describe: dict, encoders: Encoders, progress: Callable[[int], None] | None) -> list[_Finishing]:
+    """One tile loop call's images, their network outputs and overlays encoded as they are made; what
+    each image's JSON will say once its files are written."""
+    names = list(options.outputs.names + options.intermediate_names)
+    streamed = [StreamedFiles(encoders, out, each.path.stem, names, len(each.image)) for each in decoded]
+    results = session.infer_many([each.image for each in decoded], options, progress=progress,
+                                 sink=CallFiles(streamed))
+    return [_finishing(each, result, files, out, options, describe, encoders, len(decoded))
+            for each, result, files in zip(decoded, results, streamed)]
+
+
+def _finishing(decoded: _Decoded, result: InferenceResult, streamed: StreamedFiles, out: Path,
+               options: InferenceOptions, describe: dict, encoders: Encoders, call_images: int) -> _Finishing:
+    """The rest of one image's files handed to the encoders, and its JSON record. Its timings are the
+    stage sums of its tile loop call, which held `call_images` images."""
+    stem, writes = decoded.path.stem, streamed.writes
     for name, array in result.images.items():
         if name not in streamed.files:
             writes.extend(encoders.png(out / f"{stem}_{name}.png", array))
@@ -203,11 +254,11 @@ def _infer_one(session: ImageSession, path: Path, image: np.ndarray, decode_seco
     if result.cell_data is not None:
         writes.append(encoders.call(lambda: write_cell_data(out, stem, result.cell_data)))
         cell_files.append(cell_data_file_name(stem))
-    record = {"image": str(path), **describe, "tile_size": options.tile_size, "batch_size": options.batch_size,
-              "tiles": result.tiles, "empty_tiles": result.empty_tiles, "outputs": list(result.images),
-              "cells": cell_files, "scoring": result.scoring,
-              "timings": {"decode_seconds": decode_seconds, **result.timings}}
-    logger.info("%s: %s", path.name, json.dumps(result.scoring))
+    record = {"image": str(decoded.path), **describe, "tile_size": options.tile_size,
+              "batch_size": options.batch_size, "tiles": result.tiles, "empty_tiles": result.empty_tiles,
+              "outputs": list(result.images), "cells": cell_files, "scoring": result.scoring,
+              "timings": {"decode_seconds": decoded.seconds, "call_images": call_images, **result.timings}}
+    logger.info("%s: %s", decoded.path.name, json.dumps(result.scoring))
     files = [out / f"{stem}_{name}.png" for name in result.images] + [out / name for name in cell_files]
     return _Finishing(record, out / f"{stem}.json", writes, files)
 

@@ -9,7 +9,7 @@ import pytest
 
 from deepliif.cells import write_cells
 from deepliif.imageio import read_image
-from deepliif.inference import InferenceOptions, OutputSet
+from deepliif.inference import InferenceOptions, OutputSet, tile_count
 from deepliif.postprocessing import postprocess
 from engine import image_files
 from engine.image_files import infer_image_files
@@ -153,3 +153,61 @@ def test_an_image_whose_named_file_was_not_published_gets_no_json(tmp_path: Path
         image_files._publish(finishing, encoders)
     encoders.close()
     assert not (tmp_path / "x.json").exists()
+
+
+class _CountingReplay(ReplaySession):
+    """The replay stand-in, recording how many images each tile loop call held and each batch's size."""
+
+    def __init__(self, replay: Path) -> None:
+        super().__init__(replay)
+        self.calls: list[int] = []
+        self.batches: list[int] = []
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self.batches.append(len(batch))
+        return super().run(batch)
+
+    def infer_many(self, images, *args, **kwargs):
+        self.calls.append(len(images))
+        return super().infer_many(images, *args, **kwargs)
+
+
+def test_small_images_share_tile_loop_calls_that_run_full_batches(deepliif_fixtures: Path, tmp_path: Path) -> None:
+    """Nine one-tile images at batch size 2: calls of 8 and 1 images (CALL_BATCHES batches each at most),
+    every batch of the first call full; each image's files are still its own, equal to postprocessing it."""
+    replay = deepliif_fixtures / "replay"
+    folders = sorted(replay.iterdir())  # the stand-in answers tiles in this order, cycling
+    (tmp_path / "in").mkdir()
+    inputs = []
+    for number in range(9):
+        inputs.append(tmp_path / "in" / f"tile{number}.png")
+        inputs[-1].write_bytes((folders[number % len(folders)] / "IHC.png").read_bytes())
+    session = _CountingReplay(replay)
+    assert image_files.CALL_BATCHES * 2 == 8
+    written = infer_image_files(session, inputs, tmp_path / "out", InferenceOptions(batch_size=2, threads=2), {})
+    assert session.calls == [8, 1] and session.batches == [2, 2, 2, 2, 1]
+    assert [p.name for p in written] == [f"tile{n}.json" for n in range(9)]
+    for number, path in enumerate(written):
+        folder = folders[number % len(folders)]
+        expected = postprocess(read_image(folder / "IHC.png"), read_image(folder / "Seg.png"),
+                               read_image(folder / "Marker.png"), 512, outlines=True)
+        record = json.loads(path.read_text())
+        assert record["scoring"] == expected.scoring and record["timings"]["call_images"] == (8 if number < 8 else 1)
+        assert np.array_equal(read_image(tmp_path / "out" / f"tile{number}_SegRefined.png"), expected.refined)
+    assert _threads() == []
+
+
+def test_calls_are_planned_from_the_headers_in_order_and_a_slide_has_its_own(tmp_path: Path) -> None:
+    import tifffile
+    from PIL import Image
+    sizes = {"a": (512, 512), "b": (512, 512), "c": (1024, 512), "d": (2048, 2048), "e": (400, 300),
+             "f": (1024, 512), "g": (512, 1024)}
+    assert [tile_count(*size, 512) for size in sizes.values()] == [1, 1, 3, 25, 1, 3, 3]  # tiles overlap
+    paths = []
+    for name, size in sizes.items():
+        paths.append(tmp_path / f"{name}.png")
+        Image.new("RGB", size).save(paths[-1])
+    slide = tmp_path / "s.tif"
+    tifffile.imwrite(slide, np.zeros((512, 512, 3), np.uint8), tile=(256, 256), photometric="rgb")
+    calls = image_files.plan_calls(paths[:5] + [slide] + paths[5:], 512, batch_size=2)
+    assert [[p.stem for p in call] for call in calls] == [["a", "b", "c"], ["d"], ["e"], ["s"], ["f", "g"]]
