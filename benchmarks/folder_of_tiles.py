@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             walls.append(time.perf_counter() - start)
     print(f"images {args.images}, pace {args.network_tiles_per_s or 'unpaced'}, threads {args.threads}: "
           f"walls {' / '.join(f'{w:.2f}' for w in walls)} s; network busy {session.busy_seconds:.2f} s "
-          f"({session.busy_seconds / walls[-1]:.0%} of the last run); batches {dict(sorted(session.batch_sizes.items()))}")
+          f"({session.busy_seconds / walls[-1]:.0%} of the last run); "
+          f"batches (tiles: count) {dict(sorted(session.batch_sizes.items()))}")
     return 0
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from deepliif.cells import CELL_NAMESPACE, Cell, cell_features, cell_uuid, cells_csv, counted_cells, write_cells, write_geojson
+from deepliif.cells import (CELL_NAMESPACE, Cell, cell_features, cell_uuid, cells_csv, counted_cells, write_cells,
+                            write_geojson)
 from deepliif.label_stats import LabelledPixels, components
 from deepliif.imageio import read_image
 from deepliif.postprocessing import postprocess
