@@ -160,6 +160,12 @@ class CallFiles:
 
 
 @dataclass(frozen=True)
+class PlannedImage:
+    path: Path
+    slide: bool  # decided once, from the file's content (`is_slide` may ask OpenSlide)
+
+
+@dataclass(frozen=True)
 class _Decoded:
     path: Path
     image: np.ndarray
@@ -167,19 +173,20 @@ class _Decoded:
 
 
 def plan_calls(images: list[Path], tile_size: int, batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS
-               ) -> list[list[Path]]:
+               ) -> list[list[PlannedImage]]:
     """The images in order, cut into tile loop calls: consecutive images share a call until their tiles
     would pass `CALL_BATCHES` batches (each image's size read from its header); a slide has a call of its
     own."""
     limit = CALL_BATCHES * batch_size
-    calls: list[list[Path]] = []
-    tiles = limit
+    calls: list[list[PlannedImage]] = []
+    tiles = 0
     for path in images:
-        count = limit if is_slide(path) else tile_count(*probe_image(path, max_pixels), tile_size)
-        if tiles + count > limit:
+        slide = is_slide(path)
+        count = limit if slide else tile_count(*probe_image(path, max_pixels), tile_size)
+        if not calls or tiles + count > limit:
             calls.append([])
             tiles = 0
-        calls[-1].append(path)
+        calls[-1].append(PlannedImage(path, slide))
         tiles += count
     return calls
 
@@ -209,7 +216,7 @@ def infer_image_files(session: ImageSession, images: list[Path], out: Path, opti
             decoded = upcoming.result()
             upcoming = reader.submit(_decode_call, calls[index + 1], max_pixels) if index + 1 < len(calls) else None
             if on_image:
-                on_image(call[0])
+                on_image(call[0].path)
             current = _infer_call(session, decoded, out, options, describe, encoders, progress)
             written.extend(_publish(each, encoders) for each in finishing)
             finishing = current
@@ -221,11 +228,12 @@ def infer_image_files(session: ImageSession, images: list[Path], out: Path, opti
     return written
 
 
-def _decode_call(paths: list[Path], max_pixels: int) -> list[_Decoded]:
+def _decode_call(call: list[PlannedImage], max_pixels: int) -> list[_Decoded]:
     decoded = []
-    for path in paths:
+    for planned in call:
         start = time.perf_counter()
-        image = read_whole_slide(path, max_pixels) if is_slide(path) else read_image(path, max_pixels=max_pixels)
+        path = planned.path
+        image = read_whole_slide(path, max_pixels) if planned.slide else read_image(path, max_pixels=max_pixels)
         decoded.append(_Decoded(path, image, time.perf_counter() - start))
     return decoded
 

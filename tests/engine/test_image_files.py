@@ -210,4 +210,5 @@ def test_calls_are_planned_from_the_headers_in_order_and_a_slide_has_its_own(tmp
     slide = tmp_path / "s.tif"
     tifffile.imwrite(slide, np.zeros((512, 512, 3), np.uint8), tile=(256, 256), photometric="rgb")
     calls = image_files.plan_calls(paths[:5] + [slide] + paths[5:], 512, batch_size=2)
-    assert [[p.stem for p in call] for call in calls] == [["a", "b", "c"], ["d"], ["e"], ["s"], ["f", "g"]]
+    assert [[p.path.stem for p in call] for call in calls] == [["a", "b", "c"], ["d"], ["e"], ["s"], ["f", "g"]]
+    assert [p.slide for call in calls for p in call] == [False] * 5 + [True, False, False]
